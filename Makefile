@@ -1,0 +1,37 @@
+# safespot: make install && make train    |    make test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Use the shared offline data copy when it is there, ./data otherwise (override: make train DATA_DIR=...)
+DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
+export DATA_DIR
+
+.PHONY: install train test test-slow test-all lint format bench clean-logs
+
+install:  ## create .venv and install the package with its dev extras
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+
+train:  ## quickstart: PGD adversarial training of a small CNN on a CIFAR-10 subset (~5 min on 2 CPU cores)
+	$(PY) train.py experiment=quickstart $(ARGS)
+
+test:  ## the default test suite (under 15 minutes on 2 cores)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow:  ## only the slow tests
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-all:  ## every test
+	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint:
+	$(VENV)/bin/ruff check src tests bench train.py evaluate.py
+	$(VENV)/bin/ruff format --check src tests bench train.py evaluate.py
+
+format:
+	$(VENV)/bin/ruff check --fix src tests bench train.py evaluate.py
+	$(VENV)/bin/ruff format src tests bench train.py evaluate.py
+
+bench:  ## benchmarks (figures go into docs/benchmarks.md)
+	$(PY) bench/bench_adv_step.py --quick

@@ -1,0 +1,192 @@
+"""The base LightningDataModule: seeded held-out validation split, seeded subsets,
+per-process batch size, and batches of ``(images in [0, 1], labels, dataset indices)``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class DataConfigError(ValueError):
+    """An invalid data setting (named in the message)."""
+
+
+def per_process_batch_size(global_batch_size: int, world_size: int, name: str = "data.batch_size") -> int:
+    """Split a global batch size across processes, refusing sizes that do not divide."""
+    if global_batch_size < 1:
+        raise DataConfigError(f"{name} must be >= 1, got {global_batch_size}")
+    if global_batch_size % world_size != 0:
+        raise DataConfigError(
+            f"{name}={global_batch_size} is the global batch size and must be divisible by the "
+            f"number of processes ({world_size}); choose a multiple of {world_size}"
+        )
+    return global_batch_size // world_size
+
+
+class IndexedSubset(Dataset):
+    """A view of ``dataset`` at ``indices`` whose items are ``(image, label, index)`` with
+    the index in the underlying dataset, so records can be traced back to images."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        index = self.indices[i]
+        image, label = self.dataset[index]
+        return image, int(label), index
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random order that depends only on ``(seed, epoch)``, so a resumed run sees exactly
+    the batches an uninterrupted one would. Lightning calls ``set_epoch`` every epoch."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> list[int]:
+    """``n`` items of ``pool`` chosen with a fixed seed, kept in ascending order."""
+    if n is None:
+        return list(pool)
+    if not 1 <= n <= len(pool):
+        raise DataConfigError(f"{name} must be between 1 and {len(pool)}, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(pool), generator=g)[:n]
+    return sorted(pool[i] for i in chosen.tolist())
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Common logic of every image datamodule.
+
+    Subclasses implement :meth:`build_datasets` returning ``(train_augmented,
+    train_plain, test)`` datasets of ``(image, label)`` pairs over the same training images.
+    The validation split (``val_size`` images) is held out of the training set with
+    ``seed``; ``*_subset`` options pick seeded subsets. ``batch_size`` is global: each of N
+    processes loads ``batch_size / N``. ``mean``/``std`` are the channel statistics the
+    model's first layer normalises with.
+    """
+
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_size: int = 1000,
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        test_subset: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        pin_memory: bool = False,
+        num_classes: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        self.mean = list(mean) if mean is not None else [0.5, 0.5, 0.5]
+        self.std = list(std) if std is not None else [0.5, 0.5, 0.5]
+        if val_size < 0:
+            raise DataConfigError(f"data.val_size must be >= 0, got {val_size}")
+        for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise DataConfigError(f"{name} must be >= 1, got {value}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
+        self.seed = seed
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.splits: dict[str, list[int]] = {}
+        self._datasets: dict[str, IndexedSubset] = {}
+
+    # --- to implement -------------------------------------------------------------------
+    def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    # --- splits -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._datasets:
+            return
+        train_aug, train_plain, test = self.build_datasets()
+        if not self.augment:
+            train_aug = train_plain
+        n_train = len(train_plain)
+        if self.val_size >= n_train:
+            raise DataConfigError(f"data.val_size={self.val_size} leaves no training images (of {n_train})")
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val_pool, train_pool = sorted(order[: self.val_size]), sorted(order[self.val_size :])
+        self.splits = {
+            "train": _seeded_choice(train_pool, self.train_subset, self.seed + 1, "data.train_subset"),
+            "val": _seeded_choice(val_pool, self.val_subset, self.seed + 2, "data.val_subset") if val_pool else [],
+            "test": _seeded_choice(list(range(len(test))), self.test_subset, self.seed + 3, "data.test_subset"),
+        }
+        self._datasets = {
+            "train": IndexedSubset(train_aug, self.splits["train"]),
+            "val": IndexedSubset(train_plain, self.splits["val"]),
+            "test": IndexedSubset(test, self.splits["test"]),
+        }
+
+    def save_splits(self, path: str | Path) -> Path:
+        """Write the chosen train/val/test indices (into the run directory) as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"seed": self.seed, **self.splits}
+        path.write_text(json.dumps(payload))
+        return path
+
+    # --- loaders ------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        dataset = self._datasets[split]
+        per_process = per_process_batch_size(batch_size, self.world_size,
+                                             "data.batch_size" if train else "data.eval_batch_size")
+        kwargs: dict[str, Any] = {
+            "batch_size": per_process,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train and self.world_size == 1:
+            kwargs["sampler"] = EpochSeededSampler(len(dataset), self.seed)
+        else:
+            kwargs["shuffle"] = train  # under DDP Lightning swaps in a seeded DistributedSampler
+        return DataLoader(dataset, drop_last=False, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)

@@ -1,0 +1,170 @@
+"""The classifier LightningModule every training method derives from.
+
+It owns the network, the optimiser and scheduler factories, and the validation/test
+metrics: clean accuracy and PGD robust accuracy on the held-out split every validation
+epoch (``val/acc``, ``val/robust_acc``, ``val/robust_acc_best``), which drives the
+best-robust-checkpoint selection of Rice et al. (2020, "Overfitting in adversarially robust
+deep learning"). Subclasses implement :meth:`training_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from safespot.attacks import PGD
+from safespot.threat import LpBall, parse_budget
+from safespot.utils.plain import to_plain
+from safespot.utils.rng import rng_state, set_rng_state
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., dict[str, Any]]
+
+
+def _accuracy(num_classes: int) -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+
+def build_eval_attack(threat: Mapping[str, Any], settings: Mapping[str, Any] | None) -> PGD | None:
+    """PGD used to measure robust accuracy; ``None`` when ``settings`` is ``None`` or
+    ``steps`` is 0. Defaults: 10 steps, step eps/4, random start, eval mode."""
+    if settings is None or settings.get("steps", 10) == 0:
+        return None
+    return PGD(
+        threat["norm"], threat["eps"], steps=settings.get("steps", 10), step_size=settings.get("step_size"),
+        random_start=settings.get("random_start", True), restarts=settings.get("restarts", 1), mode="eval",
+    )
+
+
+class ClassifierModule(L.LightningModule):
+    """Base module.
+
+    Args:
+        net: an instantiated classifier (images in [0, 1] -> logits).
+        optimizer: partial optimiser constructor taking ``params``.
+        scheduler: optional partial taking ``optimizer``, ``max_epochs`` and ``total_steps``
+            and returning a Lightning scheduler dict (see :mod:`safespot.optim`).
+        threat: ``{norm, eps, step_size, steps}`` of the threat model (training budgets).
+        val_attack / test_attack: PGD settings for robust accuracy (``null`` disables).
+        monitor: the metric that selects the best checkpoint and that ``train.py`` returns.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        threat: Mapping[str, Any] | None = None,
+        val_attack: Mapping[str, Any] | None = None,
+        test_attack: Mapping[str, Any] | None = None,
+        monitor: str = "val/robust_acc",
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.threat = to_plain(dict(threat or {"norm": "linf", "eps": "8/255", "step_size": "2/255", "steps": 10}))
+        self.ball = LpBall(self.threat["norm"], self.threat["eps"])
+        self.threat["eps"] = self.ball.eps
+        self.threat["step_size"] = parse_budget(self.threat.get("step_size") or self.ball.eps / 4, "threat.step_size")
+        self.val_attack = build_eval_attack(self.threat, to_plain(val_attack) if val_attack is not None else None)
+        self.test_attack = build_eval_attack(self.threat, to_plain(test_attack) if test_attack is not None else None)
+        self.monitor = monitor
+        classes = int(num_classes or getattr(net, "num_classes", 0) or 0)
+        if classes < 2:
+            raise ValueError("num_classes must be given (or the net must define num_classes >= 2)")
+        self.num_classes = classes
+        self.train_acc = _accuracy(classes)
+        self.val_acc, self.val_robust_acc = _accuracy(classes), _accuracy(classes)
+        self.test_acc, self.test_robust_acc = _accuracy(classes), _accuracy(classes)
+        self.val_robust_acc_best = MaxMetric()
+        self.run_config: dict[str, Any] | None = None
+        self.save_hyperparameters(
+            {
+                "method": type(self).__name__,
+                "threat": self.threat,
+                "val_attack": to_plain(val_attack),
+                "test_attack": to_plain(test_attack),
+                "monitor": monitor,
+                "num_classes": classes,
+                **self.extra_hparams(),
+            }
+        )
+
+    def extra_hparams(self) -> dict[str, Any]:
+        """Method-specific settings recorded with the checkpoint (plain types only)."""
+        return {}
+
+    # --- training -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss, logits used for the training accuracy)``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        loss, logits = self.training_loss(x, y)
+        self.train_acc(logits.detach().argmax(1), y)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    # --- evaluation ---------------------------------------------------------------------
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: PGD | None) -> None:
+        x, y = batch[0], batch[1]
+        clean_acc, robust_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_robust_acc")
+        clean_acc(self.net(x).argmax(1), y)
+        self.log(f"{stage}/acc", clean_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if attack is not None:
+            x_adv = attack(self.net, x, y)
+            with torch.no_grad():
+                robust_acc(self.net(x_adv).argmax(1), y)
+            self.log(f"{stage}/robust_acc", robust_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_train_start(self) -> None:
+        self.val_robust_acc_best.reset()  # forget the sanity check
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_attack)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_attack is not None and not self.trainer.sanity_checking:
+            self.val_robust_acc_best(self.val_robust_acc.compute())
+            self.log("val/robust_acc_best", self.val_robust_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_attack)
+
+    # --- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, max_epochs=self.trainer.max_epochs,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # --- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["safespot_config"] = self.run_config
+        checkpoint["rng_states"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_state(checkpoint["rng_states"])
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y)

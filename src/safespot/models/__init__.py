@@ -1,0 +1,26 @@
+"""Classifiers mapping images in [0, 1] to logits; normalisation is their first layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torchvision
+from torch import nn
+
+from safespot.models.normalize import ImageClassifier, Normalize
+from safespot.models.preact_resnet import PreActResNet18
+from safespot.models.small_cnn import SmallCNN
+from safespot.models.wide_resnet import WideResNet
+
+
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-50 (random initialisation; no weights are downloaded)."""
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+
+
+def build_classifier(backbone: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int) -> ImageClassifier:
+    """Hydra entry point: wrap an instantiated backbone with the dataset's normalisation."""
+    return ImageClassifier(backbone, list(mean), list(std), num_classes)
+
+
+__all__ = ["ImageClassifier", "Normalize", "PreActResNet18", "SmallCNN", "WideResNet", "build_classifier", "resnet50"]

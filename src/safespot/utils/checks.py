@@ -1,0 +1,65 @@
+"""Fail-fast checks of a composed config, run before anything is instantiated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from safespot.data.base import per_process_batch_size
+from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.utils.task import ConfigError
+
+
+def check_threat(threat: Any, prefix: str = "threat") -> None:
+    """Norm in {linf, l2}, eps > 0, step_size > 0 and steps >= 1, each named on failure."""
+    try:
+        LpBall(threat.get("norm"), threat.get("eps"))
+    except ThreatConfigError as err:
+        raise ConfigError(f"{prefix}.{err}") from None
+    if threat.get("step_size") is not None:
+        try:
+            parse_budget(threat.get("step_size"), "step_size")
+        except ThreatConfigError as err:
+            raise ConfigError(f"{prefix}.{err}") from None
+    steps = threat.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{prefix}.steps must be an integer >= 1, got {steps!r}")
+
+
+def world_size(trainer_cfg: Any) -> int | None:
+    """Processes the trainer config will start, or ``None`` when it cannot be known yet."""
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
+    if isinstance(devices, str):
+        return int(devices) * nodes if devices.isdigit() else None
+    if isinstance(devices, int):
+        return devices * nodes if devices > 0 else None
+    try:
+        return len(devices) * nodes
+    except TypeError:
+        return None
+
+
+def check_batch_size(cfg: DictConfig) -> None:
+    processes = world_size(cfg.trainer)
+    if processes is None:
+        return
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg.data.get(key)
+        if value is not None:
+            try:
+                per_process_batch_size(int(value), processes, f"data.{key}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
+def check_file(path: str | None, name: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{name}={path!r} does not exist")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    check_threat(cfg.threat)
+    check_batch_size(cfg)
+    check_file(cfg.get("ckpt_path"), "ckpt_path")

@@ -1,0 +1,59 @@
+"""Running a Hydra task: fail-fast config checks and closing loggers whatever happens."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("safespot")
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before any data is loaded or model trained."""
+
+
+def close_loggers() -> None:
+    """Finish the wandb run if one is open (also after a failure, and between the jobs of a
+    multirun, where an open run would otherwise swallow the next job's metrics)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def task_wrapper(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Run ``fn(cfg)``; always close loggers; log (and re-raise) failures."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: DictConfig) -> T:
+        try:
+            return fn(cfg)
+        except Exception as err:
+            log.error("%s failed: %s", fn.__name__, err)
+            raise
+        finally:
+            close_loggers()
+
+    return wrapped
+
+
+def report_config_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For command-line entry points: print a :class:`ConfigError` (and the other setting
+    errors) as one line and exit with status 2 instead of a traceback."""
+    from safespot.data.base import DataConfigError
+    from safespot.threat import ThreatConfigError
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataConfigError, ThreatConfigError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped

@@ -1,0 +1,71 @@
+"""Shared fixtures: composing configs against synthetic data in a temporary run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import safespot  # noqa: F401  (resolvers)
+from safespot.paths import CONFIG_DIR
+
+torch.set_num_threads(2)
+
+SYNTHETIC = ["data=synthetic", "model=small_cnn", "model.backbone.width=8", "logger=none", "trainer=cpu",
+             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, name="train", out=None)``: a composed config on synthetic data."""
+
+    def _make(*overrides: str, name: str = "train", out: Path | None = None, synthetic: bool = True) -> DictConfig:
+        base = SYNTHETIC if (synthetic and name == "train") else []
+        return compose_config(name, [*base, *overrides], out or tmp_path / "run")
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+class TinyNet(torch.nn.Module):
+    """A small conv net with batch norm, for attack tests."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, num_classes),
+        )
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)

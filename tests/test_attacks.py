@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from safespot.attacks import PGD, attack_context, fgsm, fgsm_rs
+from safespot.threat import LpBall, ThreatConfigError
+
+
+def _loss(net, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(net(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_raises_loss_and_stays_in_ball(tiny_net, images, norm, eps):
+    x, y = images
+    x_adv = PGD(norm, eps, steps=10)(tiny_net, x, y)
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+    assert LpBall(norm, eps).contains(x_adv, x, tol=1e-5).all()
+    assert _loss(tiny_net, x_adv, y).mean() > _loss(tiny_net, x, y).mean() + 0.01
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fgsm_variants_stay_in_ball(tiny_net, images, norm):
+    x, y = images
+    for attack in (fgsm(norm, 0.1), fgsm_rs(norm, 0.1)):
+        x_adv = attack(tiny_net, x, y)
+        assert LpBall(norm, 0.1).contains(x_adv, x, tol=1e-5).all()
+    assert _loss(tiny_net, fgsm(norm, 0.1)(tiny_net, x, y), y).mean() > _loss(tiny_net, x, y).mean()
+
+
+def test_targeted_pgd_lowers_target_loss(tiny_net, images):
+    x, y = images
+    target = (y + 1) % 4
+    x_adv = PGD("linf", 0.1, steps=10, targeted=True)(tiny_net, x, y, target=target)
+    assert _loss(tiny_net, x_adv, target).mean() < _loss(tiny_net, x, target).mean()
+
+
+def test_attack_restores_mode_and_never_touches_parameter_gradients(tiny_net, images):
+    x, y = images
+    tiny_net.train()
+    tiny_net.body[0].weight.grad = torch.ones_like(tiny_net.body[0].weight)
+    grads_before = {n: (p.grad.clone() if p.grad is not None else None) for n, p in tiny_net.named_parameters()}
+    PGD("linf", 0.1, steps=3, mode="eval")(tiny_net, x, y)
+    assert tiny_net.training and all(m.training for m in tiny_net.modules())
+    for n, p in tiny_net.named_parameters():
+        assert p.requires_grad
+        before = grads_before[n]
+        assert (p.grad is None) if before is None else torch.equal(p.grad, before)
+    tiny_net.eval()
+    PGD("linf", 0.1, steps=2, mode="train")(tiny_net, x, y)
+    assert not any(m.training for m in tiny_net.modules())
+
+
+def test_attack_can_protect_batchnorm_statistics(tiny_net, images):
+    x, y = images
+    bn = tiny_net.body[1]
+    before = bn.running_mean.clone()
+    with attack_context(tiny_net, update_bn=False):
+        PGD("linf", 0.1, steps=3, mode="train")(tiny_net, x, y)
+    assert torch.equal(bn.running_mean, before)
+    PGD("linf", 0.1, steps=3, mode="train")(tiny_net, x, y)
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_zero_gradient_gives_no_nan(images):
+    x, y = images
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, inp):
+            return self.bias.expand(inp.shape[0], 4) + 0 * inp.flatten(1)[:, :4]
+
+    for norm in ("linf", "l2"):
+        x_adv = PGD(norm, 0.5, steps=3, random_start=False)(Constant(), x, y)
+        assert torch.isfinite(x_adv).all() and torch.equal(x_adv, x)
+
+
+def test_seeded_attack_is_deterministic(tiny_net, images):
+    x, y = images
+    attack = PGD("l2", 0.5, steps=3)
+    a = attack(tiny_net, x, y, generator=torch.Generator().manual_seed(3))
+    b = attack(tiny_net, x, y, generator=torch.Generator().manual_seed(3))
+    c = attack(tiny_net, x, y, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_restarts_keep_a_per_image_success(tiny_net, images):
+    x, y = images
+    torch.manual_seed(0)
+    single = [PGD("linf", 0.03, steps=1, step_size=0.03)(tiny_net, x, y) for _ in range(5)]
+    broken_any = torch.stack([tiny_net(s).argmax(1) != y for s in single]).any(0)
+    torch.manual_seed(0)
+    multi = PGD("linf", 0.03, steps=1, step_size=0.03, restarts=5)(tiny_net, x, y)
+    assert torch.equal(tiny_net(multi).argmax(1) != y, broken_any)
+
+
+def test_attack_under_inference_mode_fails_clearly(tiny_net, images):
+    x, y = images
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        PGD("linf", 0.1, steps=1)(tiny_net, x, y)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"steps": 0}, "steps"), ({"step_size": -1}, "step_size"),
+                                          ({"restarts": 0}, "restarts"), ({"loss": "hinge"}, "loss")])
+def test_invalid_attack_settings(kwargs, match):
+    with pytest.raises((ThreatConfigError, ValueError), match=match):
+        PGD("linf", 0.1, **kwargs)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from safespot.data import CIFAR10DataModule, DataConfigError, ImageFolderDataModule, SyntheticDataModule
+from safespot.data.base import EpochSeededSampler, per_process_batch_size
+
+
+def _image_tree(root, classes=("a", "b", "c"), per_class=4, size=32):
+    for split in ("train", "test"):
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), color=(40 * k, 10 * i, 100)).save(d / f"{i}.png")
+    return root
+
+
+def test_cifar10_detects_imagefolder_layout_below_root(tmp_path):
+    _image_tree(tmp_path / "cifar10-jpeg", classes=[f"c{i}" for i in range(10)], per_class=3)
+    dm = CIFAR10DataModule(root=str(tmp_path), val_size=5, batch_size=4, num_workers=0)
+    assert dm.layout == "folder" and dm.root == tmp_path / "cifar10-jpeg"
+    dm.setup()
+    x, y, idx = next(iter(dm.test_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+    assert len(dm.splits["val"]) == 5 and len(dm.splits["train"]) == 25
+    assert not set(dm.splits["val"]) & set(dm.splits["train"])
+
+
+def test_missing_or_empty_root_fails_clearly(tmp_path):
+    with pytest.raises(DataConfigError, match="data.root"):
+        CIFAR10DataModule(root=str(tmp_path / "nope"))
+    with pytest.raises(DataConfigError, match="cifar-10-batches-py"):
+        CIFAR10DataModule(root=str(tmp_path))
+    with pytest.raises(DataConfigError, match="num_classes"):
+        ImageFolderDataModule(root=str(_image_tree(tmp_path / "f")), num_classes=7)
+
+
+def test_splits_are_seeded_and_saved(tmp_path):
+    def splits(seed):
+        dm = SyntheticDataModule(n_train=100, n_test=40, val_size=20, train_subset=30, test_subset=10, seed=seed)
+        dm.setup()
+        return dm
+
+    a, b, c = splits(0), splits(0), splits(1)
+    assert a.splits == b.splits and a.splits != c.splits
+    assert len(a.splits["train"]) == 30 and len(a.splits["test"]) == 10
+    saved = json.loads(a.save_splits(tmp_path / "splits.json").read_text())
+    assert saved["val"] == a.splits["val"] and saved["seed"] == 0
+
+
+def test_batches_carry_dataset_indices():
+    dm = SyntheticDataModule(n_train=64, n_test=32, val_size=8, test_subset=10, eval_batch_size=4)
+    dm.setup()
+    seen = torch.cat([batch[2] for batch in dm.test_dataloader()]).tolist()
+    assert seen == dm.splits["test"]
+    full = dm._datasets["test"].dataset
+    x, y, idx = next(iter(dm.test_dataloader()))
+    assert torch.equal(x[0], full[int(idx[0])][0])
+
+
+def test_global_batch_size_is_divided_across_processes():
+    assert per_process_batch_size(128, 4) == 32
+    with pytest.raises(DataConfigError, match="divisible by the number of processes"):
+        per_process_batch_size(130, 4)
+
+
+def test_epoch_seeded_sampler_depends_only_on_seed_and_epoch():
+    s1, s2 = EpochSeededSampler(50, 3), EpochSeededSampler(50, 3)
+    s1.set_epoch(2)
+    s2.set_epoch(2)
+    assert list(s1) == list(s2)
+    s2.set_epoch(3)
+    assert list(s1) != list(s2) and sorted(s2) == list(range(50))
+
+
+def test_synthetic_data_is_deterministic_and_in_range():
+    a, b = SyntheticDataModule(), SyntheticDataModule()
+    a.setup()
+    b.setup()
+    xa, ya, _ = next(iter(a.test_dataloader()))
+    xb, yb, _ = next(iter(b.test_dataloader()))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert xa.min() >= 0 and xa.max() <= 1 and len(ya.unique()) == 4

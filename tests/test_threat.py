@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from safespot.threat import LpBall, ThreatConfigError, parse_budget
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_project_lands_in_ball_and_box(norm, eps):
+    g = torch.Generator().manual_seed(0)
+    center = torch.rand(32, 3, 8, 8, generator=g)
+    far = center + 3 * torch.randn(32, 3, 8, 8, generator=g)
+    ball = LpBall(norm, eps)
+    projected = ball.project(far, center)
+    assert ball.contains(projected, center, tol=1e-6).all()
+    assert projected.min() >= 0 and projected.max() <= 1
+    inside = ball.random_init(center, g)
+    assert torch.allclose(ball.project(inside, center), inside)  # idempotent inside
+
+
+def test_linf_projection_is_exact_clamp():
+    ball = LpBall("linf", 0.1)
+    center = torch.full((1, 1, 2, 2), 0.95)
+    x = torch.tensor([[[[2.0, 0.0], [0.9, 0.97]]]])
+    expected = torch.tensor([[[[1.0, 0.85], [0.9, 0.97]]]])
+    assert torch.allclose(ball.project(x, center), expected)
+
+
+def test_l2_random_init_is_uniform_in_volume_not_on_sphere():
+    d = 3 * 4 * 4
+    ball = LpBall("l2", 0.5)
+    center = torch.full((4000, 3, 4, 4), 0.5)  # far from the box edges: no clamping
+    g = torch.Generator().manual_seed(0)
+    radii = ball.distance(ball.random_init(center, g), center)
+    assert radii.max() <= 0.5 + 1e-6
+    # for the uniform distribution in a d-ball, (r / eps)^d is uniform on [0, 1]
+    u = (radii / 0.5).pow(d)
+    assert abs(u.mean().item() - 0.5) < 0.03
+    assert abs((u < 0.25).float().mean().item() - 0.25) < 0.03
+    assert (radii < 0.5 * 0.999).float().mean() > 0.9  # most points strictly inside
+
+
+def test_linf_random_init_is_uniform_in_cube():
+    ball = LpBall("linf", 0.2)
+    center = torch.full((2000, 3, 4, 4), 0.5)
+    delta = ball.random_init(center, torch.Generator().manual_seed(0)) - center
+    assert delta.abs().max() <= 0.2 + 1e-6
+    assert abs(delta.mean().item()) < 0.005
+    assert abs(delta.var().item() - 0.4**2 / 12) < 0.001
+
+
+def test_steepest_direction_unit_norm_and_zero_safe():
+    g = torch.randn(4, 3, 5, 5)
+    g[0] = 0
+    for norm in ("linf", "l2"):
+        d = LpBall(norm, 1.0).steepest_direction(g)
+        assert torch.isfinite(d).all()
+        assert d[0].abs().sum() == 0
+        n = d[1:].flatten(1).abs().amax(1) if norm == "linf" else d[1:].flatten(1).norm(dim=1)
+        assert torch.allclose(n, torch.ones(3))
+
+
+def test_step_ascends_a_linear_function():
+    w = torch.randn(1, 3, 4, 4)
+    x = torch.full((1, 3, 4, 4), 0.5)
+    for norm in ("linf", "l2"):
+        ball = LpBall(norm, 0.1)
+        x2 = ball.step(x, w, 0.05, x)
+        assert (w * x2).sum() > (w * x).sum()
+
+
+def test_budget_parsing_and_validation():
+    assert parse_budget("8/255") == pytest.approx(8 / 255)
+    assert parse_budget(0.5) == 0.5
+    for bad in (-0.1, 0, "abc", "1/0", math.nan, True):
+        with pytest.raises(ThreatConfigError, match="eps"):
+            LpBall("linf", bad)
+    with pytest.raises(ThreatConfigError, match="norm must be one of"):
+        LpBall("l1", 0.1)

@@ -1,0 +1,110 @@
+"""End-to-end training on synthetic data: every method, resume, evaluation, loggers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safespot.evaluate import evaluate
+from safespot.train import train
+from safespot.utils.task import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["natural", "adversarial", "fast_adversarial"])
+@pytest.mark.parametrize("threat", ["linf_8", "l2_0.5"])
+def test_fast_dev_run_each_method(make_cfg, method, threat):
+    cfg = make_cfg(f"method={method}", f"threat={threat}", "debug=fast_dev_run", "logger=none")
+    metrics, objs = train(cfg)
+    assert {"train/loss_step", "val/acc", "test/acc", "test/robust_acc"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert objs["trainer"].global_step == 1
+
+
+def _fit(make_cfg, tmp_path, name, *overrides):
+    cfg = make_cfg("trainer.max_epochs=2", "data.n_train=512", *overrides, out=tmp_path / name)
+    return train(cfg)
+
+
+def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
+    common = ("method=adversarial", "threat.steps=2", "trainer.deterministic=true", "data.train_subset=256")
+    full, objs_full = _fit(make_cfg, tmp_path, "full", *common)
+    first, objs_first = _fit(make_cfg, tmp_path, "first", *common, "trainer.max_epochs=1", "test=false")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    resumed, objs_resumed = _fit(make_cfg, tmp_path, "resumed", *common, f"ckpt_path={last}")
+    a = objs_full["method"].net.state_dict()
+    b = objs_resumed["method"].net.state_dict()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+    assert resumed["val/acc"] == pytest.approx(full["val/acc"], abs=1e-6)
+    assert resumed["train/loss_epoch"] == pytest.approx(full["train/loss_epoch"], rel=1e-5)
+
+
+def test_evaluate_reproduces_train_time_test_accuracy(make_cfg, tmp_path):
+    metrics, objs = _fit(make_cfg, tmp_path, "train", "method=adversarial", "threat.steps=2")
+    best = objs["best_path"]
+    assert best and Path(best).is_file()
+    cfg = make_cfg(f"ckpt_path={best}", "trainer.enable_progress_bar=false", name="evaluate", out=tmp_path / "eval")
+    results = evaluate(cfg)
+    assert results["clean/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["clean/acc"] == results["clean/acc"] and 0 <= saved["pgd/acc"] <= saved["clean/acc"]
+    assert saved["n_images"] == 128
+
+
+def test_adversarial_training_is_more_robust_than_natural(make_cfg, tmp_path):
+    common = ("trainer.max_epochs=6", "threat.eps=0.1", "threat.step_size=0.025", "threat.steps=5",
+              "optimizer.lr=0.05", "callbacks=none", "data.n_train=1024")
+    natural, _ = _fit(make_cfg, tmp_path, "nat", "method=natural", *common)
+    adversarial, _ = _fit(make_cfg, tmp_path, "adv", "method=adversarial", *common)
+    assert natural["test/acc"] > 0.9  # the synthetic task is learnable
+    assert adversarial["test/robust_acc"] > natural["test/robust_acc"] + 0.2
+
+
+def test_wandb_offline_run_holds_summary_metrics(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_cfg("logger=wandb", "debug=limit", "logger=wandb", "method=natural", out=tmp_path / "wb")
+    metrics, _ = train(cfg)
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert summary["val/acc"] == pytest.approx(metrics["val/acc"])
+    assert "test/acc" in summary
+    import wandb
+
+    assert wandb.run is None  # the task wrapper closed it
+
+
+@pytest.mark.parametrize("override,match", [
+    ("threat.norm=l1", "threat.norm must be one of"),
+    ("threat.eps=-0.1", "threat.eps must be > 0"),
+    ("threat.step_size=0", "threat.step_size must be > 0"),
+    ("threat.steps=0", "threat.steps must be an integer >= 1"),
+    ("data.batch_size=63 trainer.devices=2", "data.batch_size=63"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+])
+def test_bad_settings_fail_before_any_work(make_cfg, override, match):
+    cfg = make_cfg(*override.split())
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "splits.json").exists()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "data=synthetic", "threat.norm=l3", "logger=none", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: threat.norm must be one of ['linf', 'l2'], got 'l3'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = subprocess.run(
+        [sys.executable, "train.py", "data=cifar10", f"paths.data_dir={tmp_path}/none", "logger=none",
+         f"paths.log_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode == 2 and "data.root=" in missing.stderr and "does not exist" in missing.stderr
