@@ -17,8 +17,15 @@ from safespot.paths import CONFIG_DIR
 
 torch.set_num_threads(2)
 
-SYNTHETIC = ["data=synthetic", "model=small_cnn", "model.backbone.width=8", "logger=none", "trainer=cpu",
-             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SYNTHETIC = [
+    "data=synthetic",
+    "model=small_cnn",
+    "model.backbone.width=8",
+    "logger=none",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
@@ -50,8 +57,12 @@ class TinyNet(torch.nn.Module):
     def __init__(self, num_classes: int = 4) -> None:
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, num_classes),
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, num_classes),
         )
         self.num_classes = num_classes
 

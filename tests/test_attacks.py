@@ -104,8 +104,15 @@ def test_attack_under_inference_mode_fails_clearly(tiny_net, images):
         PGD("linf", 0.1, steps=1)(tiny_net, x, y)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"steps": 0}, "steps"), ({"step_size": -1}, "step_size"),
-                                          ({"restarts": 0}, "restarts"), ({"loss": "hinge"}, "loss")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 0}, "steps"),
+        ({"step_size": -1}, "step_size"),
+        ({"restarts": 0}, "restarts"),
+        ({"loss": "hinge"}, "loss"),
+    ],
+)
 def test_invalid_attack_settings(kwargs, match):
     with pytest.raises((ThreatConfigError, ValueError), match=match):
         PGD("linf", 0.1, **kwargs)

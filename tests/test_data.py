@@ -30,9 +30,9 @@ def test_cifar10_detects_imagefolder_layout_below_root(tmp_path):
 
 
 def test_missing_or_empty_root_fails_clearly(tmp_path):
-    with pytest.raises(DataConfigError, match="data.root"):
+    with pytest.raises(DataConfigError, match=r"data\.root"):
         CIFAR10DataModule(root=str(tmp_path / "nope"))
-    with pytest.raises(DataConfigError, match="cifar-10-batches-py"):
+    with pytest.raises(DataConfigError, match=r"cifar-10-batches-py"):
         CIFAR10DataModule(root=str(tmp_path))
     with pytest.raises(DataConfigError, match="num_classes"):
         ImageFolderDataModule(root=str(_image_tree(tmp_path / "f")), num_classes=7)

@@ -9,9 +9,17 @@ from safespot.train import train
 
 def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     cfg = make_cfg(
-        "trainer=ddp_sim", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "trainer.max_epochs=1", "method=adversarial", "threat.steps=2", "data.batch_size=64",
-        "data.val_size=64", "method.val_attack.random_start=false", "test=false", "callbacks=none",
+        "trainer=ddp_sim",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.max_epochs=1",
+        "method=adversarial",
+        "threat.steps=2",
+        "data.batch_size=64",
+        "data.val_size=64",
+        "method.val_attack.random_start=false",
+        "test=false",
+        "callbacks=none",
         out=tmp_path / "ddp",
     )
     metrics, objs = train(cfg)
@@ -20,8 +28,14 @@ def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     # accuracy over all 64, as one process computes it with the same (final) weights
     import lightning as L
 
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
-                       enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     method, dm = objs["method"], objs["datamodule"]
     dm.trainer = None
     (reference,) = single.validate(method, datamodule=dm, verbose=False)

@@ -9,14 +9,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from safespot.methods import NaturalTraining
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
-from safespot.utils.instantiate import instantiate_loggers
+from safespot.utils.instantiate import instantiate, instantiate_loggers
 from safespot.utils.plain import to_plain
 from safespot.utils.task import task_wrapper
 
@@ -37,7 +36,7 @@ def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int
     trained_classes = int(run_cfg.data.num_classes)
     if trained_classes != num_classes:
         raise CheckpointError(f"the checkpoint's model has {trained_classes} classes but the data has {num_classes}")
-    net = hydra.utils.instantiate(run_cfg.model)
+    net = instantiate(run_cfg.model)
     try:
         net.load_state_dict(net_state_dict(checkpoint))
     except RuntimeError as err:
@@ -55,12 +54,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(data_cfg)
+    datamodule = instantiate(data_cfg)
     net = load_model(checkpoint, run_cfg, datamodule.num_classes)
-    module = NaturalTraining(net, optimizer=None, threat=to_plain(threat), val_attack=None,
-                             test_attack=to_plain(cfg.attack), num_classes=datamodule.num_classes)
+    module = NaturalTraining(
+        net,
+        optimizer=None,
+        threat=to_plain(threat),
+        val_attack=None,
+        test_attack=to_plain(cfg.attack),
+        num_classes=datamodule.num_classes,
+    )
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -78,6 +83,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "results.json"
         path.write_text(json.dumps(results, indent=2))
-        print(f"\n[safespot] clean acc {results['clean/acc']:.4f}, PGD acc {results['pgd/acc']:.4f} "
-              f"on {results['n_images']} images\n[safespot] results: {path}")
+        print(
+            f"\n[safespot] clean acc {results['clean/acc']:.4f}, PGD acc {results['pgd/acc']:.4f} "
+            f"on {results['n_images']} images\n[safespot] results: {path}"
+        )
     return results

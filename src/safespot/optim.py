@@ -9,8 +9,13 @@ from typing import Any
 from torch.optim import Optimizer, lr_scheduler
 
 
-def step_decay(optimizer: Optimizer, max_epochs: int, total_steps: int, fractions: Sequence[float] = (0.5, 0.75),
-               gamma: float = 0.1) -> dict[str, Any]:
+def step_decay(
+    optimizer: Optimizer,
+    max_epochs: int,
+    total_steps: int,
+    fractions: Sequence[float] = (0.5, 0.75),
+    gamma: float = 0.1,
+) -> dict[str, Any]:
     """Multiply the learning rate by ``gamma`` after each fraction of the epochs (the
     papers' 200-epoch schedule decays at epochs 100 and 150: fractions 0.5 and 0.75)."""
     milestones = sorted({max(1, round(f * max_epochs)) for f in fractions})
@@ -18,13 +23,17 @@ def step_decay(optimizer: Optimizer, max_epochs: int, total_steps: int, fraction
 
 
 def cosine(optimizer: Optimizer, max_epochs: int, total_steps: int, eta_min: float = 0.0) -> dict[str, Any]:
-    return {"scheduler": lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=eta_min),
-            "interval": "step"}
+    return {
+        "scheduler": lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=eta_min),
+        "interval": "step",
+    }
 
 
-def one_cycle(optimizer: Optimizer, max_epochs: int, total_steps: int, max_lr: float = 0.2,
-              pct_start: float = 0.4) -> dict[str, Any]:
+def one_cycle(
+    optimizer: Optimizer, max_epochs: int, total_steps: int, max_lr: float = 0.2, pct_start: float = 0.4
+) -> dict[str, Any]:
     """Piecewise-linear one-cycle schedule as used by fast adversarial training."""
-    sched = lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
-                                    anneal_strategy="linear")
+    sched = lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="linear"
+    )
     return {"scheduler": sched, "interval": "step"}

@@ -7,26 +7,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from safespot.utils.checks import check_train_config
-from safespot.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.plain import to_plain
 from safespot.utils.task import task_wrapper
 
 log = logging.getLogger("safespot.train")
 
 
-def _scalar(value: Any) -> float | None:
-    return float(value) if value is not None else None
-
-
 def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
-    optimizer = hydra.utils.instantiate(cfg.optimizer)
-    scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return hydra.utils.instantiate(cfg.method, net=net, optimizer=optimizer, scheduler=scheduler, _convert_="all")
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return instantiate(cfg.method, net=net, optimizer=optimizer, scheduler=scheduler, _convert_="all")
 
 
 @task_wrapper
@@ -36,28 +31,32 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(method.run_config)
 
     datamodule.setup("fit")
     if trainer.is_global_zero:
         datamodule.save_splits(output_dir / "splits.json")
-    log.info("training %s on %d images (%d validation)", type(method).__name__,
-             len(datamodule.splits["train"]), len(datamodule.splits["val"]))
+    log.info(
+        "training %s on %d images (%d validation)",
+        type(method).__name__,
+        len(datamodule.splits["train"]),
+        len(datamodule.splits["val"]),
+    )
     trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-    if checkpoint is not None:
-        metrics[f"{cfg.method.monitor}/best"] = _scalar(checkpoint.best_model_score) or float("nan")
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics[f"{cfg.method.monitor}/best"] = float(checkpoint.best_model_score)
     if cfg.get("test"):
         trainer.test(method, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})

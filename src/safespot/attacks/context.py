@@ -47,8 +47,7 @@ def attack_context(model: nn.Module, mode: AttackMode = "keep", update_bn: bool 
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "gradient attacks cannot run under torch.inference_mode(); "
-            "build the Trainer with inference_mode=False"
+            "gradient attacks cannot run under torch.inference_mode(); build the Trainer with inference_mode=False"
         )
     check_attack_mode(mode)
     training = [(m, m.training) for m in model.modules()]

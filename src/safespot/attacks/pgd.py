@@ -88,8 +88,14 @@ class PGD:
                 best_success |= success
             return best
 
-    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-             generator: torch.Generator | None) -> torch.Tensor:
+    def _run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         ball, labels = self.ball, (target if self.targeted else y)
         x_adv = ball.random_init(x, generator) if self.random_start else x.clone()
         for _ in range(self.steps):
@@ -100,8 +106,9 @@ class PGD:
         return x_adv.detach()
 
     @torch.no_grad()
-    def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
-               target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample objective (higher is better for the attacker) and success flag."""
         logits = model(x_adv)
         pred = logits.argmax(1)
@@ -110,12 +117,23 @@ class PGD:
         return self.loss_fn(logits, y), pred != y
 
 
-def fgsm(norm: str, eps: float | str, random_start: bool = False, step_size: float | str | None = None,
-         mode: AttackMode = "keep") -> PGD:
+def fgsm(
+    norm: str,
+    eps: float | str,
+    random_start: bool = False,
+    step_size: float | str | None = None,
+    mode: AttackMode = "keep",
+) -> PGD:
     """FGSM: one steepest step of ``step_size`` (default eps) from the input."""
     eps_value = parse_budget(eps, "eps")
-    return PGD(norm, eps_value, steps=1, step_size=eps_value if step_size is None else step_size,
-               random_start=random_start, mode=mode)
+    return PGD(
+        norm,
+        eps_value,
+        steps=1,
+        step_size=eps_value if step_size is None else step_size,
+        random_start=random_start,
+        mode=mode,
+    )
 
 
 def fgsm_rs(norm: str, eps: float | str, step_factor: float = 1.25, mode: AttackMode = "keep") -> PGD:

@@ -168,8 +168,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         dataset = self._datasets[split]
-        per_process = per_process_batch_size(batch_size, self.world_size,
-                                             "data.batch_size" if train else "data.eval_batch_size")
+        per_process = per_process_batch_size(
+            batch_size, self.world_size, "data.batch_size" if train else "data.eval_batch_size"
+        )
         kwargs: dict[str, Any] = {
             "batch_size": per_process,
             "num_workers": self.num_workers,

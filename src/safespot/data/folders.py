@@ -29,18 +29,30 @@ class ImageFolderDataModule(ImageDataModule):
     """Any ImageFolder tree ``root/{train_dir,test_dir}/<class>/<image>``. Classes are the
     sorted folder names. ``transforms`` picks the ``cifar`` or ``imagenet`` pipeline."""
 
-    def __init__(self, root: str, train_dir: str = "train", test_dir: str = "test", num_classes: int | None = None,
-                 image_size: int = 224, transforms: str = "imagenet", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        test_dir: str = "test",
+        num_classes: int | None = None,
+        image_size: int = 224,
+        transforms: str = "imagenet",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.root = require_dir(root)
         if not _has_image_folders(self.root, train_dir, test_dir):
-            raise DataConfigError(f"data.root={str(root)!r} must contain '{train_dir}/' and '{test_dir}/' class folders")
+            raise DataConfigError(
+                f"data.root={str(root)!r} must contain '{train_dir}/' and '{test_dir}/' class folders"
+            )
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size, self.transforms = image_size, transforms
         build_transforms(transforms, image_size)  # validate early
         found = sorted(p.name for p in (self.root / train_dir).iterdir() if p.is_dir())
         if num_classes is not None and num_classes != len(found):
-            raise DataConfigError(f"data.num_classes={num_classes} but {self.root / train_dir} has {len(found)} class folders")
+            raise DataConfigError(
+                f"data.num_classes={num_classes} but {self.root / train_dir} has {len(found)} class folders"
+            )
         self.num_classes = len(found)
 
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:

@@ -18,8 +18,9 @@ from torch.utils.data import Dataset, TensorDataset
 from safespot.data.base import ImageDataModule
 
 
-def make_synthetic(n: int, num_classes: int, image_size: int, channels: int, amplitude: float, noise: float,
-                   seed: int, split_seed: int) -> TensorDataset:
+def make_synthetic(
+    n: int, num_classes: int, image_size: int, channels: int, amplitude: float, noise: float, seed: int, split_seed: int
+) -> TensorDataset:
     templates_gen = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, channels, 4, 4, generator=templates_gen) * 2 - 1
     templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -31,9 +32,18 @@ def make_synthetic(n: int, num_classes: int, image_size: int, channels: int, amp
 
 
 class SyntheticDataModule(ImageDataModule):
-    def __init__(self, num_classes: int = 4, image_size: int = 16, channels: int = 3, n_train: int = 512,
-                 n_test: int = 128, amplitude: float = 0.25, noise: float = 0.15, data_seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int = 4,
+        image_size: int = 16,
+        channels: int = 3,
+        n_train: int = 512,
+        n_test: int = 128,
+        amplitude: float = 0.25,
+        noise: float = 0.15,
+        data_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("val_size", 64)
         kwargs.setdefault("num_workers", 0)
         super().__init__(**kwargs)

@@ -22,8 +22,9 @@ class AdversarialTraining(ClassifierModule):
     """K-step PGD (``threat.steps``, step ``threat.step_size``, random start) on the
     training batch, then cross-entropy on the adversarial batch."""
 
-    def __init__(self, *args: Any, attack_mode: AttackMode = "train", attack_updates_bn: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, attack_mode: AttackMode = "train", attack_updates_bn: bool = True, **kwargs: Any
+    ) -> None:
         self.attack_mode = check_attack_mode(attack_mode)
         self.attack_updates_bn = bool(attack_updates_bn)
         super().__init__(*args, **kwargs)
@@ -34,8 +35,14 @@ class AdversarialTraining(ClassifierModule):
 
     def build_train_attack(self) -> PGD:
         t = self.threat
-        return PGD(t["norm"], t["eps"], steps=int(t["steps"]), step_size=t["step_size"], random_start=True,
-                   mode=self.attack_mode)
+        return PGD(
+            t["norm"],
+            t["eps"],
+            steps=int(t["steps"]),
+            step_size=t["step_size"],
+            random_start=True,
+            mode=self.attack_mode,
+        )
 
     def adversarial_examples(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with attack_context(self.net, update_bn=self.attack_updates_bn):

@@ -38,8 +38,13 @@ def build_eval_attack(threat: Mapping[str, Any], settings: Mapping[str, Any] | N
     if settings is None or settings.get("steps", 10) == 0:
         return None
     return PGD(
-        threat["norm"], threat["eps"], steps=settings.get("steps", 10), step_size=settings.get("step_size"),
-        random_start=settings.get("random_start", True), restarts=settings.get("restarts", 1), mode="eval",
+        threat["norm"],
+        threat["eps"],
+        steps=settings.get("steps", 10),
+        step_size=settings.get("step_size"),
+        random_start=settings.get("random_start", True),
+        restarts=settings.get("restarts", 1),
+        mode="eval",
     )
 
 
@@ -151,7 +156,8 @@ class ClassifierModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(
-            optimizer=optimizer, max_epochs=self.trainer.max_epochs,
+            optimizer=optimizer,
+            max_epochs=self.trainer.max_epochs,
             total_steps=int(self.trainer.estimated_stepping_batches),
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -18,7 +18,9 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 
-def build_classifier(backbone: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int) -> ImageClassifier:
+def build_classifier(
+    backbone: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int
+) -> ImageClassifier:
     """Hydra entry point: wrap an instantiated backbone with the dataset's normalisation."""
     return ImageClassifier(backbone, list(mean), list(std), num_classes)
 

@@ -27,8 +27,9 @@ class _WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0, in_channels: int = 3
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
