@@ -94,3 +94,13 @@ def test_unknown_group_option_lists_choices(make_cfg):
 def test_evaluate_config_composes(make_cfg):
     cfg = make_cfg("ckpt_path=x.ckpt", name="evaluate")
     assert cfg.attack.steps == 20 and cfg.trainer.inference_mode is False
+
+
+def test_slurm_launcher_runs_one_task_per_gpu(make_cfg):
+    make_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                   "hydra.launcher.partition=gpu")
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = HydraConfig.get().launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2

@@ -29,6 +29,12 @@ def test_cifar10_detects_imagefolder_layout_below_root(tmp_path):
     assert not set(dm.splits["val"]) & set(dm.splits["train"])
 
 
+def test_cifar10_detects_torchvision_layout(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    dm = CIFAR10DataModule(root=str(tmp_path))
+    assert dm.layout == "torchvision" and dm.root == tmp_path
+
+
 def test_missing_or_empty_root_fails_clearly(tmp_path):
     with pytest.raises(DataConfigError, match=r"data\.root"):
         CIFAR10DataModule(root=str(tmp_path / "nope"))
