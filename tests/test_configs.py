@@ -97,8 +97,13 @@ def test_evaluate_config_composes(make_cfg):
 
 
 def test_slurm_launcher_runs_one_task_per_gpu(make_cfg):
-    make_cfg("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                   "hydra.launcher.partition=gpu")
+    make_cfg(
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+    )
     from hydra.core.hydra_config import HydraConfig
 
     launcher = HydraConfig.get().launcher

@@ -1,6 +1,7 @@
 """Evaluation entry point: load a checkpoint safely, rebuild its model and data from the
-config stored inside it, measure clean and PGD robust accuracy on the test split, and write
-``results.json`` into a fresh run directory."""
+config stored inside it, run the configured evaluations (clean, PGD, AutoAttack, ...) on
+the test split with one record per image, and write ``records.csv``, ``results.json`` and
+image panels into a fresh run directory."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from safespot.methods import NaturalTraining
+from safespot.evaluation import Evaluation, EvaluationModule
+from safespot.threat import parse_budget
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
 from safespot.utils.instantiate import instantiate, instantiate_loggers
 from safespot.utils.plain import to_plain
-from safespot.utils.task import task_wrapper
+from safespot.utils.task import ConfigError, task_wrapper
 
 log = logging.getLogger("safespot.evaluate")
 
@@ -44,6 +46,20 @@ def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int
     return net.eval()
 
 
+def build_evaluations(cfg: DictConfig | None) -> list[Evaluation]:
+    """Instantiate the selected evaluations (validating their attacks) in config order."""
+    if not cfg:
+        raise ConfigError("evaluation: select at least one evaluation, e.g. evaluation=[clean,pgd]")
+    return [instantiate(entry) for entry in cfg.values()]
+
+
+def describe_model(run_cfg: DictConfig) -> str:
+    backbone = run_cfg.model.get("backbone", run_cfg.model)
+    name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
+    args = [f"{k}={backbone[k]}" for k in ("depth", "widen_factor", "width") if k in backbone]
+    return f"{name}({', '.join(args)})" if args else name
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
@@ -51,40 +67,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
     threat = _merge_set(run_cfg.threat, cfg.get("threat"))
     check_threat(threat)
+    with open_dict(cfg):
+        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
+    evaluations = build_evaluations(cfg.get("evaluation"))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(data_cfg)
     net = load_model(checkpoint, run_cfg, datamodule.num_classes)
-    module = NaturalTraining(
-        net,
-        optimizer=None,
-        threat=to_plain(threat),
-        val_attack=None,
-        test_attack=to_plain(cfg.attack),
-        num_classes=datamodule.num_classes,
-    )
+    out = Path(cfg.paths.output_dir)
+    meta = {
+        "model": describe_model(run_cfg),
+        "method": checkpoint.get("hyper_parameters", {}).get("method"),
+        "train_run": run_cfg.get("task_name"),
+        "norm": str(threat.norm),
+        "eps": parse_budget(threat.eps, "threat.eps"),
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "seed": int(cfg.seed),
+        "evaluation_config": to_plain(cfg.evaluation),
+    }
+    module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    results = {
-        "clean/acc": metrics.get("test/acc"),
-        "pgd/acc": metrics.get("test/robust_acc"),
-        "n_images": len(datamodule.splits["test"]),
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
-        "threat": to_plain(threat),
-        "attack": to_plain(cfg.attack),
-        "method": checkpoint.get("hyper_parameters", {}).get("method"),
-    }
+    results = json.loads((out / "results.json").read_text())
     if trainer.is_global_zero:
-        out = Path(cfg.paths.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "results.json"
-        path.write_text(json.dumps(results, indent=2))
-        print(
-            f"\n[safespot] clean acc {results['clean/acc']:.4f}, PGD acc {results['pgd/acc']:.4f} "
-            f"on {results['n_images']} images\n[safespot] results: {path}"
-        )
+        accs = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.endswith("/acc"))
+        print(f"\n[safespot] {accs} on {results['n_images']} images")
+        print(f"[safespot] records and results: {out}")
     return results

@@ -105,22 +105,34 @@ class LpBall:
             delta = delta * torch.clamp(self.eps / (norms + _TINY), max=1.0)
         return (center + delta).clamp(0.0, 1.0)
 
-    def random_init(self, center: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_init(
+        self, center: torch.Tensor, generator: torch.Generator | None = None, seeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A point drawn uniformly from the ball around each centre, then clamped to [0, 1].
 
         For l_2 the direction is an isotropic Gaussian normalised to the unit sphere and the
         radius is ``eps * U^(1/d)``, which is uniform in volume (not on the sphere).
-        A ``generator`` must live on the centre's device.
+        A ``generator`` must live on the centre's device. With ``seeds`` (one integer per
+        image) each image's start depends only on its own seed, whatever batch it is in.
         """
+        if seeds is not None:
+            parts = [
+                self._random_delta(center[i : i + 1].cpu(), torch.Generator().manual_seed(int(s)))
+                for i, s in enumerate(seeds.tolist())
+            ]
+            delta = torch.cat(parts).to(center)
+        else:
+            delta = self._random_delta(center, generator)
+        return (center + delta).clamp(0.0, 1.0)
+
+    def _random_delta(self, center: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         opts = {"generator": generator, "device": center.device, "dtype": center.dtype}
         if self.norm == "linf":
-            delta = (2 * torch.rand(center.shape, **opts) - 1) * self.eps
-        else:
-            direction = torch.randn(center.shape, **opts)
-            direction = direction / _per_sample(_flat_norm(direction, "l2") + _TINY, direction)
-            radius = self.eps * torch.rand(center.shape[0], **opts).pow(1.0 / center[0].numel())
-            delta = direction * _per_sample(radius, direction)
-        return (center + delta).clamp(0.0, 1.0)
+            return (2 * torch.rand(center.shape, **opts) - 1) * self.eps
+        direction = torch.randn(center.shape, **opts)
+        direction = direction / _per_sample(_flat_norm(direction, "l2") + _TINY, direction)
+        radius = self.eps * torch.rand(center.shape[0], **opts).pow(1.0 / center[0].numel())
+        return direction * _per_sample(radius, direction)
 
     def steepest_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """Unit-norm steepest-ascent direction for this norm: ``sign(g)`` for l_inf and

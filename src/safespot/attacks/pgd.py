@@ -4,7 +4,8 @@ PGD maximises a per-sample loss inside ``B_eps(x) ∩ [0, 1]`` with projected st
 steps (sign steps for l_inf, normalised gradients for l_2) from a uniform random start;
 with several restarts an image counts as broken when any restart breaks it. FGSM
 (Goodfellow et al., 2015) is one step of size eps, and FGSM-RS (Wong et al., 2020) one step
-of size 1.25 eps from a random start.
+of size 1.25 eps from a random start. For randomised models, ``eot`` averages the input
+gradient over several forward passes (expectation over transformation, Athalye et al., 2018).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from safespot.attacks.context import AttackMode, attack_context, check_attack_mo
 from safespot.attacks.losses import get_loss
 from safespot.threat import LpBall, ThreatConfigError, parse_budget
 
+_RESTART_SEED_STRIDE = 1_000_003
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ThreatConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
 
 @dataclass
 class PGD:
@@ -30,8 +39,10 @@ class PGD:
         random_start: start uniformly inside the ball instead of at the input.
         restarts: independent runs; per image the first successful one is kept, else the
             one with the highest loss.
-        loss: name of a per-sample loss in :mod:`safespot.attacks.losses`.
-        targeted: descend the loss towards ``target`` instead of ascending it at ``y``.
+        loss: ``ce``, ``cw`` or ``dlr`` (see :mod:`safespot.attacks.losses`).
+        targeted: descend the loss at ``target`` instead of ascending it at ``y``.
+        early_stop: freeze an image as soon as the attack succeeds on it.
+        eot: forward passes averaged per gradient (for randomised models).
         mode: run the model in ``train`` or ``eval`` mode, or ``keep`` its current mode.
     """
 
@@ -43,16 +54,17 @@ class PGD:
     restarts: int = 1
     loss: str = "ce"
     targeted: bool = False
+    early_stop: bool = False
+    eot: int = 1
     mode: AttackMode = "keep"
     ball: LpBall = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ball = LpBall(self.norm, self.eps)  # validates norm and eps
         self.eps = self.ball.eps
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ThreatConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
-            raise ThreatConfigError(f"restarts must be an integer >= 1, got {self.restarts!r}")
+        _positive_int(self.steps, "steps")
+        _positive_int(self.restarts, "restarts")
+        _positive_int(self.eot, "eot")
         self.step_size = self.eps / 4 if self.step_size is None else parse_budget(self.step_size, "step_size")
         self.loss_fn = get_loss(self.loss)
         check_attack_mode(self.mode)
@@ -64,29 +76,45 @@ class PGD:
         y: torch.Tensor,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return detached adversarial examples for images ``x`` in [0, 1] with labels ``y``.
 
-        For a targeted attack ``target`` holds the class to move towards (``y`` is then
-        only used to judge success of untargeted restarts and may equal ``target``).
+        ``target`` holds the classes a targeted attack moves towards. Random starts come from
+        ``generator``, or, with ``seeds`` (one integer per image), from per-image generators
+        so that each image's result does not depend on the batch it is in.
         """
         if self.targeted and target is None:
             raise ValueError("a targeted attack needs target labels")
         x = x.detach()
         with attack_context(model, self.mode):
             if self.restarts == 1:
-                return self._run(model, x, y, target, generator)
+                return self._run(model, x, y, target, generator, seeds)
             best = x.clone()
             best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
             best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for _ in range(self.restarts):
-                x_adv = self._run(model, x, y, target, generator)
+            for r in range(self.restarts):
+                restart_seeds = None if seeds is None else seeds + r * _RESTART_SEED_STRIDE
+                x_adv = self._run(model, x, y, target, generator, restart_seeds)
                 loss, success = self._score(model, x_adv, y, target)
                 better = ~best_success & (success | (loss > best_loss))
                 best[better] = x_adv[better]
                 best_loss = torch.where(better, loss, best_loss)
                 best_success |= success
             return best
+
+    def _gradient(
+        self, model: nn.Module, x_adv: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input gradient of the summed loss (averaged over ``eot`` passes) and the logits
+        of the last pass."""
+        x_adv.requires_grad_(True)
+        grad = torch.zeros_like(x_adv)
+        for _ in range(self.eot):
+            logits = model(x_adv)
+            (g,) = torch.autograd.grad(self.loss_fn(logits, labels).sum(), x_adv)
+            grad += g
+        return grad / self.eot, logits.detach()
 
     def _run(
         self,
@@ -95,15 +123,22 @@ class PGD:
         y: torch.Tensor,
         target: torch.Tensor | None,
         generator: torch.Generator | None,
+        seeds: torch.Tensor | None,
     ) -> torch.Tensor:
         ball, labels = self.ball, (target if self.targeted else y)
-        x_adv = ball.random_init(x, generator) if self.random_start else x.clone()
+        x_adv = ball.random_init(x, generator, seeds) if self.random_start else x.clone()
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = self.loss_fn(model(x_adv), labels).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = ball.step(x_adv.detach(), -grad if self.targeted else grad, self.step_size, x)
+            grad, logits = self._gradient(model, x_adv, labels)
+            stepped = ball.step(x_adv.detach(), -grad if self.targeted else grad, self.step_size, x)
+            if self.early_stop:
+                done = self._succeeded(logits, y, target)
+                stepped = torch.where(done.view(-1, *[1] * (x.dim() - 1)), x_adv.detach(), stepped)
+            x_adv = stepped
         return x_adv.detach()
+
+    def _succeeded(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == target if self.targeted else pred != y
 
     @torch.no_grad()
     def _score(
@@ -111,10 +146,9 @@ class PGD:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample objective (higher is better for the attacker) and success flag."""
         logits = model(x_adv)
-        pred = logits.argmax(1)
         if self.targeted:
-            return -self.loss_fn(logits, target), pred == target
-        return self.loss_fn(logits, y), pred != y
+            return -self.loss_fn(logits, target), self._succeeded(logits, y, target)
+        return self.loss_fn(logits, y), self._succeeded(logits, y, target)
 
 
 def fgsm(
@@ -123,6 +157,8 @@ def fgsm(
     random_start: bool = False,
     step_size: float | str | None = None,
     mode: AttackMode = "keep",
+    loss: str = "ce",
+    targeted: bool = False,
 ) -> PGD:
     """FGSM: one steepest step of ``step_size`` (default eps) from the input."""
     eps_value = parse_budget(eps, "eps")
@@ -133,6 +169,8 @@ def fgsm(
         step_size=eps_value if step_size is None else step_size,
         random_start=random_start,
         mode=mode,
+        loss=loss,
+        targeted=targeted,
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class DataConfigError(ValueError):
@@ -62,6 +62,24 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sampler for N processes: rank r reads positions r, r + N, r + 2N, ...
+    Unlike ``DistributedSampler`` it never pads, so every image is evaluated exactly once
+    (shards may differ in length by one). Being a ``DistributedSampler``, Lightning keeps it."""
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        self.length, self.num_replicas, self.rank = length, num_replicas, rank
+        self.epoch, self.shuffle, self.seed, self.drop_last = 0, False, 0, False
+        self.num_samples = len(range(rank, length, num_replicas))
+        self.total_size = length
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def _seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> list[int]:
@@ -179,8 +197,10 @@ class ImageDataModule(L.LightningDataModule):
         }
         if train and self.world_size == 1:
             kwargs["sampler"] = EpochSeededSampler(len(dataset), self.seed)
-        else:
-            kwargs["shuffle"] = train  # under DDP Lightning swaps in a seeded DistributedSampler
+        elif train:
+            kwargs["shuffle"] = True  # under DDP Lightning swaps in a seeded DistributedSampler
+        elif self.world_size > 1:
+            kwargs["sampler"] = ShardSampler(len(dataset), self.world_size, self.trainer.global_rank)
         return DataLoader(dataset, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

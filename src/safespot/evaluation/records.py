@@ -1,0 +1,65 @@
+"""Per-image records: merging shards from several processes, summarising, saving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def to_frame(parts: Sequence[dict[str, torch.Tensor]]) -> pd.DataFrame:
+    """Concatenate per-batch field dicts into one table (rows in any order)."""
+    if not parts:
+        return pd.DataFrame()
+    columns = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+    return pd.DataFrame(columns)
+
+
+def merge_shards(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Merge the records of all processes in dataset-index order, refusing duplicates (a
+    padded distributed sampler would evaluate some images twice)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    records = pd.concat(frames, ignore_index=True).sort_values("index", kind="stable").reset_index(drop=True)
+    duplicated = records["index"].duplicated()
+    if duplicated.any():
+        raise RuntimeError(f"{int(duplicated.sum())} images were evaluated more than once")
+    return records
+
+
+def summarize(records: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
+    """Accuracy per evaluation, ``worst_case/acc`` (correct under every evaluation) and
+    mean / max distances of the evaluated points."""
+    summary: dict[str, float] = {"n_images": len(records)}
+    correct = [f"{n}/correct" for n in names]
+    for name in names:
+        summary[f"{name}/acc"] = float(records[f"{name}/correct"].mean())
+        if name != "clean":
+            summary[f"{name}/mean_dist"] = float(records[f"{name}/dist"].mean())
+            summary[f"{name}/max_dist"] = float(records[f"{name}/dist"].max())
+    summary["worst_case/acc"] = float(records[correct].all(axis=1).mean())
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_results(out: Path, records: pd.DataFrame, summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    """``records.csv`` (one row per image) and ``results.json`` (summary + meta), written
+    to temporary names first and renamed, so a crash never leaves half a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "records.csv.tmp"
+    records.to_csv(tmp, index=False)
+    tmp.replace(out / "records.csv")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({**{k: _plain(v) for k, v in summary.items()}, "meta": meta}, indent=2))
+    tmp.replace(out / "results.json")

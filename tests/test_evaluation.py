@@ -1,0 +1,212 @@
+"""The attack suite and the evaluation engine: losses, attack properties, per-image records,
+exact multi-process evaluation, determinism and bad input."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException
+
+from conftest import SYNTHETIC, compose_config
+from safespot.attacks import PGD, fgsm
+from safespot.attacks.losses import cw_margin, dlr
+from safespot.evaluate import evaluate
+from safespot.evaluation import merge_shards
+from safespot.threat import LpBall
+from safespot.train import train
+from safespot.utils.task import ConfigError
+
+EPS = "threat.eps=0.05"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A naturally and an adversarially trained small model on synthetic data (eps 0.05)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for method in ("natural", "adversarial"):
+        cfg = compose_config("train", [*SYNTHETIC, f"method={method}", "trainer.max_epochs=6", EPS,
+                                       "threat.step_size=0.0125", "threat.steps=5", "optimizer.lr=0.05",
+                                       "data.n_train=1024", "test=false"], root / method)
+        _, objs = train(cfg)
+        paths[method] = objs["trainer"].checkpoint_callback.last_model_path
+    return paths
+
+
+def _evaluate(ckpt, out, *overrides):
+    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", "trainer.enable_progress_bar=false",
+                                      "trainer.enable_model_summary=false", *overrides], out)
+    results = evaluate(cfg)
+    return results, pd.read_csv(out / "records.csv")
+
+
+# --- losses -------------------------------------------------------------------------------
+def test_cw_margin_is_right_when_all_logits_are_negative():
+    logits = torch.tensor([[-5.0, -1.0, -3.0], [-2.0, -4.0, -8.0]])
+    labels = torch.tensor([1, 2])
+    assert torch.allclose(cw_margin(logits, labels), torch.tensor([-3.0 + 1.0, -2.0 + 8.0]))
+
+
+def test_dlr_matches_hand_computed_value_and_is_scale_invariant():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0]])
+    value = dlr(logits, torch.tensor([0]))
+    assert torch.allclose(value, torch.tensor([-(3.0 - 1.0) / (3.0 - 0.0)]))
+    assert torch.allclose(dlr(5 * logits + 2, torch.tensor([0])), value)
+
+
+# --- attacks ------------------------------------------------------------------------------
+ATTACKS = {
+    "fgsm": lambda norm, eps: fgsm(norm, eps),
+    "pgd_ce": lambda norm, eps: PGD(norm, eps, steps=10),
+    "pgd_cw": lambda norm, eps: PGD(norm, eps, steps=10, loss="cw"),
+    "pgd_dlr": lambda norm, eps: PGD(norm, eps, steps=10, loss="dlr"),
+    "pgd_restarts_early_stop": lambda norm, eps: PGD(norm, eps, steps=5, restarts=3, early_stop=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_attack_raises_the_loss_stays_in_ball_and_is_seeded(tiny_net, images, name, norm, eps):
+    x, y = images
+    attack = ATTACKS[name](norm, eps)
+    seeds = torch.arange(len(x)) * 13
+    x_adv = attack(tiny_net, x, y, seeds=seeds)
+    assert LpBall(norm, eps).contains(x_adv, x, tol=1e-5).all()
+    with torch.no_grad():
+        margin_adv, margin = cw_margin(tiny_net(x_adv), y), cw_margin(tiny_net(x), y)
+    assert margin_adv.mean() > margin.mean()
+    assert torch.equal(attack(tiny_net, x, y, seeds=seeds), x_adv)
+
+
+def test_per_image_seeds_make_results_independent_of_batching(tiny_net, images):
+    x, y = images
+    attack = PGD("linf", 8 / 255, steps=3)
+    seeds = torch.arange(len(x)) + 100
+    whole = attack(tiny_net, x, y, seeds=seeds)
+    halves = torch.cat([attack(tiny_net, x[:7], y[:7], seeds=seeds[:7]), attack(tiny_net, x[7:], y[7:], seeds=seeds[7:])])
+    assert torch.allclose(whole, halves, atol=1e-6)
+
+
+def test_early_stop_keeps_every_image_it_ever_broke(tiny_net, images):
+    x, y = images
+    seeds = torch.arange(len(x))
+    plain = PGD("linf", 0.05, steps=20, step_size=0.02)(tiny_net, x, y, seeds=seeds)
+    stopped = PGD("linf", 0.05, steps=20, step_size=0.02, early_stop=True)(tiny_net, x, y, seeds=seeds)
+    with torch.no_grad():
+        broken_plain, broken_stopped = tiny_net(plain).argmax(1) != y, tiny_net(stopped).argmax(1) != y
+    assert (broken_stopped | ~broken_plain).all() and broken_stopped.sum() >= broken_plain.sum()
+
+
+def test_eot_averages_gradients_over_passes(images):
+    x, y = images
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3 * 8 * 8, 4)
+            self.calls = 0
+
+        def forward(self, inp):
+            self.calls += 1
+            return self.lin((inp + 0.1 * torch.randn_like(inp)).flatten(1))
+
+    net = Noisy()
+    PGD("linf", 0.05, steps=3, eot=5, random_start=False)(net, x, y)
+    assert net.calls == 15
+    torch.manual_seed(0)
+    g1 = PGD("l2", 0.5, steps=1, eot=200, random_start=False)._gradient(net, x.clone(), y)[0]
+    g2 = PGD("l2", 0.5, steps=1, eot=200, random_start=False)._gradient(net, x.clone(), y)[0]
+    single = PGD("l2", 0.5, steps=1, eot=1, random_start=False)
+    s1, s2 = single._gradient(net, x.clone(), y)[0], single._gradient(net, x.clone(), y)[0]
+    assert (g1 - g2).norm() < (s1 - s2).norm()  # averaging reduces the gradient's variance
+
+
+# --- evaluation engine --------------------------------------------------------------------
+def test_records_summary_and_files(checkpoints, tmp_path):
+    results, records = _evaluate(checkpoints["adversarial"], tmp_path / "adv", "evaluation=[clean,pgd,fgsm]")
+    assert list(records["index"]) == sorted(records["index"]) and len(records) == 128
+    assert {"clean/pred", "pgd/correct", "pgd/loss", "pgd/dist", "fgsm/pred"} <= set(records.columns)
+    assert results["clean/acc"] == pytest.approx(records["clean/correct"].mean())
+    worst = records[["clean/correct", "pgd/correct", "fgsm/correct"]].all(axis=1).mean()
+    assert results["worst_case/acc"] == pytest.approx(worst)
+    assert results["worst_case/acc"] <= min(results["pgd/acc"], results["fgsm/acc"])
+    assert records["pgd/dist"].max() <= 0.05 + 1e-5
+    assert (tmp_path / "adv" / "images" / "pgd.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["meta"]["evaluations"] == ["clean", "pgd", "fgsm"] and results["meta"]["norm"] == "linf"
+
+
+def test_natural_model_breaks_and_adversarial_model_holds(checkpoints, tmp_path):
+    natural, _ = _evaluate(checkpoints["natural"], tmp_path / "nat", "evaluation=[clean,pgd]")
+    adversarial, _ = _evaluate(checkpoints["adversarial"], tmp_path / "adv", "evaluation=[clean,pgd]")
+    assert natural["clean/acc"] > 0.9 and natural["pgd/acc"] < 0.1
+    assert adversarial["pgd/acc"] > 0.6
+
+
+def test_fixed_seed_gives_identical_records_and_subset_is_recorded(checkpoints, tmp_path):
+    args = ("evaluation=[clean,pgd]", "data.test_subset=40")
+    _, a = _evaluate(checkpoints["natural"], tmp_path / "a", *args)
+    _, b = _evaluate(checkpoints["natural"], tmp_path / "b", *args)
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 40 and a["index"].is_unique
+    _, c = _evaluate(checkpoints["natural"], tmp_path / "c", *args, "seed=1")
+    assert not a["pgd/loss"].equals(c["pgd/loss"])
+
+
+def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
+    args = ("evaluation=[clean,pgd,pgd_cw]", "data.test_subset=37", "data.eval_batch_size=8")
+    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    two, records_two = _evaluate(checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim",
+                                 "trainer.enable_progress_bar=false")
+    pd.testing.assert_frame_equal(records_one, records_two, check_exact=False, atol=1e-5)
+    assert len(records_two) == 37  # no padding duplicates
+    for key in ("clean/acc", "pgd/acc", "pgd_cw/acc", "worst_case/acc", "n_images"):
+        assert one[key] == pytest.approx(two[key])
+
+
+def test_merge_refuses_duplicated_images():
+    frame = pd.DataFrame({"index": [0, 1], "clean/correct": [True, False]})
+    with pytest.raises(RuntimeError, match="more than once"):
+        merge_shards([frame, frame.iloc[:1]])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("threat.eps=-1", "threat.eps must be > 0"),
+    ("threat.norm=l7", "threat.norm must be one of"),
+    ("evaluation.pgd.attack.steps=0", "steps must be an integer >= 1"),
+])
+def test_bad_evaluation_settings_fail_before_work(checkpoints, tmp_path, override, match):
+    cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['natural']}", override], tmp_path / "bad")
+    with pytest.raises((ConfigError, ValueError), match=match):
+        evaluate(cfg)
+    assert not (tmp_path / "bad" / "records.csv").exists()
+
+
+def test_unknown_evaluation_lists_choices(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="evaluation/pgd_xx"):
+        compose_config("evaluate", ["ckpt_path=x", "evaluation=[clean,pgd_xx]"], tmp_path)
+
+
+def test_attack_through_trainer_test_in_one_process(tiny_net, images, tmp_path):
+    """CPU DDP can hide an inference_mode bug: this runs an attack through trainer.test in
+    one process and checks the adversarial accuracy is really lower."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from safespot.evaluation import AttackEvaluation, EvaluationModule
+
+    x, y = images
+    with torch.no_grad():
+        y = tiny_net(x).argmax(1)  # all clean-correct
+    module = EvaluationModule(tiny_net, [AttackEvaluation("pgd", PGD("linf", 0.3, steps=10))], output_dir=tmp_path)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, loader, verbose=False)
+    assert module.summary["clean/acc"] == 1.0 and module.summary["pgd/acc"] < 0.5
+    with torch.no_grad():
+        assert F.cross_entropy(tiny_net(x), y) >= 0
+    saved = json.loads(Path(tmp_path / "results.json").read_text())
+    assert saved["pgd/acc"] == module.summary["pgd/acc"]
