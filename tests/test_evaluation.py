@@ -28,17 +28,32 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     paths = {}
     for method in ("natural", "adversarial"):
-        cfg = compose_config("train", [*SYNTHETIC, f"method={method}", "trainer.max_epochs=6", EPS,
-                                       "threat.step_size=0.0125", "threat.steps=5", "optimizer.lr=0.05",
-                                       "data.n_train=1024", "test=false"], root / method)
+        cfg = compose_config(
+            "train",
+            [
+                *SYNTHETIC,
+                f"method={method}",
+                "trainer.max_epochs=6",
+                EPS,
+                "threat.step_size=0.0125",
+                "threat.steps=5",
+                "optimizer.lr=0.05",
+                "data.n_train=1024",
+                "test=false",
+            ],
+            root / method,
+        )
         _, objs = train(cfg)
         paths[method] = objs["trainer"].checkpoint_callback.last_model_path
     return paths
 
 
 def _evaluate(ckpt, out, *overrides):
-    cfg = compose_config("evaluate", [f"ckpt_path={ckpt}", "trainer.enable_progress_bar=false",
-                                      "trainer.enable_model_summary=false", *overrides], out)
+    cfg = compose_config(
+        "evaluate",
+        [f"ckpt_path={ckpt}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides],
+        out,
+    )
     results = evaluate(cfg)
     return results, pd.read_csv(out / "records.csv")
 
@@ -86,7 +101,8 @@ def test_per_image_seeds_make_results_independent_of_batching(tiny_net, images):
     attack = PGD("linf", 8 / 255, steps=3)
     seeds = torch.arange(len(x)) + 100
     whole = attack(tiny_net, x, y, seeds=seeds)
-    halves = torch.cat([attack(tiny_net, x[:7], y[:7], seeds=seeds[:7]), attack(tiny_net, x[7:], y[7:], seeds=seeds[7:])])
+    first, second = slice(0, 7), slice(7, None)
+    halves = torch.cat([attack(tiny_net, x[s], y[s], seeds=seeds[s]) for s in (first, second)])
     assert torch.allclose(whole, halves, atol=1e-6)
 
 
@@ -158,8 +174,9 @@ def test_fixed_seed_gives_identical_records_and_subset_is_recorded(checkpoints, 
 def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
     args = ("evaluation=[clean,pgd,pgd_cw]", "data.test_subset=37", "data.eval_batch_size=8")
     one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
-    two, records_two = _evaluate(checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim",
-                                 "trainer.enable_progress_bar=false")
+    two, records_two = _evaluate(
+        checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
+    )
     pd.testing.assert_frame_equal(records_one, records_two, check_exact=False, atol=1e-5)
     assert len(records_two) == 37  # no padding duplicates
     for key in ("clean/acc", "pgd/acc", "pgd_cw/acc", "worst_case/acc", "n_images"):
@@ -172,11 +189,14 @@ def test_merge_refuses_duplicated_images():
         merge_shards([frame, frame.iloc[:1]])
 
 
-@pytest.mark.parametrize("override,match", [
-    ("threat.eps=-1", "threat.eps must be > 0"),
-    ("threat.norm=l7", "threat.norm must be one of"),
-    ("evaluation.pgd.attack.steps=0", "steps must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("threat.eps=-1", "threat.eps must be > 0"),
+        ("threat.norm=l7", "threat.norm must be one of"),
+        ("evaluation.pgd.attack.steps=0", "steps must be an integer >= 1"),
+    ],
+)
 def test_bad_evaluation_settings_fail_before_work(checkpoints, tmp_path, override, match):
     cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['natural']}", override], tmp_path / "bad")
     with pytest.raises((ConfigError, ValueError), match=match):
@@ -202,8 +222,14 @@ def test_attack_through_trainer_test_in_one_process(tiny_net, images, tmp_path):
         y = tiny_net(x).argmax(1)  # all clean-correct
     module = EvaluationModule(tiny_net, [AttackEvaluation("pgd", PGD("linf", 0.3, steps=10))], output_dir=tmp_path)
     loader = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.test(module, loader, verbose=False)
     assert module.summary["clean/acc"] == 1.0 and module.summary["pgd/acc"] < 0.5
     with torch.no_grad():
