@@ -13,9 +13,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+
 from bench_adv_step import make_net
 from common import hardware, time_call
-
 from safespot.attacks import PGD
 
 
@@ -51,8 +51,10 @@ def main() -> None:
             full = time_call(lambda a=attack: a(net, x, y), device, 1)
             ratios.append(full / (args.steps * base))
         ratios.sort()
-        print(f"{norm}: PGD-{args.steps} / ({args.steps} x pass) = {ratios[len(ratios) // 2]:.3f} "
-              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})   target <= 1.10")
+        print(
+            f"{norm}: PGD-{args.steps} / ({args.steps} x pass) = {ratios[len(ratios) // 2]:.3f} "
+            f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})   target <= 1.10"
+        )
 
 
 if __name__ == "__main__":

@@ -236,3 +236,30 @@ def test_attack_through_trainer_test_in_one_process(tiny_net, images, tmp_path):
         assert F.cross_entropy(tiny_net(x), y) >= 0
     saved = json.loads(Path(tmp_path / "results.json").read_text())
     assert saved["pgd/acc"] == module.summary["pgd/acc"]
+
+
+def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_path, monkeypatch):
+    from safespot.utils.wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results, _ = _evaluate(
+        checkpoints["adversarial"], tmp_path / "wb", "evaluation=[clean,pgd]", "logger=wandb", "data.test_subset=16"
+    )
+    (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run["summary"]["pgd/acc"] == pytest.approx(results["pgd/acc"])
+    assert run["summary"]["eval/records/_type"] == "table-file" and run["summary"]["eval/records/nrows"] == 16
+    assert run["summary"]["eval/panel/pgd/_type"] == "image-file"
+    assert run["summary"]["eval/loss_hist/pgd/_type"] == "histogram"
+    assert list(run_dir.glob("files/media/images/**/*.png")) and list(run_dir.glob("files/media/table/**/*.json"))
+    assert run["config"]["evaluation"]["pgd"]["attack"]["steps"] == 20
+
+
+def test_multirun_jobs_share_a_wandb_group(tmp_path):
+    single = compose_config("train", [*SYNTHETIC, "logger=wandb"], tmp_path)
+    assert single.logger.wandb.group is None  # a single run has no group
+    sweep = tmp_path / "multiruns" / "2026-01-01_00-00-00_abc"
+    multi = compose_config(
+        "train", [*SYNTHETIC, "logger=wandb", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"], tmp_path
+    )
+    assert multi.logger.wandb.group == "2026-01-01_00-00-00_abc"

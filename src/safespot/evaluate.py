@@ -88,6 +88,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
     loggers = instantiate_loggers(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams({**to_plain(OmegaConf.to_container(cfg, resolve=True)), "meta": meta})
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 
 from omegaconf import OmegaConf
 
@@ -13,8 +12,23 @@ from omegaconf import OmegaConf
 _RUN_SUFFIX = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 
 
+def sweep_name() -> str | None:
+    """In a Hydra multirun, the sweep directory's name (used as the wandb group, so a
+    sweep's runs appear together); ``None`` otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        config = HydraConfig.get()
+        if config.mode == RunMode.MULTIRUN:
+            return os.path.basename(str(config.sweep.dir).rstrip("/"))
+    except (ValueError, ImportError, AttributeError):
+        pass
+    return None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique"):
         OmegaConf.register_new_resolver("unique", lambda: _RUN_SUFFIX, use_cache=True)
-    if not OmegaConf.has_resolver("epoch_time"):
-        OmegaConf.register_new_resolver("epoch_time", lambda: str(int(time.time())), use_cache=True)
+    if not OmegaConf.has_resolver("sweep_name"):
+        OmegaConf.register_new_resolver("sweep_name", sweep_name)
