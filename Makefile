@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install train test test-slow test-all lint format bench clean-logs
+.PHONY: install train test test-slow test-all lint format bench
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -35,3 +35,4 @@ format:
 
 bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_adv_step.py --quick
+	$(PY) bench/bench_pgd_cost.py --quick

@@ -241,7 +241,8 @@ def plot_loss_histograms(runs: Sequence[Run], path: str | Path) -> Path | None:
                 alpha=0.5,
                 label=f"{pretty(name)} (mean {values.mean():.2f})" if values.size else name,
             )
-        ax.set(title=_run_label(run), xlabel="cross-entropy loss", ylabel="images")
+        ax.set_title(_run_label(run), fontsize="small", wrap=True)
+        ax.set(xlabel="cross-entropy loss", ylabel="images")
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
