@@ -51,6 +51,22 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
+def cpu_trainer(**kwargs):
+    """A quiet single-process CPU trainer that allows gradient attacks in test loops."""
+    import lightning as L
+
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "inference_mode": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **kwargs,
+    }
+    return L.Trainer(**options)
+
+
 class TinyNet(torch.nn.Module):
     """A small conv net with batch norm, for attack tests."""
 

@@ -4,6 +4,7 @@ metrics are synchronised across processes."""
 import pytest
 import torch
 
+from conftest import cpu_trainer
 from safespot.train import train
 
 
@@ -26,16 +27,7 @@ def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     assert objs["trainer"].world_size == 2
     # each process validated half of the 64 held-out images; the logged value must be the
     # accuracy over all 64, as one process computes it with the same (final) weights
-    import lightning as L
-
-    single = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        inference_mode=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    single = cpu_trainer()
     method, dm = objs["method"], objs["datamodule"]
     dm.trainer = None
     (reference,) = single.validate(method, datamodule=dm, verbose=False)

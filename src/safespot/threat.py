@@ -44,6 +44,13 @@ def parse_budget(value: float | int | str, name: str = "eps", allow_zero: bool =
     return number
 
 
+def check_positive_int(value: object, name: str) -> int:
+    """An integer >= 1 (steps, restarts, iterations), else a :class:`ThreatConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ThreatConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_norm(norm: str, name: str = "norm") -> Norm:
     if norm not in NORMS:
         raise ThreatConfigError(f"{name} must be one of {list(NORMS)}, got {norm!r}")

@@ -29,7 +29,7 @@ from pyautoattack import checks as _package_checks
 from torch import nn
 
 from safespot.attacks.context import attack_context
-from safespot.threat import LpBall, ThreatConfigError
+from safespot.threat import LpBall, ThreatConfigError, check_positive_int
 
 VERSIONS: tuple[str, ...] = ("standard", "rand")
 ATTACK_NAMES: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -42,12 +42,6 @@ VERSION_ATTACKS: dict[str, tuple[str, ...]] = {
 STANDARD_TARGET_CLASSES = 9
 _PACKAGE_NORMS = {"linf": "Linf", "l2": "L2"}
 _PACKAGE_LOGGER = "auto-attack"
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ThreatConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 @dataclass
@@ -95,9 +89,9 @@ class AutoAttack:
             raise ThreatConfigError(f"version must be one of {list(VERSIONS)}, got {self.version!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ThreatConfigError(f"seed must be an integer, got {self.seed!r}")
-        _positive_int(self.n_iter, "n_iter")
-        _positive_int(self.square_queries, "square_queries")
-        _positive_int(self.eot_iter, "eot_iter")
+        check_positive_int(self.n_iter, "n_iter")
+        check_positive_int(self.square_queries, "square_queries")
+        check_positive_int(self.eot_iter, "eot_iter")
         if self.attacks is not None:
             names = [self.attacks] if isinstance(self.attacks, str) else [str(a) for a in self.attacks]
             unknown = [a for a in names if a not in ATTACK_NAMES]

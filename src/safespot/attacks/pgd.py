@@ -17,15 +17,9 @@ from torch import nn
 
 from safespot.attacks.context import AttackMode, attack_context, check_attack_mode
 from safespot.attacks.losses import get_loss
-from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.threat import LpBall, check_positive_int, parse_budget
 
 _RESTART_SEED_STRIDE = 1_000_003
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ThreatConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 @dataclass
@@ -62,9 +56,9 @@ class PGD:
     def __post_init__(self) -> None:
         self.ball = LpBall(self.norm, self.eps)  # validates norm and eps
         self.eps = self.ball.eps
-        _positive_int(self.steps, "steps")
-        _positive_int(self.restarts, "restarts")
-        _positive_int(self.eot, "eot")
+        check_positive_int(self.steps, "steps")
+        check_positive_int(self.restarts, "restarts")
+        check_positive_int(self.eot, "eot")
         self.step_size = self.eps / 4 if self.step_size is None else parse_budget(self.step_size, "step_size")
         self.loss_fn = get_loss(self.loss)
         check_attack_mode(self.mode)
