@@ -1,0 +1,11 @@
+"""Preemptive defences: the safe-spot search (paper 002, Algorithm 1) and its baselines."""
+
+from safespot.defenses.robustifier import (
+    NoRobustification,
+    RobustifyResult,
+    SafeSpotFGSM,
+    SafeSpotPGD,
+    SafeSpotSearch,
+)
+
+__all__ = ["NoRobustification", "RobustifyResult", "SafeSpotFGSM", "SafeSpotPGD", "SafeSpotSearch"]

@@ -1,0 +1,107 @@
+"""The safe-spot search (paper 002, Algorithm 1) and its baselines."""
+
+import pytest
+import torch
+
+from conftest import SYNTHETIC, compose_config
+from safespot.attacks import PGD
+from safespot.data import SyntheticDataModule
+from safespot.defenses import NoRobustification, SafeSpotFGSM, SafeSpotPGD, SafeSpotSearch
+from safespot.threat import LpBall, ThreatConfigError
+from safespot.train import train
+
+
+@pytest.mark.parametrize("norm,delta,beta", [("linf", 0.05, 0.05), ("l2", 0.5, 0.05)])
+@pytest.mark.parametrize("init", ["original", "random"])
+def test_search_stays_in_delta_ball_and_box(tiny_net, images, norm, delta, beta, init):
+    x, y = images
+    x = x.clone()
+    x[0] = 0.0  # an image on the box corner
+    seeds = torch.arange(len(x))
+    result = SafeSpotSearch(norm, delta, max_iter=4, inner_steps=3, beta=beta, init=init)(tiny_net, x, seeds=seeds)
+    assert LpBall(norm, delta).contains(result.x_r, x, tol=1e-6).all()
+    assert (result.distance <= delta + 1e-6).all()
+    if norm == "linf":  # the tanh box: exactly inside [clamp(x - delta), clamp(x + delta)]
+        assert (result.x_r >= (x - delta).clamp(0, 1)).all() and (result.x_r <= (x + delta).clamp(0, 1)).all()
+    assert not result.x_r.requires_grad and all(p.grad is None for p in tiny_net.parameters())
+
+
+def test_worst_case_loss_decreases_over_iterations(tiny_net, images):
+    x, _ = images
+    search = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=15, inner_steps=5, beta=0.1)
+    result = search(tiny_net, x, seeds=torch.arange(16))
+    history = torch.stack(result.loss_history)
+    assert len(history) == 16
+    assert history[-1] < history[8] < history[0] - 0.03
+    assert result.worst_loss.mean() <= history[-1] + 1e-6  # the kept iterate is the best one seen
+
+
+def test_second_order_option_runs_for_l2_only(tiny_net, images):
+    x, _ = images
+    result = SafeSpotSearch("l2", 0.5, max_iter=2, inner_steps=2, beta=0.05, second_order=True)(tiny_net, x[:4])
+    assert LpBall("l2", 0.5).contains(result.x_r, x[:4], tol=1e-6).all()
+    with pytest.raises(ThreatConfigError, match="second_order"):
+        SafeSpotSearch("linf", 0.05, second_order=True)
+
+
+def test_early_exit_stops_robust_images_and_reports_it(tiny_net, images):
+    x, _ = images
+    full = SafeSpotSearch("linf", 0.05, max_iter=8, inner_steps=2, beta=0.05)(tiny_net, x, seeds=torch.arange(16))
+    fast = SafeSpotSearch("linf", 0.05, max_iter=8, inner_steps=2, beta=0.05, early_exit=2)(
+        tiny_net, x, seeds=torch.arange(16)
+    )
+    assert (full.iterations == 8).all()
+    assert fast.early_exit.any() and (fast.iterations[fast.early_exit] < 8).all()
+    assert not fast.attack_succeeded[fast.early_exit].any()
+
+
+@pytest.mark.parametrize("cls", [SafeSpotFGSM, SafeSpotPGD])
+def test_baselines_lower_the_protected_loss_within_delta(tiny_net, images, cls):
+    x, _ = images
+    none = NoRobustification("linf", 0.05)(tiny_net, x, seeds=torch.arange(16))
+    result = cls("linf", 0.05)(tiny_net, x, seeds=torch.arange(16))
+    assert LpBall("linf", 0.05).contains(result.x_r, x, tol=1e-6).all()
+    assert torch.equal(result.protected, none.protected)
+    assert result.worst_loss.mean() < none.worst_loss.mean()
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ThreatConfigError, match="max_iter"):
+        SafeSpotSearch("linf", 0.05, max_iter=0)
+    with pytest.raises(ThreatConfigError, match="norm"):
+        SafeSpotSearch("l1", 0.05)
+    with pytest.raises(ThreatConfigError, match="eps"):
+        SafeSpotSearch("linf", -0.05)
+
+
+def test_robustified_images_resist_grey_box_pgd_better_on_an_adversarially_trained_model(tmp_path):
+    cfg = compose_config(
+        "train",
+        [
+            *SYNTHETIC,
+            "method=adversarial",
+            "trainer.max_epochs=4",
+            "threat.eps=0.1",
+            "threat.step_size=0.025",
+            "threat.steps=5",
+            "optimizer.lr=0.05",
+            "data.n_train=1024",
+            "test=false",
+            "callbacks=none",
+        ],
+        tmp_path,
+    )
+    _, objs = train(cfg)
+    net = objs["method"].net.eval()
+    dm = SyntheticDataModule(n_train=1024, n_test=128, val_size=64)
+    dm.setup()
+    x, y, index = next(iter(dm.test_dataloader()))
+    seeds = index * 31
+    attack = PGD("linf", 0.1, steps=20)
+    with torch.no_grad():
+        clean_ok = net(x).argmax(1) == y
+    before = net(attack(net, x, y, seeds=seeds)).argmax(1) == y
+    result = SafeSpotSearch("linf", 0.1, max_iter=10, inner_steps=5, beta=0.05)(net, x, seeds=seeds)
+    after = net(attack(net, result.x_r, y, seeds=seeds + 1)).argmax(1) == y
+    assert clean_ok.float().mean() > 0.5
+    assert after.float().mean() > before.float().mean() + 0.1
