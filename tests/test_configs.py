@@ -93,7 +93,7 @@ def test_unknown_group_option_lists_choices(make_cfg):
 
 def test_evaluate_config_composes(make_cfg):
     cfg = make_cfg("ckpt_path=x.ckpt", name="evaluate")
-    assert cfg.attack.steps == 20 and cfg.trainer.inference_mode is False
+    assert cfg.evaluation.pgd.attack.steps == 20 and cfg.trainer.inference_mode is False
 
 
 def test_slurm_launcher_runs_one_task_per_gpu(make_cfg):

@@ -252,3 +252,28 @@ def test_multirun_jobs_share_a_wandb_group(tmp_path):
         "train", [*SYNTHETIC, "logger=wandb", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"], tmp_path
     )
     assert multi.logger.wandb.group == "2026-01-01_00-00-00_abc"
+
+
+def test_grey_box_evaluation_of_robustified_images(checkpoints, tmp_path):
+    fast = [
+        "evaluation.preempt_sfull.robustifier.max_iter=10",
+        "evaluation.preempt_sfull.robustifier.inner_steps=5",
+        "evaluation.preempt_sfull.robustifier.beta=0.05",
+    ]
+    no_aa = [f"~evaluation.{n}.attacks.autoattack" for n in ("preempt_none", "preempt_spgd", "preempt_sfull")]
+    results, records = _evaluate(
+        checkpoints["adversarial"],
+        tmp_path / "grey",
+        "data.test_subset=48",
+        "evaluation=[clean,preempt_none,preempt_spgd,preempt_sfull]",
+        *no_aa,
+        *fast,
+    )
+    for name in ("preempt_none", "preempt_spgd", "preempt_sfull"):
+        assert {f"{name}/dist", f"{name}/worst_loss", f"{name}_pgd/correct", f"{name}_pgd/dist"} <= set(records)
+        assert records[f"{name}/dist"].max() <= 0.05 + 1e-5  # x_r stays in B_delta(x_o)
+        assert records[f"{name}_pgd/dist"].max() <= 0.05 + 1e-5  # the grey-box attack stays in B_eps(x_r)
+        assert 0 <= results[f"{name}/safe_spot_rate"] <= 1
+    assert (records["preempt_none/dist"] == 0).all()
+    assert results["preempt_sfull_pgd/acc"] > results["preempt_none_pgd/acc"]
+    assert results["preempt_sfull/safe_spot_rate"] > results["preempt_none/safe_spot_rate"]

@@ -36,17 +36,27 @@ class Evaluation:
         self.name = name
         self.norm = norm
 
+    @property
+    def outputs(self) -> list[str]:
+        """The names under which this evaluation writes fields (one per scored point set)."""
+        return [self.name]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Grey-box groups ``{robustified name: [attack names]}`` for the safe-spot rate."""
+        return {}
+
     def points(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        x_eval = self.points(model, x, y, seeds)
+    def score(
+        self, model: nn.Module, x_eval: torch.Tensor, x_ref: torch.Tensor, y: torch.Tensor, name: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Prediction, correctness, cross-entropy and distance to ``x_ref`` of ``x_eval``."""
         with torch.no_grad():
             logits = model(x_eval)
         pred = logits.argmax(1)
-        distance = (x_eval - x).flatten(1)
+        distance = (x_eval - x_ref).flatten(1)
         distance = distance.abs().amax(1) if self.norm == "linf" else distance.norm(dim=1)
         fields = {
             "pred": pred,
@@ -54,7 +64,13 @@ class Evaluation:
             "loss": F.cross_entropy(logits.float(), y, reduction="none"),
             "dist": distance,
         }
-        return {f"{self.name}/{k}": v for k, v in fields.items()}, x_eval
+        return {f"{name or self.name}/{k}": v for k, v in fields.items()}
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x_eval = self.points(model, x, y, seeds)
+        return self.score(model, x_eval, x, y), x_eval
 
 
 class Clean(Evaluation):
@@ -84,3 +100,43 @@ class AttackEvaluation(Evaluation):
         if not self.ball.contains(x_adv, x, tol=1e-5).all():
             raise RuntimeError(f"evaluation {self.name!r}: the attack left its threat model")
         return x_adv
+
+
+class PreemptiveEvaluation(Evaluation):
+    """Grey-box evaluation of preemptive robustification (paper 002, Section 3.1).
+
+    The defender robustifies each test image x_o into x_r (any robustifier: none, S-FGSM,
+    S-PGD, the safe-spot search); each attack then runs on x_r inside ``B_eps(x_r)``, unaware
+    of the modification. Fields: ``<name>/...`` for x_r itself (distance to x_o, plus the
+    robustifier's worst-case loss, iterations and early-exit flag) and ``<name>_<attack>/...``
+    per attack (distance to x_r).
+    """
+
+    def __init__(self, name: str, robustifier: Any, attacks: dict[str, Any] | None = None) -> None:
+        super().__init__(name, LpBall(robustifier.norm, robustifier.delta).norm)
+        self.robustifier = robustifier
+        self.attacks = [
+            AttackEvaluation(f"{name}_{key}", attack) for key, attack in (attacks or {}).items() if attack is not None
+        ]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.name, *(a.name for a in self.attacks)]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {self.name: [a.name for a in self.attacks]}
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        result = self.robustifier(model, x, seeds=seeds)
+        x_r = result.x_r
+        fields = self.score(model, x_r, x, y)
+        fields[f"{self.name}/worst_loss"] = result.worst_loss
+        fields[f"{self.name}/iterations"] = result.iterations
+        fields[f"{self.name}/early_exit"] = result.early_exit
+        for k, attack in enumerate(self.attacks, start=1):
+            attack_fields, _ = attack(model, x_r, y, seeds + k * 7_777_777)
+            fields.update(attack_fields)
+        return fields, x_r

@@ -59,7 +59,7 @@ class EvaluationModule(L.LightningModule):
         super().__init__()
         self.net = net.eval()
         evaluations = list(evaluations)
-        names = [e.name for e in evaluations]
+        names = [name for e in evaluations for name in e.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
         if "clean" not in names:
@@ -76,7 +76,11 @@ class EvaluationModule(L.LightningModule):
 
     @property
     def names(self) -> list[str]:
-        return [e.name for e in self.evaluations]
+        return [name for e in self.evaluations for name in e.outputs]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {k: v for e in self.evaluations for k, v in e.groups.items()}
 
     def on_test_epoch_start(self) -> None:
         self.net.eval()
@@ -98,7 +102,7 @@ class EvaluationModule(L.LightningModule):
         records = merge_shards(_gather(to_frame(self._parts)))
         self._parts = []
         self.records = records
-        self.summary = summarize(records, self.names) if len(records) else {}
+        self.summary = summarize(records, self.names, self.groups) if len(records) else {}
         for key, value in self.summary.items():
             self.log(key, float(value), rank_zero_only=True)
         if self.global_rank == 0:

@@ -33,9 +33,13 @@ def merge_shards(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return records
 
 
-def summarize(records: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
-    """Accuracy per evaluation, ``worst_case/acc`` (correct under every evaluation) and
-    mean / max distances of the evaluated points."""
+def summarize(
+    records: pd.DataFrame, names: Sequence[str], groups: dict[str, list[str]] | None = None
+) -> dict[str, float]:
+    """Accuracy per evaluation, ``worst_case/acc`` (correct under every evaluation), mean /
+    max distances of the evaluated points and, for each grey-box group (robustified images
+    and the attacks run on them), ``<name>/safe_spot_rate``: the share of correctly
+    classified originals whose robustified image stays correct under every attack."""
     summary: dict[str, float] = {"n_images": len(records)}
     correct = [f"{n}/correct" for n in names]
     for name in names:
@@ -44,6 +48,11 @@ def summarize(records: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
             summary[f"{name}/mean_dist"] = float(records[f"{name}/dist"].mean())
             summary[f"{name}/max_dist"] = float(records[f"{name}/dist"].max())
     summary["worst_case/acc"] = float(records[correct].all(axis=1).mean())
+    clean_ok = records["clean/correct"].astype(bool) if "clean/correct" in records else None
+    for name, attacks in (groups or {}).items():
+        survives = records[[f"{n}/correct" for n in (name, *attacks)]].all(axis=1)
+        if clean_ok is not None and clean_ok.any():
+            summary[f"{name}/safe_spot_rate"] = float(survives[clean_ok].mean())
     return summary
 
 
