@@ -105,3 +105,29 @@ def test_robustified_images_resist_grey_box_pgd_better_on_an_adversarially_train
     after = net(attack(net, result.x_r, y, seeds=seeds + 1)).argmax(1) == y
     assert clean_ok.float().mean() > 0.5
     assert after.float().mean() > before.float().mean() + 0.1
+
+
+@pytest.mark.parametrize("norm,delta", [("linf", 8 / 255), ("l2", 0.3)])
+def test_8bit_projection_stays_in_ball_on_the_grid(norm, delta):
+    from safespot.defenses.quantize import project_to_8bit, round_trip_8bit
+
+    g = torch.Generator().manual_seed(0)
+    x_o = round_trip_8bit(torch.rand(8, 3, 6, 6, generator=g))
+    ball = LpBall(norm, delta)
+    x_r = ball.project(x_o + 0.2 * torch.randn(8, 3, 6, 6, generator=g), x_o)
+    q = project_to_8bit(x_r, x_o, ball)
+    assert torch.equal(q, round_trip_8bit(q))
+    assert ball.contains(q, x_o, tol=1e-6).all()
+    assert (q - x_r).abs().max() <= 1 / 255 + 1e-6 if norm == "linf" else ball.distance(q, x_r).max() < delta
+
+
+def test_quantized_search_returns_8bit_images(tiny_net, images):
+    from safespot.defenses.quantize import round_trip_8bit
+
+    x, _ = images
+    x = round_trip_8bit(x)
+    result = SafeSpotSearch("linf", 8 / 255, max_iter=3, inner_steps=2, quantize=True)(
+        tiny_net, x, seeds=torch.arange(16)
+    )
+    assert torch.equal(result.x_r, round_trip_8bit(result.x_r))
+    assert LpBall("linf", 8 / 255).contains(result.x_r, x, tol=1e-6).all()

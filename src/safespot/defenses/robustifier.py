@@ -30,6 +30,7 @@ from torch import nn
 
 from safespot.attacks import PGD, attack_context, fgsm
 from safespot.attacks.context import AttackMode
+from safespot.defenses.quantize import project_to_8bit
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
 
 DEFAULT_BETA = {"linf": 0.1, "l2": 0.001}  # paper 002, Appendix C.1 (CIFAR-10)
@@ -83,9 +84,16 @@ class Robustifier:
             logits = model(x_a)
         return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(1) != labels
 
+    def finish(self, x_r: torch.Tensor, x_o: torch.Tensor) -> torch.Tensor:
+        """The final step: project onto the 8-bit grid inside B_delta(x_o) when ``quantize``."""
+        if getattr(self, "quantize", False):
+            return project_to_8bit(x_r, x_o, LpBall(self.norm, self.delta))
+        return x_r
+
     def result(
         self, model: nn.Module, x_o: torch.Tensor, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
     ) -> RobustifyResult:
+        x_r = self.finish(x_r, x_o)
         loss, success = self.worst_case(model, x_r, labels, seeds)
         zeros = torch.zeros(len(x_o), dtype=torch.long, device=x_o.device)
         return RobustifyResult(
@@ -106,6 +114,7 @@ class NoRobustification(Robustifier):
     delta: float | str = "8/255"
     eps: float | str | None = None
     protect: str = "prediction"
+    quantize: bool = False
 
     def __post_init__(self) -> None:
         self.delta, self.eps = _budgets(self.norm, self.delta, self.eps)
@@ -162,6 +171,8 @@ class SafeSpotSearch(Robustifier):
         early_exit: leave the search once the inner attack has failed to change the
             prediction for this many consecutive iterations (``None``: never).
         second_order: exact gradient through the unrolled inner PGD (l_2 only).
+        quantize: finish by projecting x_r onto the 8-bit grid inside B_delta(x_o) and
+            re-checking its worst-case loss (so the saved image is the one evaluated).
     """
 
     norm: str = "linf"
@@ -176,6 +187,7 @@ class SafeSpotSearch(Robustifier):
     protect: Literal["prediction", "label"] = "prediction"
     early_exit: int | None = None
     second_order: bool = False
+    quantize: bool = False
     mode: AttackMode = "eval"
 
     def __post_init__(self) -> None:
@@ -292,6 +304,10 @@ class SafeSpotSearch(Robustifier):
                         active.view(-1, *[1] * (x_o.dim() - 1)), ball.project(x_r - self.beta * grad, x_o), x_r
                     )
         early = (iterations < self.max_iter) & ~active
+        if self.quantize:
+            best_x = self.finish(best_x, x_o)
+            with attack_context(model, self.mode):
+                best_loss, best_success = self.worst_case(model, best_x, labels, seeds)
         return RobustifyResult(
             best_x, labels, best_loss, best_success, iterations, early, ball.distance(best_x, x_o), history
         )
