@@ -1,6 +1,7 @@
 """The attack suite and the evaluation engine: losses, attack properties, per-image records,
 exact multi-process evaluation, determinism and bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -277,3 +278,71 @@ def test_grey_box_evaluation_of_robustified_images(checkpoints, tmp_path):
     assert (records["preempt_none/dist"] == 0).all()
     assert results["preempt_sfull_pgd/acc"] > results["preempt_none_pgd/acc"]
     assert results["preempt_sfull/safe_spot_rate"] > results["preempt_none/safe_spot_rate"]
+
+
+def test_white_box_attack_on_reconstructions(checkpoints, tmp_path):
+    fast = [
+        "evaluation.preempt_sfull.robustifier.max_iter=6",
+        "evaluation.preempt_sfull.robustifier.inner_steps=3",
+        "evaluation.preempt_sfull.robustifier.beta=0.05",
+        "~evaluation.preempt_sfull.attacks.autoattack",
+        "~evaluation.preempt_sfull.white_box.attacks.autoattack",
+        "evaluation.preempt_sfull.white_box.attacks.pgd.steps=5",
+    ]
+    results, records = _evaluate(
+        checkpoints["adversarial"], tmp_path / "white", "data.test_subset=24", "evaluation=[clean,preempt_sfull]", *fast
+    )
+    white = "preempt_sfull_white_pgd"
+    assert {f"{white}/correct", f"{white}/invalid", f"{white}_strict/correct", "preempt_sfull/recon_dist"} <= set(
+        records
+    )
+    # the reconstruction stays in B_delta(x_r), hence within 2 delta of x_o
+    assert records["preempt_sfull/recon_dist"].max() <= 2 * 0.05 + 1e-5
+    # a counted white-box example lies within B_eps(x_o); the strict rule can only count fewer
+    broken = ~records[f"{white}/correct"].astype(bool)
+    assert (records.loc[broken, f"{white}/dist"] <= 0.05 + 1e-5).all()
+    assert results[f"{white}_strict/acc"] >= results[f"{white}/acc"]
+    assert results["preempt_sfull_white/acc"] == pytest.approx(results[f"{white}/acc"])
+    assert 0 <= results[f"{white}/invalid_rate"] <= 1
+
+
+def test_white_box_validity_rule_on_constructed_cases():
+    """A model that predicts class 1 iff the first pixel exceeds 0.5, and an "attack" that
+    adds eps to that pixel: examples are counted only when misclassified inside B_eps(x_o)."""
+    from safespot.defenses import NoRobustification
+    from safespot.evaluation import PreemptiveEvaluation
+
+    class FirstPixel(torch.nn.Module):
+        def forward(self, inp):
+            v = inp.flatten(1)[:, :1]
+            return torch.cat([0.5 - v, v - 0.5], 1) * 100
+
+    @dataclasses.dataclass
+    class Shift:
+        norm: str
+        eps: float
+
+        def __call__(self, model, x, y):
+            out = x.clone()
+            out.view(len(x), -1)[:, 0] += self.eps
+            return out.clamp(0, 1)
+
+    ev = PreemptiveEvaluation(
+        "p",
+        NoRobustification("linf", 0.1),
+        attacks={},
+        white_box={"attacks": {"shift": Shift("linf", 0.1)}, "eps_fractions": [1.0]},
+    )
+    x_o = torch.full((3, 1, 2, 2), 0.45)
+    y = torch.zeros(3, dtype=torch.long)
+    x_hat = x_o.clone()
+    x_hat.view(3, -1)[0, 0] = 0.30  # x_hat + eps = 0.40: still correct
+    x_hat.view(3, -1)[1, 0] = 0.55  # x_hat + eps = 0.65: wrong, but 0.2 from x_o -> invalid
+    x_hat.view(3, -1)[2, 0] = 0.45  # x_hat + eps = 0.55: wrong and 0.1 from x_o -> counted
+    x_r = x_o.clone()
+    x_r.view(3, -1)[2, 0] = 0.35  # ... but 0.2 from x_r: the strict rule does not count it
+    fields = ev.white_box.attack_reconstruction(ev, FirstPixel(), x_o, x_r, x_hat, y, torch.arange(3))
+    assert fields["p_white_shift/correct"].tolist() == [True, True, False]
+    assert fields["p_white_shift/invalid"].tolist() == [False, True, False]
+    assert fields["p_white_shift_strict/correct"].tolist() == [True, True, True]
+    assert fields["p_white/correct"].tolist() == [True, True, False]

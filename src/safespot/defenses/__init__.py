@@ -6,6 +6,7 @@ from safespot.defenses.robustifier import (
     SafeSpotFGSM,
     SafeSpotPGD,
     SafeSpotSearch,
+    reconstruction,
 )
 
-__all__ = ["NoRobustification", "RobustifyResult", "SafeSpotFGSM", "SafeSpotPGD", "SafeSpotSearch"]
+__all__ = ["NoRobustification", "RobustifyResult", "SafeSpotFGSM", "SafeSpotPGD", "SafeSpotSearch", "reconstruction"]

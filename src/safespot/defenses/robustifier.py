@@ -21,7 +21,7 @@ targeted PGD with step delta/4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -173,6 +173,9 @@ class SafeSpotSearch(Robustifier):
         second_order: exact gradient through the unrolled inner PGD (l_2 only).
         quantize: finish by projecting x_r onto the 8-bit grid inside B_delta(x_o) and
             re-checking its worst-case loss (so the saved image is the one evaluated).
+        ascend: run the dynamics in reverse, *ascending* the worst-case loss and returning
+            the last iterate: the original-image reconstruction of paper 002, Algorithm 3
+            (use :func:`reconstruction`).
     """
 
     norm: str = "linf"
@@ -188,6 +191,7 @@ class SafeSpotSearch(Robustifier):
     early_exit: int | None = None
     second_order: bool = False
     quantize: bool = False
+    ascend: bool = False
     mode: AttackMode = "eval"
 
     def __post_init__(self) -> None:
@@ -204,6 +208,8 @@ class SafeSpotSearch(Robustifier):
             raise ThreatConfigError(f"init must be 'original' or 'random', got {self.init!r}")
         if self.protect not in ("prediction", "label"):
             raise ThreatConfigError(f"protect must be 'prediction' or 'label', got {self.protect!r}")
+        if self.ascend and (self.early_exit is not None or self.quantize):
+            raise ThreatConfigError("the reconstruction (ascend=True) takes neither early_exit nor quantize")
         if self.second_order and self.norm != "l2":
             raise ThreatConfigError("second_order is only defined for norm l2 (sign steps have zero derivative)")
 
@@ -285,14 +291,14 @@ class SafeSpotSearch(Robustifier):
                 iter_seeds = None if seeds is None else seeds + i * _ITER_SEED_STRIDE
                 grad, loss, success = outer_grad(model, x_r, labels, iter_seeds)
                 history.append(loss.mean().cpu())
-                better = active & (loss < best_loss)
+                better = active & (loss < best_loss) if not self.ascend else active
                 best_x[better], best_loss[better], best_success[better] = x_r[better], loss[better], success[better]
                 streak = torch.where(success, torch.zeros_like(streak), streak + 1)
                 if self.early_exit is not None:
                     active &= streak < self.early_exit
                 if i == self.max_iter or not active.any():
                     break
-                grad = grad * active.view(-1, *[1] * (x_o.dim() - 1))
+                grad = (-grad if self.ascend else grad) * active.view(-1, *[1] * (x_o.dim() - 1))
                 iterations += active.long()
                 if self.norm == "linf":
                     optimizer.zero_grad(set_to_none=False)
@@ -311,3 +317,13 @@ class SafeSpotSearch(Robustifier):
         return RobustifyResult(
             best_x, labels, best_loss, best_success, iterations, early, ball.distance(best_x, x_o), history
         )
+
+
+def reconstruction(robustifier: object) -> SafeSpotSearch:
+    """The white-box adversary's reconstruction of x_o from x_r (paper 002, Algorithm 3):
+    the robustifier's dynamics and hyperparameters, started at x_r, ascending the
+    worst-case loss of c(x_r) within B_delta(x_r). For a baseline robustifier the search's
+    defaults are used with its norm and budgets."""
+    if isinstance(robustifier, SafeSpotSearch):
+        return replace(robustifier, ascend=True, init="original", protect="prediction", early_exit=None, quantize=False)
+    return SafeSpotSearch(robustifier.norm, robustifier.delta, robustifier.eps, ascend=True)

@@ -8,7 +8,9 @@ cross-entropy and l_p distance to the original image, under keys ``<name>/<field
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -109,19 +111,31 @@ class PreemptiveEvaluation(Evaluation):
     S-PGD, the safe-spot search); each attack then runs on x_r inside ``B_eps(x_r)``, unaware
     of the modification. Fields: ``<name>/...`` for x_r itself (distance to x_o, plus the
     robustifier's worst-case loss, iterations and early-exit flag) and ``<name>_<attack>/...``
-    per attack (distance to x_r).
+    per attack (distance to x_r). With ``white_box`` settings (see :class:`WhiteBox`), also
+    ``<name>_white_<attack>/...`` (valid adversarial examples must lie in B_eps(x_o)),
+    ``<name>_white_<attack>_strict/correct``, ``<name>_white/correct`` (every white-box
+    attack) and ``<name>/recon_dist`` (reconstruction error).
     """
 
-    def __init__(self, name: str, robustifier: Any, attacks: dict[str, Any] | None = None) -> None:
-        super().__init__(name, LpBall(robustifier.norm, robustifier.delta).norm)
+    def __init__(
+        self,
+        name: str,
+        robustifier: Any,
+        attacks: dict[str, Any] | None = None,
+        white_box: dict[str, Any] | None = None,
+    ) -> None:
+        self.ball = LpBall(robustifier.norm, robustifier.eps)
+        super().__init__(name, self.ball.norm)
         self.robustifier = robustifier
+        self.white_box = WhiteBox(**white_box) if white_box else None
         self.attacks = [
             AttackEvaluation(f"{name}_{key}", attack) for key, attack in (attacks or {}).items() if attack is not None
         ]
 
     @property
     def outputs(self) -> list[str]:
-        return [self.name, *(a.name for a in self.attacks)]
+        white = self.white_box.outputs(self.name) if self.white_box else []
+        return [self.name, *(a.name for a in self.attacks), *white]
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -139,4 +153,96 @@ class PreemptiveEvaluation(Evaluation):
         for k, attack in enumerate(self.attacks, start=1):
             attack_fields, _ = attack(model, x_r, y, seeds + k * 7_777_777)
             fields.update(attack_fields)
+        if self.white_box is not None:
+            fields.update(self.white_box(self, model, x, x_r, y, seeds))
         return fields, x_r
+
+
+def scaled_attack(attack: Any, fraction: float) -> Any:
+    """A copy of a dataclass attack with budget ``fraction * eps`` (and, if it has one,
+    a step size scaled alike)."""
+    changes: dict[str, Any] = {"eps": attack.eps * fraction}
+    if getattr(attack, "step_size", None) is not None:
+        changes["step_size"] = attack.step_size * fraction
+    return dataclasses.replace(attack, **changes)
+
+
+class WhiteBox:
+    """The adaptive white-box attack of paper 002 (Algorithms 3 and 4).
+
+    The adversary reconstructs x_o from x_r by running the robustification dynamics in
+    reverse (:func:`safespot.defenses.reconstruction`), then attacks the reconstruction
+    with budgets eps' = f * eps for each fraction f. An example counts only if it is
+    misclassified AND lies within ``B_eps(x_o)`` (up to ``tolerance``); the strict variant
+    also requires ``||x_adv - x_r|| <= eps``. Per image the worst case over fractions is kept.
+    """
+
+    def __init__(
+        self, attacks: dict[str, Any], eps_fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0), tolerance: float = 1e-6
+    ) -> None:
+        if not attacks:
+            raise ValueError("white_box needs at least one attack")
+        if not eps_fractions or any(not 0 < f <= 1 for f in eps_fractions):
+            raise ValueError(f"white_box.eps_fractions must lie in (0, 1], got {list(eps_fractions)}")
+        self.attacks = {k: a for k, a in attacks.items() if a is not None}
+        self.fractions = [float(f) for f in eps_fractions]
+        self.tolerance = float(tolerance)
+
+    def __call__(
+        self,
+        evaluation: PreemptiveEvaluation,
+        model: nn.Module,
+        x_o: torch.Tensor,
+        x_r: torch.Tensor,
+        y: torch.Tensor,
+        seeds: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        from safespot.defenses import reconstruction
+
+        x_hat = reconstruction(evaluation.robustifier)(model, x_r, seeds=seeds + 99_991).x_r
+        return self.attack_reconstruction(evaluation, model, x_o, x_r, x_hat, y, seeds)
+
+    def attack_reconstruction(
+        self,
+        evaluation: PreemptiveEvaluation,
+        model: nn.Module,
+        x_o: torch.Tensor,
+        x_r: torch.Tensor,
+        x_hat: torch.Tensor,
+        y: torch.Tensor,
+        seeds: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Algorithm 4 on a given reconstruction ``x_hat``, with the validity rule."""
+        name, ball = evaluation.name, evaluation.ball
+        fields: dict[str, torch.Tensor] = {f"{name}/recon_dist": ball.distance(x_hat, x_o)}
+        all_correct = torch.ones(len(x_o), dtype=torch.bool, device=x_o.device)
+        for k, (key, attack) in enumerate(self.attacks.items()):
+            out = f"{name}_white_{key}"
+            broken = torch.zeros_like(all_correct)
+            broken_strict, invalid = torch.zeros_like(all_correct), torch.zeros_like(all_correct)
+            chosen = x_hat.clone()
+            for j, fraction in enumerate(self.fractions):
+                run = AttackEvaluation(out, scaled_attack(attack, fraction))
+                kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
+                x_adv = run.attack(model, x_hat, y, **kwargs)
+                with torch.no_grad():
+                    wrong = model(x_adv).argmax(1) != y
+                near_o = ball.distance(x_adv, x_o) <= ball.eps + self.tolerance
+                near_r = ball.distance(x_adv, x_r) <= ball.eps + self.tolerance
+                valid = wrong & near_o
+                chosen = torch.where((valid & ~broken).view(-1, *[1] * (x_o.dim() - 1)), x_adv, chosen)
+                broken |= valid
+                broken_strict |= valid & near_r
+                invalid |= wrong & ~near_o
+            scored = evaluation.score(model, chosen, x_o, y, name=out)
+            scored[f"{out}/correct"] = ~broken
+            fields.update(scored)
+            fields[f"{out}/invalid"] = invalid
+            fields[f"{out}_strict/correct"] = ~broken_strict
+            all_correct &= ~broken
+        fields[f"{name}_white/correct"] = all_correct
+        return fields
+
+    def outputs(self, name: str) -> list[str]:
+        names = [f"{name}_white_{k}" for k in self.attacks]
+        return [*names, *(f"{n}_strict" for n in names), f"{name}_white"]

@@ -44,10 +44,15 @@ def summarize(
     correct = [f"{n}/correct" for n in names]
     for name in names:
         summary[f"{name}/acc"] = float(records[f"{name}/correct"].mean())
-        if name != "clean":
+        if name != "clean" and f"{name}/dist" in records:
             summary[f"{name}/mean_dist"] = float(records[f"{name}/dist"].mean())
             summary[f"{name}/max_dist"] = float(records[f"{name}/dist"].max())
     summary["worst_case/acc"] = float(records[correct].all(axis=1).mean())
+    for column in records.columns:  # rates and means of the other per-image fields
+        if column.endswith(("/invalid", "/early_exit")):
+            summary[f"{column}_rate"] = float(records[column].mean())
+        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss")):
+            summary[f"{column}_mean"] = float(records[column].mean())
     clean_ok = records["clean/correct"].astype(bool) if "clean/correct" in records else None
     for name, attacks in (groups or {}).items():
         survives = records[[f"{n}/correct" for n in (name, *attacks)]].all(axis=1)

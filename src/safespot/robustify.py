@@ -1,0 +1,470 @@
+"""Robustifying image files: ``python robustify.py ckpt_path=PATH input=DIR output=DIR``.
+
+Each image file is read as 8-bit RGB in [0, 1], brought to the model's input size (``resize``
+policy), moved by a robustifier (the safe-spot search by default) to a point x_r inside
+``B_delta(x_o)`` that protects the model's prediction, and written as a lossless PNG
+``<output>/<stem>.png``: into a temporary file in the output directory first, then linked
+into place, so a file is never half-written and an existing file is never overwritten. A
+grey-box PGD check (``check_steps`` steps, step eps/4, random start seeded per file) runs on
+x_o and on x_r as read back from the written PNG. ``report.csv`` and ``report.json`` hold one
+row per input file with its status: ``ok``, ``failed: <reason>`` or ``skipped: <reason>``.
+
+Inputs are only ever read. Every setting is checked (checkpoint, inputs, output, threat,
+robustifier) before a model is built or a file written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from tqdm import tqdm
+
+from safespot.attacks import PGD
+from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.utils.checkpoint import load_checkpoint
+from safespot.utils.checks import check_threat
+from safespot.utils.instantiate import instantiate
+from safespot.utils.plain import to_plain
+from safespot.utils.task import ConfigError, task_wrapper
+
+log = logging.getLogger("safespot.robustify")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+RESIZE_POLICIES = ("crop", "refuse")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+FIELDS = (
+    "input",
+    "output",
+    "status",
+    "original_size",
+    "resized",
+    "pred",
+    "pred_name",
+    "protected",
+    "protected_name",
+    "pred_robustified",
+    "distance",
+    "pgd_survives_before",
+    "pgd_survives_after",
+    "worst_loss",
+    "iterations",
+)
+# per-file seeds for the three random stages (check before, robustifier, check after)
+_SALT = {"before": 0, "robustify": 7_777_777, "after": 15_555_554}
+_SEED_STRIDE = 1_000_003
+
+
+# --- settings -------------------------------------------------------------------------
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def resolve_device(name: Any) -> torch.device:
+    """``auto``: cuda if available, else cpu; otherwise any device torch knows and has."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available (use device=auto or cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available (use device=auto or cpu)")
+    return device
+
+
+def collect_inputs(spec: Any) -> list[tuple[Path, str | None]]:
+    """``(path, skip reason or None)`` for every file named by ``input``: a directory (its
+    files, sorted, not recursive; files without an image extension are skipped), an image
+    file (tried whatever its extension) or a list of those."""
+    entries = list(spec) if isinstance(spec, ListConfig | list | tuple) else [spec]
+    if not entries or any(e is None or not str(e).strip() for e in entries):
+        raise ConfigError(f"input must be a directory, an image file or a list of them, got {spec!r}")
+    found: list[tuple[Path, str | None]] = []
+    seen: set[Path] = set()
+    for entry in entries:
+        path = Path(str(entry)).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            items = [(p, None if p.suffix.lower() in IMAGE_EXTENSIONS else "skipped: not an image") for p in files]
+        elif path.is_file():
+            items = [(path, None)]
+        else:
+            raise ConfigError(f"input={str(entry)!r} does not exist")
+        for p, reason in items:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                found.append((p, reason))
+    if not any(reason is None for _, reason in found):
+        raise ConfigError(f"input={_show(spec)} holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def check_output(output: Any, spec: Any, inputs: list[tuple[Path, str | None]]) -> Path:
+    """The output directory: not an existing file, and never a directory inputs come from."""
+    if output is None or not str(output).strip():
+        raise ConfigError("output must name a directory for the robustified images")
+    out = Path(str(output)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={str(output)!r} exists and is not a directory")
+    entries = list(spec) if isinstance(spec, ListConfig | list | tuple) else [spec]
+    input_dirs = {Path(str(e)).expanduser().resolve() for e in entries if Path(str(e)).expanduser().is_dir()}
+    input_dirs |= {p.resolve().parent for p, _ in inputs}
+    if out.resolve() in input_dirs:
+        raise ConfigError(
+            f"output={str(output)!r} is an input directory; choose another directory so that inputs are never touched"
+        )
+    return out
+
+
+def _show(spec: Any) -> str:
+    return repr(OmegaConf.to_container(spec)) if isinstance(spec, ListConfig) else repr(str(spec))
+
+
+def model_input(run_cfg: DictConfig) -> tuple[int, int]:
+    """``(channels, size)`` the checkpoint's model was trained on: ``data.image_size`` where
+    the data config has one (ImageFolder, synthetic), else 32 (CIFAR-10/100, SVHN)."""
+    data = run_cfg.data
+    return int(data.get("channels", 3) or 3), int(data.get("image_size", 32) or 32)
+
+
+def class_names(run_cfg: DictConfig) -> tuple[str, ...] | None:
+    """CIFAR-10's class names when the checkpoint was trained on it, else ``None``."""
+    target = str(run_cfg.data.get("_target_", ""))
+    if target.rsplit(".", 1)[-1] == "CIFAR10DataModule" and int(run_cfg.data.get("num_classes", 10)) == 10:
+        return CIFAR10_CLASSES
+    return None
+
+
+# --- files ----------------------------------------------------------------------------
+class FileFailure(Exception):
+    """A per-file failure; its message is the record's status."""
+
+
+def file_seed(seed: int, content: bytes) -> int:
+    """A seed from the run seed and the file's bytes: a file's checks and search do not
+    depend on its name, its batch or the other files."""
+    digest = int.from_bytes(hashlib.sha256(content).digest()[:8], "little")
+    return (int(seed) * _SEED_STRIDE + digest) % (2**62)
+
+
+def load_image(content: bytes, channels: int, size: int, policy: str) -> tuple[torch.Tensor, str, bool]:
+    """The image as a uint8 tensor ``(C, size, size)``, its original ``WxH`` and whether it
+    was resized; raises :class:`FileFailure` for unreadable files and refused sizes."""
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError:
+        raise FileFailure("failed: unreadable: not an image format PIL can read") from None
+    except Exception as err:  # any other decoder error: truncated, corrupt, too large
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileFailure(f"failed: unreadable: {reason}") from None
+    original = f"{img.width}x{img.height}"
+    resized = img.size != (size, size)
+    if resized:
+        if policy == "refuse":
+            raise FileFailure(
+                f"failed: size {original} differs from the model's input size {size}x{size} (resize=refuse)"
+            )
+        scale = size / min(img.size)
+        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC, reducing_gap=None)
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    array = np.asarray(img, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy()), original, resized
+
+
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_exclusive(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically without ever replacing an existing file: into a
+    temporary file in the same directory, then hard-linked into place (which fails if
+    ``path`` exists). Where hard links are unsupported, ``os.replace`` after a check.
+    Raises :class:`FileExistsError` when ``path`` exists."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system
+            if path.exists():
+                raise FileExistsError(str(path)) from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    array = image.cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_png(path: Path, channels: int) -> torch.Tensor:
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())
+
+
+# --- the work -------------------------------------------------------------------------
+class _Job:
+    """Everything a batch needs: model, robustifier, the grey-box check and settings."""
+
+    def __init__(self, net: nn.Module, robustifier: Any, check: PGD, device: torch.device, names: Any) -> None:
+        self.net, self.robustifier, self.check, self.device, self.names = net, robustifier, check, device, names
+        self.ball = LpBall(robustifier.norm, robustifier.delta)
+
+    def name(self, index: int) -> str | None:
+        return self.names[index] if self.names is not None and 0 <= index < len(self.names) else None
+
+    def survives(self, x: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Whether x is classified as ``labels`` and PGD from a seeded start cannot change it."""
+        x_adv = self.check(self.net, x, labels, seeds=seeds)
+        with torch.no_grad():
+            return (self.net(x).argmax(1) == labels) & (self.net(x_adv).argmax(1) == labels)
+
+    def run(self, batch: list[dict[str, Any]], images: list[torch.Tensor], seeds: list[int]) -> None:
+        """Robustify, write, re-read and check one batch, filling in its records."""
+        x_o = torch.stack(images).to(self.device).float() / 255
+        seed = torch.tensor(seeds, dtype=torch.long)
+        with torch.no_grad():
+            pred = self.net(x_o).argmax(1)
+        before = self.survives(x_o, pred, seed + _SALT["before"])
+        result = self.robustifier(self.net, x_o, seeds=seed + _SALT["robustify"])
+        x_r = torch.round(result.x_r.detach().clamp(0, 1) * 255).to(torch.uint8).cpu()
+        written = []
+        for i, record in enumerate(batch):
+            record.update(
+                pred=int(pred[i]),
+                pred_name=self.name(int(pred[i])),
+                protected=int(result.protected[i]),
+                protected_name=self.name(int(result.protected[i])),
+                pgd_survives_before=bool(before[i]),
+                worst_loss=float(result.worst_loss[i]),
+                iterations=int(result.iterations[i]),
+            )
+            out = Path(record["output"])
+            try:
+                write_exclusive(out, encode_png(x_r[i]))
+            except FileExistsError:
+                record["status"] = "failed: exists"
+                continue
+            except OSError as err:
+                record["status"] = f"failed: write: {err}"
+                continue
+            saved = read_png(out, x_r.shape[1])
+            if not torch.equal(saved, x_r[i]):
+                record["status"] = "failed: write: the PNG read back differs from the image written"
+                continue
+            written.append((i, record, saved))
+        if not written:
+            return
+        index = torch.tensor([i for i, _, _ in written])
+        x_saved = torch.stack([s for _, _, s in written]).to(self.device).float() / 255
+        protected = result.protected[index.to(result.protected.device)].to(self.device)
+        with torch.no_grad():
+            pred_r = self.net(x_saved).argmax(1)
+        after = self.survives(x_saved, protected, seed[index] + _SALT["after"])
+        distance = self.ball.distance(x_saved, x_o[index.to(self.device)])
+        for k, (_, record, _) in enumerate(written):
+            record.update(
+                status="ok",
+                pred_robustified=int(pred_r[k]),
+                distance=float(distance[k]),
+                pgd_survives_after=bool(after[k]),
+            )
+
+
+def _record(path: Path, output: Path, status: str | None) -> dict[str, Any]:
+    """A file's record; ``output`` is where its PNG goes (none for skipped files)."""
+    record: dict[str, Any] = dict.fromkeys(FIELDS)
+    record.update(input=str(path), output=None if status else str(output), status=status)
+    return record
+
+
+def _report_paths(out: Path) -> tuple[Path, Path]:
+    """``report.csv``/``report.json``, or timestamped names if either exists already."""
+    candidates = [("report.csv", "report.json")]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    suffixes = ["", *(f"-{k}" for k in range(1, 100))]
+    candidates += [(f"report-{stamp}{s}.csv", f"report-{stamp}{s}.json") for s in suffixes]
+    for csv_name, json_name in candidates:
+        if not (out / csv_name).exists() and not (out / json_name).exists():
+            return out / csv_name, out / json_name
+    raise FileExistsError(f"no free report name in {out}")
+
+
+def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[Path, Path]:
+    csv_path, json_path = _report_paths(out)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in FIELDS} for r in records)
+    write_exclusive(csv_path, buffer.getvalue().encode())
+    payload = {"meta": meta, "summary": summarize(records), "files": records}
+    write_exclusive(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+    return csv_path, json_path
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in records if r["status"] == "ok"]
+    return {
+        "n_files": len(records),
+        "ok": len(ok),
+        "failed": sum(r["status"].startswith("failed") for r in records),
+        "skipped": sum(r["status"].startswith("skipped") for r in records),
+        "pgd_survives_before": sum(bool(r["pgd_survives_before"]) for r in ok),
+        "pgd_survives_after": sum(bool(r["pgd_survives_after"]) for r in ok),
+    }
+
+
+def any_failed(records: list[dict[str, Any]]) -> bool:
+    return any(r["status"].startswith("failed") for r in records)
+
+
+@task_wrapper
+def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Robustify every image named by ``cfg.input`` into ``cfg.output`` (see the module
+    docstring); returns one record per input file, also written to the report."""
+    # fail fast: every setting before a model is built or a file written
+    for key in ("ckpt_path", "input", "output"):
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key} is required: python robustify.py ckpt_path=PATH input=DIR_OR_FILE output=DIR")
+    if cfg.get("resize") not in RESIZE_POLICIES:
+        raise ConfigError(f"resize must be one of {list(RESIZE_POLICIES)}, got {cfg.get('resize')!r}")
+    batch_size, check_steps = _positive_int(cfg, "batch_size"), _positive_int(cfg, "check_steps")
+    device = resolve_device(cfg.get("device", "auto"))
+    inputs = collect_inputs(cfg.input)
+    out = check_output(cfg.output, cfg.input, inputs)
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    threat = OmegaConf.create(OmegaConf.to_container(run_cfg.threat, resolve=True))
+    for key, value in (cfg.get("threat") or {}).items():
+        if value is not None:
+            threat[key] = value
+    check_threat(threat)
+    with open_dict(cfg):
+        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
+    if cfg.robustifier.get("protect", "prediction") != "prediction":
+        raise ConfigError("robustifier.protect must be 'prediction': image files come without labels")
+    robustifier = instantiate(cfg.robustifier)
+    try:
+        check = PGD(threat.norm, threat.eps, steps=check_steps, step_size=None, random_start=True, mode="eval")
+    except ThreatConfigError as err:
+        raise ConfigError(f"threat.{err}") from None
+    if not getattr(robustifier, "quantize", False):
+        log.warning("robustifier.quantize=false: the saved PNG is x_r rounded to 8 bits, checked as saved")
+
+    from safespot.evaluate import describe_model, load_model  # lightning: import once checks pass
+
+    net = load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)).to(device)
+    channels, size = model_input(run_cfg)
+    job = _Job(net, robustifier, check, device, class_names(run_cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now().isoformat(timespec="seconds")
+
+    records, todo = [], []
+    for path, skip in inputs:
+        record = _record(path, out / f"{path.stem}.png", skip)
+        records.append(record)
+        if skip is None and Path(record["output"]).exists():
+            record["status"] = "failed: exists"
+        elif skip is None:
+            todo.append(record)
+    with tqdm(total=len(todo), desc="robustify", unit="img", disable=not cfg.get("progress", True)) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch, images, seeds = [], [], []
+            for record in todo[start : start + batch_size]:
+                try:
+                    content = Path(record["input"]).read_bytes()
+                    image, record["original_size"], record["resized"] = load_image(content, channels, size, cfg.resize)
+                except FileFailure as err:
+                    record.update(status=str(err), output=None)
+                    continue
+                except OSError as err:
+                    record.update(status=f"failed: unreadable: {err.strerror or err}", output=None)
+                    continue
+                batch.append(record)
+                images.append(image)
+                seeds.append(file_seed(cfg.seed, content))
+            if batch:
+                try:
+                    job.run(batch, images, seeds)
+                except RuntimeError as err:  # e.g. out of memory: report, go on with the next batch
+                    log.exception("robustifying a batch of %d files failed", len(batch))
+                    for record in batch:
+                        if record["status"] is None:
+                            record["status"] = f"failed: error: {str(err).splitlines()[0]}"
+            bar.update(len(todo[start : start + batch_size]))
+
+    meta = {
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "model": describe_model(run_cfg),
+        "input_size": [channels, size, size],
+        "resize": cfg.resize,
+        "robustifier": to_plain(OmegaConf.to_container(cfg.robustifier, resolve=True)),
+        "norm": str(threat.norm),
+        "delta": float(robustifier.delta),
+        "eps": parse_budget(threat.eps, "threat.eps"),
+        "check": f"PGD-{check_steps}, step eps/4, random start seeded per file",
+        "seed": int(cfg.seed),
+        "device": str(device),
+        "started": started,
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+    csv_path, json_path = write_report(out, records, meta)
+    s = summarize(records)
+    survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
+    print(
+        f"[safespot] {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped; "
+        f"PGD-{check_steps} survival {survival}; report: {csv_path}"
+    )
+    log.info("report: %s, %s", csv_path, json_path)
+    return records
