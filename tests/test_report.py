@@ -144,3 +144,33 @@ def test_default_out_dirs_are_unique(run_dirs, tmp_path, monkeypatch):
     assert main([str(run_dirs[2])]) == 0 and main([str(run_dirs[2])]) == 0
     outs = sorted(tmp_path.glob("report_*"))
     assert len(outs) == 2 and all((o / "report.md").is_file() for o in outs)
+
+
+def test_preemptive_tables_in_the_papers_layouts(tmp_path):
+    import json
+
+    from safespot.report import load_run, preemptive_table, safe_spot_table, to_markdown
+
+    run_dir = tmp_path / "pre"
+    run_dir.mkdir()
+    results = {
+        "clean/acc": 0.8,
+        "n_images": 10,
+        "preempt_none/acc": 0.8,
+        "preempt_none_pgd/acc": 0.4,
+        "preempt_none/safe_spot_rate": 0.5,
+        "preempt_sfull/acc": 0.9,
+        "preempt_sfull_pgd/acc": 0.7,
+        "preempt_sfull_autoattack/acc": 0.65,
+        "preempt_sfull_white_pgd/acc": 0.6,
+        "preempt_sfull/safe_spot_rate": 0.8,
+        "meta": {"model": "SmallCNN", "method": "AdversarialTraining", "norm": "linf", "eps": 8 / 255},
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    run = load_run(run_dir)
+    table = preemptive_table([run])
+    assert list(table["Preempt."]) == ["None", "S-Full"]
+    row = table.iloc[1]
+    assert (row["Clean"], row["Grey PGD"], row["Grey AA"], row["White PGD"]) == pytest.approx((90, 70, 65, 60))
+    assert "–" in to_markdown(table)  # White AA was not run
+    assert safe_spot_table([run]).iloc[0]["S-Full"] == "90.0 / 70.0"

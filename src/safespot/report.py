@@ -260,6 +260,63 @@ def runs_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PREEMPTIONS = (
+    ("preempt_none", "None"),
+    ("preempt_sfgsm", "S-FGSM"),
+    ("preempt_spgd", "S-PGD"),
+    ("preempt_sfull", "S-Full"),
+)
+
+
+def _pct(results: dict[str, Any], key: str) -> float:
+    value = results.get(key)
+    return 100 * float(value) if _is_number(value) else math.nan
+
+
+def preemptive_table(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """Paper 002's layout (Tables 1-4): Model | Preempt. | Clean | Grey PGD | Grey AA | White PGD |
+    White AA, plus the safe-spot rate; one row per run and robustifier. ``None`` when no run
+    has preemptive evaluations."""
+    rows = []
+    for run in runs:
+        model, method, norm, eps = run.key
+        for key, label in PREEMPTIONS:
+            if f"{key}/acc" not in run.results:
+                continue
+            r = run.results
+            rows.append(
+                {
+                    "Model": f"{model} / {method}",
+                    "Norm": norm or "–",
+                    "ε": format_eps(eps),
+                    "Preempt.": label,
+                    "Clean": _pct(r, f"{key}/acc"),
+                    "Grey PGD": _pct(r, f"{key}_pgd/acc"),
+                    "Grey AA": _pct(r, f"{key}_autoattack/acc"),
+                    "White PGD": _pct(r, f"{key}_white_pgd/acc"),
+                    "White AA": _pct(r, f"{key}_white_autoattack/acc"),
+                    "Safe-spot rate": _pct(r, f"{key}/safe_spot_rate"),
+                }
+            )
+    return pd.DataFrame(rows) if rows else None
+
+
+def safe_spot_table(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """Paper 000's layout (Tables 1-2): one row per model, a column per robustifier (None,
+    S-FGSM, S-PGD, S-Full) holding "clean / adversarial" accuracy of the robustified images
+    under grey-box PGD."""
+    rows = []
+    for run in runs:
+        model, method, _norm, eps = run.key
+        row: dict[str, Any] = {"Model": f"{model} / {method}", "ε": format_eps(eps)}
+        for key, label in PREEMPTIONS:
+            if f"{key}/acc" in run.results:
+                row[label] = f"{_pct(run.results, f'{key}/acc'):.1f} / {_pct(run.results, f'{key}_pgd/acc'):.1f}"
+        if len(row) > 2:
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
 def write_report(runs: Sequence[Run], out: str | Path, title: str = "Robustness report") -> dict[str, Path]:
     """Write ``report.md``, ``summary.csv`` and the plots that apply into the existing directory ``out``."""
     out = Path(out)
@@ -276,6 +333,17 @@ def write_report(runs: Sequence[Run], out: str | Path, title: str = "Robustness 
         "Accuracy in percent; `mean ± std` is over the runs (seeds) sharing model, method, norm and ε "
         "(sample standard deviation).\n",
     ]
+    preemptive, safe_spot = preemptive_table(runs), safe_spot_table(runs)
+    if preemptive is not None:
+        parts += [
+            "## Preemptive robustification (grey-box and white-box)\n",
+            to_markdown(preemptive),
+            "Clean: accuracy of the robustified images; Grey: attacks on x_r within B_eps(x_r); White: "
+            "reconstruct x_o, then attack, counting only examples inside B_eps(x_o); safe-spot rate: share "
+            "of correctly classified originals whose x_r survives every grey-box attack.\n",
+        ]
+    if safe_spot is not None:
+        parts += ["## Safe spots (clean / grey-box PGD accuracy of robustified images)\n", to_markdown(safe_spot)]
     parts += [f"![{name}]({p.name})\n" for name, p in plots.items() if p is not None]
     parts += ["## Runs\n", to_markdown(runs_table(runs))]
     written["report"].write_text("\n".join(parts))
