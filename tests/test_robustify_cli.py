@@ -1,0 +1,172 @@
+"""Robustifying image files (robustify.py): PNGs inside B_delta of the inputs, per-file
+failures, no overwriting, reports, and the command line's exit codes."""
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import SYNTHETIC, compose_config
+from safespot.robustify import class_names, model_input, robustify_files
+from safespot.train import train
+from safespot.utils.task import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16  # the synthetic data's image size
+DELTA = 8 / 255  # linf_8, the checkpoint's training threat
+SMALL = ["data.n_train=256", "data.val_size=32"]  # a quick checkpoint
+FAST = ["robustifier.max_iter=3", "robustifier.inner_steps=2", "check_steps=2", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_config("train", [*SYNTHETIC, "method=natural", "trainer.max_epochs=1", "test=false", *SMALL], out)
+    _, objs = train(cfg)
+    return Path(objs["trainer"].checkpoint_callback.last_model_path)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "cat.png")
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "dog.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)).save(folder / "big.jpeg")  # 32 wide, 48 high
+    (folder / "corrupt.png").write_bytes(rng.bytes(300))
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def run(ckpt: Path, input_: str, output: Path, *overrides: str) -> list[dict]:
+    cfg = compose_config(
+        "robustify", [f"ckpt_path={ckpt}", f"input={input_}", f"output={output}", *overrides], output.parent / "run"
+    )
+    return robustify_files(cfg)
+
+
+def original(path: Path) -> np.ndarray:
+    """The model's view of an input: decoded, shorter side resized to SIZE, centre-cropped."""
+    img = Image.open(path).convert("RGB")
+    if img.size != (SIZE, SIZE):
+        scale = SIZE / min(img.size)
+        w, h = round(img.width * scale), round(img.height * scale)
+        img = img.resize((w, h), Image.BICUBIC)
+        img = img.crop(((w - SIZE) // 2, (h - SIZE) // 2, (w - SIZE) // 2 + SIZE, (h - SIZE) // 2 + SIZE))
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_robustify_folder_writes_pngs_within_delta_and_never_overwrites(ckpt, inputs, tmp_path):
+    before = hashes(inputs)
+    out = tmp_path / "out"
+    records = run(ckpt, str(inputs), out, *FAST)
+
+    status = {Path(r["input"]).name: r["status"] for r in records}
+    assert status == {
+        "big.jpeg": "ok",
+        "cat.png": "ok",
+        "corrupt.png": "failed: unreadable: not an image format PIL can read",
+        "dog.jpg": "ok",
+        "notes.txt": "skipped: not an image",
+    }
+    assert sorted(p.name for p in out.glob("*.png")) == ["big.png", "cat.png", "dog.png"]
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        saved = Image.open(r["output"])
+        assert saved.format == "PNG" and saved.mode == "RGB" and saved.size == (SIZE, SIZE)
+        x_r = np.asarray(saved, dtype=np.int16)
+        gap = np.abs(x_r - original(Path(r["input"]))).max()
+        assert gap <= 8  # l_inf <= 8/255 on the 8-bit grid
+        assert r["distance"] == pytest.approx(gap / 255, abs=1e-6) and r["distance"] <= DELTA + 1e-6
+        assert r["protected"] == r["pred"] and r["iterations"] == 3
+        assert isinstance(r["pgd_survives_before"], bool) and isinstance(r["pgd_survives_after"], bool)
+    assert next(r for r in records if r["input"].endswith("big.jpeg"))["original_size"] == "32x48"
+    assert hashes(inputs) == before  # inputs untouched
+
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(row["input"]).name for row in rows] == sorted(status)
+    assert [row["status"] for row in rows] == [status[n] for n in sorted(status)]
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["files"]) == 5 and report["summary"]["ok"] == 3 and report["meta"]["norm"] == "linf"
+
+    # a second run into the same directory overwrites nothing and writes a new report
+    written = hashes(out)
+    again = run(ckpt, str(inputs), out, *FAST)
+    assert [r["status"] for r in again if r["input"].endswith((".jpg", ".jpeg", "cat.png"))] == ["failed: exists"] * 3
+    assert {k: v for k, v in hashes(out).items() if k in written} == written
+    assert len(list(out.glob("report-*.csv"))) == 1 and len(list(out.glob("report-*.json"))) == 1
+    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert hashes(inputs) == before
+
+
+def test_same_stem_and_resize_refuse(ckpt, inputs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes((inputs / "dog.jpg").read_bytes())
+    files = f"[{inputs / 'cat.png'},{other / 'cat.jpg'},{inputs / 'big.jpeg'}]"
+    records = run(ckpt, files, tmp_path / "out", "robustifier=none", "resize=refuse", "check_steps=1", "progress=false")
+    assert [r["status"] for r in records] == [
+        "ok",
+        "failed: exists",
+        "failed: size 32x48 differs from the model's input size 16x16 (resize=refuse)",
+    ]
+    assert records[0]["distance"] == 0 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["cat.png"]
+
+
+def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    cases = {
+        "does not exist": [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={inputs}", f"output={tmp_path / 'o'}"],
+        "is an input directory": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={inputs}"],
+        "holds no image files": [f"ckpt_path={ckpt}", f"input={empty}", f"output={tmp_path / 'o'}"],
+        "input=": [f"ckpt_path={ckpt}", f"input={tmp_path / 'nothing'}", f"output={tmp_path / 'o'}"],
+        "output is required": [f"ckpt_path={ckpt}", f"input={inputs}"],
+        "threat.eps must be > 0": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'o'}", "threat.eps=0"],
+        "resize must be one of": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'o'}", "resize=pad"],
+    }
+    for message, overrides in cases.items():
+        cfg = compose_config("robustify", overrides, tmp_path / "run")
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            robustify_files(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_input_size_and_class_names_come_from_the_checkpoint_config():
+    cifar = OmegaConf.create({"data": {"_target_": "safespot.data.CIFAR10DataModule", "num_classes": 10}})
+    assert model_input(cifar) == (3, 32) and class_names(cifar)[0] == "airplane" and class_names(cifar)[9] == "truck"
+    folder = OmegaConf.create({"data": {"_target_": "safespot.data.ImageFolderDataModule", "image_size": 64}})
+    assert model_input(folder) == (3, 64) and class_names(folder) is None
+
+
+def test_cli_exit_codes(ckpt, inputs, tmp_path):
+    def cli(*args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "robustify.py", f"paths.log_dir={tmp_path / 'logs'}", "progress=false", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two processes share the cores
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    fast = ["robustifier=none", "check_steps=1"]
+    failing = cli(f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'out'}", *fast)
+    missing = cli(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={inputs}", f"output={tmp_path / 'out2'}")
+    stdout, stderr = failing.communicate(timeout=120)
+    assert failing.returncode == 1, stderr[-2000:]
+    assert "3 ok, 1 failed, 1 skipped" in stdout and (tmp_path / "out" / "cat.png").is_file()
+    _, stderr = missing.communicate(timeout=120)
+    assert missing.returncode == 2
+    assert stderr.strip() == f"error: ckpt_path='{tmp_path / 'missing.ckpt'}' does not exist"
+    assert not (tmp_path / "out2").exists()
