@@ -36,3 +36,4 @@ format:
 bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_adv_step.py --quick
 	$(PY) bench/bench_pgd_cost.py --quick
+	$(PY) bench/bench_robustifier.py --quick
