@@ -262,6 +262,7 @@ def test_grey_box_evaluation_of_robustified_images(checkpoints, tmp_path):
         "evaluation.preempt_sfull.robustifier.beta=0.05",
     ]
     no_aa = [f"~evaluation.{n}.attacks.autoattack" for n in ("preempt_none", "preempt_spgd", "preempt_sfull")]
+    no_aa += ["evaluation.preempt_sfull.white_box=null", "evaluation.preempt_sfull.eight_bit=false"]
     results, records = _evaluate(
         checkpoints["adversarial"],
         tmp_path / "grey",
@@ -304,6 +305,9 @@ def test_white_box_attack_on_reconstructions(checkpoints, tmp_path):
     assert results[f"{white}_strict/acc"] >= results[f"{white}/acc"]
     assert results["preempt_sfull_white/acc"] == pytest.approx(results[f"{white}/acc"])
     assert 0 <= results[f"{white}/invalid_rate"] <= 1
+    # the same grey-box checks after a uint8 round trip of x_r
+    assert {"preempt_sfull_8bit/acc", "preempt_sfull_8bit_pgd/acc", "preempt_sfull_8bit/safe_spot_rate"} <= set(results)
+    assert records["preempt_sfull_8bit/dist"].max() <= 0.05 + 0.5 / 255 + 1e-5
 
 
 def test_white_box_validity_rule_on_constructed_cases():

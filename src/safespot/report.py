@@ -296,6 +296,8 @@ def preemptive_table(runs: Sequence[Run]) -> pd.DataFrame | None:
                     "White PGD": _pct(r, f"{key}_white_pgd/acc"),
                     "White AA": _pct(r, f"{key}_white_autoattack/acc"),
                     "Safe-spot rate": _pct(r, f"{key}/safe_spot_rate"),
+                    "Clean (8-bit)": _pct(r, f"{key}_8bit/acc"),
+                    "Grey PGD (8-bit)": _pct(r, f"{key}_8bit_pgd/acc"),
                 }
             )
     return pd.DataFrame(rows) if rows else None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safespot.defenses.quantize import round_trip_8bit
 from safespot.threat import LpBall
 
 _INDEX_STRIDE = 7919
@@ -123,11 +124,13 @@ class PreemptiveEvaluation(Evaluation):
         robustifier: Any,
         attacks: dict[str, Any] | None = None,
         white_box: dict[str, Any] | None = None,
+        eight_bit: bool = False,
     ) -> None:
         self.ball = LpBall(robustifier.norm, robustifier.eps)
         super().__init__(name, self.ball.norm)
         self.robustifier = robustifier
         self.white_box = WhiteBox(**white_box) if white_box else None
+        self.eight_bit = bool(eight_bit)
         self.attacks = [
             AttackEvaluation(f"{name}_{key}", attack) for key, attack in (attacks or {}).items() if attack is not None
         ]
@@ -135,11 +138,16 @@ class PreemptiveEvaluation(Evaluation):
     @property
     def outputs(self) -> list[str]:
         white = self.white_box.outputs(self.name) if self.white_box else []
-        return [self.name, *(a.name for a in self.attacks), *white]
+        grey = [self.name, *(a.name for a in self.attacks)]
+        saved = [f"{self.name}_8bit", *(f"{self.name}_8bit{a.name[len(self.name) :]}" for a in self.attacks)]
+        return [*grey, *white, *(saved if self.eight_bit else [])]
 
     @property
     def groups(self) -> dict[str, list[str]]:
-        return {self.name: [a.name for a in self.attacks]}
+        groups = {self.name: [a.name for a in self.attacks]}
+        if self.eight_bit:
+            groups[f"{self.name}_8bit"] = [f"{self.name}_8bit{a.name[len(self.name) :]}" for a in self.attacks]
+        return groups
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
@@ -155,6 +163,15 @@ class PreemptiveEvaluation(Evaluation):
             fields.update(attack_fields)
         if self.white_box is not None:
             fields.update(self.white_box(self, model, x, x_r, y, seeds))
+        if self.eight_bit:  # the same checks after saving x_r as an 8-bit image
+            x_q = round_trip_8bit(x_r)
+            fields.update(self.score(model, x_q, x, y, name=f"{self.name}_8bit"))
+            for k, attack in enumerate(self.attacks, start=1):
+                attack_fields, _ = attack(model, x_q, y, seeds + k * 7_777_777)
+                suffix = attack.name[len(self.name) :]
+                fields.update(
+                    {key.replace(attack.name, f"{self.name}_8bit{suffix}", 1): v for key, v in attack_fields.items()}
+                )
         return fields, x_r
 
 
