@@ -131,3 +131,19 @@ def test_quantized_search_returns_8bit_images(tiny_net, images):
     )
     assert torch.equal(result.x_r, round_trip_8bit(result.x_r))
     assert LpBall("linf", 8 / 255).contains(result.x_r, x, tol=1e-6).all()
+
+
+def test_reconstruction_starts_at_x_r_ascends_and_stays_in_its_delta_ball(tiny_net, images):
+    from safespot.defenses import reconstruction
+
+    x, _ = images
+    search = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=8, inner_steps=3, beta=0.1)
+    x_r = search(tiny_net, x, seeds=torch.arange(16)).x_r
+    recon = reconstruction(search)
+    assert recon.ascend and recon.init == "original" and recon.early_exit is None
+    result = recon(tiny_net, x_r, seeds=torch.arange(16))
+    assert LpBall("linf", 0.2).contains(result.x_r, x_r, tol=1e-6).all()
+    history = torch.stack(result.loss_history)
+    assert history[-1] > history[0]  # the reversed dynamics raise the worst-case loss
+    first = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=1, inner_steps=3, beta=1e-9, ascend=True)
+    assert torch.allclose(first(tiny_net, x_r, seeds=torch.arange(16)).x_r, x_r, atol=1e-6)  # starts at x_r
