@@ -233,11 +233,13 @@ class WhiteBox:
         name, ball = evaluation.name, evaluation.ball
         fields: dict[str, torch.Tensor] = {f"{name}/recon_dist": ball.distance(x_hat, x_o)}
         all_correct = torch.ones(len(x_o), dtype=torch.bool, device=x_o.device)
+        with torch.no_grad():  # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts
+            r_broken = (model(x_r).argmax(1) != y) & (ball.distance(x_r, x_o) <= ball.eps + self.tolerance)
         for k, (key, attack) in enumerate(self.attacks.items()):
             out = f"{name}_white_{key}"
-            broken = torch.zeros_like(all_correct)
-            broken_strict, invalid = torch.zeros_like(all_correct), torch.zeros_like(all_correct)
-            chosen = x_hat.clone()
+            broken, broken_strict = r_broken.clone(), r_broken.clone()
+            invalid = torch.zeros_like(all_correct)
+            chosen = torch.where(r_broken.view(-1, *[1] * (x_o.dim() - 1)), x_r, x_hat)
             for j, fraction in enumerate(self.fractions):
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
                 kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
