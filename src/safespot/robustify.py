@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from safespot.attacks import PGD
-from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
@@ -81,10 +81,11 @@ _SEED_STRIDE = 1_000_003
 
 # --- settings -------------------------------------------------------------------------
 def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
+    """``cfg[key]`` as an integer >= 1, or a :class:`ConfigError` naming the setting."""
+    try:
+        return check_positive_int(cfg.get(key), key)
+    except ThreatConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve_device(name: Any) -> torch.device:
