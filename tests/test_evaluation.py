@@ -237,6 +237,7 @@ def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_
     )
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
+    assert run["complete"], "the run file has no exit record"
     assert run["summary"]["pgd/acc"] == pytest.approx(results["pgd/acc"])
     assert run["summary"]["eval/records/_type"] == "table-file" and run["summary"]["eval/records/nrows"] == 16
     assert run["summary"]["eval/panel/pgd/_type"] == "image-file"

@@ -81,12 +81,20 @@ def test_wandb_offline_run_holds_summary_metrics(make_cfg, tmp_path, monkeypatch
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = read_offline_run(runs[0])
+    assert run["complete"], "the run file has no exit record"
     summary = run["summary"]
     assert summary["val/acc"] == pytest.approx(metrics["val/acc"])
     assert summary["test/acc"] == pytest.approx(metrics["test/acc"])
     assert run["config"]["threat"]["norm"] == "linf"
     assert run["config"]["data"]["_target_"].endswith("SyntheticDataModule")
     assert len(run["history"]) >= 2
+    # a file still being flushed (cut mid-record) reads as incomplete instead of failing
+    (run_file,) = runs[0].glob("run-*.wandb")
+    cut = tmp_path / "cut" / runs[0].name
+    cut.mkdir(parents=True)
+    (cut / run_file.name).write_bytes(run_file.read_bytes()[: run_file.stat().st_size // 2 + 3])
+    partial = read_offline_run(cut, timeout_s=0)
+    assert not partial["complete"] and len(partial["history"]) < len(run["history"])
     import wandb
 
     assert wandb.run is None  # the task wrapper closed it

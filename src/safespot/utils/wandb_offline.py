@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ def _records(data: bytes) -> list[bytes]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if pos + _HEADER + length > len(data):  # a record still being written
+            break
         chunk = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
@@ -44,19 +47,34 @@ def _records(data: bytes) -> list[bytes]:
     return out
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """Return ``{"summary": {...}, "history": [{...}, ...], "config": {...}}`` of an
-    offline run directory (``.../wandb/offline-run-*``)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def read_offline_run(run_dir: str | Path, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Return ``{"summary": {...}, "history": [{...}, ...], "config": {...}, "complete": bool}``
+    of an offline run directory (``.../wandb/offline-run-*``).
 
+    ``wandb.finish()`` can return while wandb's service process is still flushing the run
+    file, so the file is re-read until it holds the run's ``exit`` record, for at most
+    ``timeout_s`` seconds; ``complete`` says whether that record was seen.
+    """
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = _parse(files[0].read_bytes())
+        if run["complete"] or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
     summary: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
-    for raw in _records(files[0].read_bytes()):
+    complete = False
+    for raw in _records(data):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
@@ -66,10 +84,12 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "config":
             config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "exit":
+            complete = True
     last: dict[str, Any] = {}  # wandb's summary defaults to the last logged value of each key
     for row in history:
         last.update(row)
-    return {"summary": {**last, **summary}, "history": history, "config": config}
+    return {"summary": {**last, **summary}, "history": history, "config": config, "complete": complete}
 
 
 def _key(item: Any) -> str:
