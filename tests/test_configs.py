@@ -12,7 +12,7 @@ from safespot.utils.checks import check_train_config
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.fixture(scope="module")

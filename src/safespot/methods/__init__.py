@@ -3,5 +3,15 @@
 from safespot.methods.adversarial import AdversarialTraining, FastAdversarialTraining
 from safespot.methods.base import ClassifierModule
 from safespot.methods.natural import NaturalTraining
+from safespot.methods.preemptive import PreemptiveFastTraining, PreemptiveTraining
+from safespot.methods.trades import TradesTraining
 
-__all__ = ["AdversarialTraining", "ClassifierModule", "FastAdversarialTraining", "NaturalTraining"]
+__all__ = [
+    "AdversarialTraining",
+    "ClassifierModule",
+    "FastAdversarialTraining",
+    "NaturalTraining",
+    "PreemptiveFastTraining",
+    "PreemptiveTraining",
+    "TradesTraining",
+]

@@ -28,7 +28,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., dict[str, Any]]
 
 
-def _accuracy(num_classes: int) -> MulticlassAccuracy:
+def accuracy_metric(num_classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, average="micro")
 
 
@@ -87,9 +87,9 @@ class ClassifierModule(L.LightningModule):
         if classes < 2:
             raise ValueError("num_classes must be given (or the net must define num_classes >= 2)")
         self.num_classes = classes
-        self.train_acc = _accuracy(classes)
-        self.val_acc, self.val_robust_acc = _accuracy(classes), _accuracy(classes)
-        self.test_acc, self.test_robust_acc = _accuracy(classes), _accuracy(classes)
+        self.train_acc = accuracy_metric(classes)
+        self.val_acc, self.val_robust_acc = accuracy_metric(classes), accuracy_metric(classes)
+        self.test_acc, self.test_robust_acc = accuracy_metric(classes), accuracy_metric(classes)
         self.val_robust_acc_best = MaxMetric()
         self.run_config: dict[str, Any] | None = None
         self.save_hyperparameters(
