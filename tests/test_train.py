@@ -16,7 +16,9 @@ from safespot.utils.wandb_offline import read_offline_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", ["natural", "adversarial", "fast_adversarial", "preemptive", "preemptive_fast", "trades"])
+@pytest.mark.parametrize(
+    "method", ["natural", "adversarial", "fast_adversarial", "preemptive", "preemptive_fast", "trades"]
+)
 @pytest.mark.parametrize("threat", ["linf_8", "l2_0.5"])
 def test_fast_dev_run_each_method(make_cfg, method, threat):
     cfg = make_cfg(f"method={method}", f"threat={threat}", "debug=fast_dev_run", "logger=none")
