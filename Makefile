@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install train test test-slow test-all lint format bench
+.PHONY: install train test test-slow test-all lint format bench reproduce-cifar10-reduced
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -26,14 +26,18 @@ test-all:  ## every test
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
 lint:
-	$(VENV)/bin/ruff check src tests bench train.py evaluate.py
-	$(VENV)/bin/ruff format --check src tests bench train.py evaluate.py
+	$(VENV)/bin/ruff check src tests bench scripts train.py evaluate.py robustify.py
+	$(VENV)/bin/ruff format --check src tests bench scripts train.py evaluate.py robustify.py
 
 format:
-	$(VENV)/bin/ruff check --fix src tests bench train.py evaluate.py
-	$(VENV)/bin/ruff format src tests bench train.py evaluate.py
+	$(VENV)/bin/ruff check --fix src tests bench scripts train.py evaluate.py robustify.py
+	$(VENV)/bin/ruff format src tests bench scripts train.py evaluate.py robustify.py
 
 bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_adv_step.py --quick
 	$(PY) bench/bench_pgd_cost.py --quick
 	$(PY) bench/bench_robustifier.py --quick
+	$(PY) bench/bench_method_steps.py --quick
+
+reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustification grid (about 2 h on 2 CPU cores)
+	$(PY) scripts/reproduce_cifar10_reduced.py --docs docs/reproduction_cifar10_reduced.md $(ARGS)

@@ -70,14 +70,18 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def lightning_steps(net, x, y, steps, n_batches, device):
-    method = AdversarialTraining(
+def adv_method(net, steps):
+    return AdversarialTraining(
         net,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         threat={"norm": "linf", "eps": EPS, "step_size": STEP, "steps": steps},
         val_attack=None,
         num_classes=10,
     )
+
+
+def lightning_steps(method, x, y, n_batches, device):
+    """Per-step seconds of ``Trainer.fit(method)`` on ``n_batches`` copies of ``(x, y)``."""
     data = TensorDataset(
         x.cpu().repeat(n_batches, 1, 1, 1), y.cpu().repeat(n_batches), torch.arange(n_batches * len(y))
     )
@@ -124,7 +128,8 @@ def main() -> None:
             plain_step(net, opt, x, y, args.pgd_steps)
             sync(device)
             plain_times.append(time.perf_counter() - start)
-        lightning_times += lightning_steps(make_net(args.model).to(device), x, y, args.pgd_steps, per_round + 1, device)
+        method = adv_method(make_net(args.model).to(device), args.pgd_steps)
+        lightning_times += lightning_steps(method, x, y, per_round + 1, device)
 
     plain, light = statistics.median(plain_times), statistics.median(lightning_times)
     print(f"hardware: {hardware()}")
