@@ -1,0 +1,50 @@
+"""The reduced-reproduction script: argument checks and the report it renders."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce_cifar10_reduced.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def _fake_eval(root: Path, preset: str, method: str, grey: float) -> Path:
+    run = root / "eval" / preset
+    run.mkdir(parents=True)
+    results = {"meta": {"model": "SmallCNN", "method": method, "norm": "linf", "eps": 8 / 255}, "n_images": 10}
+    for key, clean in (("preempt_none", 0.5), ("preempt_sfull", 0.5)):
+        results |= {f"{key}/acc": clean, f"{key}_pgd/acc": grey if key == "preempt_sfull" else 0.2}
+        results[f"{key}/safe_spot_rate"] = 1.0
+    results |= {"preempt_sfull/recon_dist_mean": 0.06, "preempt_sfull_white_pgd/invalid_rate": 0.8}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_report_names_models_and_holds_the_published_numbers(tmp_path):
+    runs = [
+        _fake_eval(tmp_path, "reduced_cifar10_adv_linf", "AdversarialTraining", 0.45),
+        _fake_eval(tmp_path, "reduced_cifar10_preemptive_linf", "PreemptiveTraining", 0.48),
+    ]
+    args = argparse.Namespace(test_images=10, seed=3, no_autoattack=True)
+    text = reproduce.render(runs, ["python train.py experiment=x seed=3"], args)
+    assert "| ADV | linf | 8/255 | None | 50.0 | 20.0 |" in text
+    assert "| Ours (preemptive) | linf | 8/255 | S-Full | 50.0 | 48.0 |" in text
+    assert "| ADV | None | 86.72 | 54.59 | 51.68 |" in text  # paper 002, Table 1
+    assert "86.51 / 85.06" in text and "seed 3" in text and "python train.py experiment=x seed=3" in text
+    assert "| ADV | 0.0600 | 80.0 |" in text
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        reproduce.main(["--reuse", "reduced_cifar10_unknown=/x"])
+    with pytest.raises(SystemExit, match="no best checkpoint"):
+        reproduce.main(["--reuse", f"reduced_cifar10_adv_linf={tmp_path}"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--test-images", "0"])
+    assert not (tmp_path / "reproduce_cifar10_reduced").exists()
