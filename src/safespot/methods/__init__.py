@@ -2,6 +2,7 @@
 
 from safespot.methods.adversarial import AdversarialTraining, FastAdversarialTraining
 from safespot.methods.base import ClassifierModule
+from safespot.methods.gaussian import GaussianTraining
 from safespot.methods.natural import NaturalTraining
 from safespot.methods.preemptive import PreemptiveFastTraining, PreemptiveTraining
 from safespot.methods.trades import TradesTraining
@@ -10,6 +11,7 @@ __all__ = [
     "AdversarialTraining",
     "ClassifierModule",
     "FastAdversarialTraining",
+    "GaussianTraining",
     "NaturalTraining",
     "PreemptiveFastTraining",
     "PreemptiveTraining",
