@@ -1,7 +1,12 @@
 """Evaluation entry point: load a checkpoint safely, rebuild its model and data from the
 config stored inside it, run the configured evaluations (clean, PGD, AutoAttack, ...) on
 the test split with one record per image, and write ``records.csv``, ``results.json`` and
-image panels into a fresh run directory."""
+image panels into a fresh run directory.
+
+With ``smoothing.sigma`` set, the loaded classifier is wrapped into a Gaussian-smoothed
+classifier (:class:`safespot.smoothing.SmoothedClassifier`; Cohen et al., 2019): attacks
+then run on its soft smoothed loss (Salman et al., 2019), every evaluated point is scored by
+its vote, and certify evaluations add ``certified_accuracy.csv`` / ``.md`` / ``.png``."""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
-from safespot.evaluation import Evaluation, EvaluationModule
+from safespot.evaluation import CertifyEvaluation, Evaluation, EvaluationModule
+from safespot.smoothing import write_certified_accuracy
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
@@ -53,6 +60,29 @@ def build_evaluations(cfg: DictConfig | None) -> list[Evaluation]:
     return [instantiate(entry) for entry in cfg.values()]
 
 
+def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
+    """The ``smoothing`` block when smoothing is on (``sigma`` set), else ``None``; its
+    settings are validated here, before any work."""
+    if not cfg or cfg.get("sigma") is None:
+        return None
+    instantiate(cfg, base=nn.Identity())
+    return cfg
+
+
+def needs_smoothing(evaluation: Evaluation) -> bool:
+    attack = getattr(evaluation, "attack", None)
+    return bool(getattr(evaluation, "requires_smoothing", False) or getattr(attack, "requires_smoothing", False))
+
+
+def write_certificates(records: Any, evaluations: list[Evaluation], out: Path, title: str) -> None:
+    """Certified accuracy versus radius for the certify evaluations that ran (if any)."""
+    certify = [e for e in evaluations if isinstance(e, CertifyEvaluation)]
+    if certify and len(records):
+        radii = sorted({r for e in certify for r in e.radii})
+        table = write_certified_accuracy(records, [e.name for e in certify], radii, out, title)
+        log.info("certified accuracy:\n%s", table.to_string(index=False))
+
+
 def describe_model(run_cfg: DictConfig) -> str:
     backbone = run_cfg.model.get("backbone", run_cfg.model)
     name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
@@ -71,10 +101,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
     evaluations = build_evaluations(cfg.get("evaluation"))
+    smoothing = smoothing_config(cfg.get("smoothing"))
+    unsmoothed = [e.name for e in evaluations if needs_smoothing(e)] if smoothing is None else []
+    if unsmoothed:
+        raise ConfigError(f"evaluations {unsmoothed} need a smoothed classifier: set smoothing.sigma (e.g. 0.25)")
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(data_cfg)
     net = load_model(checkpoint, run_cfg, datamodule.num_classes)
+    if smoothing is not None:
+        net = instantiate(smoothing, base=net).eval()
     out = Path(cfg.paths.output_dir)
     meta = {
         "model": describe_model(run_cfg),
@@ -85,6 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "seed": int(cfg.seed),
         "evaluation_config": to_plain(cfg.evaluation),
+        "smoothing": to_plain(smoothing) if smoothing is not None else None,
     }
     module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -95,6 +132,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     results = json.loads((out / "results.json").read_text())
     if trainer.is_global_zero:
+        sigma = f"sigma {smoothing.sigma}" if smoothing is not None else ""
+        write_certificates(module.records, evaluations, out, f"{meta['model']} {sigma}".strip())
         accs = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.endswith("/acc"))
         print(f"\n[safespot] {accs} on {results['n_images']} images")
         print(f"[safespot] records and results: {out}")

@@ -1,17 +1,27 @@
 """Evaluation: evaluations producing per-image fields, the evaluation LightningModule and
 the records it writes."""
 
-from safespot.evaluation.evaluations import AttackEvaluation, Clean, Evaluation, PreemptiveEvaluation, image_seeds
+from safespot.evaluation.evaluations import (
+    AttackEvaluation,
+    CertifyEvaluation,
+    Clean,
+    Evaluation,
+    PreemptiveEvaluation,
+    image_seeds,
+    predict_logits,
+)
 from safespot.evaluation.module import EvaluationModule
 from safespot.evaluation.records import merge_shards, summarize
 
 __all__ = [
     "AttackEvaluation",
+    "CertifyEvaluation",
     "Clean",
     "Evaluation",
     "EvaluationModule",
     "PreemptiveEvaluation",
     "image_seeds",
     "merge_shards",
+    "predict_logits",
     "summarize",
 ]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.defenses.quantize import round_trip_8bit
-from safespot.threat import LpBall
+from safespot.threat import LpBall, check_positive_int, parse_budget
 
 _INDEX_STRIDE = 7919
 _SEED_STRIDE = 1_000_003
@@ -28,6 +28,18 @@ def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
     """Per-image integer seeds from the run seed, the dataset index and an evaluation salt,
     so random starts do not depend on batch composition or on the number of processes."""
     return (seed * _SEED_STRIDE + index.long().cpu() * _INDEX_STRIDE + salt) % (2**62)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores whose ``argmax`` is the model's prediction, without gradients: ``model(x)``,
+    or for a smoothed classifier (a model with ``vote_logits``, such as
+    :class:`safespot.smoothing.SmoothedClassifier`) its vote over many noise draws (Cohen et
+    al., 2019; paper 003, Eqs. 8-13), seeded per image by ``seeds`` when given."""
+    with torch.no_grad():
+        vote = getattr(model, "vote_logits", None)
+        if callable(vote):
+            return vote(x, seed=seeds)
+        return model(x)
 
 
 class Evaluation:
@@ -53,11 +65,19 @@ class Evaluation:
         raise NotImplementedError
 
     def score(
-        self, model: nn.Module, x_eval: torch.Tensor, x_ref: torch.Tensor, y: torch.Tensor, name: str | None = None
+        self,
+        model: nn.Module,
+        x_eval: torch.Tensor,
+        x_ref: torch.Tensor,
+        y: torch.Tensor,
+        name: str | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Prediction, correctness, cross-entropy and distance to ``x_ref`` of ``x_eval``."""
-        with torch.no_grad():
-            logits = model(x_eval)
+        """Prediction, correctness, cross-entropy and distance to ``x_ref`` of ``x_eval``.
+
+        A smoothed model is scored by its vote (:func:`predict_logits`), not by one noisy
+        forward pass; ``seeds`` (one per image) then seed its noise."""
+        logits = predict_logits(model, x_eval, seeds)
         pred = logits.argmax(1)
         distance = (x_eval - x_ref).flatten(1)
         distance = distance.abs().amax(1) if self.norm == "linf" else distance.norm(dim=1)
@@ -73,7 +93,7 @@ class Evaluation:
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x_eval = self.points(model, x, y, seeds)
-        return self.score(model, x_eval, x, y), x_eval
+        return self.score(model, x_eval, x, y, seeds=seeds), x_eval
 
 
 class Clean(Evaluation):
@@ -103,6 +123,65 @@ class AttackEvaluation(Evaluation):
         if not self.ball.contains(x_adv, x, tol=1e-5).all():
             raise RuntimeError(f"evaluation {self.name!r}: the attack left its threat model")
         return x_adv
+
+
+def radius_key(radius: float) -> str:
+    """The field suffix for certified correctness at ``radius``: ``cert_0.25``, ``cert_1``."""
+    return f"cert_{float(radius):g}"
+
+
+class CertifyEvaluation(Evaluation):
+    """Cohen et al.'s (2019) CERTIFY on the clean test images of a smoothed classifier
+    (:class:`safespot.smoothing.SmoothedClassifier`; paper 002, Table 7).
+
+    Fields: ``<name>/pred`` (-1 on abstention), ``<name>/correct`` (certified class is the
+    label, not abstained), ``<name>/radius`` (the l_2 radius ``sigma * Phi^{-1}(pA_lower)``),
+    ``<name>/pA_lower`` and, for each ``r`` in ``radii``, ``<name>/cert_<r>`` (correct with
+    radius >= r); the summary's ``<name>/cert_<r>`` is then the certified accuracy at r.
+    Noise is seeded by the engine's per-image seeds, so records do not depend on batching
+    or on the number of processes. ``max_batch`` (optional) overrides the model's
+    noisy-samples-per-pass budget during certification.
+    """
+
+    requires_smoothing = True
+
+    def __init__(
+        self,
+        name: str = "certify",
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        max_batch: int | None = None,
+    ) -> None:
+        from safespot.smoothing.smoothed import check_alpha
+
+        super().__init__(name, "l2")
+        self.n0, self.n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
+        self.alpha = check_alpha(alpha)
+        self.radii = [parse_budget(r, "radii", allow_zero=True) for r in radii]
+        self.max_batch = None if max_batch is None else check_positive_int(max_batch, "max_batch")
+
+    def points(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if not callable(getattr(model, "certify", None)):
+            raise ValueError(
+                f"evaluation {self.name!r} certifies a smoothed classifier: set smoothing.sigma (e.g. 0.25)"
+            )
+        budget = model.max_batch
+        model.max_batch = self.max_batch or budget
+        try:
+            cert = model.certify(x, n0=self.n0, n=self.n, alpha=self.alpha, seed=seeds)
+        finally:
+            model.max_batch = budget
+        correct = cert.pred == y
+        fields = {"pred": cert.pred, "correct": correct, "radius": cert.radius, "pA_lower": cert.pA_lower}
+        fields.update({radius_key(r): correct & (cert.radius >= r) for r in self.radii})
+        return {f"{self.name}/{k}": v for k, v in fields.items()}, x
 
 
 class PreemptiveEvaluation(Evaluation):
@@ -154,7 +233,7 @@ class PreemptiveEvaluation(Evaluation):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         result = self.robustifier(model, x, seeds=seeds)
         x_r = result.x_r
-        fields = self.score(model, x_r, x, y)
+        fields = self.score(model, x_r, x, y, seeds=seeds)
         fields[f"{self.name}/worst_loss"] = result.worst_loss
         fields[f"{self.name}/iterations"] = result.iterations
         fields[f"{self.name}/early_exit"] = result.early_exit
@@ -165,7 +244,7 @@ class PreemptiveEvaluation(Evaluation):
             fields.update(self.white_box(self, model, x, x_r, y, seeds))
         if self.eight_bit:  # the same checks after saving x_r as an 8-bit image
             x_q = round_trip_8bit(x_r)
-            fields.update(self.score(model, x_q, x, y, name=f"{self.name}_8bit"))
+            fields.update(self.score(model, x_q, x, y, name=f"{self.name}_8bit", seeds=seeds))
             for k, attack in enumerate(self.attacks, start=1):
                 attack_fields, _ = attack(model, x_q, y, seeds + k * 7_777_777)
                 suffix = attack.name[len(self.name) :]
@@ -233,8 +312,10 @@ class WhiteBox:
         name, ball = evaluation.name, evaluation.ball
         fields: dict[str, torch.Tensor] = {f"{name}/recon_dist": ball.distance(x_hat, x_o)}
         all_correct = torch.ones(len(x_o), dtype=torch.bool, device=x_o.device)
-        with torch.no_grad():  # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts
-            r_broken = (model(x_r).argmax(1) != y) & (ball.distance(x_r, x_o) <= ball.eps + self.tolerance)
+        # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts
+        r_broken = (predict_logits(model, x_r, seeds).argmax(1) != y) & (
+            ball.distance(x_r, x_o) <= ball.eps + self.tolerance
+        )
         for k, (key, attack) in enumerate(self.attacks.items()):
             out = f"{name}_white_{key}"
             broken, broken_strict = r_broken.clone(), r_broken.clone()
@@ -244,8 +325,7 @@ class WhiteBox:
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
                 kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
                 x_adv = run.attack(model, x_hat, y, **kwargs)
-                with torch.no_grad():
-                    wrong = model(x_adv).argmax(1) != y
+                wrong = predict_logits(model, x_adv, seeds).argmax(1) != y
                 near_o = ball.distance(x_adv, x_o) <= ball.eps + self.tolerance
                 near_r = ball.distance(x_adv, x_r) <= ball.eps + self.tolerance
                 valid = wrong & near_o
@@ -253,7 +333,7 @@ class WhiteBox:
                 broken |= valid
                 broken_strict |= valid & near_r
                 invalid |= wrong & ~near_o
-            scored = evaluation.score(model, chosen, x_o, y, name=out)
+            scored = evaluation.score(model, chosen, x_o, y, name=out, seeds=seeds)
             scored[f"{out}/correct"] = ~broken
             fields.update(scored)
             fields[f"{out}/invalid"] = invalid

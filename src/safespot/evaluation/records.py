@@ -39,7 +39,9 @@ def summarize(
     """Accuracy per evaluation, ``worst_case/acc`` (correct under every evaluation), mean /
     max distances of the evaluated points and, for each grey-box group (robustified images
     and the attacks run on them), ``<name>/safe_spot_rate``: the share of correctly
-    classified originals whose robustified image stays correct under every attack."""
+    classified originals whose robustified image stays correct under every attack. For a
+    certify evaluation, ``<name>/cert_<r>`` is the certified accuracy at l_2 radius r
+    (Cohen et al., 2019) and ``<name>/radius_mean`` the mean certified radius."""
     summary: dict[str, float] = {"n_images": len(records)}
     correct = [f"{n}/correct" for n in names]
     for name in names:
@@ -51,8 +53,10 @@ def summarize(
     for column in records.columns:  # rates and means of the other per-image fields
         if column.endswith(("/invalid", "/early_exit")):
             summary[f"{column}_rate"] = float(records[column].mean())
-        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss")):
+        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss", "/radius")):
             summary[f"{column}_mean"] = float(records[column].mean())
+        elif "/cert_" in column:  # certified accuracy at a radius (randomised smoothing)
+            summary[column] = float(records[column].mean())
     clean_ok = records["clean/correct"].astype(bool) if "clean/correct" in records else None
     for name, attacks in (groups or {}).items():
         survives = records[[f"{n}/correct" for n in (name, *attacks)]].all(axis=1)

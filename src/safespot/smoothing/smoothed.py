@@ -1,0 +1,310 @@
+"""The Gaussian-smoothed classifier: voting, Cohen et al.'s PREDICT and CERTIFY.
+
+For a base classifier ``c`` (images in [0, 1] -> logits) and ``xi ~ N(0, sigma^2 I)``, the
+smoothed classifier is ``g(x) = argmax_y P(c(x + xi) = y)`` (Cohen et al., 2019, Eq. 1;
+paper 002, Section 3.6; paper 003, Eqs. 7-10). :class:`SmoothedClassifier` offers three views:
+
+* ``forward(x)``: the differentiable soft smoothed classifier ``log mean_m softmax(c(x + xi_m))``
+  of Salman et al. (2019) (paper 002, Eq. 3), inherited from :class:`SoftSmoothed`. Every
+  gradient attack run on it is a randomised attack on the smoothed loss (paper 002's
+  "randomized PGD"), and the robustifier optimises it.
+* ``vote_logits(x)``: non-differentiable scores over ``n_vote`` draws whose ``argmax`` is the
+  smoothed prediction, with one of paper 003's voting functions ``v`` (Eq. 8):
+
+  - ``majority`` (prediction smoothing, Eqs. 9-10): each draw votes for its top class; the
+    scores are the class frequencies. This is ``g`` of Cohen et al. and the 50-sample
+    majority vote of paper 002 (Appendix C.2).
+  - ``soft`` (soft prediction smoothing, Eq. 13): the mean of the softmax probabilities.
+  - ``weighted`` (weighted smoothing, Eqs. 11-12): each draw gives the class it ranks r-th
+    (r = 1 for its most probable class) the weight ``w_r`` of ``rank_weights`` and every class
+    ranked below ``len(rank_weights)`` nothing. ``(1,)`` is the majority vote,
+    ``(1,) * k`` the top-k vote, ``(1, a, a^2, ...)`` a geometric decay over the ranks; the
+    default ``(1, 0.5)`` also credits the runner-up class, whose role in the smoothed
+    prediction Cohen et al. point out. The scores are normalised to sum to 1.
+
+* :meth:`SmoothedClassifier.predict` and :meth:`SmoothedClassifier.certify`: Cohen et al.'s
+  PREDICT (a two-sided binomial test that abstains on near ties) and CERTIFY (a one-sided
+  Clopper-Pearson lower bound ``pA_lower`` on ``P(c(x + xi) = c_A)`` and the l_2 radius
+  ``sigma * Phi^{-1}(pA_lower)`` of their Theorem 1).
+
+Noise for Monte Carlo estimates is drawn on the input's device, per image, in fixed blocks
+of :data:`NOISE_BLOCK` draws, each from a generator seeded by ``(image seed, purpose, block
+number)``. The draws an image receives therefore depend only on its seed, never on how many
+samples go through the base classifier at once (``max_batch``) or on which other images
+share a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from safespot.smoothing.soft import SoftSmoothed
+from safespot.threat import ThreatConfigError, check_positive_int
+
+VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
+NOISE_BLOCK = 32
+_FLOOR = 1e-12
+# purposes of noise streams: the same image seed gives independent draws for each
+_COUNTS, _SELECT, _ESTIMATE, _PREDICT, _VOTE = range(5)
+
+SeedLike = int | Sequence[int] | torch.Tensor | None
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """A significance level in (0, 1), else a :class:`ThreatConfigError` naming it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < float(alpha) < 1:
+        raise ThreatConfigError(f"{name} must lie in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def check_vote(vote: str) -> str:
+    if vote not in VOTES:
+        raise ThreatConfigError(f"vote must be one of {list(VOTES)}, got {vote!r}")
+    return vote
+
+
+def check_rank_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Non-empty, finite, non-negative, with a positive weight for the top rank."""
+    try:
+        values = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise ThreatConfigError(f"rank_weights must be a list of numbers, got {weights!r}") from None
+    if not values or values[0] <= 0 or any(not math.isfinite(w) or w < 0 for w in values):
+        raise ThreatConfigError(
+            f"rank_weights must be a non-empty list of finite weights >= 0 with the first > 0, got {weights!r}"
+        )
+    return values
+
+
+def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
+    """One-sided ``(1 - alpha)`` lower confidence bound on a binomial proportion: the lower
+    end of the two-sided ``(1 - 2 alpha)`` Clopper-Pearson interval,
+    ``Beta^{-1}(alpha; k, n - k + 1)`` (0 when ``k = 0``), as in Cohen et al.'s CERTIFY."""
+    k = np.asarray(successes, dtype=np.float64)
+    safe = np.maximum(k, 1.0)  # the quantile needs a > 0; k = 0 is set to 0 below
+    bound = stats.beta.ppf(alpha, safe, trials - k + 1)
+    return np.where(k > 0, bound, 0.0)
+
+
+def image_seed_list(batch: int, seed: SeedLike = None, generator: torch.Generator | None = None) -> list[int]:
+    """One non-negative integer seed per image.
+
+    ``seed`` may be per-image seeds (a sequence or 1-d tensor of ``batch`` integers), one
+    integer (expanded into ``batch`` seeds) or ``None`` (seeds drawn from ``generator``, or
+    from the global torch RNG).
+    """
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0:
+        seed = int(seed)
+    if seed is None:
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, 2**62, (batch,), generator=generator, device=device).tolist()
+    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        return [int(s) for s in np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)]
+    values = seed.tolist() if isinstance(seed, torch.Tensor) else list(seed)
+    if len(values) != batch:
+        raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
+    return [int(s) % 2**64 for s in values]
+
+
+def _block_seed(seed: int, purpose: int, block: int) -> int:
+    return int(np.random.SeedSequence([seed, purpose, block]).generate_state(1, np.uint64)[0])
+
+
+def chunks(batch: int, n: int, max_batch: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Split ``n`` draws for each of ``batch`` images into chunks of at most ``max_batch``
+    draws, in image-then-draw order; each chunk is a list of ``(image, start, stop)``."""
+    chunk: list[tuple[int, int, int]] = []
+    filled = 0
+    for image in range(batch):
+        start = 0
+        while start < n:
+            take = min(n - start, max_batch - filled)
+            chunk.append((image, start, start + take))
+            filled, start = filled + take, start + take
+            if filled == max_batch:
+                yield chunk
+                chunk, filled = [], 0
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class Certificate:
+    """Per-image output of :meth:`SmoothedClassifier.certify` (Cohen et al., CERTIFY).
+
+    ``pred``: the certified class, -1 on abstention; ``radius``: the l_2 radius
+    ``sigma * Phi^{-1}(pA_lower)`` (0 on abstention); ``pA_lower``: the lower confidence bound
+    on the top class's probability; ``counts``: the class counts of the ``n`` estimation draws.
+    """
+
+    pred: torch.Tensor
+    radius: torch.Tensor
+    pA_lower: torch.Tensor
+    counts: torch.Tensor
+
+
+class SmoothedClassifier(SoftSmoothed):
+    """A Gaussian-smoothed classifier around ``base`` (see the module docstring).
+
+    Args:
+        base: the base classifier, images in [0, 1] -> logits.
+        sigma: the noise level (> 0).
+        m: noise draws per differentiable forward pass (Salman et al.'s soft smoothing).
+        n_vote: draws for :meth:`vote_logits` (paper 002 uses 50).
+        vote: ``majority``, ``soft`` or ``weighted`` (paper 003, Section 3).
+        max_batch: at most this many noisy samples go through ``base`` in one pass in
+            :meth:`vote_logits`, :meth:`sample_counts`, :meth:`predict` and
+            :meth:`certify` (the memory budget); results do not depend on it.
+        rank_weights: the weights ``w_1, w_2, ...`` of the ``weighted`` vote.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        sigma: float,
+        m: int = 5,
+        n_vote: int = 50,
+        vote: str = "majority",
+        max_batch: int = 1000,
+        rank_weights: Sequence[float] = (1.0, 0.5),
+    ) -> None:
+        super().__init__(base, sigma, m)
+        self.n_vote = check_positive_int(n_vote, "n_vote")
+        self.vote = check_vote(vote)
+        self.max_batch = check_positive_int(max_batch, "max_batch")
+        self.rank_weights = check_rank_weights(rank_weights)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, m={self.m}, n_vote={self.n_vote}, vote={self.vote!r}, max_batch={self.max_batch}"
+
+    # --- Monte Carlo sampling ---------------------------------------------------------
+    def _noise(
+        self, x_i: torch.Tensor, seed: int, purpose: int, start: int, stop: int, gen: torch.Generator
+    ) -> torch.Tensor:
+        """Draws ``start .. stop - 1`` of one image's noise stream, shape ``(stop - start, *x_i.shape)``."""
+        first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
+        blocks = []
+        for block in range(first, last + 1):
+            gen.manual_seed(_block_seed(seed, purpose, block))
+            blocks.append(torch.randn((NOISE_BLOCK, *x_i.shape), generator=gen, device=x_i.device, dtype=x_i.dtype))
+        offset = first * NOISE_BLOCK
+        return self.sigma * torch.cat(blocks)[start - offset : stop - offset]
+
+    @torch.no_grad()
+    def _tally(
+        self,
+        x: torch.Tensor,
+        n: int,
+        seeds: list[int],
+        purpose: int,
+        score: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``sum_j score(c(x + xi_j))`` over ``n`` draws per image, shape ``(B, K)``, float64."""
+        n = check_positive_int(n, "n")
+        if len(x) == 0:
+            return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
+        gen = torch.Generator(device=x.device)
+        totals: torch.Tensor | None = None
+        for chunk in chunks(len(x), n, self.max_batch):
+            noise = torch.cat([self._noise(x[i], seeds[i], purpose, a, b, gen) for i, a, b in chunk])
+            owner = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=x.device) for i, a, b in chunk])
+            out = score(self.base(x[owner] + noise).float()).double()
+            if totals is None:
+                totals = out.new_zeros((len(x), out.shape[1]))
+            totals.index_add_(0, owner, out)
+        return totals
+
+    @staticmethod
+    def _top_class(logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+
+    def _rank_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        k = min(len(self.rank_weights), logits.shape[1])
+        weights = torch.tensor(self.rank_weights[:k], dtype=logits.dtype, device=logits.device)
+        top = logits.topk(k, dim=1).indices
+        return torch.zeros_like(logits).scatter_(1, top, weights.expand(len(logits), k))
+
+    def _counts(self, x: torch.Tensor, n: int, seeds: list[int], purpose: int) -> torch.Tensor:
+        return self._tally(x, n, seeds, purpose, self._top_class).round().long()
+
+    def sample_counts(
+        self, x: torch.Tensor, n: int, generator: torch.Generator | None = None, seed: SeedLike = None
+    ) -> torch.Tensor:
+        """``(B, K)`` counts of ``argmax c(x + xi)`` over ``n`` draws per image (Cohen et al.,
+        SAMPLEUNDERNOISE). Seeds: see :func:`image_seed_list`."""
+        return self._counts(x, n, image_seed_list(len(x), seed, generator), _COUNTS)
+
+    def vote_logits(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, seed: SeedLike = None
+    ) -> torch.Tensor:
+        """Log of the ``vote`` scores over ``n_vote`` draws (clamped away from 0), shape ``(B, K)``;
+        ``argmax`` is the smoothed prediction (paper 003, Eqs. 8-13). Not differentiable."""
+        scorer = {"majority": self._top_class, "soft": lambda z: torch.softmax(z, 1), "weighted": self._rank_scores}
+        seeds = image_seed_list(len(x), seed, generator)
+        totals = self._tally(x, self.n_vote, seeds, _VOTE, scorer[self.vote])
+        scores = totals / totals.sum(1, keepdim=True).clamp_min(_FLOOR)
+        return scores.float().clamp_min(_FLOOR).log()
+
+    # --- Cohen et al.'s PREDICT and CERTIFY ----------------------------------------------
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int = 100,
+        alpha: float = 0.001,
+        generator: torch.Generator | None = None,
+        seed: SeedLike = None,
+    ) -> torch.Tensor:
+        """PREDICT (Cohen et al., 2019, Section 3.2): the top class of ``n`` draws if a two-sided
+        binomial test of its count ``nA`` against the runner-up's ``nB`` rejects
+        ``P = 1/2`` at level ``alpha``, else -1 (abstain). Wrong with probability <= alpha."""
+        alpha = check_alpha(alpha)
+        counts = self._counts(x, n, image_seed_list(len(x), seed, generator), _PREDICT)
+        if counts.shape[1] < 2:
+            return counts.argmax(1)
+        top = counts.topk(2, dim=1)
+        pred = top.indices[:, 0].clone()
+        for i, (n_a, n_b) in enumerate(top.values.tolist()):
+            if stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue > alpha:
+                pred[i] = -1
+        return pred
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        generator: torch.Generator | None = None,
+        seed: SeedLike = None,
+    ) -> Certificate:
+        """CERTIFY (Cohen et al., 2019, Section 3.2 and Theorem 1).
+
+        Guess ``c_A`` from ``n0`` draws, count it in ``n`` fresh draws, bound
+        ``pA_lower = Beta^{-1}(alpha; nA, n - nA + 1)`` and return the l_2 radius
+        ``sigma * Phi^{-1}(pA_lower)``; abstain (pred -1, radius 0) when ``pA_lower < 1/2``.
+        With probability >= 1 - alpha, ``g`` is constant (= ``c_A``) on that ball.
+        """
+        n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
+        alpha = check_alpha(alpha)
+        seeds = image_seed_list(len(x), seed, generator)
+        guess = self._counts(x, n0, seeds, _SELECT).argmax(1)
+        counts = self._counts(x, n, seeds, _ESTIMATE)
+        n_a = counts.gather(1, guess[:, None]).squeeze(1)
+        p_lower = clopper_pearson_lower(n_a.cpu().numpy(), n, alpha)
+        certified = p_lower >= 0.5
+        radius = np.where(certified, self.sigma * stats.norm.ppf(np.clip(p_lower, 0.5, 1.0)), 0.0)
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=x.device)  # noqa: E731
+        ok = torch.as_tensor(certified, device=x.device)
+        return Certificate(
+            pred=torch.where(ok, guess, torch.full_like(guess, -1)),
+            radius=as_tensor(radius),
+            pA_lower=as_tensor(p_lower),
+            counts=counts,
+        )
