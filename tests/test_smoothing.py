@@ -356,3 +356,42 @@ def test_smoothing_only_evaluations_refuse_a_plain_model(small_checkpoint, tmp_p
         _evaluate(small_checkpoint, tmp_path / "plain", "evaluation=[clean,epgd]")
     with pytest.raises(ThreatConfigError, match="vote must be one of"):
         _evaluate(small_checkpoint, tmp_path / "bad", "smoothing.sigma=0.25", "smoothing.vote=median")
+
+
+def test_preemptive_robustification_of_the_smoothed_classifier(small_checkpoint, tmp_path):
+    """Paper 002, Section 3.6: the robustifier runs on the soft smoothed classifier, points are
+    scored by the vote, and robustified images are certified (Tables 5-7 layouts)."""
+    from safespot.report import certified_preemptive_table, load_run, smoothed_table
+
+    out = tmp_path / "preempt"
+    fast = ["max_iter=3", "inner_steps=3", "beta=0.05"]
+    results = _evaluate(
+        small_checkpoint,
+        out,
+        "smoothing.sigma=0.25",
+        "smoothing.n_vote=16",
+        "smoothing.m=2",
+        "evaluation=[clean,preempt_smooth_none,preempt_smooth_sfull,preempt_certify_none,preempt_certify_sfull]",
+        *[f"evaluation.preempt_smooth_sfull.robustifier.{o}" for o in fast],
+        *[f"evaluation.preempt_certify_sfull.robustifier.{o}" for o in fast],
+        *[f"evaluation.preempt_smooth_{r}.attacks.{a}.steps=2" for r in ("none", "sfull") for a in ("pgd", "pgd10")],
+        "evaluation.preempt_smooth_sfull.attacks.pgd10.restarts=2",
+        "evaluation.preempt_smooth_none.attacks.pgd10.restarts=2",
+        "~evaluation.preempt_smooth_sfull.white_box.attacks.pgd10",
+        "evaluation.preempt_smooth_sfull.white_box.attacks.pgd.steps=2",
+        "evaluation.preempt_smooth_sfull.white_box.eps_fractions=[1.0]",
+        *[f"evaluation.preempt_certify_{r}.certify.{k}" for r in ("none", "sfull") for k in ("n0=8", "n=64")],
+        "data.test_subset=8",
+    )
+    records = pd.read_csv(out / "records.csv")
+    assert (records["preempt_smooth_sfull/dist"] <= 0.5 + 1e-5).all()  # x_r inside B_delta(x_o), l_2
+    assert (records["preempt_smooth_sfull_pgd/dist"] <= 0.5 + 1e-5).all()  # attacks inside B_eps(x_r)
+    # None leaves the images alone: its clean accuracy is the vote's accuracy on the originals
+    assert results["preempt_smooth_none/acc"] == pytest.approx(results["clean/acc"])
+    assert 0 <= results["preempt_certify_sfull_certify/cert_0.5"] <= results["preempt_certify_sfull_certify/cert_0"]
+    run = load_run(out)
+    table = smoothed_table([run])
+    assert table["Preempt."].tolist() == ["None", "Ours"] and not table["White PGD"].isna()[1]
+    certified = certified_preemptive_table([run])
+    assert certified["Preempt."].tolist() == ["None", "Ours"] and "r = 0.5" in certified
+    assert (out / "certified_accuracy.csv").is_file()

@@ -77,6 +77,7 @@ def needs_smoothing(evaluation: Evaluation) -> bool:
 def write_certificates(records: Any, evaluations: list[Evaluation], out: Path, title: str) -> None:
     """Certified accuracy versus radius for the certify evaluations that ran (if any)."""
     certify = [e for e in evaluations if isinstance(e, CertifyEvaluation)]
+    certify += [e.certify for e in evaluations if getattr(e, "certify", None) is not None]
     if certify and len(records):
         radii = sorted({r for e in certify for r in e.radii})
         table = write_certified_accuracy(records, [e.name for e in certify], radii, out, title)

@@ -319,6 +319,55 @@ def safe_spot_table(runs: Sequence[Run]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+SMOOTHED_PREEMPTIONS = (("preempt_smooth_none", "None"), ("preempt_smooth_sfull", "Ours"))
+CERTIFIED_PREEMPTIONS = (("preempt_certify_none", "None"), ("preempt_certify_sfull", "Ours"))
+
+
+def smoothed_table(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """Paper 002's Tables 5-6 layout for smoothed classifiers: Model | Preempt. | Clean |
+    Grey PGD | Grey PGD-10 | White PGD | White PGD-10 (randomised attacks, vote-scored)."""
+    rows = []
+    for run in runs:
+        model, method, _norm, eps = run.key
+        for key, label in SMOOTHED_PREEMPTIONS:
+            if f"{key}/acc" not in run.results:
+                continue
+            r = run.results
+            sigma = (run.meta.get("smoothing") or {}).get("sigma", "–")
+            rows.append(
+                {
+                    "Model": f"{model} / {method}",
+                    "σ": sigma,
+                    "ε": format_eps(eps),
+                    "Preempt.": label,
+                    "Clean": _pct(r, f"{key}/acc"),
+                    "Grey PGD": _pct(r, f"{key}_pgd/acc"),
+                    "Grey PGD-10": _pct(r, f"{key}_pgd10/acc"),
+                    "White PGD": _pct(r, f"{key}_white_pgd/acc"),
+                    "White PGD-10": _pct(r, f"{key}_white_pgd10/acc"),
+                    "Safe-spot rate": _pct(r, f"{key}/safe_spot_rate"),
+                }
+            )
+    return pd.DataFrame(rows) if rows else None
+
+
+def certified_preemptive_table(runs: Sequence[Run]) -> pd.DataFrame | None:
+    """Paper 002's Table 7 layout: certified accuracy of the smoothed classifier at each radius,
+    without (None) and with (Ours) preemptive robustification."""
+    rows = []
+    for run in runs:
+        model, method, _norm, _eps = run.key
+        for key, label in CERTIFIED_PREEMPTIONS:
+            prefix = f"{key}_certify/cert_"
+            radii = sorted(float(k[len(prefix) :]) for k in run.results if k.startswith(prefix))
+            if not radii:
+                continue
+            row: dict[str, Any] = {"Model": f"{model} / {method}", "Preempt.": label}
+            row |= {f"r = {r:g}": _pct(run.results, f"{prefix}{r:g}") for r in radii}
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
 def write_report(runs: Sequence[Run], out: str | Path, title: str = "Robustness report") -> dict[str, Path]:
     """Write ``report.md``, ``summary.csv`` and the plots that apply into the existing directory ``out``."""
     out = Path(out)
@@ -346,6 +395,11 @@ def write_report(runs: Sequence[Run], out: str | Path, title: str = "Robustness 
         ]
     if safe_spot is not None:
         parts += ["## Safe spots (clean / grey-box PGD accuracy of robustified images)\n", to_markdown(safe_spot)]
+    smoothed, certified = smoothed_table(runs), certified_preemptive_table(runs)
+    if smoothed is not None:
+        parts += ["## Preemptive robustification of smoothed classifiers\n", to_markdown(smoothed)]
+    if certified is not None:
+        parts += ["## Certified accuracy before and after robustification\n", to_markdown(certified)]
     parts += [f"![{name}]({p.name})\n" for name, p in plots.items() if p is not None]
     parts += ["## Runs\n", to_markdown(runs_table(runs))]
     written["report"].write_text("\n".join(parts))

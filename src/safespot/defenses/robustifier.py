@@ -32,6 +32,7 @@ from safespot.attacks import PGD, attack_context, fgsm
 from safespot.attacks.context import AttackMode
 from safespot.defenses.quantize import project_to_8bit
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
+from safespot.utils.prediction import predict_logits
 
 DEFAULT_BETA = {"linf": 0.1, "l2": 0.001}  # paper 002, Appendix C.1 (CIFAR-10)
 _ITER_SEED_STRIDE = 104_729
@@ -63,14 +64,20 @@ class Robustifier:
     mode: AttackMode = "eval"
 
     def protected_labels(
-        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None, protect: str
+        self,
+        model: nn.Module,
+        x_o: torch.Tensor,
+        y: torch.Tensor | None,
+        protect: str,
+        seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The labels to protect: ``y``, or the model's prediction ``c(x_o)`` (for a
+        smoothed classifier its vote, paper 002 Section 3.6)."""
         if protect == "label":
             if y is None:
                 raise ValueError("protect='label' needs the ground-truth labels")
             return y
-        with torch.no_grad():
-            return model(x_o).argmax(1)
+        return predict_logits(model, x_o, seeds).argmax(1)
 
     def inner_attack(self) -> PGD:
         return PGD(self.norm, self.eps, steps=self.inner_steps, step_size=self.eps / 4, random_start=True)
@@ -123,7 +130,7 @@ class NoRobustification(Robustifier):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         with attack_context(model, self.mode):
-            labels = self.protected_labels(model, x_o, y, self.protect)
+            labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             return self.result(model, x_o, x_o.clone(), labels, seeds)
 
 
@@ -135,7 +142,7 @@ class SafeSpotFGSM(NoRobustification):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         with attack_context(model, self.mode):
-            labels = self.protected_labels(model, x_o, y, self.protect)
+            labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             x_r = fgsm(self.norm, self.delta, targeted=True)(model, x_o, labels, target=labels)
             return self.result(model, x_o, x_r, labels, seeds)
 
@@ -150,7 +157,7 @@ class SafeSpotPGD(NoRobustification):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         with attack_context(model, self.mode):
-            labels = self.protected_labels(model, x_o, y, self.protect)
+            labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             attack = PGD(
                 self.norm, self.delta, steps=self.steps, step_size=self.delta / 4, random_start=False, targeted=True
             )
@@ -266,7 +273,7 @@ class SafeSpotSearch(Robustifier):
         x_o = x_o.detach()
         ball = LpBall(self.norm, self.delta)
         with attack_context(model, self.mode):
-            labels = self.protected_labels(model, x_o, y, self.protect)
+            labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             x_r = ball.random_init(x_o, seeds=seeds) if self.init == "random" else x_o.clone()
             if self.norm == "linf":
                 lower, upper = (x_o - self.delta).clamp(0, 1), (x_o + self.delta).clamp(0, 1)

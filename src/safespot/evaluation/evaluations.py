@@ -19,6 +19,7 @@ from torch import nn
 
 from safespot.defenses.quantize import round_trip_8bit
 from safespot.threat import LpBall, check_positive_int, parse_budget
+from safespot.utils.prediction import predict_logits
 
 _INDEX_STRIDE = 7919
 _SEED_STRIDE = 1_000_003
@@ -28,18 +29,6 @@ def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
     """Per-image integer seeds from the run seed, the dataset index and an evaluation salt,
     so random starts do not depend on batch composition or on the number of processes."""
     return (seed * _SEED_STRIDE + index.long().cpu() * _INDEX_STRIDE + salt) % (2**62)
-
-
-def predict_logits(model: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
-    """The scores whose ``argmax`` is the model's prediction, without gradients: ``model(x)``,
-    or for a smoothed classifier (a model with ``vote_logits``, such as
-    :class:`safespot.smoothing.SmoothedClassifier`) its vote over many noise draws (Cohen et
-    al., 2019; paper 003, Eqs. 8-13), seeded per image by ``seeds`` when given."""
-    with torch.no_grad():
-        vote = getattr(model, "vote_logits", None)
-        if callable(vote):
-            return vote(x, seed=seeds)
-        return model(x)
 
 
 class Evaluation:
@@ -194,7 +183,9 @@ class PreemptiveEvaluation(Evaluation):
     per attack (distance to x_r). With ``white_box`` settings (see :class:`WhiteBox`), also
     ``<name>_white_<attack>/...`` (valid adversarial examples must lie in B_eps(x_o)),
     ``<name>_white_<attack>_strict/correct``, ``<name>_white/correct`` (every white-box
-    attack) and ``<name>/recon_dist`` (reconstruction error).
+    attack) and ``<name>/recon_dist`` (reconstruction error). With ``certify`` settings (the
+    arguments of :class:`CertifyEvaluation`) and a smoothed classifier, x_r is also certified:
+    ``<name>_certify/...`` (certified accuracy after robustification, paper 002 Table 7).
     """
 
     def __init__(
@@ -204,12 +195,15 @@ class PreemptiveEvaluation(Evaluation):
         attacks: dict[str, Any] | None = None,
         white_box: dict[str, Any] | None = None,
         eight_bit: bool = False,
+        certify: dict[str, Any] | None = None,
     ) -> None:
         self.ball = LpBall(robustifier.norm, robustifier.eps)
         super().__init__(name, self.ball.norm)
         self.robustifier = robustifier
         self.white_box = WhiteBox(**white_box) if white_box else None
         self.eight_bit = bool(eight_bit)
+        self.certify = CertifyEvaluation(f"{name}_certify", **certify) if certify else None
+        self.requires_smoothing = self.certify is not None
         self.attacks = [
             AttackEvaluation(f"{name}_{key}", attack) for key, attack in (attacks or {}).items() if attack is not None
         ]
@@ -219,7 +213,8 @@ class PreemptiveEvaluation(Evaluation):
         white = self.white_box.outputs(self.name) if self.white_box else []
         grey = [self.name, *(a.name for a in self.attacks)]
         saved = [f"{self.name}_8bit", *(f"{self.name}_8bit{a.name[len(self.name) :]}" for a in self.attacks)]
-        return [*grey, *white, *(saved if self.eight_bit else [])]
+        certified = [self.certify.name] if self.certify else []
+        return [*grey, *white, *(saved if self.eight_bit else []), *certified]
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -242,6 +237,8 @@ class PreemptiveEvaluation(Evaluation):
             fields.update(attack_fields)
         if self.white_box is not None:
             fields.update(self.white_box(self, model, x, x_r, y, seeds))
+        if self.certify is not None:
+            fields.update(self.certify(model, x_r, y, seeds)[0])
         if self.eight_bit:  # the same checks after saving x_r as an 8-bit image
             x_q = round_trip_8bit(x_r)
             fields.update(self.score(model, x_q, x, y, name=f"{self.name}_8bit", seeds=seeds))
