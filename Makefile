@@ -26,12 +26,12 @@ test-all:  ## every test
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
 lint:
-	$(VENV)/bin/ruff check src tests bench scripts train.py evaluate.py robustify.py
-	$(VENV)/bin/ruff format --check src tests bench scripts train.py evaluate.py robustify.py
+	$(VENV)/bin/ruff check src tests bench scripts train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff format --check src tests bench scripts train.py evaluate.py robustify.py ood.py
 
 format:
-	$(VENV)/bin/ruff check --fix src tests bench scripts train.py evaluate.py robustify.py
-	$(VENV)/bin/ruff format src tests bench scripts train.py evaluate.py robustify.py
+	$(VENV)/bin/ruff check --fix src tests bench scripts train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff format src tests bench scripts train.py evaluate.py robustify.py ood.py
 
 bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_adv_step.py --quick

@@ -10,6 +10,7 @@ from torch import nn
 from safespot.models.normalize import ImageClassifier, Normalize
 from safespot.models.preact_resnet import PreActResNet18
 from safespot.models.small_cnn import SmallCNN
+from safespot.models.stochastic import StochasticClassifier, build_stochastic_classifier
 from safespot.models.wide_resnet import WideResNet
 
 
@@ -25,4 +26,14 @@ def build_classifier(
     return ImageClassifier(backbone, list(mean), list(std), num_classes)
 
 
-__all__ = ["ImageClassifier", "Normalize", "PreActResNet18", "SmallCNN", "WideResNet", "build_classifier", "resnet50"]
+__all__ = [
+    "ImageClassifier",
+    "Normalize",
+    "PreActResNet18",
+    "SmallCNN",
+    "StochasticClassifier",
+    "WideResNet",
+    "build_classifier",
+    "build_stochastic_classifier",
+    "resnet50",
+]

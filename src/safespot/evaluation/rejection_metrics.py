@@ -1,0 +1,290 @@
+"""Worst-case metrics of classifiers with rejection (Addepalli et al., 2021, "Boosting Adversarial
+Robustness using Feature Level Stochastic Smoothing", paper 004, Section 4.4, Eqs. 3-8, Table 1).
+
+For each test image ``i`` and attack ``a`` of an ensemble, the classifier either rejects the
+attacked image (``D = 1``: its confidence score is below the threshold) or accepts it and predicts
+a class. Over the ensemble (the paper's sets are over all perturbations; in practice over the
+attacks, Eq. 5):
+
+* ``S_FC`` (flag correct, Eq. 3): images accepted and correctly classified under *every* attack;
+* ``S_FW`` (flag wrong, Eq. 4): images accepted and misclassified under *at least one* attack;
+* ``FC = |S_FC| / |X|``, ``FW = |S_FW| / |X|`` (Eq. 6), in percent;
+* ``Acc_adv,10% = |S_FC| / (|S_FC| + |S_FW|)`` (Eq. 7): worst-case accuracy on accepted images;
+* ``R``: images rejected under at least one attack, ``MPR = |R| / |X|`` (Eq. 8).
+
+The threshold (Section 4.4, "Selection of threshold for rejection") is calibrated on the clean
+test images: the largest threshold such that at most 10% of the clean images are correctly
+classified *and* rejected. The paper counts that 10% of the test set, which makes the number of
+correctly classified images allowed to be rejected independent of the classifier's accuracy
+(``reference="test_set"``, the default); ``reference="correct"`` counts 10% of the correctly
+classified clean images instead (Stutz et al.'s convention for CCAT). An image is rejected when its
+score is *strictly* below the threshold, so tied scores are accepted together.
+
+Columns of Table 1: ``Acc_nat,NS`` and ``Acc_adv,NS`` are the accuracies of the no-sampling
+classifier without rejection (``ns`` view), ``Acc_*,0%`` those of the chosen view without rejection
+and ``Acc_*,10%`` those with the calibrated threshold (``Acc_nat,10%``: accuracy on the accepted
+clean images). Inputs are the per-image records of
+:class:`safespot.evaluation.rejection.RejectionEvaluation`.
+
+Usage (one row per evaluation run directory, optionally ``:VIEW``)::
+
+    python -m safespot.evaluation.rejection_metrics \\
+        --row "PGD-AT=RUN_A" --row "TRADES=RUN_B" \\
+        --row "FLSS (SD=1)=RUN_C:ns" --row "FLSS (SD=2)=RUN_D:vote" [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from safespot.evaluation.rejection import VIEWS
+
+REFERENCES: tuple[str, ...] = ("test_set", "correct")
+THRESHOLDING = {"ns": "Confidence", "vote": "Maj. Vote", "mean": "Mean softmax"}
+_REJECTION_TARGET = "RejectionEvaluation"
+
+
+def calibrate_threshold(scores: Any, correct: Any, budget: float = 0.10, reference: str = "test_set") -> float:
+    """The largest threshold ``t`` such that rejecting every clean image with score ``< t``
+    rejects at most ``floor(budget * n_ref)`` correctly classified images (paper 004, Section
+    4.4), ``n_ref`` the test-set size (``reference="test_set"``) or the number of correctly
+    classified images (``"correct"``). ``-inf`` (nothing is rejected) when no clean image is
+    classified correctly, ``inf`` when every correctly classified image may be rejected."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if scores.shape != correct.shape:
+        raise ValueError(f"scores and correct must have the same length, got {scores.shape} and {correct.shape}")
+    if not 0 <= budget <= 1:
+        raise ValueError(f"budget must lie in [0, 1], got {budget}")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
+    right = np.sort(scores[correct])
+    n_ref = len(scores) if reference == "test_set" else len(right)
+    allowed = math.floor(budget * n_ref + 1e-9)
+    if len(right) == 0:
+        return -math.inf
+    if allowed >= len(right):
+        return math.inf
+    return float(right[allowed])  # exactly the `allowed` lowest-scoring correct images lie strictly below
+
+
+def worst_case(correct: Any, rejected: Any) -> dict[str, float]:
+    """Eqs. 3-8 from ``(n_attacks, n_images)`` boolean arrays (correct prediction, rejected):
+    ``fc``, ``fw``, ``mpr`` and ``acc`` (Eq. 7), all in percent of the images; ``acc`` is NaN when
+    ``S_FC`` and ``S_FW`` are both empty."""
+    correct = np.atleast_2d(np.asarray(correct, dtype=bool))
+    rejected = np.atleast_2d(np.asarray(rejected, dtype=bool))
+    if correct.shape != rejected.shape:
+        raise ValueError(f"correct and rejected must have the same shape, got {correct.shape} and {rejected.shape}")
+    n = correct.shape[1]
+    accepted = ~rejected
+    flag_correct = (accepted & correct).all(0)  # Eq. 3 / 5: intersection over attacks
+    flag_wrong = (accepted & ~correct).any(0)  # Eq. 4 / 5: union over attacks
+    rejected_any = rejected.any(0)  # Eq. 8
+    fc, fw = int(flag_correct.sum()), int(flag_wrong.sum())
+    return {
+        "fc": 100.0 * fc / n if n else math.nan,
+        "fw": 100.0 * fw / n if n else math.nan,
+        "mpr": 100.0 * float(rejected_any.sum()) / n if n else math.nan,
+        "acc": 100.0 * fc / (fc + fw) if fc + fw else math.nan,
+    }
+
+
+def point_sets(records: pd.DataFrame, name: str, view: str) -> list[str]:
+    """The attacked point sets recorded by the rejection evaluation ``name`` under ``view``."""
+    head, tail = f"{name}_", f"_{view}/correct"
+    found = [c[len(head) : -len(tail)] for c in records.columns if c.startswith(head) and c.endswith(tail)]
+    return [p for p in found if p != "clean"]
+
+
+def _column(records: pd.DataFrame, name: str, point: str, view: str, field: str) -> np.ndarray:
+    key = f"{name}_{point}_{view}/{field}"
+    if key not in records:
+        raise KeyError(f"records have no column {key!r}")
+    return records[key].to_numpy()
+
+
+def rejection_metrics(
+    records: pd.DataFrame,
+    name: str = "rejection",
+    view: str = "vote",
+    attacks: Sequence[str] | None = None,
+    budget: float = 0.10,
+    reference: str = "test_set",
+    ns_view: str = "ns",
+) -> dict[str, float]:
+    """Paper 004's Table 1 metrics for one model from its per-image records (percentages).
+
+    Returns ``acc_nat_ns``, ``acc_nat_0``, ``acc_nat_rej``, ``acc_adv_ns``, ``acc_adv_0``,
+    ``acc_adv_rej``, ``fc``, ``fw``, ``mpr`` (Eqs. 3-8 at the calibrated threshold), ``threshold``,
+    ``clean_rejected`` and ``clean_correct_rejected`` (percent of the test set) and ``n_images``.
+    ``attacks`` defaults to every attacked point set recorded; ``*_ns`` columns are NaN without an
+    ``ns`` view.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    attacks = list(attacks) if attacks is not None else point_sets(records, name, view)
+    if not attacks:
+        raise ValueError(f"no attacks recorded for evaluation {name!r} under view {view!r}")
+    clean_correct = _column(records, name, "clean", view, "correct").astype(bool)
+    clean_score = _column(records, name, "clean", view, "score").astype(np.float64)
+    threshold = calibrate_threshold(clean_score, clean_correct, budget, reference)
+    clean_rejected = clean_score < threshold
+    accepted = ~clean_rejected
+    correct = np.stack([_column(records, name, a, view, "correct").astype(bool) for a in attacks])
+    scores = np.stack([_column(records, name, a, view, "score").astype(np.float64) for a in attacks])
+    with_rejection = worst_case(correct, scores < threshold)
+    without = worst_case(correct, np.zeros_like(correct))
+    n = len(records)
+    out = {
+        "n_images": float(n),
+        "threshold": threshold,
+        "acc_nat_0": 100.0 * clean_correct.mean() if n else math.nan,
+        "acc_nat_rej": 100.0 * (clean_correct & accepted).sum() / accepted.sum() if accepted.any() else math.nan,
+        "acc_adv_0": without["acc"],
+        "acc_adv_rej": with_rejection["acc"],
+        "fc": with_rejection["fc"],
+        "fw": with_rejection["fw"],
+        "mpr": with_rejection["mpr"],
+        "clean_rejected": 100.0 * clean_rejected.mean() if n else math.nan,
+        "clean_correct_rejected": 100.0 * (clean_rejected & clean_correct).mean() if n else math.nan,
+        "acc_nat_ns": math.nan,
+        "acc_adv_ns": math.nan,
+    }
+    if f"{name}_clean_{ns_view}/correct" in records:
+        out["acc_nat_ns"] = 100.0 * _column(records, name, "clean", ns_view, "correct").astype(bool).mean()
+        ns_correct = np.stack([_column(records, name, a, ns_view, "correct").astype(bool) for a in attacks])
+        out["acc_adv_ns"] = worst_case(ns_correct, np.zeros_like(ns_correct))["acc"]
+    return out
+
+
+@dataclass
+class TableRow:
+    """One row of the Table 1 layout: a label, the records of one evaluation run and the view."""
+
+    label: str
+    records: pd.DataFrame
+    name: str = "rejection"
+    view: str = "vote"
+    attacks: Sequence[str] | None = None
+
+
+def table_columns(budget: float = 0.10) -> list[str]:
+    rej = f"{budget * 100:g}%"
+    accs = [f"Acc_{s},{c}" for s in ("nat", "adv") for c in ("NS", "0%", rej)]
+    return ["Method", "Thresholding", *accs, "FC", "FW", "MPR"]
+
+
+def rejection_table(rows: Sequence[TableRow], budget: float = 0.10, reference: str = "test_set") -> pd.DataFrame:
+    """Paper 004's Table 1 layout: one row per model (e.g. PGD-AT and TRADES with confidence
+    thresholding, FLSS with SD = 1 and 2), percentages."""
+    keys = ["acc_nat_ns", "acc_nat_0", "acc_nat_rej", "acc_adv_ns", "acc_adv_0", "acc_adv_rej", "fc", "fw", "mpr"]
+    table = []
+    for row in rows:
+        metrics = rejection_metrics(row.records, row.name, row.view, row.attacks, budget, reference)
+        table.append([row.label, THRESHOLDING[row.view], *(metrics[k] for k in keys)])
+    return pd.DataFrame(table, columns=table_columns(budget))
+
+
+def table_markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub markdown table, numbers with ``digits`` decimals, NaN as ``–``."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float | np.floating):
+            return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    lines = [
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (table.shape[1] - 2)) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False, name=None)]
+    return "\n".join(lines) + "\n"
+
+
+# --- reading evaluation runs ----------------------------------------------------------------
+def rejection_evaluations(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name: config}`` of the rejection evaluations recorded in a run's ``results.json`` meta."""
+    found = {}
+    for key, entry in (meta.get("evaluation_config") or {}).items():
+        if isinstance(entry, Mapping) and str(entry.get("_target_", "")).endswith(_REJECTION_TARGET):
+            found[str(entry.get("name", key))] = dict(entry)
+    return found
+
+
+def load_row(label: str, run_dir: str | Path, view: str | None = None, name: str | None = None) -> TableRow:
+    """A :class:`TableRow` from an evaluation run directory (``records.csv`` + ``results.json``).
+    ``view`` defaults to ``vote`` when recorded, else ``ns``."""
+    run_dir = Path(run_dir)
+    results_file, records_file = run_dir / "results.json", run_dir / "records.csv"
+    if not results_file.is_file() or not records_file.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no results.json and records.csv of an evaluation run")
+    meta = json.loads(results_file.read_text()).get("meta", {})
+    evaluations = rejection_evaluations(meta)
+    if name is None:
+        if len(evaluations) != 1:
+            raise ValueError(
+                f"{run_dir}: expected one rejection evaluation, found {sorted(evaluations) or 'none'}; pass --name"
+            )
+        name = next(iter(evaluations))
+    config = evaluations.get(name, {})
+    views = list(config.get("views") or VIEWS)
+    view = view or ("vote" if "vote" in views else "ns")
+    attacks = [k for k, v in (config.get("attacks") or {}).items() if v is not None] if config else None
+    ns = config.get("attack_ns") if config else None
+    if attacks is not None and ns:
+        attacks += [f"{a}_ns" for a in (attacks if ns is True else ns)]
+    return TableRow(label, pd.read_csv(records_file), name, view, attacks or None)
+
+
+def _parse_row(spec: str) -> tuple[str, str, str | None]:
+    if "=" not in spec:
+        raise argparse.ArgumentTypeError(f"--row expects LABEL=RUN_DIR[:VIEW] (RUN_DIR without '='), got {spec!r}")
+    label, path = spec.rsplit("=", 1)
+    view = None
+    if ":" in path and path.rsplit(":", 1)[1] in VIEWS:
+        path, view = path.rsplit(":", 1)
+    return label.strip(), path, view
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Paper 004 Table 1 (worst-case metrics with rejection) from evaluation runs."
+    )
+    parser.add_argument("--row", action="append", required=True, help="LABEL=RUN_DIR[:VIEW] (view: ns, vote, mean)")
+    parser.add_argument("--name", default=None, help="the rejection evaluation's name when a run holds several")
+    parser.add_argument("--budget", type=float, default=0.10, help="share of rejected correct clean images (0.10)")
+    parser.add_argument("--reference", choices=REFERENCES, default="test_set", help="what the budget is a share of")
+    parser.add_argument("--out", type=Path, default=None, help="write rejection_table.md and .csv into this folder")
+    args = parser.parse_args(argv)
+    try:
+        rows = [load_row(label, path, view, args.name) for label, path, view in map(_parse_row, args.row)]
+        table = rejection_table(rows, args.budget, args.reference)
+    except (OSError, ValueError, KeyError, argparse.ArgumentTypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    markdown = table_markdown(table)
+    print(markdown, end="")
+    if args.out is not None:
+        targets = [args.out / "rejection_table.md", args.out / "rejection_table.csv"]
+        if any(t.exists() for t in targets):
+            print(f"error: {args.out} already holds a rejection table; choose a fresh --out", file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        targets[0].write_text(markdown)
+        table.to_csv(targets[1], index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""OOD detectors: per-image anomaly scores (higher = more anomalous, see
+:mod:`safespot.ood.metrics`) from a trained classifier.
+
+- :class:`MSP`: the negated maximum softmax probability (Hendrycks & Gimpel, 2017). On a model
+  trained with Outlier Exposure it is the "OE" detector of paper 000, Table 4 (Hendrycks et
+  al., 2019).
+- :class:`Energy`: the free energy ``-T logsumexp(logits / T)`` (Liu et al., 2020).
+- :class:`Mahalanobis`: Lee et al. (2018, "A Simple Unified Framework for Detecting
+  Out-of-Distribution Samples and Adversarial Attacks", Eqs. 1-3 and Algorithm 1).
+- :class:`GramDetector`: Sastry & Oore (2020, "Detecting Out-of-Distribution Examples with
+  Gram Matrices"), in the simple form documented on the class.
+- :class:`SafeSpotScore`: paper 000, Section 3.6: ``D(x) = mu * MSP(x) + (1 - mu) * MSP(x_a*)``.
+
+A detector is prepared on a model (:meth:`Detector.prepare`, which checks its settings
+against the network), fitted (:meth:`Detector.fit`) on in-distribution training images and
+tuned on the in-distribution validation images and ``D_out^train`` (paper 000 tunes every
+detector on ``D_out^train``, never on ``D_out^test``), and scores batches with
+:meth:`Detector.parts`, which returns ``{"score": anomaly score, ...extra columns}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safespot.attacks import attack_context
+from safespot.ood.metrics import ood_metrics
+
+# A source of tuning or fitting batches: a callable returning an iterator of
+# (images on the model's device, labels, per-image seeds).
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+MU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+LEE_NOISE = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+_ATTACK_SALT = 424_242
+_GRAM_EPS = 1e-6  # keeps the relative deviation finite at a zero bound
+
+
+class DetectorError(ValueError):
+    """A detector setting that cannot work with the given model or data."""
+
+
+def best_by_fpr95(candidates: Sequence[Any], in_scores: Sequence[torch.Tensor], out_scores: Sequence[torch.Tensor]):
+    """The candidate whose anomaly scores separate ``D_in`` from ``D_out^train`` best: lowest
+    FPR95, ties broken by higher AUROC, then by the earlier candidate. Returns
+    ``(candidate, its metrics)``."""
+    best, best_key, best_metrics = None, None, {}
+    for candidate, a, b in zip(candidates, in_scores, out_scores, strict=True):
+        metrics = ood_metrics(a, b)
+        key = (metrics["fpr95"], -metrics["auroc"])
+        if best_key is None or key < best_key:
+            best, best_key, best_metrics = candidate, key, metrics
+    return best, best_metrics
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """Logistic regression ``P(label = 1) = sigmoid(features @ w + b)`` by L-BFGS on standardised
+    features with a small L2 penalty; returns ``(w, b)`` in the original feature units."""
+    x, y = features.double(), labels.double()
+    center, scale = x.mean(0), x.std(0).clamp_min(1e-12)
+    z = (x - center) / scale
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    weights = (w.detach() / scale).float()
+    return weights, float(b.detach() - (center / scale * w.detach()).sum())
+
+
+# --- features ---------------------------------------------------------------------------
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, capture its input)`` for each requested layer: ``penultimate`` (the
+    input of the last ``nn.Linear``), ``conv`` (every ``nn.Conv2d`` output) or a module name
+    from ``model.named_modules()``."""
+    modules = dict(model.named_modules())
+    resolved: list[tuple[str, nn.Module, bool]] = []
+    for layer in layers:
+        if layer == "penultimate":
+            linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise DetectorError("layer 'penultimate' needs a model with an nn.Linear head")
+            resolved.append(("penultimate", linears[-1][1], True))
+        elif layer == "conv":
+            convs = [(n, m, False) for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+            if not convs:
+                raise DetectorError("layer 'conv' needs a model with nn.Conv2d layers")
+            resolved.extend(convs)
+        elif layer in modules and layer:
+            resolved.append((layer, modules[layer], False))
+        else:
+            names = [n for n in modules if n][:12]
+            raise DetectorError(f"unknown layer {layer!r}; use 'penultimate', 'conv' or a module name such as {names}")
+    return resolved
+
+
+@contextmanager
+def capture(layers: Sequence[tuple[str, nn.Module, bool]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output (or input) of each layer during forward passes inside the block."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module, use_input in layers:
+        if use_input:
+            handles.append(module.register_forward_pre_hook(lambda m, args, n=name: store.__setitem__(n, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out, n=name: store.__setitem__(n, out)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pooled(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` channel means of a ``(B, C, ...)`` activation (Lee et al.'s feature)."""
+    return t.flatten(2).mean(2) if t.dim() > 2 else t
+
+
+# --- detectors --------------------------------------------------------------------------
+class Detector:
+    """Base class. ``requires_tuning``: whether :meth:`fit` needs ``D_out^train``."""
+
+    requires_tuning = False
+
+    def __init__(self, name: str) -> None:
+        if not name or "/" in name:
+            raise DetectorError(f"detector name must be a non-empty string without '/', got {name!r}")
+        self.name = name
+
+    def prepare(self, model: nn.Module) -> None:
+        """Check the settings against ``model`` (layer names ...), before any work."""
+
+    def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
+        """Fit and tune; returns the chosen settings (written to results.json)."""
+        return {}
+
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        seeds = torch.arange(len(x)) if seeds is None else seeds
+        return self.parts(model, x, seeds)["score"]
+
+    def _collect(self, model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
+        chunks: dict[str, list[torch.Tensor]] = {}
+        for x, _, seeds in batches():
+            for key, value in self.parts(model, x, seeds).items():
+                chunks.setdefault(key, []).append(value.detach().cpu())
+        return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+class MSP(Detector):
+    """``-max_y softmax(c(x))_y`` (Hendrycks & Gimpel, 2017; "OE" on an OE-trained model)."""
+
+    def __init__(self, name: str = "msp") -> None:
+        super().__init__(name)
+
+    @torch.no_grad()
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score": -F.softmax(model(x).float(), dim=1).amax(1)}
+
+
+class Energy(Detector):
+    """Free energy ``E(x) = -T logsumexp(logits / T)`` (Liu et al., 2020, Eq. 7); higher
+    energy = more anomalous."""
+
+    def __init__(self, name: str = "energy", temperature: float = 1.0) -> None:
+        super().__init__(name)
+        if temperature <= 0:
+            raise DetectorError(f"{name}.temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    @torch.no_grad()
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = self.temperature
+        return {"score": -t * torch.logsumexp(model(x).float() / t, dim=1)}
+
+
+class Mahalanobis(Detector):
+    """Lee et al. (2018): class-conditional Gaussians with a tied covariance on layer features.
+
+    For each layer ``l`` (``layers``; default the penultimate features) the channel means
+    ``f_l(x)`` of the activations are fitted on the in-distribution training images by class
+    means ``mu_{l,c}`` and one covariance ``Sigma_l = (1/N) sum_c sum_{i in c} (f - mu_c)(f - mu_c)^T``
+    (Eq. 1). The confidence of layer ``l`` is ``M_l(x) = max_c -(f_l(x) - mu_{l,c})^T
+    Sigma_l^+ (f_l(x) - mu_{l,c})`` (Eq. 2), computed after input preprocessing
+    ``x^ = clip(x - noise * sign(grad_x (f_l(x) - mu_{l,c^})^T Sigma_l^+ (f_l(x) - mu_{l,c^})), 0, 1)``
+    with ``c^`` the closest class (Eq. 3; ``noise`` in [0, 1] pixel units, as Lee et al.'s
+    magnitudes once their normalisation is undone). Several layers are combined by a
+    logistic-regression ensemble ``sum_l alpha_l M_l`` (Algorithm 1).
+
+    Following paper 000 (Section 4.4), the noise magnitude (from ``noise``, Lee et al.'s grid by
+    default) and the ensemble weights are tuned on the in-distribution validation images
+    against ``D_out^train`` (lowest FPR95, then highest AUROC), never on ``D_out^test``.
+    The anomaly score is ``-sum_l alpha_l M_l(x^)``.
+    """
+
+    def __init__(
+        self, name: str = "mahalanobis", layers: Sequence[str] = ("penultimate",), noise: Sequence[float] = LEE_NOISE
+    ) -> None:
+        super().__init__(name)
+        self.layers = [str(v) for v in ([layers] if isinstance(layers, str) else layers)]
+        self.noise_grid = [float(v) for v in ([noise] if isinstance(noise, int | float) else noise)]
+        if not self.layers or not self.noise_grid or any(v < 0 for v in self.noise_grid):
+            raise DetectorError(f"{name}: layers must be non-empty and noise a non-empty list of values >= 0")
+        self.noise, self.weights, self.bias = self.noise_grid[0], None, 0.0
+        self.means: list[torch.Tensor] = []
+        self.precisions: list[torch.Tensor] = []
+
+    @property
+    def requires_tuning(self) -> bool:  # type: ignore[override]
+        """A noise grid, or several layers (after :meth:`prepare` resolves ``conv``)."""
+        return len(self.noise_grid) > 1 or len(getattr(self, "_layers", self.layers)) > 1
+
+    def prepare(self, model: nn.Module) -> None:
+        self._layers = resolve_layers(model, self.layers)
+
+    def _features(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        with capture(self._layers) as store:
+            model(x)
+        return [pooled(store[name]).double() for name, _, _ in self._layers]
+
+    def _distances(self, f: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(B, K)`` squared Mahalanobis distances of features ``f`` to every class mean."""
+        centered = f[:, None, :] - self.means[layer][None]
+        return torch.einsum("bkd,de,bke->bk", centered, self.precisions[layer], centered)
+
+    def fit_gaussians(self, model: nn.Module, fit: Batches) -> None:
+        """Class means and the tied covariance of each layer (streamed, float64)."""
+        sums: list[torch.Tensor] = []
+        outer: list[torch.Tensor] = []
+        counts: torch.Tensor | None = None
+        with attack_context(model, "eval", update_bn=False), torch.no_grad():
+            for x, y, _ in fit():
+                feats = self._features(model, x)
+                if not sums:
+                    k = int(getattr(model, "num_classes", 0) or 0) or int(y.max()) + 1
+                    sums = [torch.zeros(k, f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
+                    outer = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
+                    counts = torch.zeros(k, dtype=torch.float64, device=feats[0].device)
+                y = y.to(feats[0].device)
+                counts += torch.bincount(y, minlength=len(counts)).double()
+                for i, f in enumerate(feats):
+                    sums[i].index_add_(0, y, f)
+                    outer[i] += f.T @ f
+        if counts is None or (counts == 0).any():
+            missing = [] if counts is None else torch.nonzero(counts == 0).flatten().tolist()
+            raise DetectorError(f"{self.name}: no fitting images for classes {missing or 'any'}")
+        n = counts.sum()
+        self.means, self.precisions = [], []
+        for s, o in zip(sums, outer, strict=True):
+            means = s / counts[:, None]
+            cov = (o - (means.T * counts) @ means) / n
+            self.means.append(means)
+            self.precisions.append(torch.linalg.pinv(cov, hermitian=True))
+
+    def layer_confidences(self, model: nn.Module, x: torch.Tensor, noise: float) -> torch.Tensor:
+        """``(B, L)``: ``M_l`` of each layer after that layer's input preprocessing."""
+        columns = []
+        with attack_context(model, "eval", update_bn=False):
+            for layer in range(len(self._layers)):
+                x_hat = x
+                if noise > 0:
+                    x_in = x.detach().clone().requires_grad_(True)
+                    d = self._distances(self._features(model, x_in)[layer], layer)
+                    (grad,) = torch.autograd.grad(d.min(1).values.sum(), x_in)
+                    x_hat = (x - noise * grad.sign()).clamp(0, 1)
+                with torch.no_grad():
+                    columns.append(-self._distances(self._features(model, x_hat)[layer], layer).min(1).values)
+        return torch.stack(columns, 1)
+
+    def _combine(self, confidences: torch.Tensor, weights: torch.Tensor | None, bias: float) -> torch.Tensor:
+        if weights is None:
+            return confidences.sum(1)
+        return confidences @ weights.to(confidences) + bias
+
+    def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
+        self.fit_gaussians(model, fit)
+        if not self.requires_tuning:
+            return {"noise": self.noise, "layers": self.layers}
+        if tune_out is None:
+            raise DetectorError(f"{self.name}: tuning the noise or layer weights needs D_out^train")
+        candidates, in_scores, out_scores = [], [], []
+        for noise in self.noise_grid:
+            a = torch.cat([self.layer_confidences(model, x, noise).cpu() for x, _, _ in tune_in()])
+            b = torch.cat([self.layer_confidences(model, x, noise).cpu() for x, _, _ in tune_out()])
+            weights, bias = None, 0.0
+            if a.shape[1] > 1:
+                labels = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])
+                weights, bias = fit_logistic(torch.cat([a, b]), labels)
+            candidates.append((noise, weights, bias))
+            in_scores.append(-self._combine(a, weights, bias))
+            out_scores.append(-self._combine(b, weights, bias))
+        (self.noise, self.weights, self.bias), metrics = best_by_fpr95(candidates, in_scores, out_scores)
+        weights = None if self.weights is None else [float(w) for w in self.weights]
+        return {"noise": self.noise, "layers": self.layers, "weights": weights, "bias": self.bias, "tune": metrics}
+
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        confidences = self.layer_confidences(model, x, self.noise)
+        return {"score": -self._combine(confidences, self.weights, self.bias).float()}
+
+
+class GramDetector(Detector):
+    """Sastry & Oore (2020), a simple form.
+
+    For each layer ``l`` (``layers``; default every ``nn.Conv2d`` output) with activations
+    ``F`` of shape ``(C, HW)`` and each order ``p = 1..powers``, the feature is the row sum of
+    the ``p``-th order Gram matrix, ``g_{l,p} = sign(G) |G|^{1/p} 1`` with ``G = F^p (F^p)^T``
+    (``F^p`` elementwise): ``C`` values per (layer, order). On the in-distribution training
+    images, grouped by the model's *predicted* class ``c``, the elementwise minimum and
+    maximum of every ``g_{l,p}`` are recorded. A test image predicted as ``c`` deviates from
+    them by ``delta(v) = (min - v) / |min|`` below the minimum, ``(v - max) / |max|`` above the
+    maximum, 0 in between (``1e-6`` is added to ``|min|`` and ``|max|``), summed over orders and
+    entries into ``delta_l(x)``. The anomaly
+    score is ``sum_l delta_l(x) / E[delta_l]``, each layer normalised by its mean deviation
+    on the in-distribution validation images. No outliers are used.
+    """
+
+    def __init__(self, name: str = "gram", layers: Sequence[str] = ("conv",), powers: int = 10) -> None:
+        super().__init__(name)
+        self.layers = [str(v) for v in ([layers] if isinstance(layers, str) else layers)]
+        if isinstance(powers, bool) or not isinstance(powers, int) or powers < 1:
+            raise DetectorError(f"{name}.powers must be an integer >= 1, got {powers!r}")
+        self.powers = powers
+        self.mins: list[torch.Tensor] = []
+        self.maxs: list[torch.Tensor] = []
+        self.expected: torch.Tensor | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        self._layers = resolve_layers(model, self.layers)
+
+    def gram_features(self, model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``([(B, powers, C) per layer], predicted classes)``."""
+        with torch.no_grad(), capture(self._layers) as store:
+            pred = model(x).argmax(1)
+        feats = []
+        for name, _, _ in self._layers:
+            t = store[name].double()
+            f = t.flatten(2) if t.dim() > 2 else t[..., None]
+            rows = []
+            for p in range(1, self.powers + 1):
+                fp = f.pow(p)
+                g = torch.bmm(fp, fp.sum(1, keepdim=True).transpose(1, 2)).squeeze(2)
+                rows.append(g.sign() * g.abs().pow(1.0 / p))
+            feats.append(torch.stack(rows, 1))
+        return feats, pred
+
+    def deviations(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` per-layer deviations ``delta_l`` from the predicted class's ranges."""
+        feats, pred = self.gram_features(model, x)
+        columns = []
+        for v, mins, maxs in zip(feats, self.mins, self.maxs, strict=True):
+            lo, hi = mins[pred], maxs[pred]
+            below = F.relu(lo - v) / (lo.abs() + _GRAM_EPS)
+            above = F.relu(v - hi) / (hi.abs() + _GRAM_EPS)
+            columns.append((below + above).flatten(1).sum(1))
+        return torch.stack(columns, 1)
+
+    def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
+        k = int(getattr(model, "num_classes", 0) or 0)
+        with attack_context(model, "eval", update_bn=False):
+            self.mins, self.maxs = [], []
+            seen = None
+            for x, _, _ in fit():
+                feats, pred = self.gram_features(model, x)
+                if not self.mins:
+                    k = k or int(pred.max()) + 1
+                    self.mins = [
+                        torch.full((k, *f.shape[1:]), torch.inf, dtype=f.dtype, device=f.device) for f in feats
+                    ]
+                    self.maxs = [torch.full_like(m, -torch.inf) for m in self.mins]
+                    seen = torch.zeros(k, dtype=torch.bool, device=pred.device)
+                for c in pred.unique().tolist():
+                    rows = pred == c
+                    seen[c] = True
+                    for f, mins, maxs in zip(feats, self.mins, self.maxs, strict=True):
+                        mins[c] = torch.minimum(mins[c], f[rows].amin(0))
+                        maxs[c] = torch.maximum(maxs[c], f[rows].amax(0))
+            if seen is None:
+                raise DetectorError(f"{self.name}: no fitting images")
+            for mins, maxs in zip(self.mins, self.maxs, strict=True):  # classes never predicted: pooled ranges
+                mins[~seen] = mins[seen].amin(0)
+                maxs[~seen] = maxs[seen].amax(0)
+            deviations = torch.cat([self.deviations(model, x).cpu() for x, _, _ in tune_in()])
+        self.expected = deviations.mean(0).clamp_min(1e-12)
+        return {"layers": [n for n, _, _ in self._layers], "powers": self.powers}
+
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        with attack_context(model, "eval", update_bn=False):
+            deviations = self.deviations(model, x)
+        return {"score": (deviations / self.expected.to(deviations)).sum(1).float()}
+
+
+class SafeSpotScore(Detector):
+    """The safe-spot OOD score of paper 000, Section 3.6:
+
+        D(x_o) = mu * max_y C(x_o)_y + (1 - mu) * max_y C(x_a*)_y,
+
+    where ``x_s*`` in ``B_delta(x_o)`` is the safe spot the ``robustifier`` finds for the model's
+    own prediction ``c(x_o)`` (Algorithm 1, :class:`~safespot.defenses.SafeSpotSearch`) and
+    ``x_a*`` in ``B_eps(x_s*)`` is the ``attack``'s adversarial example of ``x_s*`` (untargeted PGD
+    ascending ``CE(c(x), c(x_o))``). Inputs with low ``D`` are flagged, so the anomaly score is
+    ``-D(x)``.
+
+    ``mu`` weighs the two maximum softmax probabilities. With ``mu: null`` it is chosen from
+    ``mu_grid`` (0, 0.1, ..., 1 by default) on the in-distribution validation images against
+    ``D_out^train`` (lowest FPR95, then highest AUROC), the tuning protocol paper 000 applies
+    to every detector; ``D_out^test`` is never used. Extra columns: ``msp`` and ``msp_adv``
+    (the two terms), ``loss`` = ``CE(x_o, c(x_o))`` and ``loss_adv`` = ``CE(x_a*, c(x_o))``
+    (the two quantities of Figure 3) and ``dist`` = ``||x_s* - x_o||_p``.
+    """
+
+    def __init__(
+        self,
+        robustifier: Any,
+        attack: Any,
+        name: str = "safe_spot",
+        mu: float | None = None,
+        mu_grid: Sequence[float] = MU_GRID,
+    ) -> None:
+        super().__init__(name)
+        if getattr(robustifier, "protect", "prediction") != "prediction":
+            raise DetectorError(f"{name}.robustifier.protect must be 'prediction' (outliers have no labels)")
+        if getattr(attack, "targeted", False):
+            raise DetectorError(f"{name}.attack must be untargeted (it attacks the safe spot's protected class)")
+        self.mu_grid = [float(m) for m in mu_grid]
+        if (mu is not None and not 0 <= mu <= 1) or any(not 0 <= m <= 1 for m in self.mu_grid) or not self.mu_grid:
+            raise DetectorError(f"{name}: mu and mu_grid values must lie in [0, 1]")
+        self.robustifier, self.attack = robustifier, attack
+        self.mu = None if mu is None else float(mu)
+
+    @property
+    def requires_tuning(self) -> bool:  # type: ignore[override]
+        return self.mu is None
+
+    @staticmethod
+    def combine(msp: torch.Tensor, msp_adv: torch.Tensor, mu: float) -> torch.Tensor:
+        """The anomaly score ``-(mu * msp + (1 - mu) * msp_adv)``."""
+        return -(mu * msp + (1 - mu) * msp_adv)
+
+    def terms(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(x)
+        result = self.robustifier(model, x, seeds=seeds)
+        labels = result.protected
+        x_a = self.attack(model, result.x_r, labels, seeds=seeds + _ATTACK_SALT)
+        with torch.no_grad():
+            logits_a = model(x_a)
+        return {
+            "msp": F.softmax(logits.float(), 1).amax(1),
+            "msp_adv": F.softmax(logits_a.float(), 1).amax(1),
+            "loss": F.cross_entropy(logits.float(), labels, reduction="none"),
+            "loss_adv": F.cross_entropy(logits_a.float(), labels, reduction="none"),
+            "dist": result.distance,
+        }
+
+    def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
+        if self.mu is not None:
+            return {"mu": self.mu, "tuned": False}
+        if tune_out is None:
+            raise DetectorError(f"{self.name}: choosing mu needs D_out^train (or set {self.name}.mu)")
+        a, b = self._collect_terms(model, tune_in), self._collect_terms(model, tune_out)
+        in_scores = [self.combine(a["msp"], a["msp_adv"], m) for m in self.mu_grid]
+        out_scores = [self.combine(b["msp"], b["msp_adv"], m) for m in self.mu_grid]
+        self.mu, metrics = best_by_fpr95(self.mu_grid, in_scores, out_scores)
+        return {"mu": self.mu, "tuned": True, "mu_grid": self.mu_grid, "tune": metrics}
+
+    def _collect_terms(self, model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
+        chunks: dict[str, list[torch.Tensor]] = {}
+        for x, _, seeds in batches():
+            for key, value in self.terms(model, x, seeds).items():
+                chunks.setdefault(key, []).append(value.detach().cpu())
+        return {k: torch.cat(v) for k, v in chunks.items()}
+
+    def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.mu is None:
+            raise DetectorError(f"{self.name}: mu is not set; call fit() first")
+        terms = self.terms(model, x, seeds)
+        return {"score": self.combine(terms["msp"], terms["msp_adv"], self.mu), **terms}
