@@ -86,6 +86,15 @@ class TinyNet(torch.nn.Module):
         return self.body(x)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny forward passes: one intra-op thread avoids thread hand-offs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)

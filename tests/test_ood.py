@@ -27,14 +27,7 @@ from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
 from safespot.utils.task import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny forward passes, for which one thread is fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 
 
 SMALL_DATA = [

@@ -33,14 +33,7 @@ from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny forward passes: one intra-op thread avoids thread hand-offs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 
 
 class LinearTwoClass(nn.Module):

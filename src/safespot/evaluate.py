@@ -40,6 +40,21 @@ def _merge_set(base: DictConfig, overrides: DictConfig | None) -> DictConfig:
     return merged
 
 
+def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
+    """Load ``cfg.ckpt_path`` safely and return ``(checkpoint, run_cfg, data_cfg)``: the
+    training run's config stored in the checkpoint, its data config with the non-null
+    ``cfg.data`` entries written over it, and ``cfg.threat`` completed from the checkpoint's
+    threat model (checked), all before any data is read."""
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
+    threat = _merge_set(run_cfg.threat, cfg.get("threat"))
+    check_threat(threat)
+    with open_dict(cfg):
+        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
+    return checkpoint, run_cfg, data_cfg
+
+
 def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int) -> Any:
     """Instantiate the checkpoint's classifier and load its weights, refusing a mismatch."""
     trained_classes = int(run_cfg.data.num_classes)
@@ -93,13 +108,7 @@ def describe_model(run_cfg: DictConfig) -> str:
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
-    data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
-    threat = _merge_set(run_cfg.threat, cfg.get("threat"))
-    check_threat(threat)
-    with open_dict(cfg):
-        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
+    checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
     evaluations = build_evaluations(cfg.get("evaluation"))
     smoothing = smoothing_config(cfg.get("smoothing"))
@@ -117,8 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "model": describe_model(run_cfg),
         "method": checkpoint.get("hyper_parameters", {}).get("method"),
         "train_run": run_cfg.get("task_name"),
-        "norm": str(threat.norm),
-        "eps": parse_budget(threat.eps, "threat.eps"),
+        "norm": str(cfg.threat.norm),
+        "eps": parse_budget(cfg.threat.eps, "threat.eps"),
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "seed": int(cfg.seed),
         "evaluation_config": to_plain(cfg.evaluation),

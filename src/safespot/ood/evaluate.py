@@ -30,18 +30,17 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from safespot.data.base import IndexedSubset, _seeded_choice
 from safespot.data.ood import build_outlier_dataset, check_outlier_spec
-from safespot.evaluate import _merge_set, describe_model, load_model
+from safespot.evaluate import describe_model, load_model, load_run_settings
 from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
 from safespot.robustify import resolve_device
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
-from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
@@ -101,13 +100,7 @@ def _subset(dataset: Dataset, n: int | None, seed: int, name: str) -> IndexedSub
 @task_wrapper
 def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
     # --- settings, all checked before any image is read ---------------------------------
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
-    data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
-    threat = _merge_set(run_cfg.threat, cfg.get("threat"))
-    check_threat(threat)
-    with open_dict(cfg):
-        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
+    checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
     detectors = build_detectors(cfg.get("detector"))
     extra_specs = {
         str(name): check_outlier_spec(spec, f"outliers.{name}")
@@ -236,8 +229,8 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
             }
             for d, p in detectors
         },
-        "norm": str(threat.norm),
-        "eps": parse_budget(threat.eps, "threat.eps"),
+        "norm": str(cfg.threat.norm),
+        "eps": parse_budget(cfg.threat.eps, "threat.eps"),
         "seed": int(cfg.seed),
         "n_images": {str(k): int(v) for k, v in scores["set"].value_counts(sort=False).items()},
         "n_fit": len(fit_set),
