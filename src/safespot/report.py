@@ -273,34 +273,43 @@ def _pct(results: dict[str, Any], key: str) -> float:
     return 100 * float(value) if _is_number(value) else math.nan
 
 
+def _preemption_rows(
+    runs: Sequence[Run], preemptions: Sequence[tuple[str, str]], columns: dict[str, str], sigma: bool = False
+) -> pd.DataFrame | None:
+    """One row per run and robustifier present in its results: model, threat, preemption and
+    ``columns`` ({header: key suffix}, accuracies in percent); ``None`` when no row applies."""
+    rows = []
+    for run in runs:
+        model, method, norm, eps = run.key
+        for key, label in preemptions:
+            if f"{key}/acc" not in run.results:
+                continue
+            row: dict[str, Any] = {"Model": f"{model} / {method}"}
+            if sigma:
+                row["σ"] = (run.meta.get("smoothing") or {}).get("sigma", "–")
+            else:
+                row["Norm"] = norm or "–"
+            row |= {"ε": format_eps(eps), "Preempt.": label}
+            row |= {header: _pct(run.results, f"{key}{suffix}") for header, suffix in columns.items()}
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
 def preemptive_table(runs: Sequence[Run]) -> pd.DataFrame | None:
     """Paper 002's layout (Tables 1-4): Model | Preempt. | Clean | Grey PGD | Grey AA | White PGD |
     White AA, plus the safe-spot rate; one row per run and robustifier. ``None`` when no run
     has preemptive evaluations."""
-    rows = []
-    for run in runs:
-        model, method, norm, eps = run.key
-        for key, label in PREEMPTIONS:
-            if f"{key}/acc" not in run.results:
-                continue
-            r = run.results
-            rows.append(
-                {
-                    "Model": f"{model} / {method}",
-                    "Norm": norm or "–",
-                    "ε": format_eps(eps),
-                    "Preempt.": label,
-                    "Clean": _pct(r, f"{key}/acc"),
-                    "Grey PGD": _pct(r, f"{key}_pgd/acc"),
-                    "Grey AA": _pct(r, f"{key}_autoattack/acc"),
-                    "White PGD": _pct(r, f"{key}_white_pgd/acc"),
-                    "White AA": _pct(r, f"{key}_white_autoattack/acc"),
-                    "Safe-spot rate": _pct(r, f"{key}/safe_spot_rate"),
-                    "Clean (8-bit)": _pct(r, f"{key}_8bit/acc"),
-                    "Grey PGD (8-bit)": _pct(r, f"{key}_8bit_pgd/acc"),
-                }
-            )
-    return pd.DataFrame(rows) if rows else None
+    columns = {
+        "Clean": "/acc",
+        "Grey PGD": "_pgd/acc",
+        "Grey AA": "_autoattack/acc",
+        "White PGD": "_white_pgd/acc",
+        "White AA": "_white_autoattack/acc",
+        "Safe-spot rate": "/safe_spot_rate",
+        "Clean (8-bit)": "_8bit/acc",
+        "Grey PGD (8-bit)": "_8bit_pgd/acc",
+    }
+    return _preemption_rows(runs, PREEMPTIONS, columns)
 
 
 def safe_spot_table(runs: Sequence[Run]) -> pd.DataFrame | None:
@@ -326,29 +335,15 @@ CERTIFIED_PREEMPTIONS = (("preempt_certify_none", "None"), ("preempt_certify_sfu
 def smoothed_table(runs: Sequence[Run]) -> pd.DataFrame | None:
     """Paper 002's Tables 5-6 layout for smoothed classifiers: Model | Preempt. | Clean |
     Grey PGD | Grey PGD-10 | White PGD | White PGD-10 (randomised attacks, vote-scored)."""
-    rows = []
-    for run in runs:
-        model, method, _norm, eps = run.key
-        for key, label in SMOOTHED_PREEMPTIONS:
-            if f"{key}/acc" not in run.results:
-                continue
-            r = run.results
-            sigma = (run.meta.get("smoothing") or {}).get("sigma", "–")
-            rows.append(
-                {
-                    "Model": f"{model} / {method}",
-                    "σ": sigma,
-                    "ε": format_eps(eps),
-                    "Preempt.": label,
-                    "Clean": _pct(r, f"{key}/acc"),
-                    "Grey PGD": _pct(r, f"{key}_pgd/acc"),
-                    "Grey PGD-10": _pct(r, f"{key}_pgd10/acc"),
-                    "White PGD": _pct(r, f"{key}_white_pgd/acc"),
-                    "White PGD-10": _pct(r, f"{key}_white_pgd10/acc"),
-                    "Safe-spot rate": _pct(r, f"{key}/safe_spot_rate"),
-                }
-            )
-    return pd.DataFrame(rows) if rows else None
+    columns = {
+        "Clean": "/acc",
+        "Grey PGD": "_pgd/acc",
+        "Grey PGD-10": "_pgd10/acc",
+        "White PGD": "_white_pgd/acc",
+        "White PGD-10": "_white_pgd10/acc",
+        "Safe-spot rate": "/safe_spot_rate",
+    }
+    return _preemption_rows(runs, SMOOTHED_PREEMPTIONS, columns, sigma=True)
 
 
 def certified_preemptive_table(runs: Sequence[Run]) -> pd.DataFrame | None:
