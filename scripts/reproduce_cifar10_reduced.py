@@ -80,20 +80,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, help="also copy the report to this markdown file")
     parser.add_argument("--no-autoattack", action="store_true", help="skip grey-box AutoAttack")
     parser.add_argument("--reuse", action="append", default=[], metavar="PRESET=RUN_DIR")
+    parser.add_argument(
+        "--reuse-eval",
+        action="append",
+        default=[],
+        metavar="PRESET=EVAL_DIR",
+        help="take an earlier grid evaluation of PRESET (its results.json) instead of evaluating again",
+    )
     args = parser.parse_args(argv)
     if args.test_images < 1:
         parser.error("--test-images must be >= 1")
-    reuse = dict(item.split("=", 1) for item in args.reuse)
-    unknown = set(reuse) - set(MODELS)
-    if unknown:
-        parser.error(f"--reuse names unknown presets {sorted(unknown)}; expected {list(MODELS)}")
+    reuse, reuse_eval = _pairs(parser, args.reuse, "--reuse"), _pairs(parser, args.reuse_eval, "--reuse-eval")
     for preset, run_dir in reuse.items():
         _checkpoint(Path(run_dir), MODELS[preset][0])
+    for preset, eval_dir in reuse_eval.items():
+        if not (Path(eval_dir) / "results.json").is_file():
+            parser.error(f"--reuse-eval {preset}: no results.json in {eval_dir}")
     log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
     out = args.out or log_dir / "reproduce_cifar10_reduced" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     out.mkdir(parents=True, exist_ok=False)
     py, commands, eval_runs = sys.executable, [], []
     for preset, (which, _label) in MODELS.items():
+        if preset in reuse_eval:
+            commands.append(f"# {preset}: reused grid evaluation {reuse_eval[preset]}")
+            eval_runs.append(_linked_eval(out, preset, Path(reuse_eval[preset])))
+            continue
         train_dir = Path(reuse[preset]) if preset in reuse else out / "train" / preset
         if preset not in reuse:
             _run([py, "train.py", f"experiment={preset}", f"seed={args.seed}", f"hydra.run.dir={train_dir}"], commands)
@@ -102,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         eval_dir = out / "eval" / preset
         overrides = [f"ckpt_path={_checkpoint(train_dir, which)}", f"evaluation={GRID}"]
         overrides += [f"data.test_subset={args.test_images}", f"seed={args.seed}", f"hydra.run.dir={eval_dir}"]
-        # AutoAttack where the papers report it: grey-box on None and S-Full (paper 002's rows)
-        dropped = ["preempt_sfgsm", "preempt_spgd"] + (["preempt_none", "preempt_sfull"] if args.no_autoattack else [])
+        # AutoAttack where the papers report it: grey-box on None and S-Full (paper 002's rows); not on the
+        # natural model, whose None column PGD already drives to 0 (paper 000 reports PGD only there)
+        no_aa = args.no_autoattack or preset == "reduced_cifar10_natural"
+        dropped = ["preempt_sfgsm", "preempt_spgd"] + (["preempt_none", "preempt_sfull"] if no_aa else [])
         overrides += [f"~evaluation.{k}.attacks.autoattack" for k in dropped]
         overrides.append("~evaluation.preempt_sfull.white_box.attacks.autoattack")
         _run([py, "evaluate.py", *overrides], commands)
@@ -114,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         args.docs.write_text(report)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _pairs(parser: argparse.ArgumentParser, items: list[str], flag: str) -> dict[str, str]:
+    pairs = dict(item.split("=", 1) for item in items if "=" in item)
+    if len(pairs) != len(items) or set(pairs) - set(MODELS):
+        parser.error(f"{flag} takes PRESET=DIR with PRESET one of {list(MODELS)}, got {items}")
+    return pairs
+
+
+def _linked_eval(out: Path, preset: str, source: Path) -> Path:
+    """A symlink ``out/eval/PRESET`` to an earlier evaluation, so the report names it by preset."""
+    link = out / "eval" / preset
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(source.resolve(), target_is_directory=True)
+    return link
 
 
 def render(eval_dirs: list[Path], commands: list[str], args: argparse.Namespace) -> str:

@@ -48,3 +48,23 @@ def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         reproduce.main(["--test-images", "0"])
     assert not (tmp_path / "reproduce_cifar10_reduced").exists()
+
+
+def test_reused_evaluations_make_a_report_without_running_anything(tmp_path, monkeypatch):
+    sources = tmp_path / "earlier"
+    methods = {"reduced_cifar10_natural": "NaturalTraining", "reduced_cifar10_adv_linf": "AdversarialTraining"}
+    methods["reduced_cifar10_preemptive_linf"] = "PreemptiveTraining"
+    reused = [f"{p}={_fake_eval(sources, p, m, 0.4)}" for p, m in methods.items()]
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("nothing should be trained or evaluated")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", no_subprocess)
+    out = tmp_path / "new"
+    assert reproduce.main(["--out", str(out), *[arg for r in reused for arg in ("--reuse-eval", r)]]) == 0
+    report = (out / "report.md").read_text()
+    assert "| Natural |" in report and "| Ours (preemptive) |" in report and "| ADV |" in report
+    assert "reused grid evaluation" in report
+    assert (sources / "eval" / "reduced_cifar10_adv_linf" / "results.json").is_file()  # the source is untouched
+    with pytest.raises(SystemExit):
+        reproduce.main(["--reuse-eval", f"reduced_cifar10_adv_linf={tmp_path / 'missing'}"])

@@ -147,3 +147,26 @@ def test_reconstruction_starts_at_x_r_ascends_and_stays_in_its_delta_ball(tiny_n
     assert history[-1] > history[0]  # the reversed dynamics raise the worst-case loss
     first = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=1, inner_steps=3, beta=1e-9, ascend=True)
     assert torch.allclose(first(tiny_net, x_r, seeds=torch.arange(16)).x_r, x_r, atol=1e-6)  # starts at x_r
+
+
+@pytest.mark.parametrize("norm, delta, eps", [("linf", 0.1, 0.12), ("l2", 1.0, 1.5)])
+def test_active_set_compaction_gives_the_same_images_and_spends_nothing_on_finished_ones(
+    tiny_net, images, norm, delta, eps
+):
+    x, _ = images
+    seeds = torch.arange(16) * 7
+    settings = dict(norm=norm, delta=delta, eps=eps, max_iter=6, inner_steps=3, beta=0.05, early_exit=1)
+    whole = SafeSpotSearch(**settings)(tiny_net, x, seeds=seeds)
+    rows_seen = []
+    hook = tiny_net.register_forward_pre_hook(lambda module, args: rows_seen.append(len(args[0])))
+    try:
+        pooled = SafeSpotSearch(**settings, active_batch=5)(tiny_net, x, seeds=seeds)
+    finally:
+        hook.remove()
+    assert torch.allclose(pooled.x_r, whole.x_r, atol=1e-6)
+    assert torch.equal(pooled.iterations, whole.iterations) and torch.equal(pooled.early_exit, whole.early_exit)
+    assert torch.allclose(pooled.worst_loss, whole.worst_loss, atol=1e-5)
+    assert pooled.early_exit.any() and not pooled.early_exit.all()  # a mixed case: rows leave and join
+    assert max(rows_seen) <= 5
+    # one forward per image for c(x_o), then T + 1 per image and outer iteration it was searched in
+    assert sum(rows_seen) == 16 + int((pooled.iterations + 1).sum()) * (3 + 1)

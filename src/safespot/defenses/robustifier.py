@@ -21,7 +21,8 @@ targeted PGD with step delta/4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -38,6 +39,7 @@ DEFAULT_BETA = {"linf": 0.1, "l2": 0.001}  # paper 002, Appendix C.1 (CIFAR-10)
 _ITER_SEED_STRIDE = 104_729
 _RUN_SEED_STRIDE = 7_919_003
 _TANH_LIMIT = 1 - 1e-6
+_RMS_ALPHA, _RMS_EPS = 0.99, 1e-8  # torch.optim.RMSprop defaults
 
 
 @dataclass
@@ -183,6 +185,9 @@ class SafeSpotSearch(Robustifier):
         ascend: run the dynamics in reverse, *ascending* the worst-case loss and returning
             the last iterate: the original-image reconstruction of paper 002, Algorithm 3
             (use :func:`reconstruction`).
+        active_batch: most images searched at once (``None``: all given). Finished images
+            leave the active set and waiting ones take their rows (active-set compaction), so
+            with ``early_exit`` the device stays full of images still being searched.
     """
 
     norm: str = "linf"
@@ -199,12 +204,15 @@ class SafeSpotSearch(Robustifier):
     second_order: bool = False
     quantize: bool = False
     ascend: bool = False
+    active_batch: int | None = None
     mode: AttackMode = "eval"
 
     def __post_init__(self) -> None:
         self.delta, self.eps = _budgets(self.norm, self.delta, self.eps)
         for name in ("max_iter", "inner_steps", "restarts"):
             check_positive_int(getattr(self, name), name)
+        if self.active_batch is not None:
+            check_positive_int(self.active_batch, "active_batch")
         if self.early_exit is not None:
             check_positive_int(self.early_exit, "early_exit")
         self.inner_step_size = (
@@ -270,60 +278,179 @@ class SafeSpotSearch(Robustifier):
     def __call__(
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
+        """Robustify ``x_o`` (protecting ``y`` or ``c(x_o)``); ``seeds`` (one per image) make
+        each image's result independent of the batch it is searched in.
+
+        The images are searched in an active set of at most ``active_batch`` rows: an image
+        leaves it when it is done (MAXITER reached, or ``early_exit``) and the next waiting
+        image takes its row, so that no model evaluation is spent on finished images.
+        """
         x_o = x_o.detach()
-        ball = LpBall(self.norm, self.delta)
+        n, device = len(x_o), x_o.device
         with attack_context(model, self.mode):
-            labels = self.protected_labels(model, x_o, y, self.protect, seeds)
-            x_r = ball.random_init(x_o, seeds=seeds) if self.init == "random" else x_o.clone()
-            if self.norm == "linf":
-                lower, upper = (x_o - self.delta).clamp(0, 1), (x_o + self.delta).clamp(0, 1)
-                span = upper - lower
-                ratio = (2 * (x_r - lower) / span.clamp_min(1e-12) - 1).clamp(-_TANH_LIMIT, _TANH_LIMIT)
-                w = torch.atanh(ratio).requires_grad_(True)
-                optimizer = torch.optim.RMSprop([w], lr=self.beta)
-
-                def from_w() -> torch.Tensor:
-                    return torch.min(torch.max(lower + (torch.tanh(w) + 1) / 2 * span, lower), upper)
-
-                x_r = from_w().detach()
-            n = len(x_o)
-            best_x, best_loss = x_r.clone(), torch.full((n,), torch.inf, device=x_o.device)
-            best_success = torch.ones(n, dtype=torch.bool, device=x_o.device)
-            iterations = torch.zeros(n, dtype=torch.long, device=x_o.device)
-            streak = torch.zeros(n, dtype=torch.long, device=x_o.device)
-            active = torch.ones(n, dtype=torch.bool, device=x_o.device)
-            history: list[torch.Tensor] = []
-            outer_grad = self._second_order if self.second_order else self._first_order
-            for i in range(self.max_iter + 1):
-                iter_seeds = None if seeds is None else seeds + i * _ITER_SEED_STRIDE
-                grad, loss, success = outer_grad(model, x_r, labels, iter_seeds)
-                history.append(loss.mean().cpu())
-                better = active & (loss < best_loss) if not self.ascend else active
-                best_x[better], best_loss[better], best_success[better] = x_r[better], loss[better], success[better]
-                streak = torch.where(success, torch.zeros_like(streak), streak + 1)
-                if self.early_exit is not None:
-                    active &= streak < self.early_exit
-                if i == self.max_iter or not active.any():
-                    break
-                grad = (-grad if self.ascend else grad) * active.view(-1, *[1] * (x_o.dim() - 1))
-                iterations += active.long()
-                if self.norm == "linf":
-                    optimizer.zero_grad(set_to_none=False)
-                    (from_w() * grad).sum().backward()
-                    optimizer.step()
-                    x_r = from_w().detach()
-                else:
-                    x_r = torch.where(
-                        active.view(-1, *[1] * (x_o.dim() - 1)), ball.project(x_r - self.beta * grad, x_o), x_r
+            labels = torch.cat(
+                [
+                    self.protected_labels(
+                        model, x_o[rows], None if y is None else y[rows], self.protect, _at(seeds, rows)
                     )
-        early = (iterations < self.max_iter) & ~active
-        if self.quantize:
-            best_x = self.finish(best_x, x_o)
-            with attack_context(model, self.mode):
-                best_loss, best_success = self.worst_case(model, best_x, labels, seeds)
+                    for rows in self._row_chunks(n, device)
+                ]
+            )
+            out_x = x_o.clone()
+            out_loss, out_success = torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+            iterations = torch.zeros(n, dtype=torch.long, device=device)
+            early = torch.zeros(n, dtype=torch.bool, device=device)
+            hist_sum, hist_count = torch.zeros(self.max_iter + 1), torch.zeros(self.max_iter + 1)
+            outer_grad = self._second_order if self.second_order else self._first_order
+            capacity = n if self.active_batch is None else self.active_batch
+            waiting = torch.arange(n, device=device)
+            pool: _Pool | None = None
+            while pool is not None or len(waiting):
+                if len(waiting) and (pool is None or len(pool) < capacity):
+                    free = capacity - (0 if pool is None else len(pool))
+                    joining = self._start(x_o, labels, seeds, waiting[:free])
+                    waiting = waiting[free:]
+                    pool = joining if pool is None else pool.join(joining)
+                assert pool is not None
+                iter_seeds = None if pool.seeds is None else pool.seeds + pool.it * _ITER_SEED_STRIDE
+                grad, loss, success = outer_grad(model, pool.x_r, pool.labels, iter_seeds)
+                hist_sum.index_add_(0, pool.it.cpu(), loss.detach().float().cpu())
+                hist_count.index_add_(0, pool.it.cpu(), torch.ones(len(pool)))
+                better = torch.ones_like(success) if self.ascend else loss < pool.best_loss
+                pool.best_x[better], pool.best_loss[better] = pool.x_r[better], loss[better]
+                pool.best_success[better] = success[better]
+                pool.streak = torch.where(success, torch.zeros_like(pool.streak), pool.streak + 1)
+                done = pool.it >= self.max_iter
+                if self.early_exit is not None:
+                    done |= pool.streak >= self.early_exit
+                if done.any():
+                    rows = pool.index[done]
+                    out_x[rows], out_loss[rows], out_success[rows] = (
+                        pool.best_x[done],
+                        pool.best_loss[done],
+                        pool.best_success[done],
+                    )
+                    iterations[rows], early[rows] = pool.it[done], pool.it[done] < self.max_iter
+                    keep = ~done
+                    if not keep.any():
+                        pool = None
+                        continue
+                    pool, grad = pool.select(keep), grad[keep]
+                self._step(pool, -grad if self.ascend else grad)
+            if self.quantize:
+                out_x = self.finish(out_x, x_o)
+                for rows in self._row_chunks(n, device):
+                    out_loss[rows], out_success[rows] = self.worst_case(
+                        model, out_x[rows], labels[rows], _at(seeds, rows)
+                    )
+        seen = hist_count > 0
+        history = list((hist_sum[seen] / hist_count[seen]).unbind())
         return RobustifyResult(
-            best_x, labels, best_loss, best_success, iterations, early, ball.distance(best_x, x_o), history
+            out_x,
+            labels,
+            out_loss,
+            out_success,
+            iterations,
+            early,
+            LpBall(self.norm, self.delta).distance(out_x, x_o),
+            history,
         )
+
+    def _row_chunks(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        size = n if self.active_batch is None else self.active_batch
+        return list(torch.arange(n, device=device).split(max(size, 1)))
+
+    def _start(self, x_o: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, rows: torch.Tensor) -> _Pool:
+        """Initial search state of the images ``rows`` (x_r = x_o or uniform in B_delta(x_o))."""
+        origin = x_o[rows]
+        ball = LpBall(self.norm, self.delta)
+        row_seeds = _at(seeds, rows)
+        x_r = ball.random_init(origin, seeds=row_seeds) if self.init == "random" else origin.clone()
+        lower, upper = (origin - self.delta).clamp(0, 1), (origin + self.delta).clamp(0, 1)
+        w = None
+        if self.norm == "linf":  # the tanh box reparameterisation (paper 002, Appendix C)
+            span = (upper - lower).clamp_min(1e-12)
+            w = torch.atanh((2 * (x_r - lower) / span - 1).clamp(-_TANH_LIMIT, _TANH_LIMIT))
+            x_r = _from_w(w, lower, upper)
+        zeros = torch.zeros(len(rows), dtype=torch.long, device=x_o.device)
+        return _Pool(
+            index=rows,
+            x_o=origin,
+            labels=labels[rows],
+            seeds=row_seeds,
+            x_r=x_r,
+            lower=lower,
+            upper=upper,
+            w=w,
+            square_avg=None if w is None else torch.zeros_like(w),
+            best_x=x_r.clone(),
+            best_loss=torch.full((len(rows),), torch.inf, device=x_o.device),
+            best_success=torch.ones(len(rows), dtype=torch.bool, device=x_o.device),
+            it=zeros,
+            streak=zeros.clone(),
+        )
+
+    def _step(self, pool: _Pool, grad: torch.Tensor) -> None:
+        """One outer update of every image in ``pool`` along ``-grad``: RMSProp on the tanh
+        variable for l_inf (``torch.optim.RMSprop`` defaults: alpha 0.99, eps 1e-8), a
+        projected gradient step onto B_delta(x_o) and [0, 1] for l_2."""
+        pool.it += 1
+        if pool.w is None:
+            pool.x_r = LpBall(self.norm, self.delta).project(pool.x_r - self.beta * grad, pool.x_o)
+            return
+        assert pool.square_avg is not None
+        t = torch.tanh(pool.w)
+        grad_w = grad * (pool.upper - pool.lower) / 2 * (1 - t * t)
+        pool.square_avg.mul_(_RMS_ALPHA).addcmul_(grad_w, grad_w, value=1 - _RMS_ALPHA)
+        pool.w.addcdiv_(grad_w, pool.square_avg.sqrt().add_(_RMS_EPS), value=-self.beta)
+        pool.x_r = _from_w(pool.w, pool.lower, pool.upper)
+
+
+@dataclass
+class _Pool:
+    """The active set of :meth:`SafeSpotSearch.__call__`: one row per image being searched."""
+
+    index: torch.Tensor  # row of each image in the caller's batch
+    x_o: torch.Tensor
+    labels: torch.Tensor
+    seeds: torch.Tensor | None
+    x_r: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    w: torch.Tensor | None  # tanh variable (l_inf)
+    square_avg: torch.Tensor | None  # RMSProp state of w
+    best_x: torch.Tensor
+    best_loss: torch.Tensor
+    best_success: torch.Tensor
+    it: torch.Tensor  # outer iterations taken
+    streak: torch.Tensor  # consecutive iterations without a successful inner attack
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _map(self, fn: Callable[..., torch.Tensor], other: _Pool | None = None) -> _Pool:
+        values = {}
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if mine is None:
+                values[f.name] = None
+            else:
+                values[f.name] = fn(mine) if other is None else fn(mine, getattr(other, f.name))
+        return _Pool(**values)
+
+    def select(self, keep: torch.Tensor) -> _Pool:
+        return self._map(lambda t: t[keep])
+
+    def join(self, other: _Pool) -> _Pool:
+        return self._map(lambda a, b: torch.cat([a, b]), other)
+
+
+def _from_w(w: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    return torch.min(torch.max(lower + (torch.tanh(w) + 1) / 2 * (upper - lower), lower), upper)
+
+
+def _at(seeds: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if seeds is None else seeds[rows]
 
 
 def reconstruction(robustifier: object) -> SafeSpotSearch:
