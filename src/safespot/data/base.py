@@ -4,7 +4,7 @@ per-process batch size, and batches of ``(images in [0, 1], labels, dataset indi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,16 @@ class ImageDataModule(L.LightningDataModule):
     The validation split (``val_size`` images) is held out of the training set with
     ``seed``; ``*_subset`` options pick seeded subsets. ``batch_size`` is global: each of N
     processes loads ``batch_size / N``. ``mean``/``std`` are the channel statistics the
-    model's first layer normalises with.
+    model's first layer normalises with. ``in_memory`` decodes every split once and serves
+    batches from one tensor on the training device with batched augmentation
+    (:mod:`safespot.data.memory`); datamodules whose training augmentation has a batched
+    form (``memory_augment``) support it.
     """
 
     num_classes: int = 10
+    #: (padding, flip) of the batched training augmentation for ``in_memory``; ``None``
+    #: refuses ``in_memory`` (an augmentation without a batched form), ``(0, False)``: none.
+    memory_augment: tuple[int, bool] | None = None
 
     def __init__(
         self,
@@ -121,8 +127,16 @@ class ImageDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        in_memory: bool = False,
     ) -> None:
         super().__init__()
+        if in_memory and self.memory_augment is None:
+            raise DataConfigError(
+                f"data.in_memory=true is for CIFAR-sized data with crop-and-flip augmentation; "
+                f"{type(self).__name__} with these transforms does not support it"
+            )
+        self.in_memory = in_memory
+        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if num_classes is not None:
             self.num_classes = int(num_classes)
         self.mean = list(mean) if mean is not None else [0.5, 0.5, 0.5]
@@ -169,6 +183,12 @@ class ImageDataModule(L.LightningDataModule):
             "val": IndexedSubset(train_plain, self.splits["val"]),
             "test": IndexedSubset(test, self.splits["test"]),
         }
+        if self.in_memory:
+            from safespot.data.memory import decode_all
+
+            plain = {"train": IndexedSubset(train_plain, self.splits["train"]), "val": self._datasets["val"]}
+            for split, dataset in {**plain, "test": self._datasets["test"]}.items():
+                self._memory[split] = decode_all(dataset, self.num_workers) if len(dataset) else (None, None)
 
     def save_splits(self, path: str | Path) -> Path:
         """Write the chosen train/val/test indices (into the run directory) as JSON."""
@@ -184,11 +204,13 @@ class ImageDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else 1
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | Iterable:
         dataset = self._datasets[split]
         per_process = per_process_batch_size(
             batch_size, self.world_size, "data.batch_size" if train else "data.eval_batch_size"
         )
+        if self.in_memory and self._memory.get(split, (None,))[0] is not None:
+            return self._memory_loader(split, per_process, train)
         kwargs: dict[str, Any] = {
             "batch_size": per_process,
             "num_workers": self.num_workers,
@@ -202,6 +224,25 @@ class ImageDataModule(L.LightningDataModule):
         elif self.world_size > 1:
             kwargs["sampler"] = ShardSampler(len(dataset), self.world_size, self.trainer.global_rank)
         return DataLoader(dataset, drop_last=False, **kwargs)
+
+    def _memory_loader(self, split: str, per_process: int, train: bool) -> Iterable:
+        from safespot.data.memory import BatchAugment, InMemoryLoader
+
+        images, labels = self._memory[split]
+        trainer = getattr(self, "trainer", None)
+        padding, flip = self.memory_augment or (0, False)
+        return InMemoryLoader(
+            images,
+            labels,
+            torch.tensor(self.splits[split]),
+            per_process,
+            train=train,
+            seed=self.seed,
+            augment=BatchAugment(padding, flip) if train and self.augment and (padding or flip) else None,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=self.world_size,
+            device=trainer.strategy.root_device if trainer is not None else "cpu",
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train=True)

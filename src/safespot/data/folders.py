@@ -39,6 +39,7 @@ class ImageFolderDataModule(ImageDataModule):
         transforms: str = "imagenet",
         **kwargs: Any,
     ) -> None:
+        self.memory_augment = (4, True) if transforms == "cifar" else None  # before the base checks in_memory
         super().__init__(num_classes=num_classes, **kwargs)
         self.root = require_dir(root)
         if not _has_image_folders(self.root, train_dir, test_dir):
@@ -72,6 +73,7 @@ class _TorchvisionOrFolder(ImageDataModule):
     folder_names: tuple[str, ...] = ()
     marker: str = ""  # a file or folder that torchvision's format leaves under root
     num_classes = 10
+    memory_augment = (4, True)  # RandomCrop(32, padding=4) + RandomHorizontalFlip
 
     def __init__(self, root: str, download: bool = False, num_classes: int | None = None, **kwargs: Any) -> None:
         if num_classes is not None and num_classes != self.num_classes:

@@ -32,6 +32,8 @@ def make_synthetic(
 
 
 class SyntheticDataModule(ImageDataModule):
+    memory_augment = (0, False)  # no training augmentation
+
     def __init__(
         self,
         num_classes: int = 4,
