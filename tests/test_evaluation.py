@@ -351,3 +351,15 @@ def test_white_box_validity_rule_on_constructed_cases():
     assert fields["p_white_shift/invalid"].tolist() == [False, True, False]
     assert fields["p_white_shift_strict/correct"].tolist() == [True, True, True]
     assert fields["p_white/correct"].tolist() == [True, True, False]
+
+
+# --- speed options -------------------------------------------------------------------------
+def test_channels_last_and_bf16_evaluations_agree_with_float32(checkpoints, tmp_path):
+    ckpt = checkpoints["adversarial"]
+    base, base_records = _evaluate(ckpt, tmp_path / "fp32", EPS)
+    nhwc, nhwc_records = _evaluate(ckpt, tmp_path / "nhwc", EPS, "perf.channels_last=true")
+    assert nhwc["clean/acc"] == base["clean/acc"] and abs(nhwc["pgd/acc"] - base["pgd/acc"]) <= 1 / 128
+    bf16, _ = _evaluate(ckpt, tmp_path / "bf16", EPS, "trainer.precision=bf16-mixed")
+    assert abs(bf16["clean/acc"] - base["clean/acc"]) <= 3 / 128
+    assert abs(bf16["pgd/acc"] - base["pgd/acc"]) <= 5 / 128
+    assert bf16["meta"]["precision"] == "bf16-mixed" and base["meta"]["precision"] == "32-true"

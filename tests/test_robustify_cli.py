@@ -170,3 +170,13 @@ def test_cli_exit_codes(ckpt, inputs, tmp_path):
     assert missing.returncode == 2
     assert stderr.strip() == f"error: ckpt_path='{tmp_path / 'missing.ckpt'}' does not exist"
     assert not (tmp_path / "out2").exists()
+
+
+def test_bf16_robustification_writes_images_inside_the_ball(ckpt, inputs, tmp_path):
+    records = run(ckpt, str(inputs / "cat.png"), tmp_path / "out", *FAST, "precision=bf16-mixed")
+    assert [r["status"] for r in records] == ["ok"]
+    saved = np.asarray(Image.open(tmp_path / "out" / "cat.png"), dtype=np.int16)
+    assert np.abs(saved - original(inputs / "cat.png")).max() <= round(DELTA * 255)
+    with pytest.raises(ConfigError, match="precision"):
+        run(ckpt, str(inputs / "cat.png"), tmp_path / "bad", *FAST, "precision=fp8")
+    assert not (tmp_path / "bad").exists()

@@ -25,6 +25,7 @@ from safespot.threat import parse_budget
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
 from safespot.utils.instantiate import instantiate, instantiate_loggers
+from safespot.utils.performance import prepare_net
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -118,7 +119,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(data_cfg)
-    net = load_model(checkpoint, run_cfg, datamodule.num_classes)
+    net = prepare_net(load_model(checkpoint, run_cfg, datamodule.num_classes), cfg.get("perf"))
     if smoothing is not None:
         net = instantiate(smoothing, base=net).eval()
     out = Path(cfg.paths.output_dir)
@@ -132,6 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "evaluation_config": to_plain(cfg.evaluation),
         "smoothing": to_plain(smoothing) if smoothing is not None else None,
+        "precision": str(cfg.trainer.get("precision", "32-true")),
     }
     module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
     loggers = instantiate_loggers(cfg.get("logger"))

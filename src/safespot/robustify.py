@@ -38,6 +38,7 @@ from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
+from safespot.utils.performance import autocast, check_precision, prepare_net
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -382,6 +383,7 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"resize must be one of {list(RESIZE_POLICIES)}, got {cfg.get('resize')!r}")
     batch_size, check_steps = _positive_int(cfg, "batch_size"), _positive_int(cfg, "check_steps")
     device = resolve_device(cfg.get("device", "auto"))
+    precision = check_precision(cfg.get("precision", "32-true"))
     inputs = collect_inputs(cfg.input)
     out = check_output(cfg.output, cfg.input, inputs)
     checkpoint = load_checkpoint(cfg.ckpt_path)
@@ -405,7 +407,9 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
 
     from safespot.evaluate import describe_model, load_model  # lightning: import once checks pass
 
-    net = load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)).to(device)
+    net = prepare_net(load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)).to(device), cfg.get("perf"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the model's input size
     channels, size = model_input(run_cfg)
     job = _Job(net, robustifier, check, device, class_names(run_cfg))
     out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +441,8 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
                 seeds.append(file_seed(cfg.seed, content))
             if batch:
                 try:
-                    job.run(batch, images, seeds)
+                    with autocast(precision, device):
+                        job.run(batch, images, seeds)
                 except RuntimeError as err:  # e.g. out of memory: report, go on with the next batch
                     log.exception("robustifying a batch of %d files failed", len(batch))
                     for record in batch:

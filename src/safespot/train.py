@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safespot.utils.checks import check_train_config
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
+from safespot.utils.performance import prepare_net
 from safespot.utils.plain import to_plain
 from safespot.utils.task import task_wrapper
 
@@ -32,7 +33,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
+    net = prepare_net(instantiate(cfg.model), cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

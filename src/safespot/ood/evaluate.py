@@ -42,6 +42,7 @@ from safespot.robustify import resolve_device
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.instantiate import instantiate
+from safespot.utils.performance import prepare_net
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -154,7 +155,10 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
     needs_tuning_names: list[str] = []
 
     # --- models and detectors -----------------------------------------------------------
-    nets = {path: load_model(ck, rc, datamodule.num_classes).to(device) for path, (ck, rc) in checkpoints.items()}
+    nets = {
+        path: prepare_net(load_model(ck, rc, datamodule.num_classes).to(device), cfg.get("perf"))
+        for path, (ck, rc) in checkpoints.items()
+    }
     for detector, path in detectors:
         try:
             detector.prepare(nets[path])
