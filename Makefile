@@ -38,6 +38,8 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_pgd_cost.py --quick
 	$(PY) bench/bench_robustifier.py --quick
 	$(PY) bench/bench_method_steps.py --quick
+	$(PY) bench/bench_certify.py --quick
+	$(PY) bench/bench_loader.py --quick
 
 reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustification grid (about 2 h on 2 CPU cores)
 	$(PY) scripts/reproduce_cifar10_reduced.py --docs docs/reproduction_cifar10_reduced.md $(ARGS)

@@ -63,6 +63,11 @@ def main() -> None:
     print(f"plain batched loop : {total / p:12,.0f} samples/s  ({p:.2f} s)")
     print(f"SmoothedClassifier : {total / o:12,.0f} samples/s  ({o:.2f} s)")
     print(f"throughput ratio (safespot / plain): {p / o:.3f}")
+    if device.type == "cuda":  # bf16 autocast (trainer.precision=bf16-mixed in evaluate.py) against fp32
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = [time_call(lambda: smoothed.sample_counts(x, n, seed=seeds), device, 1) for _ in range(args.repeats)]
+        h = statistics.median(half)
+        print(f"SmoothedClassifier bf16 : {total / h:12,.0f} samples/s; bf16 / fp32 throughput {o / h:.3f}")
 
 
 if __name__ == "__main__":
