@@ -55,7 +55,7 @@ PAPER_002 = """| Model | Preempt. | Clean | Grey PGD | Grey AA | White PGD | Whi
 
 
 def _run(cmd: list[str], log: list[str]) -> float:
-    line = " ".join(shlex.quote(c) for c in cmd)
+    line = " ".join(["python", *(shlex.quote(c) for c in cmd[1:])])  # the venv's interpreter, shown as `python`
     print(f"$ {line}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
