@@ -286,7 +286,8 @@ def _preemption_rows(
                 continue
             row: dict[str, Any] = {"Model": f"{model} / {method}"}
             if sigma:
-                row["σ"] = (run.meta.get("smoothing") or {}).get("sigma", "–")
+                value = (run.meta.get("smoothing") or {}).get("sigma")
+                row["σ"] = "–" if value is None else f"{float(value):g}"  # not the one-decimal float format
             else:
                 row["Norm"] = norm or "–"
             row |= {"ε": format_eps(eps), "Preempt.": label}
