@@ -152,13 +152,6 @@ class Detector:
         seeds = torch.arange(len(x)) if seeds is None else seeds
         return self.parts(model, x, seeds)["score"]
 
-    def _collect(self, model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
-        chunks: dict[str, list[torch.Tensor]] = {}
-        for x, _, seeds in batches():
-            for key, value in self.parts(model, x, seeds).items():
-                chunks.setdefault(key, []).append(value.detach().cpu())
-        return {k: torch.cat(v) for k, v in chunks.items()}
-
 
 class MSP(Detector):
     """``-max_y softmax(c(x))_y`` (Hendrycks & Gimpel, 2017; "OE" on an OE-trained model)."""
@@ -470,21 +463,25 @@ class SafeSpotScore(Detector):
             return {"mu": self.mu, "tuned": False}
         if tune_out is None:
             raise DetectorError(f"{self.name}: choosing mu needs D_out^train (or set {self.name}.mu)")
-        a, b = self._collect_terms(model, tune_in), self._collect_terms(model, tune_out)
+        a, b = _gather(self.terms, model, tune_in), _gather(self.terms, model, tune_out)
         in_scores = [self.combine(a["msp"], a["msp_adv"], m) for m in self.mu_grid]
         out_scores = [self.combine(b["msp"], b["msp_adv"], m) for m in self.mu_grid]
         self.mu, metrics = best_by_fpr95(self.mu_grid, in_scores, out_scores)
         return {"mu": self.mu, "tuned": True, "mu_grid": self.mu_grid, "tune": metrics}
-
-    def _collect_terms(self, model: nn.Module, batches: Batches) -> dict[str, torch.Tensor]:
-        chunks: dict[str, list[torch.Tensor]] = {}
-        for x, _, seeds in batches():
-            for key, value in self.terms(model, x, seeds).items():
-                chunks.setdefault(key, []).append(value.detach().cpu())
-        return {k: torch.cat(v) for k, v in chunks.items()}
 
     def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.mu is None:
             raise DetectorError(f"{self.name}: mu is not set; call fit() first")
         terms = self.terms(model, x, seeds)
         return {"score": self.combine(terms["msp"], terms["msp_adv"], self.mu), **terms}
+
+
+def _gather(
+    fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], model: nn.Module, batches: Batches
+) -> dict[str, torch.Tensor]:
+    """``fn(model, x, seeds)`` over every batch, each field concatenated on the CPU."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for x, _, seeds in batches():
+        for key, value in fn(model, x, seeds).items():
+            chunks.setdefault(key, []).append(value.detach().cpu())
+    return {k: torch.cat(v) for k, v in chunks.items()}
