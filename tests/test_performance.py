@@ -33,6 +33,12 @@ def test_channels_last_network_computes_the_same_outputs_and_input_gradients():
     assert torch.allclose(net(x), ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
 
 
+def test_an_unknown_compile_mode_is_refused_before_compiling():
+    net = TinyNet()
+    with pytest.raises(ConfigError, match=r"perf\.compile_mode"):
+        prepare_net(net, OmegaConf.create({"compile": True, "compile_mode": "fastest"}))
+
+
 @pytest.mark.slow
 def test_compiled_network_keeps_its_parameter_names_and_outputs():
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from torch import nn
 from safespot.utils.task import ConfigError
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def prepare_net(net: nn.Module, perf: Any | None) -> nn.Module:
@@ -25,10 +26,12 @@ def prepare_net(net: nn.Module, perf: Any | None) -> nn.Module:
     written from a compiled network load anywhere."""
     if not perf:
         return net
+    mode = perf.get("compile_mode")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"perf.compile_mode must be one of {list(COMPILE_MODES)} or null, got {mode!r}")
     if perf.get("channels_last", False):
         net.to(memory_format=torch.channels_last)
     if perf.get("compile", False):
-        mode = perf.get("compile_mode")
         net.compile(**({"mode": mode} if mode else {}))
     return net
 
