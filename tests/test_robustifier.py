@@ -68,6 +68,8 @@ def test_baselines_lower_the_protected_loss_within_delta(tiny_net, images, cls):
 def test_invalid_settings_are_refused():
     with pytest.raises(ThreatConfigError, match="max_iter"):
         SafeSpotSearch("linf", 0.05, max_iter=0)
+    with pytest.raises(ThreatConfigError, match="active_batch"):
+        SafeSpotSearch("linf", 0.05, active_batch=0)
     with pytest.raises(ThreatConfigError, match="norm"):
         SafeSpotSearch("l1", 0.05)
     with pytest.raises(ThreatConfigError, match="eps"):
