@@ -27,12 +27,19 @@ def test_linf_projection_is_exact_clamp():
     assert torch.allclose(ball.project(x, center), expected)
 
 
-def test_l2_random_init_is_uniform_in_volume_not_on_sphere():
+def _start(ball, center, source):
+    """A random start from a global-style generator or from per-image seeds."""
+    if source == "generator":
+        return ball.random_init(center, torch.Generator().manual_seed(0))
+    return ball.random_init(center, seeds=torch.arange(len(center)) * 7919 + 11)
+
+
+@pytest.mark.parametrize("source", ["generator", "seeds"])
+def test_l2_random_init_is_uniform_in_volume_not_on_sphere(source):
     d = 3 * 4 * 4
     ball = LpBall("l2", 0.5)
     center = torch.full((4000, 3, 4, 4), 0.5)  # far from the box edges: no clamping
-    g = torch.Generator().manual_seed(0)
-    radii = ball.distance(ball.random_init(center, g), center)
+    radii = ball.distance(_start(ball, center, source), center)
     assert radii.max() <= 0.5 + 1e-6
     # for the uniform distribution in a d-ball, (r / eps)^d is uniform on [0, 1]
     u = (radii / 0.5).pow(d)
@@ -41,10 +48,11 @@ def test_l2_random_init_is_uniform_in_volume_not_on_sphere():
     assert (radii < 0.5 * 0.999).float().mean() > 0.9  # most points strictly inside
 
 
-def test_linf_random_init_is_uniform_in_cube():
+@pytest.mark.parametrize("source", ["generator", "seeds"])
+def test_linf_random_init_is_uniform_in_cube(source):
     ball = LpBall("linf", 0.2)
     center = torch.full((2000, 3, 4, 4), 0.5)
-    delta = ball.random_init(center, torch.Generator().manual_seed(0)) - center
+    delta = _start(ball, center, source) - center
     assert delta.abs().max() <= 0.2 + 1e-6
     assert abs(delta.mean().item()) < 0.005
     assert abs(delta.var().item() - 0.4**2 / 12) < 0.001
@@ -78,3 +86,19 @@ def test_budget_parsing_and_validation():
             LpBall("linf", bad)
     with pytest.raises(ThreatConfigError, match="norm must be one of"):
         LpBall("l1", 0.1)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.2)])
+def test_seeded_random_init_depends_only_on_the_image_seed(norm, eps):
+    ball = LpBall(norm, eps)
+    # centres at least 0.2 from the box edges, so offsets are not clamped
+    center = 0.2 + 0.6 * torch.rand(6, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    seeds = torch.tensor([3, 1, 4, 1, 5, 9])
+    whole = ball.random_init(center, seeds=seeds)
+    # another batch order and size: each image gets the same start
+    order = torch.tensor([4, 0, 5])
+    part = ball.random_init(center[order], seeds=seeds[order])
+    assert torch.equal(part, whole[order])
+    # equal seeds give equal offsets, different seeds different ones
+    assert torch.allclose(whole[1] - center[1], whole[3] - center[3], atol=1e-6)
+    assert not torch.equal(whole[0] - center[0], whole[2] - center[2])

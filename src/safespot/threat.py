@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from safespot.utils.rng import seeded_normal, seeded_uniform
+
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
 _TINY = 1e-12
@@ -123,11 +125,7 @@ class LpBall:
         image) each image's start depends only on its own seed, whatever batch it is in.
         """
         if seeds is not None:
-            parts = [
-                self._random_delta(center[i : i + 1].cpu(), torch.Generator().manual_seed(int(s)))
-                for i, s in enumerate(seeds.tolist())
-            ]
-            delta = torch.cat(parts).to(center)
+            delta = self._seeded_delta(center, seeds)
         else:
             delta = self._random_delta(center, generator)
         return (center + delta).clamp(0.0, 1.0)
@@ -137,8 +135,22 @@ class LpBall:
         if self.norm == "linf":
             return (2 * torch.rand(center.shape, **opts) - 1) * self.eps
         direction = torch.randn(center.shape, **opts)
+        return self._scale_l2(direction, torch.rand(center.shape[0], **opts))
+
+    def _seeded_delta(self, center: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Per-image counter-based draws (``safespot.utils.rng``): all images at once, each
+        image's start a function of its seed alone."""
+        opts = {"device": center.device, "dtype": center.dtype}
+        d = center[0].numel()
+        if self.norm == "linf":
+            return (2 * seeded_uniform(seeds, d, **opts).view_as(center) - 1) * self.eps
+        direction = seeded_normal(seeds, d, **opts).view_as(center)
+        return self._scale_l2(direction, seeded_uniform(seeds, 1, stream=1, **opts).view(-1))
+
+    def _scale_l2(self, direction: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Gaussian directions to the unit sphere, radius ``eps * U^(1/d)`` (uniform in volume)."""
         direction = direction / _per_sample(_flat_norm(direction, "l2") + _TINY, direction)
-        radius = self.eps * torch.rand(center.shape[0], **opts).pow(1.0 / center[0].numel())
+        radius = self.eps * u.pow(1.0 / direction[0].numel())
         return direction * _per_sample(radius, direction)
 
     def steepest_direction(self, grad: torch.Tensor) -> torch.Tensor:

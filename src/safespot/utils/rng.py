@@ -1,8 +1,11 @@
-"""Capture and restore every random number generator, so that a run resumed from a
-checkpoint draws the same random starts and augmentations as an uninterrupted one."""
+"""Random numbers: capture and restore every generator, so that a run resumed from a checkpoint
+draws the same random starts and augmentations as an uninterrupted one; and counter-based
+per-image streams (:func:`seeded_uniform`, :func:`seeded_normal`) for draws that must depend on
+an image's own seed only, drawn for a whole batch at once."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -29,3 +32,60 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Counter-based per-image streams --------------------------------------------------------
+# SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014):
+# element j of the stream with key k is mix(k + (j + 1) * GAMMA). Written with int64 tensor ops
+# (multiplication wraps modulo 2^64; logical right shifts are masked arithmetic shifts), so a
+# whole batch of per-image streams is drawn in a few vectorised operations, without a Python loop
+# over images, and an image's draws depend only on its seed, never on the batch it is in.
+_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 values (as unsigned 64-bit words)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _signed64(seeds: torch.Tensor | list[int], device: torch.device | str) -> torch.Tensor:
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64).reshape(-1)
+    return torch.tensor([(int(s) + 2**63) % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=device)
+
+
+def seeded_words(seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` pseudo-random 64-bit words (int64) per seed, shape ``(len(seeds), count)``.
+
+    ``stream`` selects an independent stream for the same seeds (e.g. one per purpose).
+    """
+    keys = _mix64(_signed64(seeds, device) ^ _mix64(torch.tensor(stream + 1, dtype=torch.int64, device=device)))
+    counter = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _GAMMA
+    return _mix64(keys[:, None] + counter[None, :])
+
+
+def seeded_uniform(
+    seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform draws in [0, 1) from :func:`seeded_words` (24 random bits for float32/16, 53 for float64)."""
+    bits = 53 if dtype == torch.float64 else 24
+    words = _shr(seeded_words(seeds, count, stream, device), 64 - bits)
+    return (words.to(torch.float64 if bits == 53 else torch.float32) * 2.0**-bits).to(dtype)
+
+
+def seeded_normal(
+    seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal draws by the Box-Muller transform of two 24-bit halves of each word."""
+    words = seeded_words(seeds, count, stream, device)
+    u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1]
+    u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
