@@ -124,10 +124,7 @@ class LpBall:
         A ``generator`` must live on the centre's device. With ``seeds`` (one integer per
         image) each image's start depends only on its own seed, whatever batch it is in.
         """
-        if seeds is not None:
-            delta = self._seeded_delta(center, seeds)
-        else:
-            delta = self._random_delta(center, generator)
+        delta = self._seeded_delta(center, seeds) if seeds is not None else self._random_delta(center, generator)
         return (center + delta).clamp(0.0, 1.0)
 
     def _random_delta(self, center: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -56,13 +56,17 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def _signed64(seeds: torch.Tensor | list[int], device: torch.device | str) -> torch.Tensor:
+def _signed64(seeds: Seeds, device: Device) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         return seeds.to(device=device, dtype=torch.int64).reshape(-1)
     return torch.tensor([(int(s) + 2**63) % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=device)
 
 
-def seeded_words(seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+Seeds = torch.Tensor | list[int]
+Device = torch.device | str
+
+
+def seeded_words(seeds: Seeds, count: int, stream: int = 0, device: Device = "cpu") -> torch.Tensor:
     """``count`` pseudo-random 64-bit words (int64) per seed, shape ``(len(seeds), count)``.
 
     ``stream`` selects an independent stream for the same seeds (e.g. one per purpose).
@@ -73,7 +77,7 @@ def seeded_words(seeds: torch.Tensor | list[int], count: int, stream: int = 0, d
 
 
 def seeded_uniform(
-    seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    seeds: Seeds, count: int, stream: int = 0, device: Device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Uniform draws in [0, 1) from :func:`seeded_words` (24 random bits for float32/16, 53 for float64)."""
     bits = 53 if dtype == torch.float64 else 24
@@ -82,7 +86,7 @@ def seeded_uniform(
 
 
 def seeded_normal(
-    seeds: torch.Tensor | list[int], count: int, stream: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    seeds: Seeds, count: int, stream: int = 0, device: Device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Standard normal draws by the Box-Muller transform of two 24-bit halves of each word."""
     words = seeded_words(seeds, count, stream, device)
