@@ -40,6 +40,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # (multiplication wraps modulo 2^64; logical right shifts are masked arithmetic shifts), so a
 # whole batch of per-image streams is drawn in a few vectorised operations, without a Python loop
 # over images, and an image's draws depend only on its seed, never on the batch it is in.
+Seeds = torch.Tensor | list[int]
+Device = torch.device | str
 _GAMMA = 0x9E3779B97F4A7C15 - 2**64
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64
 _MIX2 = 0x94D049BB133111EB - 2**64
@@ -60,10 +62,6 @@ def _signed64(seeds: Seeds, device: Device) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         return seeds.to(device=device, dtype=torch.int64).reshape(-1)
     return torch.tensor([(int(s) + 2**63) % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=device)
-
-
-Seeds = torch.Tensor | list[int]
-Device = torch.device | str
 
 
 def seeded_words(seeds: Seeds, count: int, stream: int = 0, device: Device = "cpu") -> torch.Tensor:
