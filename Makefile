@@ -40,6 +40,7 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_method_steps.py --quick
 	$(PY) bench/bench_certify.py --quick
 	$(PY) bench/bench_loader.py --quick
+	$(PY) bench/bench_user_figures.py --quick
 
 reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustification grid (about 2 h on 2 CPU cores)
 	$(PY) scripts/reproduce_cifar10_reduced.py --docs docs/reproduction_cifar10_reduced.md $(ARGS)
