@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
     parser.add_argument("--evals-per-image", type=float, default=137.5, help="early-exit evaluations per image")
     args = parser.parse_args()
+    if args.evals_per_image <= 0 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--evals-per-image must be > 0 and --batch-size >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch_size or (256 if device.type == "cuda" else 16)
     repeats = 3 if args.quick else 7
