@@ -150,7 +150,7 @@ def greybox_survives(model, x_r, labels, seeds, eps) -> torch.Tensor:
 
 
 def compare(args: argparse.Namespace, device: torch.device) -> None:
-    from safespot.evaluation.evaluations import image_seeds  # imports lightning: kept out of the memory children
+    from safespot.utils.rng import image_seeds
 
     model, x, y, index, what = load_setup(args, device)
     eps = 8 / 255

@@ -139,3 +139,24 @@ def test_trades_beta_zero_is_natural_training(tiny_net, images):
     assert loss.item() == pytest.approx(F.cross_entropy(tiny_net(x), y).item(), rel=1e-5)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         _module(tiny_net, "linf", cls=TradesTraining, beta=-1)
+
+
+def test_validation_runs_every_safe_spot_and_attack_step_in_eval_mode(tiny_net, images):
+    """The x_r behind val/safe_robust_acc (the checkpoint monitor of the preemptive preset) is
+    computed in eval mode, whatever mode training uses for its safe-spot step: otherwise it
+    depends on the batch through batch-norm statistics."""
+    x, y = images
+    module = _module(tiny_net, "linf", val_attack={"steps": 2}, safe_spot={"mode": "train"})
+    modes = []
+    hook = tiny_net.body[1].register_forward_pre_hook(lambda m, _: modes.append(m.training))
+    try:
+        module._evaluate((x, y, torch.arange(len(x))), "val", module.val_attack)
+    finally:
+        hook.remove()
+    assert len(modes) > 4 and not any(modes)
+    # so x_r of an image does not depend on the images it is validated with
+    torch.manual_seed(0)
+    alone = module.eval_safe_spot_step(tiny_net, x[:1], y[:1], target=y[:1])
+    torch.manual_seed(0)
+    together = module.eval_safe_spot_step(tiny_net, x, y, target=y)[:1]
+    assert torch.allclose(alone, together, atol=1e-6)

@@ -7,6 +7,7 @@ from conftest import SYNTHETIC, compose_config
 from safespot.attacks import PGD
 from safespot.data import SyntheticDataModule
 from safespot.defenses import NoRobustification, SafeSpotFGSM, SafeSpotPGD, SafeSpotSearch
+from safespot.defenses.robustifier import _TANH_LIMIT, _Pool
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.train import train
 
@@ -28,10 +29,10 @@ def test_search_stays_in_delta_ball_and_box(tiny_net, images, norm, delta, beta,
 
 def test_worst_case_loss_decreases_over_iterations(tiny_net, images):
     x, _ = images
-    search = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=15, inner_steps=5, beta=0.1)
+    search = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=15, inner_steps=5, beta=0.1, output="best")
     result = search(tiny_net, x, seeds=torch.arange(16))
     history = torch.stack(result.loss_history)
-    assert len(history) == 16
+    assert len(history) == 16 and result.output == "best"
     assert history[-1] < history[8] < history[0] - 0.03
     assert result.worst_loss.mean() <= history[-1] + 1e-6  # the kept iterate is the best one seen
 
@@ -147,8 +148,11 @@ def test_reconstruction_starts_at_x_r_ascends_and_stays_in_its_delta_ball(tiny_n
     assert LpBall("linf", 0.2).contains(result.x_r, x_r, tol=1e-6).all()
     history = torch.stack(result.loss_history)
     assert history[-1] > history[0]  # the reversed dynamics raise the worst-case loss
-    first = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=1, inner_steps=3, beta=1e-9, ascend=True)
-    assert torch.allclose(first(tiny_net, x_r, seeds=torch.arange(16)).x_r, x_r, atol=1e-6)  # starts at x_r
+    first = SafeSpotSearch("linf", 0.2, eps=0.05, max_iter=1, inner_steps=3, beta=1e-9, ascend=True, init="original")
+    # starts at x_r: a step of 1e-9 moves interior pixels by nothing and pixels on the edge of
+    # their box by at most (1 - tanh limit) / 2 of the box (2 * 0.2 wide)
+    moved = (first(tiny_net, x_r, seeds=torch.arange(16)).x_r - x_r).abs()
+    assert moved.max() <= (1 - _TANH_LIMIT) / 2 * 0.4 + 1e-6 and moved.median() <= 1e-6
 
 
 @pytest.mark.parametrize("norm, delta, eps", [("linf", 0.1, 0.24), ("l2", 1.0, 1.5)])
@@ -172,3 +176,147 @@ def test_active_set_compaction_gives_the_same_images_and_spends_nothing_on_finis
     assert max(rows_seen) <= 5
     # one forward per image for c(x_o), then T + 1 per image and outer iteration it was searched in
     assert sum(rows_seen) == 16 + int((pooled.iterations + 1).sum()) * (3 + 1)
+
+
+# --- the paper's protocol and its named improvements (paper 002, Algorithm 1, Section 3.7) -----
+
+
+def test_defaults_are_the_papers_protocol(tmp_path):
+    """Random start in B_delta(x_o) (Section 3.7; the authors' code) and the last iterate
+    (Algorithm 1), in the class, the S-Full preset, its evaluation and robustify.py."""
+    search = SafeSpotSearch("linf", 8 / 255)
+    assert search.init == "random" and search.output == "last"
+    for name, overrides, key in [
+        ("evaluate", ["evaluation=[preempt_sfull]", "ckpt_path=x"], "evaluation.preempt_sfull.robustifier"),
+        ("robustify", ["ckpt_path=x", "input=x", "output=y"], "robustifier"),
+    ]:
+        cfg = compose_config(name, overrides, tmp_path)
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node.init == "random" and node.output == "last", name
+    with pytest.raises(ThreatConfigError, match="output"):
+        SafeSpotSearch("linf", 0.05, output="worst")
+
+
+def test_random_start_and_first_inner_attack_draw_different_offsets(tiny_net, images, monkeypatch):
+    """With delta = eps the search's random start and its first inner attack's start used to
+    draw identical offsets from the same per-image seeds."""
+    x, _ = images
+    x = x * 0.5 + 0.25  # interior pixels: no offset is clamped
+    starts = []
+    original = LpBall.random_init
+
+    def spy(self, center, *args, **kwargs):
+        out = original(self, center, *args, **kwargs)
+        starts.append(out - center)
+        return out
+
+    monkeypatch.setattr(LpBall, "random_init", spy)
+    SafeSpotSearch("linf", 0.1, max_iter=1, inner_steps=1)(tiny_net, x, seeds=torch.arange(16))
+    search_start, inner_start = starts[0], starts[1]
+    assert search_start.abs().max() <= 0.1 + 1e-6 and inner_start.abs().max() <= 0.1 + 1e-6
+    correlation = torch.corrcoef(torch.stack([search_start.flatten(), inner_start.flatten()]))[0, 1]
+    assert abs(float(correlation)) < 0.1
+
+
+def test_boundary_pixels_move_like_interior_ones():
+    """A pixel on the edge of its box (x_o = 0, or clamped there by a random start) must move
+    under the RMSProp update of the tanh variable as an interior pixel does: at |g| = 1e-3 a
+    0-pixel used to move 4e-6/255 in 100 steps while interior pixels reached 8/255."""
+    delta = 8 / 255
+    search = SafeSpotSearch("linf", delta, init="original")
+    x_o = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1)
+    for magnitude in (1e-3, 1e-5):
+        pool = search._start(x_o, torch.zeros(1, dtype=torch.long), None, torch.arange(1))
+        for direction in (-1.0, 1.0):  # descent along -grad: first up, then back down
+            for _ in range(100):
+                search._step(pool, torch.full_like(x_o, direction * magnitude))
+            target = (x_o + delta).clamp(0, 1) if direction < 0 else (x_o - delta).clamp(0, 1)
+            moved_to = pool.x_r.flatten()
+            # every pixel reaches (within 2% of the box) the side of its box the gradient points to
+            assert torch.allclose(moved_to, target.flatten(), atol=0.02 * 2 * delta), (magnitude, direction, moved_to)
+
+
+def test_best_output_prefers_an_iterate_where_the_inner_attack_failed():
+    """``output='best'`` selects first on "the inner attack failed", then on the loss; the
+    old rule (lowest loss only) could return a broken iterate."""
+    x = torch.zeros(2, 1, 1, 1)
+    pool = _Pool(
+        index=torch.arange(2),
+        x_o=x,
+        labels=torch.zeros(2, dtype=torch.long),
+        seeds=None,
+        x_r=torch.ones(2, 1, 1, 1),
+        lower=x,
+        upper=x + 1,
+        w=None,
+        square_avg=None,
+        best_x=x.clone(),
+        best_loss=torch.tensor([0.1, 0.1]),
+        best_success=torch.tensor([True, False]),
+        it=torch.zeros(2, dtype=torch.long),
+        streak=torch.zeros(2, dtype=torch.long),
+    )
+    # image 0: kept iterate broken with a low loss, new one unbroken with a higher loss -> take it
+    # image 1: kept iterate unbroken, new one broken with a lower loss -> keep the old one
+    pool.keep(torch.tensor([0.9, 0.01]), torch.tensor([False, True]), "best")
+    assert pool.best_x.flatten().tolist() == [1.0, 0.0]
+    assert pool.best_success.tolist() == [False, False]
+    pool.keep(torch.tensor([5.0, 5.0]), torch.tensor([True, True]), "last")
+    assert pool.best_x.flatten().tolist() == [1.0, 1.0] and pool.best_success.all()
+
+
+def test_last_output_returns_the_last_iterate(tiny_net, images):
+    x, _ = images
+    result = SafeSpotSearch("linf", 0.1, max_iter=5, inner_steps=2, beta=0.05)(tiny_net, x[:1], seeds=torch.arange(1))
+    assert result.output == "last" and (result.iterations == 5).all()
+    assert torch.allclose(result.worst_loss[0], result.loss_history[-1])  # the loss of the 5th-step iterate
+
+
+def test_restarts_score_an_iterate_by_its_worst_run(tiny_net, images):
+    """With N inner runs an iterate's loss is the max over the runs (any run broke it = broken),
+    not the mean."""
+    from safespot.defenses.robustifier import _RUN_SEED_STRIDE
+
+    x, _ = images
+    labels = tiny_net(x).argmax(1)
+    seeds = torch.arange(16)
+    search = SafeSpotSearch("linf", 0.1, inner_steps=2, restarts=3)
+    single = SafeSpotSearch("linf", 0.1, inner_steps=2, restarts=1)
+    _, loss, success = search._first_order(tiny_net, x, labels, seeds)
+    runs = [single._first_order(tiny_net, x, labels, seeds + n * _RUN_SEED_STRIDE) for n in range(3)]
+    assert torch.allclose(loss, torch.stack([r[1] for r in runs]).amax(0))
+    assert torch.equal(success, torch.stack([r[2] for r in runs]).any(0))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_early_exit_never_reports_a_broken_image_as_done(tiny_net, images, quantize):
+    x, _ = images
+    for output in ("last", "best"):
+        result = SafeSpotSearch(
+            "linf", 8 / 255, eps=0.1, max_iter=6, inner_steps=2, early_exit=1, output=output, quantize=quantize
+        )(tiny_net, x, seeds=torch.arange(16))
+        assert not (result.early_exit & result.attack_succeeded).any()
+
+
+def test_search_keeps_every_tensor_on_the_images_device(images):
+    """Seeds given on the CPU are moved to the images' device before rows created there index
+    them (on CUDA the old search raised "indices should be either on cpu or on the same device").
+    Run on the ``meta`` device, which refuses mixed devices and host syncs alike: the fixed
+    schedule needs neither."""
+    from conftest import TinyNet
+
+    net = TinyNet().to("meta").eval()
+    x = torch.empty(6, 3, 8, 8, device="meta")
+    for settings in ({"init": "random"}, {"init": "original", "active_batch": 4}):
+        result = SafeSpotSearch("linf", 0.1, max_iter=2, inner_steps=2, **settings)(net, x, seeds=torch.arange(6))
+        assert result.x_r.device.type == "meta" and result.iterations.device.type == "meta"
+        assert len(result.loss_history) == 3
+
+
+def test_image_seeds_live_on_the_index_device():
+    from safespot.utils.rng import image_seeds
+
+    index = torch.arange(4, device="meta")
+    assert image_seeds(0, index, 3).device.type == "meta"

@@ -38,7 +38,7 @@ from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
-from safespot.utils.performance import autocast, check_precision, prepare_net
+from safespot.utils.performance import autocast, check_precision, prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -275,7 +275,7 @@ class _Job:
     def run(self, batch: list[dict[str, Any]], images: list[torch.Tensor], seeds: list[int]) -> None:
         """Robustify, write, re-read and check one batch, filling in its records."""
         x_o = torch.stack(images).to(self.device).float() / 255
-        seed = torch.tensor(seeds, dtype=torch.long)
+        seed = torch.tensor(seeds, dtype=torch.long, device=self.device)
         with torch.no_grad():
             pred = self.net(x_o).argmax(1)
         before = self.survives(x_o, pred, seed + _SALT["before"])
@@ -308,13 +308,13 @@ class _Job:
             written.append((i, record, saved))
         if not written:
             return
-        index = torch.tensor([i for i, _, _ in written])
+        index = torch.tensor([i for i, _, _ in written], device=self.device)
         x_saved = torch.stack([s for _, _, s in written]).to(self.device).float() / 255
-        protected = result.protected[index.to(result.protected.device)].to(self.device)
+        protected = result.protected.to(self.device)[index]
         with torch.no_grad():
             pred_r = self.net(x_saved).argmax(1)
         after = self.survives(x_saved, protected, seed[index] + _SALT["after"])
-        distance = self.ball.distance(x_saved, x_o[index.to(self.device)])
+        distance = self.ball.distance(x_saved, x_o[index])
         for k, (_, record, _) in enumerate(written):
             record.update(
                 status="ok",
@@ -383,7 +383,7 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"resize must be one of {list(RESIZE_POLICIES)}, got {cfg.get('resize')!r}")
     batch_size, check_steps = _positive_int(cfg, "batch_size"), _positive_int(cfg, "check_steps")
     device = resolve_device(cfg.get("device", "auto"))
-    precision = check_precision(cfg.get("precision", "32-true"))
+    precision = refuse_float16(check_precision(cfg.get("precision", "32-true")), "precision", "robustification")
     inputs = collect_inputs(cfg.input)
     out = check_output(cfg.output, cfg.input, inputs)
     checkpoint = load_checkpoint(cfg.ckpt_path)

@@ -115,16 +115,25 @@ class LpBall:
         return (center + delta).clamp(0.0, 1.0)
 
     def random_init(
-        self, center: torch.Tensor, generator: torch.Generator | None = None, seeds: torch.Tensor | None = None
+        self,
+        center: torch.Tensor,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+        stream: int = 0,
     ) -> torch.Tensor:
         """A point drawn uniformly from the ball around each centre, then clamped to [0, 1].
 
         For l_2 the direction is an isotropic Gaussian normalised to the unit sphere and the
         radius is ``eps * U^(1/d)``, which is uniform in volume (not on the sphere).
         A ``generator`` must live on the centre's device. With ``seeds`` (one integer per
-        image) each image's start depends only on its own seed, whatever batch it is in.
+        image) each image's start depends only on its own seed, whatever batch it is in;
+        ``stream`` selects an independent start for the same seeds (e.g. the safe-spot search's
+        own random start, which must not reuse its first inner attack's offsets).
         """
-        delta = self._seeded_delta(center, seeds) if seeds is not None else self._random_delta(center, generator)
+        if seeds is not None:
+            delta = self._seeded_delta(center, seeds, stream)
+        else:
+            delta = self._random_delta(center, generator)
         return (center + delta).clamp(0.0, 1.0)
 
     def _random_delta(self, center: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -134,15 +143,16 @@ class LpBall:
         direction = torch.randn(center.shape, **opts)
         return self._scale_l2(direction, torch.rand(center.shape[0], **opts))
 
-    def _seeded_delta(self, center: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    def _seeded_delta(self, center: torch.Tensor, seeds: torch.Tensor, stream: int = 0) -> torch.Tensor:
         """Per-image counter-based draws (``safespot.utils.rng``): all images at once, each
-        image's start a function of its seed alone."""
+        image's start a function of its seed (and ``stream``) alone. Stream ``s`` uses the rng
+        streams ``2 s`` (the offsets) and ``2 s + 1`` (the l_2 radius)."""
         opts = {"device": center.device, "dtype": center.dtype}
         d = center[0].numel()
         if self.norm == "linf":
-            return (2 * seeded_uniform(seeds, d, **opts).view_as(center) - 1) * self.eps
-        direction = seeded_normal(seeds, d, **opts).view_as(center)
-        return self._scale_l2(direction, seeded_uniform(seeds, 1, stream=1, **opts).view(-1))
+            return (2 * seeded_uniform(seeds, d, stream=2 * stream, **opts).view_as(center) - 1) * self.eps
+        direction = seeded_normal(seeds, d, stream=2 * stream, **opts).view_as(center)
+        return self._scale_l2(direction, seeded_uniform(seeds, 1, stream=2 * stream + 1, **opts).view(-1))
 
     def _scale_l2(self, direction: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gaussian directions to the unit sphere, radius ``eps * U^(1/d)`` (uniform in volume)."""

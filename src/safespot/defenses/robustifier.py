@@ -21,6 +21,7 @@ targeted PGD with step delta/4).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
@@ -38,7 +39,13 @@ from safespot.utils.prediction import predict_logits
 DEFAULT_BETA = {"linf": 0.1, "l2": 0.001}  # paper 002, Appendix C.1 (CIFAR-10)
 _ITER_SEED_STRIDE = 104_729
 _RUN_SEED_STRIDE = 7_919_003
-_TANH_LIMIT = 1 - 1e-6
+_INIT_STREAM = 1  # the random start's own stream (the inner attacks use stream 0 of their seeds)
+# |tanh(w)| is kept below this limit: a pixel at the edge of its box then still has
+# dx/dw = span / 2 * (1 - limit^2) ~ 1e-2 span, so RMSProp (eps 1e-8) moves it like an interior
+# pixel; with 1 - 1e-6 a pixel at 0 or 1 could not move at realistic gradients (|g| <= 1e-3).
+_TANH_LIMIT = 1 - 1e-2
+_W_LIMIT = math.atanh(_TANH_LIMIT)
+OUTPUTS: tuple[str, ...] = ("last", "best")
 _RMS_ALPHA, _RMS_EPS = 0.99, 1e-8  # torch.optim.RMSprop defaults
 
 
@@ -54,6 +61,7 @@ class RobustifyResult:
     early_exit: torch.Tensor  # whether the image left the search early
     distance: torch.Tensor  # ||x_r - x_o||_p
     loss_history: list[torch.Tensor] = field(default_factory=list)  # mean worst-case loss per iteration
+    output: str = "last"  # which iterate was returned: "last" (Algorithm 1) or "best"
 
 
 class Robustifier:
@@ -131,6 +139,7 @@ class NoRobustification(Robustifier):
     def __call__(
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
+        seeds = _on(seeds, x_o)
         with attack_context(model, self.mode):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             return self.result(model, x_o, x_o.clone(), labels, seeds)
@@ -143,6 +152,7 @@ class SafeSpotFGSM(NoRobustification):
     def __call__(
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
+        seeds = _on(seeds, x_o)
         with attack_context(model, self.mode):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             x_r = fgsm(self.norm, self.delta, targeted=True)(model, x_o, labels, target=labels)
@@ -158,6 +168,7 @@ class SafeSpotPGD(NoRobustification):
     def __call__(
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
+        seeds = _on(seeds, x_o)
         with attack_context(model, self.mode):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             attack = PGD(
@@ -175,10 +186,21 @@ class SafeSpotSearch(Robustifier):
         max_iter: outer iterations (MAXITER = 100); inner_steps: T = 20; restarts: N = 1.
         inner_step_size: alpha (default eps/4); beta: outer step (default 0.1 for l_inf,
             0.001 for l_2, paper 002 Appendix C.1).
-        init: ``original`` (x_r = x_o) or ``random`` (uniform in B_delta(x_o)).
+        init: ``random`` (uniform in B_delta(x_o), the default: the start point of paper 002,
+            Section 3.7, that defeats the reconstruction of Figure 3, and of its authors' code)
+            or ``original`` (x_r = x_o, easy to reverse). The random start is drawn from its
+            own per-image stream, never the one of the first inner attack.
         protect: ``prediction`` (c(x_o)) or ``label`` (ground truth).
+        output: which iterate is returned. ``last`` (the default; Algorithm 1 outputs the last
+            x_r) or ``best``: among the iterates visited, first one where the inner attack
+            failed, then the lowest worst-case loss (an improvement over the paper, named).
+            With N > 1 restarts an iterate's loss is the worst (max) over the N inner runs and
+            it counts as broken when any run broke it.
         early_exit: leave the search once the inner attack has failed to change the
-            prediction for this many consecutive iterations (``None``: never).
+            prediction for this many consecutive iterations (``None``: never). An image that
+            leaves early returns an iterate where the inner attack failed (with ``quantize``,
+            one whose re-check after quantisation failed too, else it is not reported as an
+            early exit).
         second_order: exact gradient through the unrolled inner PGD (l_2 only).
         quantize: finish by projecting x_r onto the 8-bit grid inside B_delta(x_o) and
             re-checking its worst-case loss (so the saved image is the one evaluated).
@@ -198,8 +220,9 @@ class SafeSpotSearch(Robustifier):
     restarts: int = 1
     inner_step_size: float | str | None = None
     beta: float | str | None = None
-    init: Literal["original", "random"] = "original"
+    init: Literal["original", "random"] = "random"
     protect: Literal["prediction", "label"] = "prediction"
+    output: Literal["last", "best"] = "last"
     early_exit: int | None = None
     second_order: bool = False
     quantize: bool = False
@@ -221,6 +244,8 @@ class SafeSpotSearch(Robustifier):
         self.beta = DEFAULT_BETA[self.norm] if self.beta is None else parse_budget(self.beta, "beta")
         if self.init not in ("original", "random"):
             raise ThreatConfigError(f"init must be 'original' or 'random', got {self.init!r}")
+        if self.output not in OUTPUTS:
+            raise ThreatConfigError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if self.protect not in ("prediction", "label"):
             raise ThreatConfigError(f"protect must be 'prediction' or 'label', got {self.protect!r}")
         if self.ascend and (self.early_exit is not None or self.quantize):
@@ -236,9 +261,9 @@ class SafeSpotSearch(Robustifier):
         self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean over N inner runs of grad CE at the final x_a (box-clamped pixels masked),
-        the mean worst-case loss and whether any run changed the prediction."""
+        the worst (max) loss over the runs and whether any run changed the prediction."""
         inner = self.inner_attack()
-        grad, loss = torch.zeros_like(x_r), torch.zeros(len(x_r), device=x_r.device)
+        grad, loss = torch.zeros_like(x_r), torch.full((len(x_r),), -torch.inf, device=x_r.device)
         success = torch.zeros(len(x_r), dtype=torch.bool, device=x_r.device)
         for n in range(self.restarts):
             run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
@@ -247,16 +272,16 @@ class SafeSpotSearch(Robustifier):
             per_image = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad(per_image.sum(), x_a)
             grad += g * ((x_a > 0) & (x_a < 1))
-            loss += per_image.detach()
+            loss = torch.maximum(loss, per_image.detach())
             success |= logits.detach().argmax(1) != labels
-        return grad / self.restarts, loss / self.restarts, success
+        return grad / self.restarts, loss, success
 
     def _second_order(
         self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact d CE(x_a^T) / d x_r through the unrolled l_2 PGD (create_graph)."""
         ball = LpBall(self.norm, self.eps)
-        grad, loss = torch.zeros_like(x_r), torch.zeros(len(x_r), device=x_r.device)
+        grad, loss = torch.zeros_like(x_r), torch.full((len(x_r),), -torch.inf, device=x_r.device)
         success = torch.zeros(len(x_r), dtype=torch.bool, device=x_r.device)
         for n in range(self.restarts):
             run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
@@ -270,16 +295,16 @@ class SafeSpotSearch(Robustifier):
             per_image = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad(per_image.sum(), center)
             grad += g
-            loss += per_image.detach()
+            loss = torch.maximum(loss, per_image.detach())
             success |= logits.detach().argmax(1) != labels
-        return grad / self.restarts, loss / self.restarts, success
+        return grad / self.restarts, loss, success
 
     # --- the search --------------------------------------------------------------------
     def __call__(
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
-        """Robustify ``x_o`` (protecting ``y`` or ``c(x_o)``); ``seeds`` (one per image) make
-        each image's result independent of the batch it is searched in.
+        """Robustify ``x_o`` (protecting ``y`` or ``c(x_o)``); ``seeds`` (one per image, moved to
+        the images' device) make each image's result independent of the batch it is searched in.
 
         The images are searched in an active set of at most ``active_batch`` rows: an image
         leaves it when it is done (MAXITER reached, or ``early_exit``) and the next waiting
@@ -287,6 +312,8 @@ class SafeSpotSearch(Robustifier):
         """
         x_o = x_o.detach()
         n, device = len(x_o), x_o.device
+        seeds = _on(seeds, x_o)
+        y = None if y is None else y.to(device)
         with attack_context(model, self.mode):
             labels = torch.cat(
                 [
@@ -296,15 +323,12 @@ class SafeSpotSearch(Robustifier):
                     for rows in self._row_chunks(n, device)
                 ]
             )
-            out_x = x_o.clone()
-            out_loss, out_success = torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-            iterations = torch.zeros(n, dtype=torch.long, device=device)
-            early = torch.zeros(n, dtype=torch.bool, device=device)
-            hist_sum, hist_count = torch.zeros(self.max_iter + 1), torch.zeros(self.max_iter + 1)
+            out = _Outcome.empty(x_o, self.max_iter)
             outer_grad = self._second_order if self.second_order else self._first_order
             capacity = n if self.active_batch is None else self.active_batch
             waiting = torch.arange(n, device=device)
             pool: _Pool | None = None
+            rounds = 0  # outer iterations of the current pool (fixed schedule)
             while pool is not None or len(waiting):
                 if len(waiting) and (pool is None or len(pool) < capacity):
                     free = capacity - (0 if pool is None else len(pool))
@@ -314,46 +338,42 @@ class SafeSpotSearch(Robustifier):
                 assert pool is not None
                 iter_seeds = None if pool.seeds is None else pool.seeds + pool.it * _ITER_SEED_STRIDE
                 grad, loss, success = outer_grad(model, pool.x_r, pool.labels, iter_seeds)
-                hist_sum.index_add_(0, pool.it.cpu(), loss.detach().float().cpu())
-                hist_count.index_add_(0, pool.it.cpu(), torch.ones(len(pool)))
-                better = torch.ones_like(success) if self.ascend else loss < pool.best_loss
-                pool.best_x[better], pool.best_loss[better] = pool.x_r[better], loss[better]
-                pool.best_success[better] = success[better]
+                out.record_history(pool.it, loss)
+                pool.keep(loss, success, "last" if self.ascend else self.output)
                 pool.streak = torch.where(success, torch.zeros_like(pool.streak), pool.streak + 1)
-                done = pool.it >= self.max_iter
-                if self.early_exit is not None:
-                    done |= pool.streak >= self.early_exit
-                if done.any():
-                    rows = pool.index[done]
-                    out_x[rows], out_loss[rows], out_success[rows] = (
-                        pool.best_x[done],
-                        pool.best_loss[done],
-                        pool.best_success[done],
-                    )
-                    iterations[rows], early[rows] = pool.it[done], pool.it[done] < self.max_iter
-                    keep = ~done
-                    if not keep.any():
-                        pool = None
+                if self.early_exit is None:  # the pool's images are all at the same iteration:
+                    rounds += 1  # decide on the host, without a device sync
+                    if rounds > self.max_iter:
+                        out.finish(pool, None, self.max_iter)
+                        pool, rounds = None, 0
                         continue
-                    pool, grad = pool.select(keep), grad[keep]
+                else:
+                    done = (pool.it >= self.max_iter) | (pool.streak >= self.early_exit)
+                    if done.any():
+                        out.finish(pool, done, self.max_iter)
+                        keep = ~done
+                        if not keep.any():
+                            pool = None
+                            continue
+                        pool, grad = pool.select(keep), grad[keep]
                 self._step(pool, -grad if self.ascend else grad)
             if self.quantize:
-                out_x = self.finish(out_x, x_o)
+                out.x = self.finish(out.x, x_o)
                 for rows in self._row_chunks(n, device):
-                    out_loss[rows], out_success[rows] = self.worst_case(
-                        model, out_x[rows], labels[rows], _at(seeds, rows)
+                    out.loss[rows], out.success[rows] = self.worst_case(
+                        model, out.x[rows], labels[rows], _at(seeds, rows)
                     )
-        seen = hist_count > 0
-        history = list((hist_sum[seen] / hist_count[seen]).unbind())
+                out.early &= ~out.success  # never "done early" with a broken returned image
         return RobustifyResult(
-            out_x,
+            out.x,
             labels,
-            out_loss,
-            out_success,
-            iterations,
-            early,
-            LpBall(self.norm, self.delta).distance(out_x, x_o),
-            history,
+            out.loss,
+            out.success,
+            out.iterations,
+            out.early,
+            LpBall(self.norm, self.delta).distance(out.x, x_o),
+            out.history(fixed_schedule=self.early_exit is None),
+            "last" if self.ascend else self.output,
         )
 
     def _row_chunks(self, n: int, device: torch.device) -> list[torch.Tensor]:
@@ -365,13 +385,16 @@ class SafeSpotSearch(Robustifier):
         origin = x_o[rows]
         ball = LpBall(self.norm, self.delta)
         row_seeds = _at(seeds, rows)
-        x_r = ball.random_init(origin, seeds=row_seeds) if self.init == "random" else origin.clone()
+        x_r = (
+            ball.random_init(origin, seeds=row_seeds, stream=_INIT_STREAM) if self.init == "random" else origin.clone()
+        )
         lower, upper = (origin - self.delta).clamp(0, 1), (origin + self.delta).clamp(0, 1)
         w = None
         if self.norm == "linf":  # the tanh box reparameterisation (paper 002, Appendix C)
             span = (upper - lower).clamp_min(1e-12)
+            # x_r itself stays exactly the start point; w may sit up to (1 - limit) / 2 * span
+            # inside the box for pixels on its edge, and takes over from the first step on
             w = torch.atanh((2 * (x_r - lower) / span - 1).clamp(-_TANH_LIMIT, _TANH_LIMIT))
-            x_r = _from_w(w, lower, upper)
         zeros = torch.zeros(len(rows), dtype=torch.long, device=x_o.device)
         return _Pool(
             index=rows,
@@ -403,6 +426,7 @@ class SafeSpotSearch(Robustifier):
         grad_w = grad * (pool.upper - pool.lower) / 2 * (1 - t * t)
         pool.square_avg.mul_(_RMS_ALPHA).addcmul_(grad_w, grad_w, value=1 - _RMS_ALPHA)
         pool.w.addcdiv_(grad_w, pool.square_avg.sqrt().add_(_RMS_EPS), value=-self.beta)
+        pool.w.clamp_(-_W_LIMIT, _W_LIMIT)  # keep every pixel where its box gradient flows
         pool.x_r = _from_w(pool.w, pool.lower, pool.upper)
 
 
@@ -428,6 +452,17 @@ class _Pool:
     def __len__(self) -> int:
         return len(self.index)
 
+    def keep(self, loss: torch.Tensor, success: torch.Tensor, output: str) -> None:
+        """Remember the iterate just evaluated: always (``last``), or (``best``) when the inner
+        attack failed on it and not on the kept one, or both agree and its loss is lower."""
+        if output == "last":
+            better = torch.ones_like(success)
+        else:
+            better = (~success & self.best_success) | ((success == self.best_success) & (loss < self.best_loss))
+        self.best_x = torch.where(better.view(-1, *[1] * (self.x_r.dim() - 1)), self.x_r, self.best_x)
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        self.best_success = torch.where(better, success, self.best_success)
+
     def _map(self, fn: Callable[..., torch.Tensor], other: _Pool | None = None) -> _Pool:
         values = {}
         for f in fields(self):
@@ -445,6 +480,56 @@ class _Pool:
         return self._map(lambda a, b: torch.cat([a, b]), other)
 
 
+@dataclass
+class _Outcome:
+    """The per-image results of :meth:`SafeSpotSearch.__call__`, filled as images finish, and
+    the loss history (kept on the images' device: no host sync per iteration)."""
+
+    x: torch.Tensor
+    loss: torch.Tensor
+    success: torch.Tensor
+    iterations: torch.Tensor
+    early: torch.Tensor
+    hist_sum: torch.Tensor
+    hist_count: torch.Tensor
+
+    @classmethod
+    def empty(cls, x_o: torch.Tensor, max_iter: int) -> _Outcome:
+        n, device = len(x_o), x_o.device
+        return cls(
+            x=x_o.clone(),
+            loss=torch.zeros(n, device=device),
+            success=torch.zeros(n, dtype=torch.bool, device=device),
+            iterations=torch.zeros(n, dtype=torch.long, device=device),
+            early=torch.zeros(n, dtype=torch.bool, device=device),
+            hist_sum=torch.zeros(max_iter + 1, device=device),
+            hist_count=torch.zeros(max_iter + 1, device=device),
+        )
+
+    def record_history(self, it: torch.Tensor, loss: torch.Tensor) -> None:
+        self.hist_sum.index_add_(0, it, loss.detach().float())
+        self.hist_count.index_add_(0, it, torch.ones_like(loss, dtype=torch.float32))
+
+    def finish(self, pool: _Pool, done: torch.Tensor | None, max_iter: int) -> None:
+        """Store the images of ``pool`` marked ``done`` (``None``: all of them)."""
+        if done is not None:
+            pool = pool.select(done)
+        rows = pool.index
+        self.x[rows], self.loss[rows], self.success[rows] = pool.best_x, pool.best_loss, pool.best_success
+        self.iterations[rows], self.early[rows] = pool.it, pool.it < max_iter
+
+    def history(self, fixed_schedule: bool) -> list[torch.Tensor]:
+        """Mean worst-case loss per iteration over the images that reached it (with a fixed
+        schedule all of them reach every iteration: no device sync)."""
+        seen = len(self.hist_count) if fixed_schedule else int((self.hist_count > 0).sum())
+        return list((self.hist_sum / self.hist_count.clamp_min(1))[:seen].unbind())
+
+
+def _on(seeds: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Per-image seeds on the images' device (row indices created there index them)."""
+    return None if seeds is None else torch.as_tensor(seeds, dtype=torch.long).to(like.device)
+
+
 def _from_w(w: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     return torch.min(torch.max(lower + (torch.tanh(w) + 1) / 2 * (upper - lower), lower), upper)
 
@@ -460,4 +545,4 @@ def reconstruction(robustifier: object) -> SafeSpotSearch:
     defaults are used with its norm and budgets."""
     if isinstance(robustifier, SafeSpotSearch):
         return replace(robustifier, ascend=True, init="original", protect="prediction", early_exit=None, quantize=False)
-    return SafeSpotSearch(robustifier.norm, robustifier.delta, robustifier.eps, ascend=True)
+    return SafeSpotSearch(robustifier.norm, robustifier.delta, robustifier.eps, ascend=True, init="original")

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from safespot.evaluation.evaluations import Clean, Evaluation, image_seeds
+from safespot.evaluation.evaluations import Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
+from safespot.utils.rng import image_seeds
 
 
 def _gather(frame: pd.DataFrame) -> list[pd.DataFrame]:

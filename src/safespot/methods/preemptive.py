@@ -22,6 +22,7 @@ on (``x_a``) does, as in adversarial training.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,7 @@ class PreemptiveTraining(AdversarialTraining):
             targeted=True,
             mode=s["mode"],
         )
+        self.eval_safe_spot_step = dataclasses.replace(self.safe_spot_step, mode="eval")
         return super().build_train_attack()
 
     def extra_hparams(self) -> dict[str, Any]:
@@ -115,8 +117,10 @@ class PreemptiveTraining(AdversarialTraining):
         x, y = batch[0], batch[1]
         with torch.no_grad():
             predicted = self.net(x).argmax(1)
+        # the safe-spot step of validation and test runs in eval mode (its training mode would
+        # make x_r, and the checkpoint monitor val/safe_robust_acc, depend on the batch)
         with attack_context(self.net, mode="eval", update_bn=False):
-            x_r = self.safe_spot_step(self.net, x, predicted, target=predicted)
+            x_r = self.eval_safe_spot_step(self.net, x, predicted, target=predicted)
         x_adv = attack(self.net, x_r, y)
         metric = getattr(self, f"{stage}_safe_robust_acc")
         with torch.no_grad():

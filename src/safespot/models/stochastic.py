@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.models.normalize import Normalize
+from safespot.utils.rng import seeded_normal
 
 SIGMA_PARAMETERISATIONS: tuple[str, ...] = ("softplus", "logvar")
 _LOGVAR_RANGE = (-20.0, 10.0)
 
 SeedLike = int | Sequence[int] | torch.Tensor | None
+_LATENT_STREAM = 11  # the FLSS latent draws' own rng stream
 
 
 def strip_linear_head(backbone: nn.Module) -> tuple[nn.Module, int]:
@@ -68,23 +70,22 @@ def strip_linear_head(backbone: nn.Module) -> tuple[nn.Module, int]:
 def latent_noise(
     batch: int, n: int, dim: int, seed: SeedLike = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Standard-normal draws of shape ``(batch, n, dim)``.
+    """Standard-normal draws of shape ``(batch, n, dim)``, created on ``device``.
 
     With per-image ``seed`` (one integer per image, e.g. the evaluation engine's image seeds),
-    image ``i``'s draws come from a generator seeded by ``seed[i]`` alone, so they do not depend
-    on which other images share the batch; with an integer seed, from one generator; with
-    ``None``, from the global RNG of ``device``.
+    image ``i``'s draws come from the counter-based stream of ``seed[i]`` alone
+    (:func:`safespot.utils.rng.seeded_normal`, all images at once on the device), so they do
+    not depend on which other images share the batch; with an integer seed, from the streams of
+    ``seed, seed + 1, ...``; with ``None``, from the global RNG of ``device``.
     """
     if seed is None:
         return torch.randn(batch, n, dim, device=device)
     if isinstance(seed, int) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
-        generator = torch.Generator().manual_seed(int(seed) % 2**63)
-        return torch.randn(batch, n, dim, generator=generator).to(device)
-    seeds = seed.tolist() if isinstance(seed, torch.Tensor) else list(seed)
+        seed = torch.arange(batch, device=device) + int(seed)
+    seeds = torch.as_tensor(seed, dtype=torch.long).to(device).reshape(-1)
     if len(seeds) != batch:
         raise ValueError(f"expected {batch} per-image seeds, got {len(seeds)}")
-    draws = [torch.randn(n, dim, generator=torch.Generator().manual_seed(int(s) % 2**63)) for s in seeds]
-    return torch.stack(draws).to(device) if draws else torch.empty(0, n, dim, device=device)
+    return seeded_normal(seeds, n * dim, stream=_LATENT_STREAM, device=device).view(batch, n, dim)
 
 
 class StochasticClassifier(nn.Module):

@@ -80,29 +80,106 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4)
 
 
 # --- features ---------------------------------------------------------------------------
-def resolve_layers(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, nn.Module, bool]]:
+PENULTIMATE, CONV, STAGES = "penultimate", "conv", "stages"
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str], probe: torch.Tensor | None = None
+) -> list[tuple[str, nn.Module, bool]]:
     """``(name, module, capture its input)`` for each requested layer: ``penultimate`` (the
-    input of the last ``nn.Linear``), ``conv`` (every ``nn.Conv2d`` output) or a module name
-    from ``model.named_modules()``."""
+    input of the last ``nn.Linear``), ``conv`` (every ``nn.Conv2d`` output), ``stages`` (the
+    output of each stage of the network, :func:`stage_modules`; found by a forward pass of
+    ``probe``, images of the model's input size) or a module name from ``model.named_modules()``."""
     modules = dict(model.named_modules())
     resolved: list[tuple[str, nn.Module, bool]] = []
     for layer in layers:
-        if layer == "penultimate":
+        if layer == PENULTIMATE:
             linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
             if not linears:
                 raise DetectorError("layer 'penultimate' needs a model with an nn.Linear head")
-            resolved.append(("penultimate", linears[-1][1], True))
-        elif layer == "conv":
+            resolved.append((PENULTIMATE, linears[-1][1], True))
+        elif layer == CONV:
             convs = [(n, m, False) for n, m in modules.items() if isinstance(m, nn.Conv2d)]
             if not convs:
                 raise DetectorError("layer 'conv' needs a model with nn.Conv2d layers")
             resolved.extend(convs)
+        elif layer == STAGES:
+            if probe is None:
+                raise DetectorError(
+                    "layer 'stages' is found by a forward pass of the fitting images, which only the "
+                    "Mahalanobis detector makes; name the layers instead"
+                )
+            resolved.extend((n, modules[n], False) for n in stage_modules(model, probe))
         elif layer in modules and layer:
             resolved.append((layer, modules[layer], False))
         else:
             names = [n for n in modules if n][:12]
-            raise DetectorError(f"unknown layer {layer!r}; use 'penultimate', 'conv' or a module name such as {names}")
+            raise DetectorError(
+                f"unknown layer {layer!r}; use 'penultimate', 'conv', 'stages' or a module name such as {names}"
+            )
+    names = [n for n, _, _ in resolved]
+    if len(set(names)) != len(names):
+        raise DetectorError(f"layers {list(layers)} name a layer twice: {names}")
     return resolved
+
+
+def stage_modules(model: nn.Module, probe: torch.Tensor) -> list[str]:
+    """Names of the modules whose outputs end the *stages* of a convolutional network: the
+    feature maps of Lee et al.'s (2018) multi-layer ensemble (the stem and each residual stage of
+    a ResNet), found from one forward pass of ``probe`` without knowing the architecture.
+
+    Every module's 4-D output is recorded in the order the modules finish. The *trunk* is the
+    shallowest module depth (``a.b.c`` has depth 3) whose modules produce at least two different
+    feature-map shapes ``(C, H, W)``, leaving out the input's own shape (e.g. ``Normalize``) and
+    ``1 x 1`` maps (global pooling: those are the penultimate features). Consecutive trunk
+    modules with the same output shape form one stage, which ends at the last of them.
+
+    With the models of ``conf/model``: SmallCNN ``backbone.features.0`` ... ``.2`` (its three
+    conv blocks); PreActResNet-18 ``backbone.features.2``, ``.4``, ``.6`` and ``.10`` (the stem
+    conv has the first stage's shape and joins it; the last stage ends after the final
+    batch norm + ReLU); WRN-34-10 / WRN-28-10 the stem ``backbone.features.0`` and the ends of
+    its three stages, the last after the final batch norm + ReLU; torchvision's ResNet-50 the
+    stem (after ReLU and after max pooling), ``layer1`` ... ``layer4``; the FLSS models the same
+    modules of their encoder (``encoder.features.*``). The channel means of the last stage are
+    the penultimate features of these networks (global average pooling, then the linear head).
+    """
+    records: list[tuple[str, int, tuple[int, ...]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m: nn.Module, args: Any, out: Any, n: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                records.append((n, n.count(".") + 1, tuple(out.shape[1:])))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with attack_context(model, "eval", update_bn=False), torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    image = tuple(probe.shape[1:])
+    for depth in sorted({d for _, d, _ in records}):
+        runs: list[list[Any]] = []  # [last module name, shape] of consecutive equal shapes
+        for name, d, shape in records:
+            if d != depth:
+                continue
+            if runs and runs[-1][1] == shape:
+                runs[-1][0] = name
+            else:
+                runs.append([name, shape])
+        stages = [(n, shape) for n, shape in runs if shape != image and shape[1] * shape[2] > 1]
+        if len({shape for _, shape in stages}) >= 2:
+            names = [n for n, _ in stages]
+            if len(set(names)) != len(names):
+                raise DetectorError(
+                    f"layer 'stages': module(s) {sorted({n for n in names if names.count(n) > 1})} end several "
+                    "stages (a module called more than once); name the layers instead"
+                )
+            return names
+    raise DetectorError("layer 'stages' needs a convolutional network whose feature maps change shape; name the layers")
 
 
 @contextmanager
@@ -149,7 +226,7 @@ class Detector:
         raise NotImplementedError
 
     def score(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
-        seeds = torch.arange(len(x)) if seeds is None else seeds
+        seeds = torch.arange(len(x), device=x.device) if seeds is None else seeds.to(x.device)
         return self.parts(model, x, seeds)["score"]
 
 
@@ -183,7 +260,9 @@ class Energy(Detector):
 class Mahalanobis(Detector):
     """Lee et al. (2018): class-conditional Gaussians with a tied covariance on layer features.
 
-    For each layer ``l`` (``layers``; default the penultimate features) the channel means
+    For each layer ``l`` (``layers``: ``stages``, the output of each stage of the network as in
+    Lee et al.'s ensemble, see :func:`stage_modules`; ``penultimate``; ``conv``; module names) the
+    channel means
     ``f_l(x)`` of the activations are fitted on the in-distribution training images by class
     means ``mu_{l,c}`` and one covariance ``Sigma_l = (1/N) sum_c sum_{i in c} (f - mu_c)(f - mu_c)^T``
     (Eq. 1). The confidence of layer ``l`` is ``M_l(x) = max_c -(f_l(x) - mu_{l,c})^T
@@ -200,7 +279,7 @@ class Mahalanobis(Detector):
     """
 
     def __init__(
-        self, name: str = "mahalanobis", layers: Sequence[str] = ("penultimate",), noise: Sequence[float] = LEE_NOISE
+        self, name: str = "mahalanobis", layers: Sequence[str] = (STAGES,), noise: Sequence[float] = LEE_NOISE
     ) -> None:
         super().__init__(name)
         self.layers = [str(v) for v in ([layers] if isinstance(layers, str) else layers)]
@@ -210,16 +289,37 @@ class Mahalanobis(Detector):
         self.noise, self.weights, self.bias = self.noise_grid[0], None, 0.0
         self.means: list[torch.Tensor] = []
         self.precisions: list[torch.Tensor] = []
+        self._layers: list[tuple[str, nn.Module, bool]] | None = None
 
     @property
     def requires_tuning(self) -> bool:  # type: ignore[override]
-        """A noise grid, or several layers (after :meth:`prepare` resolves ``conv``)."""
-        return len(self.noise_grid) > 1 or len(getattr(self, "_layers", self.layers)) > 1
+        """A noise grid, or several layers (``conv`` and ``stages`` count as several until
+        resolved; ``stages`` is resolved by :meth:`fit`)."""
+        if len(self.noise_grid) > 1:
+            return True
+        if self._layers is not None:
+            return len(self._layers) > 1
+        return len(self.layers) > 1 or any(v in (CONV, STAGES) for v in self.layers)
 
     def prepare(self, model: nn.Module) -> None:
-        self._layers = resolve_layers(model, self.layers)
+        """Resolve the layers; ``stages`` needs images and is resolved by :meth:`fit` (the other
+        layers are checked here)."""
+        if STAGES in self.layers:
+            if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+                raise DetectorError("layer 'stages' needs a model with nn.Conv2d layers")
+            resolve_layers(model, [v for v in self.layers if v != STAGES])
+            self._layers = None
+        else:
+            self._layers = resolve_layers(model, self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The resolved layers' names (after :meth:`fit`)."""
+        return [n for n, _, _ in self._layers or []]
 
     def _features(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._layers is None:
+            raise DetectorError(f"{self.name}: fit the detector first (its layers are not resolved)")
         with capture(self._layers) as store:
             model(x)
         return [pooled(store[name]).double() for name, _, _ in self._layers]
@@ -262,7 +362,7 @@ class Mahalanobis(Detector):
         """``(B, L)``: ``M_l`` of each layer after that layer's input preprocessing."""
         columns = []
         with attack_context(model, "eval", update_bn=False):
-            for layer in range(len(self._layers)):
+            for layer in range(len(self.means)):
                 x_hat = x
                 if noise > 0:
                     x_in = x.detach().clone().requires_grad_(True)
@@ -279,9 +379,14 @@ class Mahalanobis(Detector):
         return confidences @ weights.to(confidences) + bias
 
     def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
+        if self._layers is None:  # `stages` (or prepare was skipped): resolve on a fitting image
+            first = next(iter(fit()), None)
+            if first is None:
+                raise DetectorError(f"{self.name}: no fitting images")
+            self._layers = resolve_layers(model, self.layers, probe=first[0][:1])
         self.fit_gaussians(model, fit)
         if not self.requires_tuning:
-            return {"noise": self.noise, "layers": self.layers}
+            return {"noise": self.noise, "layers": self.layers, "resolved_layers": self.layer_names}
         if tune_out is None:
             raise DetectorError(f"{self.name}: tuning the noise or layer weights needs D_out^train")
         candidates, in_scores, out_scores = [], [], []
@@ -297,7 +402,14 @@ class Mahalanobis(Detector):
             out_scores.append(-self._combine(b, weights, bias))
         (self.noise, self.weights, self.bias), metrics = best_by_fpr95(candidates, in_scores, out_scores)
         weights = None if self.weights is None else [float(w) for w in self.weights]
-        return {"noise": self.noise, "layers": self.layers, "weights": weights, "bias": self.bias, "tune": metrics}
+        return {
+            "noise": self.noise,
+            "layers": self.layers,
+            "resolved_layers": self.layer_names,
+            "weights": weights,
+            "bias": self.bias,
+            "tune": metrics,
+        }
 
     def parts(self, model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
         confidences = self.layer_confidences(model, x, self.noise)

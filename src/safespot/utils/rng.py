@@ -91,3 +91,39 @@ def seeded_normal(
     u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1]
     u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+
+def seeded_normal_at(
+    seeds: Seeds,
+    start: torch.Tensor | int,
+    count: int,
+    stream: int = 0,
+    device: Device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of the :func:`seeded_normal` streams, shape
+    ``(len(seeds), count)``: row ``r`` equals ``seeded_normal(seeds, start[r] + count, stream)[r, start[r]:]``.
+
+    ``start`` is one offset for all rows or one per row (a tensor); drawing a stream in pieces
+    this way (e.g. Monte Carlo draws split into memory-bounded chunks) gives the same numbers as
+    drawing it at once.
+    """
+    keys = _mix64(_signed64(seeds, device) ^ _mix64(torch.tensor(stream + 1, dtype=torch.int64, device=device)))
+    first = torch.as_tensor(start, dtype=torch.int64, device=device).reshape(-1, 1)
+    counter = (first + torch.arange(1, count + 1, dtype=torch.int64, device=device)[None, :]) * _GAMMA
+    words = _mix64(keys[:, None] + counter)
+    u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1], as seeded_normal
+    u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+
+# --- Per-image seeds ---------------------------------------------------------------------------
+_SEED_STRIDE, _INDEX_STRIDE = 1_000_003, 7919
+
+
+def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
+    """Per-image integer seeds (int64, on ``index``'s device) from the run seed, the dataset
+    index and a salt (one per evaluation or purpose), so random starts and noise depend neither
+    on batch composition nor on the number of processes; created where the images live, so the
+    row indices of a search on the GPU can index them."""
+    return (int(seed) * _SEED_STRIDE + index.long() * _INDEX_STRIDE + int(salt)) % (2**62)
