@@ -213,7 +213,7 @@ def test_random_start_and_first_inner_attack_draw_different_offsets(tiny_net, im
         return out
 
     monkeypatch.setattr(LpBall, "random_init", spy)
-    SafeSpotSearch("linf", 0.1, max_iter=1, inner_steps=1)(tiny_net, x, seeds=torch.arange(16))
+    SafeSpotSearch("linf", 0.1, max_iter=1, inner_steps=1, init="random")(tiny_net, x, seeds=torch.arange(16))
     search_start, inner_start = starts[0], starts[1]
     assert search_start.abs().max() <= 0.1 + 1e-6 and inner_start.abs().max() <= 0.1 + 1e-6
     correlation = torch.corrcoef(torch.stack([search_start.flatten(), inner_start.flatten()]))[0, 1]
