@@ -35,7 +35,11 @@ _TPR_TOLERANCE = 1e-6
 
 
 def _as_tensor(values: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.float64) if not torch.is_tensor(values) else values).double()
+    """Scores as a float64 CPU tensor (metrics are computed once per run, on the host, next to
+    the CPU targets they are compared with)."""
+    if torch.is_tensor(values):
+        return values.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
 def rank_scores(scores: torch.Tensor) -> torch.Tensor:
