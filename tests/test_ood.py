@@ -21,7 +21,8 @@ from safespot.defenses import RobustifyResult, SafeSpotSearch
 from safespot.methods import OutlierExposure, SafeSpotOE
 from safespot.methods.ood import kl_from_uniform, uniform_cross_entropy
 from safespot.ood import MSP, Mahalanobis, SafeSpotScore, fpr_at_tpr, mean_std, ood_metrics
-from safespot.ood.evaluate import evaluate_ood
+from safespot.ood.detectors import DetectorError, resolve_layers, stage_modules
+from safespot.ood.evaluate import build_detectors, evaluate_ood
 from safespot.ood.metrics import labelled
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
@@ -276,7 +277,7 @@ def test_mahalanobis_fits_class_means_and_tied_covariance():
     y = torch.arange(40) % 2
     feats = torch.randn(40, 2, generator=g) * torch.tensor([1.0, 2.0]) + y[:, None] * 3.0
     model = Identity().eval()
-    detector = Mahalanobis(noise=[0.0])
+    detector = Mahalanobis(layers=["penultimate"], noise=[0.0])
     detector.prepare(model)
     assert not detector.requires_tuning
     detector.fit(model, lambda: [(feats[:25], y[:25], None), (feats[25:], y[25:], None)], lambda: [], None)
@@ -287,6 +288,91 @@ def test_mahalanobis_fits_class_means_and_tied_covariance():
     scores = detector.score(model, torch.tensor([[0.0, 0.0], [30.0, 30.0]]))
     assert scores[1] > scores[0] > -1e-9  # far from both classes = more anomalous; score = min distance >= 0
     assert MSP().score(model, feats).shape == (40,)
+
+
+STAGES = {  # the `stages` layers of every conf/model config (input size in brackets)
+    "small_cnn": (32, ["backbone.features.0", "backbone.features.1", "backbone.features.2"]),
+    "flss_small_cnn": (32, ["encoder.features.0", "encoder.features.1", "encoder.features.2"]),
+    "preact_resnet18": (32, [f"backbone.features.{i}" for i in (2, 4, 6, 10)]),
+    "flss_preact_resnet18": (32, [f"encoder.features.{i}" for i in (2, 4, 6, 10)]),
+    "wrn28_10": (32, [f"backbone.features.{i}" for i in (0, 4, 8, 14)]),
+    "wrn34_10": (32, [f"backbone.features.{i}" for i in (0, 5, 10, 17)]),
+    "resnet50": (64, ["backbone.relu", "backbone.maxpool", *(f"backbone.layer{i}" for i in range(1, 5))]),
+}
+
+
+def test_stages_are_the_stage_outputs_of_every_model_config():
+    """`stages` (the default Mahalanobis layers) gives Lee et al.'s per-stage feature maps on every
+    model config, and the channel means of the last stage are the penultimate features."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from safespot.paths import CONFIG_DIR
+
+    data = {"num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    configs = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    assert configs == sorted(STAGES)  # a new model config needs its row here
+    for name in configs:
+        size, expected = STAGES[name]
+        torch.manual_seed(0)
+        model_cfg = OmegaConf.merge({"data": data}, {"model": OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")})
+        net = instantiate(model_cfg.model).eval()
+        x = torch.rand(2, 3, size, size)
+        assert stage_modules(net, x) == expected, name
+        if name in ("small_cnn", "preact_resnet18"):
+            detector = Mahalanobis(layers=["stages", "penultimate"], noise=[0.0])
+            detector._layers = resolve_layers(net, detector.layers, probe=x)
+            features = detector._features(net, x)
+            assert len(features) == len(expected) + 1
+            assert torch.allclose(features[-2], features[-1], atol=1e-5)  # last stage, pooled = penultimate
+
+
+THREAT = ["threat.norm=linf", "threat.eps=0.03"]  # the checkpoint's, normally (the safe-spot score needs it)
+
+
+def test_default_mahalanobis_is_the_multi_layer_ensemble_and_penultimate_composes(make_cfg):
+    default = {d.name: d for d, _ in build_detectors(make_cfg("ckpt_path=x.ckpt", *THREAT, name="ood").detector)}
+    assert isinstance(default["mahalanobis"], Mahalanobis) and default["mahalanobis"].layers == ["stages"]
+    assert "mahalanobis_penultimate" not in default
+    cfg = make_cfg("ckpt_path=x.ckpt", "detector=[mahalanobis,mahalanobis_penultimate]", *THREAT, name="ood")
+    both = {d.name: d for d, _ in build_detectors(cfg.detector)}
+    assert both["mahalanobis"].layers == ["stages"] and both["mahalanobis_penultimate"].layers == ["penultimate"]
+    assert both["mahalanobis"].noise_grid == both["mahalanobis_penultimate"].noise_grid
+    one_noise = Mahalanobis(layers=["stages"], noise=[0.0])
+    assert one_noise.requires_tuning  # several layers until fit resolves them: the ensemble weights
+    assert not Mahalanobis(layers=["penultimate"], noise=[0.0]).requires_tuning
+
+
+def test_mahalanobis_ensemble_over_the_stages_of_a_tiny_cnn():
+    """The default detector fits one Gaussian model per stage, tunes the noise and the logistic
+    ensemble weights on D_out^train and scores images (Lee et al., Algorithm 1)."""
+    from safespot.models import SmallCNN, build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier(SmallCNN(3, width=4), [0.5] * 3, [0.25] * 3, 3).eval()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 3
+    x = (0.5 + 0.15 * torch.randn(96, 3, 16, 16, generator=g) + 0.1 * y[:, None, None, None]).clamp(0, 1)
+    noise = torch.rand(32, 3, 16, 16, generator=g)
+    seeds = torch.arange(32)
+
+    def batches(images, labels):
+        return lambda: [(images[i : i + 32], labels[i : i + 32], seeds[: len(images[i : i + 32])])
+                        for i in range(0, len(images), 32)]  # fmt: skip
+
+    detector = Mahalanobis(noise=[0.0, 0.01])
+    assert detector.layers == ["stages"]
+    detector.prepare(net)
+    assert detector.requires_tuning
+    tuned = detector.fit(net, batches(x[:64], y[:64]), batches(x[64:], y[64:]), batches(noise, torch.zeros(32).long()))
+    assert tuned["resolved_layers"] == ["backbone.features.0", "backbone.features.1", "backbone.features.2"]
+    assert len(tuned["weights"]) == 3 and tuned["noise"] in (0.0, 0.01) and len(detector.means) == 3
+    scores = detector.score(net, torch.cat([x[64:], noise]))
+    assert scores.shape == (64,) and torch.isfinite(scores).all()
+    with pytest.raises(DetectorError, match="stages"):
+        resolve_layers(net, ["stages"])  # needs a forward pass: only the Mahalanobis fit makes one
+    with pytest.raises(DetectorError, match="stages"):
+        Mahalanobis(layers=["stages"]).prepare(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)))
 
 
 # --- training and the entry point ---------------------------------------------------------
@@ -321,7 +407,6 @@ FAST_OOD = [
     "detector.safe_spot.robustifier.inner_steps=2",
     "detector.safe_spot.attack.steps=2",
     "detector.mahalanobis.noise=[0.0,0.01]",
-    "detector.mahalanobis.layers=[backbone.features.2,penultimate]",  # a two-layer ensemble
     "detector.gram.powers=2",
     "fit_subset=64",
     "tune_subset=16",
@@ -333,10 +418,10 @@ FAST_OOD = [
 
 def test_ood_entry_point_writes_scores_table_and_histograms(make_cfg, oe_checkpoint, tmp_path):
     out = tmp_path / "ood"
-    cfg = make_cfg(f"ckpt_path={oe_checkpoint}", *FAST_OOD, "detector=[msp,energy,mahalanobis,gram,safe_spot,oe]",
-                   name="ood", out=out)  # fmt: skip
+    detectors = ["msp", "energy", "mahalanobis", "mahalanobis_penultimate", "gram", "safe_spot", "oe"]
+    cfg = make_cfg(f"ckpt_path={oe_checkpoint}", *FAST_OOD, f"detector=[{','.join(detectors)}]",
+                   "detector.mahalanobis_penultimate.noise=[0.0]", name="ood", out=out)  # fmt: skip
     results = evaluate_ood(cfg)
-    detectors = ["msp", "energy", "mahalanobis", "gram", "safe_spot", "oe"]
     scores = pd.read_csv(out / "scores.csv")
     assert scores["set"].value_counts().to_dict() == {"in_distribution": 16, "held_out": 8, "gaussian": 8, "uniform": 8}
     assert set(detectors) <= set(scores.columns) and "safe_spot/msp_adv" in scores.columns
@@ -346,7 +431,11 @@ def test_ood_entry_point_writes_scores_table_and_histograms(make_cfg, oe_checkpo
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["metrics"]) == set(detectors) and saved["tuned"]["safe_spot"]["mu"] in [i / 10 for i in range(11)]
     assert saved["tuned"]["mahalanobis"]["noise"] in (0.0, 0.01) and saved["method"] == "OutlierExposure"
-    assert len(saved["tuned"]["mahalanobis"]["weights"]) == 2
+    # the default: Lee et al.'s ensemble over the small CNN's three conv blocks (`stages`)
+    stages = ["backbone.features.0", "backbone.features.1", "backbone.features.2"]
+    assert saved["tuned"]["mahalanobis"]["resolved_layers"] == stages
+    assert len(saved["tuned"]["mahalanobis"]["weights"]) == 3
+    assert saved["tuned"]["mahalanobis_penultimate"]["resolved_layers"] == ["penultimate"]
     for det in detectors:
         avg = saved["metrics"][det]["Average"]
         assert 0 <= avg["auroc"] <= 100 and (out / "histograms" / f"{det}.png").is_file()

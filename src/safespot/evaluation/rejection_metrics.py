@@ -1,16 +1,32 @@
 """Worst-case metrics of classifiers with rejection (Addepalli et al., 2021, "Boosting Adversarial
 Robustness using Feature Level Stochastic Smoothing", paper 004, Section 4.4, Eqs. 3-8, Table 1).
 
-For each test image ``i`` and attack ``a`` of an ensemble, the classifier either rejects the
-attacked image (``D = 1``: its confidence score is below the threshold) or accepts it and predicts
-a class. Over the ensemble (the paper's sets are over all perturbations; in practice over the
-attacks, Eq. 5):
+For each test image ``i`` and each *point* ``x~`` of its attack set, the classifier either rejects
+the point (``D(x~) = 1``: its confidence score is below the threshold) or accepts it and predicts a
+class. The paper's attack set is ``A(x) = {x~ : ||x - x~||_inf <= delta}`` (Section 3), which
+contains the clean image ``x`` itself; in practice (Eq. 5) it is replaced by the points actually
+evaluated: **the clean image and the output of every attack of the ensemble**. With ``P_i`` those
+points of image ``i``:
 
-* ``S_FC`` (flag correct, Eq. 3): images accepted and correctly classified under *every* attack;
-* ``S_FW`` (flag wrong, Eq. 4): images accepted and misclassified under *at least one* attack;
-* ``FC = |S_FC| / |X|``, ``FW = |S_FW| / |X|`` (Eq. 6), in percent;
-* ``Acc_adv,10% = |S_FC| / (|S_FC| + |S_FW|)`` (Eq. 7): worst-case accuracy on accepted images;
-* ``R``: images rejected under at least one attack, ``MPR = |R| / |X|`` (Eq. 8).
+* ``S_FC = {i : D(x~) = 0 and C(x~) = y_i for every x~ in P_i}`` (flag correct, Eq. 3): accepted
+  and correctly classified at every point, the clean image included (the intersection of Eq. 5);
+* ``S_FW = {i : D(x~) = 0 and C(x~) != y_i for some x~ in P_i}`` (flag wrong, Eq. 4): accepted and
+  misclassified at one point at least (the union of Eq. 5);
+* ``R = {i : D(x~) = 1 for some x~ in P_i}`` (Eq. 8): rejected at one point at least, e.g. an image
+  rejected when clean counts in ``R`` even if every attack's output is accepted;
+* ``FC = |S_FC| / |X|``, ``FW = |S_FW| / |X|`` (Eq. 6), ``MPR = |R| / |X|`` (Eq. 8), in percent;
+* ``Acc_adv,10% = |S_FC| / (|S_FC| + |S_FW|)`` (Eq. 7): worst-case accuracy on accepted images.
+
+Every point is either rejected, or accepted and correct, or accepted and wrong, so an image not in
+``S_FC`` lies in ``S_FW`` or in ``R``: ``S_FC``, ``S_FW`` and ``R`` cover the test set, ``S_FC`` is
+disjoint from both others, and ``FC + |S_FW ∪ R| / |X| = 100``; hence ``FC + FW <= 100`` and
+``FC + MPR <= 100``. ``S_FW`` and ``R`` may overlap (an image accepted and wrong under one attack and
+rejected under another), so ``FC + FW + MPR`` may exceed 100, as in the paper's Table 1 (PGD-AT on
+CIFAR-10: 43.99 + 42.00 + 44.19).
+
+Earlier versions of this module left the clean image out of these sets (only the attacks' outputs
+were intersected and united); that missed images rejected or misclassified when clean in ``R`` and
+``S_FW`` and could count them in ``S_FC``.
 
 The threshold (Section 4.4, "Selection of threshold for rejection") is calibrated on the clean
 test images: the largest threshold such that at most 10% of the clean images are correctly
@@ -23,8 +39,9 @@ score is *strictly* below the threshold, so tied scores are accepted together.
 Columns of Table 1: ``Acc_nat,NS`` and ``Acc_adv,NS`` are the accuracies of the no-sampling
 classifier without rejection (``ns`` view), ``Acc_*,0%`` those of the chosen view without rejection
 and ``Acc_*,10%`` those with the calibrated threshold (``Acc_nat,10%``: accuracy on the accepted
-clean images). Inputs are the per-image records of
-:class:`safespot.evaluation.rejection.RejectionEvaluation`.
+clean images). The ``Acc_adv`` columns are worst-case accuracies over the same points (clean image
+and attacks): without rejection, the share of images classified correctly at every point. Inputs
+are the per-image records of :class:`safespot.evaluation.rejection.RejectionEvaluation`.
 
 Usage (one row per evaluation run directory, optionally ``:VIEW``)::
 
@@ -50,6 +67,7 @@ import pandas as pd
 from safespot.evaluation.rejection import VIEWS
 
 REFERENCES: tuple[str, ...] = ("test_set", "correct")
+CLEAN = "clean"  # the clean image's point set: x itself lies in A(x) (paper 004, Section 3)
 THRESHOLDING = {"ns": "Confidence", "vote": "Maj. Vote", "mean": "Mean softmax"}
 _REJECTION_TARGET = "RejectionEvaluation"
 
@@ -79,17 +97,21 @@ def calibrate_threshold(scores: Any, correct: Any, budget: float = 0.10, referen
 
 
 def worst_case(correct: Any, rejected: Any) -> dict[str, float]:
-    """Eqs. 3-8 from ``(n_attacks, n_images)`` boolean arrays (correct prediction, rejected):
-    ``fc``, ``fw``, ``mpr`` and ``acc`` (Eq. 7), all in percent of the images; ``acc`` is NaN when
-    ``S_FC`` and ``S_FW`` are both empty."""
+    """Eqs. 3-8 from ``(n_points, n_images)`` boolean arrays (correct prediction, rejected), one row
+    per evaluated point of ``A(x)``; callers include the clean image's row (see
+    :func:`rejection_metrics`). Returns ``fc`` (accepted and correct at every point, Eq. 3), ``fw``
+    (accepted and wrong at one point at least, Eq. 4), ``mpr`` (rejected at one point at least,
+    Eq. 8) and ``acc`` (Eq. 7), all in percent of the images; ``acc`` is NaN when ``S_FC`` and
+    ``S_FW`` are both empty. ``fc + fw <= 100`` and ``fc + mpr <= 100``; ``fw + mpr`` may exceed
+    ``100 - fc`` when ``S_FW`` and ``R`` overlap."""
     correct = np.atleast_2d(np.asarray(correct, dtype=bool))
     rejected = np.atleast_2d(np.asarray(rejected, dtype=bool))
     if correct.shape != rejected.shape:
         raise ValueError(f"correct and rejected must have the same shape, got {correct.shape} and {rejected.shape}")
     n = correct.shape[1]
     accepted = ~rejected
-    flag_correct = (accepted & correct).all(0)  # Eq. 3 / 5: intersection over attacks
-    flag_wrong = (accepted & ~correct).any(0)  # Eq. 4 / 5: union over attacks
+    flag_correct = (accepted & correct).all(0)  # Eq. 3 / 5: intersection over the points
+    flag_wrong = (accepted & ~correct).any(0)  # Eq. 4 / 5: union over the points
     rejected_any = rejected.any(0)  # Eq. 8
     fc, fw = int(flag_correct.sum()), int(flag_wrong.sum())
     return {
@@ -101,10 +123,17 @@ def worst_case(correct: Any, rejected: Any) -> dict[str, float]:
 
 
 def point_sets(records: pd.DataFrame, name: str, view: str) -> list[str]:
-    """The attacked point sets recorded by the rejection evaluation ``name`` under ``view``."""
+    """The point sets recorded by the rejection evaluation ``name`` under ``view``: ``clean``
+    first (``x`` lies in ``A(x)``, paper 004, Section 3), then every attack's outputs."""
     head, tail = f"{name}_", f"_{view}/correct"
     found = [c[len(head) : -len(tail)] for c in records.columns if c.startswith(head) and c.endswith(tail)]
-    return [p for p in found if p != "clean"]
+    return with_clean(found)
+
+
+def with_clean(points: Sequence[str]) -> list[str]:
+    """``points`` with the clean image's point set first (added when missing, never twice): the
+    sets of Eqs. 3-8 are over ``A(x)``, which contains ``x``."""
+    return [CLEAN, *(p for p in dict.fromkeys(points) if p != CLEAN)]
 
 
 def _column(records: pd.DataFrame, name: str, point: str, view: str, field: str) -> np.ndarray:
@@ -128,21 +157,24 @@ def rejection_metrics(
     Returns ``acc_nat_ns``, ``acc_nat_0``, ``acc_nat_rej``, ``acc_adv_ns``, ``acc_adv_0``,
     ``acc_adv_rej``, ``fc``, ``fw``, ``mpr`` (Eqs. 3-8 at the calibrated threshold), ``threshold``,
     ``clean_rejected`` and ``clean_correct_rejected`` (percent of the test set) and ``n_images``.
-    ``attacks`` defaults to every attacked point set recorded; ``*_ns`` columns are NaN without an
+    ``attacks`` defaults to every attacked point set recorded; the clean image's point set is
+    always added to them (Eqs. 3-8 are over ``A(x)``, which contains ``x``), so the worst-case
+    columns (``acc_adv_*``, ``fc``, ``fw``, ``mpr``) count an image rejected or misclassified when
+    clean like one rejected or misclassified under an attack. ``*_ns`` columns are NaN without an
     ``ns`` view.
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-    attacks = list(attacks) if attacks is not None else point_sets(records, name, view)
-    if not attacks:
+    points = with_clean(attacks if attacks is not None else point_sets(records, name, view))
+    if len(points) < 2:
         raise ValueError(f"no attacks recorded for evaluation {name!r} under view {view!r}")
     clean_correct = _column(records, name, "clean", view, "correct").astype(bool)
     clean_score = _column(records, name, "clean", view, "score").astype(np.float64)
     threshold = calibrate_threshold(clean_score, clean_correct, budget, reference)
     clean_rejected = clean_score < threshold
     accepted = ~clean_rejected
-    correct = np.stack([_column(records, name, a, view, "correct").astype(bool) for a in attacks])
-    scores = np.stack([_column(records, name, a, view, "score").astype(np.float64) for a in attacks])
+    correct = np.stack([_column(records, name, p, view, "correct").astype(bool) for p in points])
+    scores = np.stack([_column(records, name, p, view, "score").astype(np.float64) for p in points])
     with_rejection = worst_case(correct, scores < threshold)
     without = worst_case(correct, np.zeros_like(correct))
     n = len(records)
@@ -163,7 +195,7 @@ def rejection_metrics(
     }
     if f"{name}_clean_{ns_view}/correct" in records:
         out["acc_nat_ns"] = 100.0 * _column(records, name, "clean", ns_view, "correct").astype(bool).mean()
-        ns_correct = np.stack([_column(records, name, a, ns_view, "correct").astype(bool) for a in attacks])
+        ns_correct = np.stack([_column(records, name, p, ns_view, "correct").astype(bool) for p in points])
         out["acc_adv_ns"] = worst_case(ns_correct, np.zeros_like(ns_correct))["acc"]
     return out
 

@@ -42,18 +42,12 @@ from safespot.robustify import resolve_device
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.instantiate import instantiate
-from safespot.utils.performance import prepare_net
+from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
+from safespot.utils.rng import image_seeds
 from safespot.utils.task import ConfigError, task_wrapper
 
 log = logging.getLogger("safespot.ood")
-_SEED_STRIDE, _INDEX_STRIDE = 1_000_003, 7919
-
-
-def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
-    """Per-image seeds from the run seed, the dataset index and a per-set salt: random starts
-    of the safe-spot search and its attack do not depend on batch composition."""
-    return (int(seed) * _SEED_STRIDE + index.long().cpu() * _INDEX_STRIDE + int(salt)) % (2**62)
 
 
 def build_detectors(cfg: DictConfig | None) -> list[tuple[Detector, str | None]]:
@@ -101,6 +95,10 @@ def _subset(dataset: Dataset, n: int | None, seed: int, name: str) -> IndexedSub
 @task_wrapper
 def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
     # --- settings, all checked before any image is read ---------------------------------
+    for setting in ("precision", "trainer.precision"):  # OOD scoring runs in float32; refuse float16 if asked
+        value = OmegaConf.select(cfg, setting, default=None)
+        if value is not None:
+            refuse_float16(value, setting, "OOD scoring")
     checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
     detectors = build_detectors(cfg.get("detector"))
     extra_specs = {
@@ -179,7 +177,7 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
 
         def generate():
             for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-                yield x.to(device), y.to(device), image_seeds(cfg.seed, index, salt_value)
+                yield x.to(device), y.to(device), image_seeds(cfg.seed, index.to(device), salt_value)
 
         return generate
 
@@ -261,4 +259,4 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
 def _with_index(dataset: Dataset, batch_size: int, workers: int, device: torch.device, seed: int, salt: str):
     salt_value = zlib.crc32(salt.encode())
     for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-        yield x.to(device), y, image_seeds(seed, index, salt_value), index
+        yield x.to(device), y, image_seeds(seed, index.to(device), salt_value), index

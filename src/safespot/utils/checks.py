@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from safespot.data.base import per_process_batch_size
 from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.utils.performance import refuse_float16
 from safespot.utils.task import ConfigError
 
 
@@ -59,7 +60,20 @@ def check_file(path: str | None, name: str) -> None:
         raise ConfigError(f"{name}={path!r} does not exist")
 
 
+_ATTACK_FREE_METHODS = ("safespot.methods.NaturalTraining", "safespot.methods.OutlierExposure")
+
+
+def method_runs_attacks(method: Any) -> bool:
+    """Whether a method config attacks the network anywhere: a training attack (every method but
+    natural training and Outlier Exposure) or a validation/test PGD."""
+    if method.get("_target_") not in _ATTACK_FREE_METHODS:
+        return True
+    return method.get("val_attack") is not None or method.get("test_attack") is not None
+
+
 def check_train_config(cfg: DictConfig) -> None:
     check_threat(cfg.threat)
     check_batch_size(cfg)
     check_file(cfg.get("ckpt_path"), "ckpt_path")
+    if method_runs_attacks(cfg.method):
+        refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "training that runs attacks")
