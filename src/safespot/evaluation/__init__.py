@@ -7,11 +7,11 @@ from safespot.evaluation.evaluations import (
     Clean,
     Evaluation,
     PreemptiveEvaluation,
-    image_seeds,
     predict_logits,
 )
 from safespot.evaluation.module import EvaluationModule
 from safespot.evaluation.records import merge_shards, summarize
+from safespot.utils.rng import image_seeds
 
 __all__ = [
     "AttackEvaluation",

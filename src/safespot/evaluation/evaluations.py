@@ -18,17 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.defenses.quantize import round_trip_8bit
+from safespot.evaluation.records import sweep_name
 from safespot.threat import LpBall, check_positive_int, parse_budget
 from safespot.utils.prediction import predict_logits
-
-_INDEX_STRIDE = 7919
-_SEED_STRIDE = 1_000_003
-
-
-def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
-    """Per-image integer seeds from the run seed, the dataset index and an evaluation salt,
-    so random starts do not depend on batch composition or on the number of processes."""
-    return (seed * _SEED_STRIDE + index.long().cpu() * _INDEX_STRIDE + salt) % (2**62)
 
 
 class Evaluation:
@@ -66,7 +58,17 @@ class Evaluation:
 
         A smoothed model is scored by its vote (:func:`predict_logits`), not by one noisy
         forward pass; ``seeds`` (one per image) then seed its noise."""
-        logits = predict_logits(model, x_eval, seeds)
+        return self.score_logits(predict_logits(model, x_eval, seeds), x_eval, x_ref, y, name)
+
+    def score_logits(
+        self,
+        logits: torch.Tensor,
+        x_eval: torch.Tensor,
+        x_ref: torch.Tensor,
+        y: torch.Tensor,
+        name: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`score` from already computed ``logits`` of ``x_eval``."""
         pred = logits.argmax(1)
         distance = (x_eval - x_ref).flatten(1)
         distance = distance.abs().amax(1) if self.norm == "linf" else distance.norm(dim=1)
@@ -180,11 +182,14 @@ class PreemptiveEvaluation(Evaluation):
     S-PGD, the safe-spot search); each attack then runs on x_r inside ``B_eps(x_r)``, unaware
     of the modification. Fields: ``<name>/...`` for x_r itself (distance to x_o, plus the
     robustifier's worst-case loss, iterations and early-exit flag) and ``<name>_<attack>/...``
-    per attack (distance to x_r). With ``white_box`` settings (see :class:`WhiteBox`), also
-    ``<name>_white_<attack>/...`` (valid adversarial examples must lie in B_eps(x_o)),
-    ``<name>_white_<attack>_strict/correct``, ``<name>_white/correct`` (every white-box
-    attack) and ``<name>/recon_dist`` (reconstruction error). With ``certify`` settings (the
-    arguments of :class:`CertifyEvaluation`) and a smoothed classifier, x_r is also certified:
+    per attack (distance to x_r); ``<name>/protected`` holds the label the robustifier
+    protected (``y`` with ``protect: label``, else the prediction c(x_o)). With ``white_box``
+    settings, the white-box fields of :class:`WhiteBox` (paper 002, Algorithm 4): per eps'
+    ``<name>_white_<attack>_f<frac>/...``, the paper's lowest accuracy over eps'
+    ``<name>_white_<attack>/...``, the per-image unions ``<name>_white_<attack>_union/...``,
+    ``<name>_white_<attack>_union_strict/correct`` and ``<name>_white_union/correct``, and
+    ``<name>/recon_dist`` (reconstruction error). With ``certify`` settings (the arguments of
+    :class:`CertifyEvaluation`) and a smoothed classifier, x_r is also certified:
     ``<name>_certify/...`` (certified accuracy after robustification, paper 002 Table 7).
     """
 
@@ -226,9 +231,10 @@ class PreemptiveEvaluation(Evaluation):
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        result = self.robustifier(model, x, seeds=seeds)
+        result = self.robustifier(model, x, y, seeds=seeds)  # y: needed by ``protect: label``
         x_r = result.x_r
         fields = self.score(model, x_r, x, y, seeds=seeds)
+        fields[f"{self.name}/protected"] = result.protected
         fields[f"{self.name}/worst_loss"] = result.worst_loss
         fields[f"{self.name}/iterations"] = result.iterations
         fields[f"{self.name}/early_exit"] = result.early_exit
@@ -261,13 +267,36 @@ def scaled_attack(attack: Any, fraction: float) -> Any:
 
 
 class WhiteBox:
-    """The adaptive white-box attack of paper 002 (Algorithms 3 and 4).
+    """The adaptive white-box attack of paper 002 (Section 4, Algorithms 3 and 4).
 
     The adversary reconstructs x_o from x_r by running the robustification dynamics in
-    reverse (:func:`safespot.defenses.reconstruction`), then attacks the reconstruction
-    with budgets eps' = f * eps for each fraction f. An example counts only if it is
-    misclassified AND lies within ``B_eps(x_o)`` (up to ``tolerance``); the strict variant
-    also requires ``||x_adv - x_r|| <= eps``. Per image the worst case over fractions is kept.
+    reverse (:func:`safespot.defenses.reconstruction`, Algorithm 3), then attacks the
+    reconstruction with budget eps' = f * eps for each fraction f (Algorithm 4). An output
+    counts as an adversarial example only if it is misclassified AND lies within
+    ``B_eps(x_o)`` (Definition 3, up to ``tolerance``). x_r itself is a point the adversary
+    could output: a misclassified x_r inside ``B_eps(x_o)`` counts as broken at every eps'.
+
+    Fields, for each white-box attack ``<a>`` of evaluation ``<name>`` (``out = <name>_white_<a>``):
+
+    * ``<out>_f<frac>/{pred,correct,loss,dist,invalid}``, one set per eps' (e.g.
+      ``_f0.25``): the adversary's output at that budget. ``correct`` is False when that
+      output is a valid adversarial example or x_r is misclassified inside ``B_eps(x_o)``;
+      ``pred``, ``loss``, ``dist`` (to x_o) describe the output that decided it (x_r when
+      only x_r counts, else the attack output), so ``pred != label`` with ``correct`` True
+      means an invalid example: ``invalid`` = misclassified but outside ``B_eps(x_o)``.
+    * ``<out>/...``: the paper's number, the lowest accuracy over eps'. Choosing that eps' is a
+      dataset-level decision, made when the records are summarised
+      (:func:`safespot.evaluation.records.resolve_budget_sweeps`): ``<out>/<field>`` is
+      ``<out>_f<frac*>/<field>`` at the fraction of lowest accuracy (summary
+      ``<out>/fraction``), so ``<out>/acc = min_f <out>_f<frac>/acc``.
+    * ``<out>_union/{pred,correct,loss,dist,invalid}``: per image, broken if broken at ANY
+      eps'. Stricter than the paper (picking each image's best eps' needs x_o, which no
+      adversary has); the point scored is the first valid example, else x_r when it counts,
+      else the reconstruction; ``invalid`` is set when any eps' gave an invalid example.
+    * ``<out>_union_strict/correct``: the union counting only examples that also lie within
+      ``B_eps(x_r)`` (an adversary who must stay near the image it received).
+    * ``<name>_white_union/correct``: broken by any white-box attack at any eps' (the union
+      over attacks of ``<out>_union/correct``).
     """
 
     def __init__(
@@ -277,7 +306,11 @@ class WhiteBox:
             raise ValueError("white_box needs at least one attack")
         if not eps_fractions or any(not 0 < f <= 1 for f in eps_fractions):
             raise ValueError(f"white_box.eps_fractions must lie in (0, 1], got {list(eps_fractions)}")
+        if len({sweep_name("", f) for f in eps_fractions}) != len(eps_fractions):
+            raise ValueError(f"white_box.eps_fractions must be distinct, got {list(eps_fractions)}")
         self.attacks = {k: a for k, a in attacks.items() if a is not None}
+        if "union" in self.attacks:
+            raise ValueError("white_box.attacks: 'union' is reserved for the union over attacks")
         self.fractions = [float(f) for f in eps_fractions]
         self.tolerance = float(tolerance)
 
@@ -305,40 +338,57 @@ class WhiteBox:
         y: torch.Tensor,
         seeds: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Algorithm 4 on a given reconstruction ``x_hat``, with the validity rule."""
+        """Algorithm 4 on a given reconstruction ``x_hat``, with the validity rule: the
+        per-eps' and union fields of the class docstring (``<out>/...`` is added when the
+        records are summarised)."""
         name, ball = evaluation.name, evaluation.ball
+        rows = (-1, *[1] * (x_o.dim() - 1))
+        radius = ball.eps + self.tolerance
         fields: dict[str, torch.Tensor] = {f"{name}/recon_dist": ball.distance(x_hat, x_o)}
-        all_correct = torch.ones(len(x_o), dtype=torch.bool, device=x_o.device)
-        # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts
-        r_broken = (predict_logits(model, x_r, seeds).argmax(1) != y) & (
-            ball.distance(x_r, x_o) <= ball.eps + self.tolerance
-        )
+        any_broken = torch.zeros(len(x_o), dtype=torch.bool, device=x_o.device)
+        # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts, at every eps'
+        logits_r = predict_logits(model, x_r, seeds)
+        r_broken = (logits_r.argmax(1) != y) & (ball.distance(x_r, x_o) <= radius)
         for k, (key, attack) in enumerate(self.attacks.items()):
             out = f"{name}_white_{key}"
             broken, broken_strict = r_broken.clone(), r_broken.clone()
-            invalid = torch.zeros_like(all_correct)
-            chosen = torch.where(r_broken.view(-1, *[1] * (x_o.dim() - 1)), x_r, x_hat)
+            invalid = torch.zeros_like(any_broken)
+            chosen = torch.where(r_broken.view(rows), x_r, x_hat)
             for j, fraction in enumerate(self.fractions):
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
                 kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
                 x_adv = run.attack(model, x_hat, y, **kwargs)
-                wrong = predict_logits(model, x_adv, seeds).argmax(1) != y
-                near_o = ball.distance(x_adv, x_o) <= ball.eps + self.tolerance
-                near_r = ball.distance(x_adv, x_r) <= ball.eps + self.tolerance
+                logits = predict_logits(model, x_adv, seeds)
+                wrong = logits.argmax(1) != y
+                near_o = ball.distance(x_adv, x_o) <= radius
+                near_r = ball.distance(x_adv, x_r) <= radius
                 valid = wrong & near_o
-                chosen = torch.where((valid & ~broken).view(-1, *[1] * (x_o.dim() - 1)), x_adv, chosen)
+                # this eps' alone (paper 002, Section 4): the attack output, or x_r when only x_r counts
+                by_r = (r_broken & ~valid).view(-1, 1)
+                member = sweep_name(out, fraction)
+                point = torch.where(by_r.view(rows), x_r, x_adv)
+                fields.update(evaluation.score_logits(torch.where(by_r, logits_r, logits), point, x_o, y, member))
+                fields[f"{member}/correct"] = ~(r_broken | valid)
+                fields[f"{member}/invalid"] = wrong & ~near_o
+                # the per-image union over eps'
+                chosen = torch.where((valid & ~broken).view(rows), x_adv, chosen)
                 broken |= valid
                 broken_strict |= valid & near_r
                 invalid |= wrong & ~near_o
-            scored = evaluation.score(model, chosen, x_o, y, name=out, seeds=seeds)
-            scored[f"{out}/correct"] = ~broken
+            scored = evaluation.score(model, chosen, x_o, y, name=f"{out}_union", seeds=seeds)
+            scored[f"{out}_union/correct"] = ~broken
             fields.update(scored)
-            fields[f"{out}/invalid"] = invalid
-            fields[f"{out}_strict/correct"] = ~broken_strict
-            all_correct &= ~broken
-        fields[f"{name}_white/correct"] = all_correct
+            fields[f"{out}_union/invalid"] = invalid
+            fields[f"{out}_union_strict/correct"] = ~broken_strict
+            any_broken |= broken
+        fields[f"{name}_white_union/correct"] = ~any_broken
         return fields
 
     def outputs(self, name: str) -> list[str]:
-        names = [f"{name}_white_{k}" for k in self.attacks]
-        return [*names, *(f"{n}_strict" for n in names), f"{name}_white"]
+        """Per attack: the paper's minimum over eps', one name per eps', the union and the
+        strict union; then the union over attacks."""
+        names = []
+        for key in self.attacks:
+            out = f"{name}_white_{key}"
+            names += [out, *(sweep_name(out, f) for f in self.fractions), f"{out}_union", f"{out}_union_strict"]
+        return [*names, f"{name}_white_union"]
