@@ -7,8 +7,8 @@ from conftest import SYNTHETIC, compose_config
 from safespot.attacks import PGD
 from safespot.data import SyntheticDataModule
 from safespot.defenses import NoRobustification, SafeSpotFGSM, SafeSpotPGD, SafeSpotSearch
-from safespot.defenses.robustifier import _TANH_LIMIT, _Pool
-from safespot.threat import LpBall, ThreatConfigError
+from safespot.defenses.robustifier import _Pool
+from safespot.threat import LinfBall, LpBall, SearchVariables, ThreatConfigError
 from safespot.train import train
 
 
@@ -152,7 +152,7 @@ def test_reconstruction_starts_at_x_r_ascends_and_stays_in_its_delta_ball(tiny_n
     # starts at x_r: a step of 1e-9 moves interior pixels by nothing and pixels on the edge of
     # their box by at most (1 - tanh limit) / 2 of the box (2 * 0.2 wide)
     moved = (first(tiny_net, x_r, seeds=torch.arange(16)).x_r - x_r).abs()
-    assert moved.max() <= (1 - _TANH_LIMIT) / 2 * 0.4 + 1e-6 and moved.median() <= 1e-6
+    assert moved.max() <= (1 - LinfBall.TANH_LIMIT) / 2 * 0.4 + 1e-6 and moved.median() <= 1e-6
 
 
 @pytest.mark.parametrize("norm, delta, eps", [("linf", 0.1, 0.24), ("l2", 1.0, 1.5)])
@@ -248,10 +248,7 @@ def test_best_output_prefers_an_iterate_where_the_inner_attack_failed():
         labels=torch.zeros(2, dtype=torch.long),
         seeds=None,
         x_r=torch.ones(2, 1, 1, 1),
-        lower=x,
-        upper=x + 1,
-        w=None,
-        square_avg=None,
+        var=SearchVariables(center=x),
         best_x=x.clone(),
         best_loss=torch.tensor([0.1, 0.1]),
         best_success=torch.tensor([True, False]),
@@ -320,3 +317,30 @@ def test_image_seeds_live_on_the_index_device():
 
     index = torch.arange(4, device="meta")
     assert image_seeds(0, index, 3).device.type == "meta"
+
+
+def test_search_on_a_smoothed_model_does_not_depend_on_its_batch(tiny_net, images):
+    """The soft smoothed forward inside the search draws its noise from per-image streams (the
+    global RNG made an image's x_r change with its batch by up to 3.5e-2), and the search runs at
+    the robustification draw count (paper 002, Appendix C.2: 5 draws, attacks 50)."""
+    from safespot.smoothing import SmoothedClassifier
+
+    x, _ = images
+    model = SmoothedClassifier(tiny_net, sigma=0.25, m_robustify=3, m_attack=7, n_vote=5).eval()
+    rows = []
+    hook = tiny_net.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    search = SafeSpotSearch("linf", 0.1, max_iter=3, inner_steps=2, beta=0.05)
+    seeds = torch.arange(100, 116)
+    try:
+        whole = search(model, x, seeds=seeds)
+    finally:
+        hook.remove()
+    # 16 images: soft forwards of 3 draws (48 rows) and votes of 5 (80 rows), never 7 draws (112)
+    assert set(rows) == {48, 80}
+    assert model.m == 7  # restored to the attack count after the search
+    alone = search(model, x[5:6], seeds=seeds[5:6])
+    reversed_batch = search(model, x.flip(0), seeds=seeds.flip(0))
+    pooled = SafeSpotSearch("linf", 0.1, max_iter=3, inner_steps=2, beta=0.05, active_batch=3)(model, x, seeds=seeds)
+    assert torch.allclose(alone.x_r[0], whole.x_r[5], atol=1e-5)
+    assert torch.allclose(reversed_batch.x_r.flip(0), whole.x_r, atol=1e-5)
+    assert torch.allclose(pooled.x_r, whole.x_r, atol=1e-5)

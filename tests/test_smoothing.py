@@ -127,11 +127,14 @@ def test_votes_follow_their_definitions():
     probs = {
         "majority": [1.0, 0.0, 0.0, 0.0],
         "soft": torch.softmax(torch.tensor([3.0, 2.0, 1.0, 0.0]), 0).tolist(),
-        "weighted": [2 / 3, 1 / 3, 0.0, 0.0],  # rank weights (1, 0.5), normalised
+        # default rank weights 2^-(r-1) on every rank (paper 003's reference code), normalised
+        "weighted": [8 / 15, 4 / 15, 2 / 15, 1 / 15],
     }
     for vote, expected in probs.items():
         scores = SmoothedClassifier(FixedRanking(), 0.1, n_vote=7, vote=vote).vote_logits(x, seed=0).exp()
         assert scores == pytest.approx(torch.tensor([expected, expected]).clamp_min(1e-12), abs=1e-6)
+    top2 = SmoothedClassifier(FixedRanking(), 0.1, n_vote=7, vote="weighted", rank_weights="top2")
+    assert top2.vote_logits(x, seed=0).exp()[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0], abs=1e-6)
     top3 = SmoothedClassifier(FixedRanking(), 0.1, vote="weighted", rank_weights=[1, 1, 1]).vote_logits(x, seed=0)
     assert top3.exp()[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0], abs=1e-6)
 

@@ -102,3 +102,38 @@ def test_seeded_random_init_depends_only_on_the_image_seed(norm, eps):
     # equal seeds give equal offsets, different seeds different ones
     assert torch.allclose(whole[1] - center[1], whole[3] - center[3], atol=1e-6)
     assert not torch.equal(whole[0] - center[0], whole[2] - center[2])
+
+
+def test_only_threat_py_branches_on_the_norm():
+    """All l_p geometry lives in safespot/threat.py, one class per norm: no other module of the
+    package compares a norm with a norm's name (``norm == "linf"``, ``!= "l2"``, ...)."""
+    import re
+    from pathlib import Path
+
+    import safespot
+
+    package = Path(safespot.__file__).parent
+    branch = re.compile(r"""(==|!=)\s*["'](linf|l2|Linf|L2)["']|["'](linf|l2)["']\s*(==|!=)""")
+    offenders = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "threat.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if branch.search(line)
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("norm, cls", [("linf", "LinfBall"), ("l2", "L2Ball")])
+def test_lp_ball_is_one_class_per_norm(norm, cls):
+    import copy
+    import pickle
+
+    from safespot.threat import geometry
+
+    ball = LpBall(norm, "8/255")
+    assert type(ball).__name__ == cls and geometry(norm) is type(ball) and ball.eps == pytest.approx(8 / 255)
+    assert pickle.loads(pickle.dumps(ball)) == ball and copy.deepcopy(ball) == ball
+    assert ball.with_eps(0.5) == LpBall(norm, 0.5)
+    with pytest.raises(ThreatConfigError, match="norm"):
+        LpBall("l1", 0.1)

@@ -25,7 +25,7 @@ from safespot.threat import parse_budget
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
 from safespot.utils.instantiate import instantiate, instantiate_loggers
-from safespot.utils.performance import prepare_net
+from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -109,6 +109,7 @@ def describe_model(run_cfg: DictConfig) -> str:
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "evaluation")  # before any work
     checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
     evaluations = build_evaluations(cfg.get("evaluation"))

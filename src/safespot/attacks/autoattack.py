@@ -13,6 +13,21 @@ validated by :class:`safespot.threat.LpBall`, outputs projected back into
 (:func:`safespot.attacks.context.attack_context`), the number of target classes adapted to
 models with fewer than ten classes, determinism without touching the caller's random state,
 and a quiet package when ``verbose`` is off.
+
+Smoothed (voting) models. The package decides which images are broken, and so which images
+its later members still attack and which points it returns, with ``get_logits(x).argmax``
+(its runner calls it on the whole batch for the clean accuracy and, after each member, on the
+points of the images still robust). On a model that predicts by a vote
+(:func:`safespot.utils.prediction.has_vote`, e.g. :class:`safespot.smoothing.SmoothedClassifier`)
+one forward pass is one noisy soft estimate, so a "success" on noise would stop the later
+members for that image although the evaluation's vote still classifies it correctly. The
+adapter therefore answers the package's ``get_logits`` with the vote, seeded by the image
+seeds (:class:`VoteJudge`; the evaluation scores the returned points with the same vote and
+seeds), instead of re-checking the outputs afterwards: an image counts as broken only when the
+vote says so, and then the next members still attack the others. The members themselves still
+follow their own per-iterate bookkeeping on the forward pass (APGD keeps its best point by the
+noisy estimate; ``rand``'s ``eot_iter`` averages gradients), which is the package's attack as
+published.
 """
 
 from __future__ import annotations
@@ -29,7 +44,9 @@ from pyautoattack import checks as _package_checks
 from torch import nn
 
 from safespot.attacks.context import attack_context
+from safespot.smoothing.soft import unseeded_noise
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int
+from safespot.utils.prediction import has_vote, predict_logits
 
 VERSIONS: tuple[str, ...] = ("standard", "rand")
 ATTACK_NAMES: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -42,6 +59,7 @@ VERSION_ATTACKS: dict[str, tuple[str, ...]] = {
 STANDARD_TARGET_CLASSES = 9
 _PACKAGE_NORMS = {"linf": "Linf", "l2": "L2"}
 _PACKAGE_LOGGER = "auto-attack"
+_VOTE_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -68,7 +86,8 @@ class AutoAttack:
             instead of logits, Square beating the gradient attacks) get through.
 
     The model is attacked in eval mode and must return logits for images in [0, 1]. Images
-    that are misclassified already, or that no member breaks, are returned unchanged.
+    that are misclassified already, or that no member breaks, are returned unchanged. A model
+    that predicts by a vote is judged by its vote (see the module docstring).
     """
 
     norm: str
@@ -107,22 +126,39 @@ class AutoAttack:
         """The members that run, in order."""
         return list(self.attacks) if self.attacks is not None else list(VERSION_ATTACKS[self.version])
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return detached adversarial examples for images ``x`` in [0, 1] with labels ``y``.
 
         The whole batch is attacked at once on the device of ``x`` (the model must live
-        there too).
+        there too). ``seeds`` (one per image) seed the vote that judges success on a voting
+        model (default: derived from ``seed`` and the position in the batch); they do not
+        change the package's own random draws, which come from ``seed``.
         """
         x = x.detach()
         y = y.detach().to(device=x.device, dtype=torch.long)
         if x.shape[0] == 0:
             return x.clone()
-        with attack_context(model, "eval"), _package_output(self.verbose), _forked_rng(x.device):
+        with (
+            attack_context(model, "eval"),
+            _package_output(self.verbose),
+            _forked_rng(x.device),
+            unseeded_noise(model),  # the package passes subsets of the batch through the model
+        ):
             with torch.no_grad():
                 num_classes = model(x[:1]).shape[-1]
             adversary = self.adversary(model, num_classes, x.device)
+            if has_vote(model):
+                adversary.get_logits = VoteJudge(model, y, self.vote_seeds(x, seeds))
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
         return self.ball.project(x_adv.detach(), x)
+
+    def vote_seeds(self, x: torch.Tensor, seeds: torch.Tensor | None) -> torch.Tensor:
+        """Per-image seeds of the vote that judges success: ``seeds``, or ``seed``-derived."""
+        if seeds is not None:
+            return torch.as_tensor(seeds).to(device=x.device, dtype=torch.int64).reshape(-1)
+        return self.seed * _VOTE_SEED_STRIDE + torch.arange(len(x), device=x.device)
 
     def adversary(self, model: nn.Module, num_classes: int, device: torch.device | str = "cpu") -> _PackageAutoAttack:
         """The configured ``pyautoattack.AutoAttack`` for a model with ``num_classes`` logits.
@@ -170,6 +206,43 @@ class AutoAttack:
                     f"attacks: {name} needs at least {minimum} classes, the model has {num_classes}; "
                     f"choose a subset without it, e.g. attacks=['apgd-ce', 'fab-t', 'square']"
                 )
+
+
+class VoteJudge:
+    """The package's ``get_logits`` answered by the model's vote (:func:`predict_logits`).
+
+    ``pyautoattack``'s runner (``run_standard_evaluation`` with ``batch_size`` the whole
+    batch, as :class:`AutoAttack` calls it) asks ``get_logits`` about the whole batch (its
+    sanity checks and the clean accuracy) and, after each member, about the points of the
+    images it still counts as robust, in batch order. The judge mirrors those robust flags to
+    know which images, hence which seeds and labels, each call is about, and refuses any other
+    call pattern instead of guessing.
+    """
+
+    def __init__(self, model: nn.Module, y: torch.Tensor, seeds: torch.Tensor) -> None:
+        if len(seeds) != len(y):
+            raise ValueError(f"expected {len(y)} per-image seeds, got {len(seeds)}")
+        self.model, self.y, self.seeds = model, y, seeds
+        self.robust = torch.ones(len(y), dtype=torch.bool, device=y.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows: torch.Tensor | None = None
+        if len(x) != len(self.y):
+            rows = self.robust.nonzero().squeeze(1)
+            if len(rows) != len(x):
+                raise RuntimeError(
+                    f"AutoAttack vote judge: a call with {len(x)} points matches neither the batch "
+                    f"({len(self.y)}) nor the {len(rows)} images still robust; pyautoattack's runner changed?"
+                )
+        seeds = self.seeds if rows is None else self.seeds[rows]
+        labels = self.y if rows is None else self.y[rows]
+        logits = predict_logits(self.model, x, seeds)
+        wrong = logits.argmax(1) != labels
+        if rows is None:
+            self.robust = ~wrong
+        else:
+            self.robust[rows[wrong]] = False
+        return logits
 
 
 def _set_apgd_iterations(apgd: object, n_iter: int) -> None:

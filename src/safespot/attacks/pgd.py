@@ -6,6 +6,16 @@ with several restarts an image counts as broken when any restart breaks it. FGSM
 (Goodfellow et al., 2015) is one step of size eps, and FGSM-RS (Wong et al., 2020) one step
 of size 1.25 eps from a random start. For randomised models, ``eot`` averages the input
 gradient over several forward passes (expectation over transformation, Athalye et al., 2018).
+
+Randomised models. With per-image ``seeds`` the whole run happens inside
+:func:`safespot.smoothing.seeded_noise`: the noise of a smoothed or noisy model
+(:class:`~safespot.smoothing.SmoothedClassifier`, :class:`~safespot.smoothing.NoisyClassifier`)
+at the t-th forward pass is a function of the image's seed and t alone, so an image's
+adversarial example does not depend on its batch or the DDP rank, and every step and EOT pass
+gets fresh draws. With restarts, a model that predicts by a vote
+(:func:`safespot.utils.prediction.has_vote`) has each restart judged by that vote, seeded by
+the image seeds, as the evaluation scores the final point (paper 002, Appendix C.2: points are
+scored by the 50-draw vote), never by one fresh noisy soft estimate.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from torch import nn
 
 from safespot.attacks.context import AttackMode, attack_context, check_attack_mode
 from safespot.attacks.losses import get_loss
+from safespot.smoothing.soft import seeded_noise
 from safespot.threat import LpBall, check_positive_int, parse_budget
+from safespot.utils.prediction import has_vote, predict_logits
 
 _RESTART_SEED_STRIDE = 1_000_003
 
@@ -32,7 +44,7 @@ class PGD:
         step_size: step length; defaults to ``eps / 4`` (the papers' evaluation setting).
         random_start: start uniformly inside the ball instead of at the input.
         restarts: independent runs; per image the first successful one is kept, else the
-            one with the highest loss.
+            one with the highest loss (for a voting model: success and loss of its vote).
         loss: ``ce``, ``cw`` or ``dlr`` (see :mod:`safespot.attacks.losses`).
         targeted: descend the loss at ``target`` instead of ascending it at ``y``.
         early_stop: freeze an image as soon as the attack succeeds on it.
@@ -71,26 +83,36 @@ class PGD:
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         seeds: torch.Tensor | None = None,
+        vote_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return detached adversarial examples for images ``x`` in [0, 1] with labels ``y``.
 
         ``target`` holds the classes a targeted attack moves towards. Random starts come from
-        ``generator``, or, with ``seeds`` (one integer per image), from per-image generators
-        so that each image's result does not depend on the batch it is in.
+        ``generator``, or, with ``seeds`` (one integer per image), from per-image streams, and
+        the model's noise too (:func:`safespot.smoothing.seeded_noise`; restart ``r`` uses the
+        seeds ``seeds + r * 1_000_003``), so that each image's result does not depend on the
+        batch it is in. ``vote_seeds`` seed the vote that judges restarts on a voting model
+        (default ``seeds``): pass the seeds the caller will score the points with when they
+        differ from the attack's.
         """
         if self.targeted and target is None:
             raise ValueError("a targeted attack needs target labels")
         x = x.detach()
+        if seeds is not None:
+            seeds = torch.as_tensor(seeds).to(device=x.device, dtype=torch.int64)
+        vote_seeds = seeds if vote_seeds is None else torch.as_tensor(vote_seeds).to(x.device)
         with attack_context(model, self.mode):
             if self.restarts == 1:
-                return self._run(model, x, y, target, generator, seeds)
+                with seeded_noise(model, seeds):
+                    return self._run(model, x, y, target, generator, seeds)
             best = x.clone()
             best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
             best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for r in range(self.restarts):
                 restart_seeds = None if seeds is None else seeds + r * _RESTART_SEED_STRIDE
-                x_adv = self._run(model, x, y, target, generator, restart_seeds)
-                loss, success = self._score(model, x_adv, y, target)
+                with seeded_noise(model, restart_seeds):
+                    x_adv = self._run(model, x, y, target, generator, restart_seeds)
+                    loss, success = self._score(model, x_adv, y, target, vote_seeds)
                 better = ~best_success & (success | (loss > best_loss))
                 best[better] = x_adv[better]
                 best_loss = torch.where(better, loss, best_loss)
@@ -136,10 +158,17 @@ class PGD:
 
     @torch.no_grad()
     def _score(
-        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+        self,
+        model: nn.Module,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        seeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample objective (higher is better for the attacker) and success flag."""
-        logits = model(x_adv)
+        """Per-sample objective (higher is better for the attacker) and success flag of one
+        restart's points: on the model's vote (seeded by the image ``seeds``, as the evaluation
+        scores points) when it predicts by a vote, else on one forward pass."""
+        logits = predict_logits(model, x_adv, seeds) if has_vote(model) else model(x_adv)
         if self.targeted:
             return -self.loss_fn(logits, target), self._succeeded(logits, y, target)
         return self.loss_fn(logits, y), self._succeeded(logits, y, target)

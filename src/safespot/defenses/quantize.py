@@ -9,37 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from safespot.threat import LpBall
+from safespot.threat import LpBall, round_to_grid
 
 LEVELS = 255
 
 
 def round_trip_8bit(x: torch.Tensor) -> torch.Tensor:
     """Values after a uint8 round trip: ``round(255 x) / 255``."""
-    return torch.round(x.clamp(0, 1) * LEVELS) / LEVELS
+    return round_to_grid(x, LEVELS)
 
 
-def project_to_8bit(x_r: torch.Tensor, x_o: torch.Tensor, ball: LpBall, search_steps: int = 12) -> torch.Tensor:
-    """An 8-bit image close to ``x_r`` inside ``ball`` around ``x_o``.
-
-    l_inf: round, then clamp to the grid points inside ``[x_o - delta, x_o + delta] ∩ [0, 1]``.
-    l_2: round ``x_o + s (x_r - x_o)`` with the largest ``s`` in [0, 1] (bisection per image)
-    whose rounding stays in the ball; ``s = 0`` gives the (rounded) original.
-    """
-    if ball.norm == "linf":
-        lower = torch.ceil(((x_o - ball.eps).clamp(0, 1) * LEVELS) - 1e-6) / LEVELS
-        upper = torch.floor(((x_o + ball.eps).clamp(0, 1) * LEVELS) + 1e-6) / LEVELS
-        q = torch.min(torch.max(round_trip_8bit(x_r), lower), upper)
-        return torch.where(lower <= upper, q, round_trip_8bit(x_o))
-    view = (-1, *[1] * (x_r.dim() - 1))
-    low = torch.zeros(len(x_r), device=x_r.device, dtype=x_r.dtype)
-    high = torch.ones_like(low)
-    candidate = round_trip_8bit(x_r)
-    ok = ball.contains(candidate, x_o, tol=1e-7)
-    low = torch.where(ok, high, low)
-    for _ in range(search_steps):
-        mid = (low + high) / 2
-        inside = ball.contains(round_trip_8bit(x_o + mid.view(view) * (x_r - x_o)), x_o, tol=1e-7)
-        low = torch.where(inside & ~ok, mid, low)
-        high = torch.where(inside | ok, high, mid)
-    return round_trip_8bit(x_o + low.view(view) * (x_r - x_o))
+def project_to_8bit(x_r: torch.Tensor, x_o: torch.Tensor, ball: LpBall) -> torch.Tensor:
+    """An 8-bit image close to ``x_r`` inside ``ball`` around ``x_o``
+    (:meth:`safespot.threat.LpBall.project_to_grid`: for l_inf round, then clamp to the grid
+    points of the box; for l_2 round ``x_o + s (x_r - x_o)`` with the largest ``s`` in [0, 1]
+    whose rounding stays in the ball)."""
+    return ball.project_to_grid(x_r, x_o, LEVELS)

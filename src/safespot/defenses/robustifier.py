@@ -21,7 +21,6 @@ targeted PGD with step delta/4).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
@@ -33,20 +32,15 @@ from torch import nn
 from safespot.attacks import PGD, attack_context, fgsm
 from safespot.attacks.context import AttackMode
 from safespot.defenses.quantize import project_to_8bit
-from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
+from safespot.smoothing.soft import seeded_noise, smoothing_draws
+from safespot.threat import LpBall, SearchVariables, ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.prediction import predict_logits
 
-DEFAULT_BETA = {"linf": 0.1, "l2": 0.001}  # paper 002, Appendix C.1 (CIFAR-10)
 _ITER_SEED_STRIDE = 104_729
 _RUN_SEED_STRIDE = 7_919_003
 _INIT_STREAM = 1  # the random start's own stream (the inner attacks use stream 0 of their seeds)
-# |tanh(w)| is kept below this limit: a pixel at the edge of its box then still has
-# dx/dw = span / 2 * (1 - limit^2) ~ 1e-2 span, so RMSProp (eps 1e-8) moves it like an interior
-# pixel; with 1 - 1e-6 a pixel at 0 or 1 could not move at realistic gradients (|g| <= 1e-3).
-_TANH_LIMIT = 1 - 1e-2
-_W_LIMIT = math.atanh(_TANH_LIMIT)
+_OUTER_SALT = 1  # a smoothed model's noise outside the inner PGD: not the PGD's own draws (salt 0)
 OUTPUTS: tuple[str, ...] = ("last", "best")
-_RMS_ALPHA, _RMS_EPS = 0.99, 1e-8  # torch.optim.RMSprop defaults
 
 
 @dataclass
@@ -96,9 +90,10 @@ class Robustifier:
         self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and success of one inner attack run at ``x_r`` (records of the baselines)."""
-        x_a = self.inner_attack()(model, x_r, labels, seeds=seeds)
-        with torch.no_grad():
-            logits = model(x_a)
+        with seeded_noise(model, seeds, salt=_OUTER_SALT):
+            x_a = self.inner_attack()(model, x_r, labels, seeds=seeds)
+            with torch.no_grad():
+                logits = model(x_a)
         return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(1) != labels
 
     def finish(self, x_r: torch.Tensor, x_o: torch.Tensor) -> torch.Tensor:
@@ -140,7 +135,7 @@ class NoRobustification(Robustifier):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
-        with attack_context(model, self.mode):
+        with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             return self.result(model, x_o, x_o.clone(), labels, seeds)
 
@@ -153,9 +148,9 @@ class SafeSpotFGSM(NoRobustification):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
-        with attack_context(model, self.mode):
+        with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
-            x_r = fgsm(self.norm, self.delta, targeted=True)(model, x_o, labels, target=labels)
+            x_r = fgsm(self.norm, self.delta, targeted=True)(model, x_o, labels, target=labels, seeds=seeds)
             return self.result(model, x_o, x_r, labels, seeds)
 
 
@@ -169,12 +164,12 @@ class SafeSpotPGD(NoRobustification):
         self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
-        with attack_context(model, self.mode):
+        with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
             labels = self.protected_labels(model, x_o, y, self.protect, seeds)
             attack = PGD(
                 self.norm, self.delta, steps=self.steps, step_size=self.delta / 4, random_start=False, targeted=True
             )
-            return self.result(model, x_o, attack(model, x_o, labels, target=labels), labels, seeds)
+            return self.result(model, x_o, attack(model, x_o, labels, target=labels, seeds=seeds), labels, seeds)
 
 
 @dataclass
@@ -241,7 +236,8 @@ class SafeSpotSearch(Robustifier):
         self.inner_step_size = (
             self.eps / 4 if self.inner_step_size is None else parse_budget(self.inner_step_size, "inner_step_size")
         )
-        self.beta = DEFAULT_BETA[self.norm] if self.beta is None else parse_budget(self.beta, "beta")
+        ball = LpBall(self.norm, self.delta)
+        self.beta = ball.search_beta if self.beta is None else parse_budget(self.beta, "beta")
         if self.init not in ("original", "random"):
             raise ThreatConfigError(f"init must be 'original' or 'random', got {self.init!r}")
         if self.output not in OUTPUTS:
@@ -250,7 +246,7 @@ class SafeSpotSearch(Robustifier):
             raise ThreatConfigError(f"protect must be 'prediction' or 'label', got {self.protect!r}")
         if self.ascend and (self.early_exit is not None or self.quantize):
             raise ThreatConfigError("the reconstruction (ascend=True) takes neither early_exit nor quantize")
-        if self.second_order and self.norm != "l2":
+        if self.second_order and not ball.smooth_steps:
             raise ThreatConfigError("second_order is only defined for norm l2 (sign steps have zero derivative)")
 
     def inner_attack(self) -> PGD:
@@ -267,8 +263,9 @@ class SafeSpotSearch(Robustifier):
         success = torch.zeros(len(x_r), dtype=torch.bool, device=x_r.device)
         for n in range(self.restarts):
             run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
-            x_a = inner(model, x_r, labels, seeds=run_seeds).requires_grad_(True)
-            logits = model(x_a)
+            with seeded_noise(model, run_seeds, salt=_OUTER_SALT):  # a smoothed model's noise per image
+                x_a = inner(model, x_r, labels, seeds=run_seeds).requires_grad_(True)
+                logits = model(x_a)
             per_image = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad(per_image.sum(), x_a)
             grad += g * ((x_a > 0) & (x_a < 1))
@@ -287,11 +284,12 @@ class SafeSpotSearch(Robustifier):
             run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
             center = x_r.detach().requires_grad_(True)
             x_a = ball.random_init(center.detach(), seeds=run_seeds) - center.detach() + center
-            for _ in range(self.inner_steps):
-                step_loss = F.cross_entropy(model(x_a).float(), labels, reduction="sum")
-                (g,) = torch.autograd.grad(step_loss, x_a, create_graph=True)
-                x_a = ball.project(x_a + self.inner_step_size * ball.steepest_direction(g), center)
-            logits = model(x_a)
+            with seeded_noise(model, run_seeds, salt=_OUTER_SALT):
+                for _ in range(self.inner_steps):
+                    step_loss = F.cross_entropy(model(x_a).float(), labels, reduction="sum")
+                    (g,) = torch.autograd.grad(step_loss, x_a, create_graph=True)
+                    x_a = ball.project(x_a + self.inner_step_size * ball.steepest_direction(g), center)
+                logits = model(x_a)
             per_image = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad(per_image.sum(), center)
             grad += g
@@ -314,7 +312,7 @@ class SafeSpotSearch(Robustifier):
         n, device = len(x_o), x_o.device
         seeds = _on(seeds, x_o)
         y = None if y is None else y.to(device)
-        with attack_context(model, self.mode):
+        with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
             labels = torch.cat(
                 [
                     self.protected_labels(
@@ -388,13 +386,6 @@ class SafeSpotSearch(Robustifier):
         x_r = (
             ball.random_init(origin, seeds=row_seeds, stream=_INIT_STREAM) if self.init == "random" else origin.clone()
         )
-        lower, upper = (origin - self.delta).clamp(0, 1), (origin + self.delta).clamp(0, 1)
-        w = None
-        if self.norm == "linf":  # the tanh box reparameterisation (paper 002, Appendix C)
-            span = (upper - lower).clamp_min(1e-12)
-            # x_r itself stays exactly the start point; w may sit up to (1 - limit) / 2 * span
-            # inside the box for pixels on its edge, and takes over from the first step on
-            w = torch.atanh((2 * (x_r - lower) / span - 1).clamp(-_TANH_LIMIT, _TANH_LIMIT))
         zeros = torch.zeros(len(rows), dtype=torch.long, device=x_o.device)
         return _Pool(
             index=rows,
@@ -402,10 +393,7 @@ class SafeSpotSearch(Robustifier):
             labels=labels[rows],
             seeds=row_seeds,
             x_r=x_r,
-            lower=lower,
-            upper=upper,
-            w=w,
-            square_avg=None if w is None else torch.zeros_like(w),
+            var=ball.search_variables(x_r, origin),  # x_r stays exactly the start point
             best_x=x_r.clone(),
             best_loss=torch.full((len(rows),), torch.inf, device=x_o.device),
             best_success=torch.ones(len(rows), dtype=torch.bool, device=x_o.device),
@@ -414,20 +402,11 @@ class SafeSpotSearch(Robustifier):
         )
 
     def _step(self, pool: _Pool, grad: torch.Tensor) -> None:
-        """One outer update of every image in ``pool`` along ``-grad``: RMSProp on the tanh
-        variable for l_inf (``torch.optim.RMSprop`` defaults: alpha 0.99, eps 1e-8), a
-        projected gradient step onto B_delta(x_o) and [0, 1] for l_2."""
+        """One outer update of every image in ``pool`` along ``-grad``, as the ball defines it
+        (:meth:`safespot.threat.LpBall.search_update`): RMSProp on the tanh box variable for
+        l_inf (paper 002, Appendix C), a projected gradient step for l_2."""
         pool.it += 1
-        if pool.w is None:
-            pool.x_r = LpBall(self.norm, self.delta).project(pool.x_r - self.beta * grad, pool.x_o)
-            return
-        assert pool.square_avg is not None
-        t = torch.tanh(pool.w)
-        grad_w = grad * (pool.upper - pool.lower) / 2 * (1 - t * t)
-        pool.square_avg.mul_(_RMS_ALPHA).addcmul_(grad_w, grad_w, value=1 - _RMS_ALPHA)
-        pool.w.addcdiv_(grad_w, pool.square_avg.sqrt().add_(_RMS_EPS), value=-self.beta)
-        pool.w.clamp_(-_W_LIMIT, _W_LIMIT)  # keep every pixel where its box gradient flows
-        pool.x_r = _from_w(pool.w, pool.lower, pool.upper)
+        pool.x_r = LpBall(self.norm, self.delta).search_update(pool.x_r, pool.var, grad, self.beta)
 
 
 @dataclass
@@ -439,10 +418,7 @@ class _Pool:
     labels: torch.Tensor
     seeds: torch.Tensor | None
     x_r: torch.Tensor
-    lower: torch.Tensor
-    upper: torch.Tensor
-    w: torch.Tensor | None  # tanh variable (l_inf)
-    square_avg: torch.Tensor | None  # RMSProp state of w
+    var: SearchVariables  # the outer update's variables (the tanh box for l_inf)
     best_x: torch.Tensor
     best_loss: torch.Tensor
     best_success: torch.Tensor
@@ -464,13 +440,15 @@ class _Pool:
         self.best_success = torch.where(better, success, self.best_success)
 
     def _map(self, fn: Callable[..., torch.Tensor], other: _Pool | None = None) -> _Pool:
-        values = {}
+        values: dict[str, object] = {}
         for f in fields(self):
-            mine = getattr(self, f.name)
+            mine, theirs = getattr(self, f.name), None if other is None else getattr(other, f.name)
             if mine is None:
                 values[f.name] = None
+            elif isinstance(mine, SearchVariables):
+                values[f.name] = mine.map(fn, theirs)
             else:
-                values[f.name] = fn(mine) if other is None else fn(mine, getattr(other, f.name))
+                values[f.name] = fn(mine) if other is None else fn(mine, theirs)
         return _Pool(**values)
 
     def select(self, keep: torch.Tensor) -> _Pool:
@@ -528,10 +506,6 @@ class _Outcome:
 def _on(seeds: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Per-image seeds on the images' device (row indices created there index them)."""
     return None if seeds is None else torch.as_tensor(seeds, dtype=torch.long).to(like.device)
-
-
-def _from_w(w: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    return torch.min(torch.max(lower + (torch.tanh(w) + 1) / 2 * (upper - lower), lower), upper)
 
 
 def _at(seeds: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from safespot.defenses.quantize import round_trip_8bit
 from safespot.evaluation.records import sweep_name
-from safespot.threat import LpBall, check_positive_int, parse_budget
+from safespot.threat import LpBall, check_positive_int, geometry, parse_budget
 from safespot.utils.prediction import predict_logits
 
 
@@ -70,8 +70,7 @@ class Evaluation:
     ) -> dict[str, torch.Tensor]:
         """:meth:`score` from already computed ``logits`` of ``x_eval``."""
         pred = logits.argmax(1)
-        distance = (x_eval - x_ref).flatten(1)
-        distance = distance.abs().amax(1) if self.norm == "linf" else distance.norm(dim=1)
+        distance = geometry(self.norm).size(x_eval - x_ref)
         fields = {
             "pred": pred,
             "correct": pred == y,
@@ -357,6 +356,8 @@ class WhiteBox:
             for j, fraction in enumerate(self.fractions):
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
                 kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
+                if "vote_seeds" in inspect.signature(run.attack.__call__).parameters:
+                    kwargs["vote_seeds"] = seeds  # restarts judged by the vote that scores them
                 x_adv = run.attack(model, x_hat, y, **kwargs)
                 logits = predict_logits(model, x_adv, seeds)
                 wrong = logits.argmax(1) != y

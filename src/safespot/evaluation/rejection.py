@@ -45,7 +45,7 @@ from torch import nn
 
 from safespot.evaluation.evaluations import AttackEvaluation, Evaluation
 from safespot.models.stochastic import is_stochastic, vote_shares
-from safespot.threat import LpBall, check_positive_int
+from safespot.threat import LpBall, check_positive_int, geometry
 
 VIEWS: tuple[str, ...] = ("ns", "vote", "mean")
 SAMPLING_VIEWS: tuple[str, ...] = ("vote", "mean")
@@ -179,9 +179,7 @@ class RejectionEvaluation(Evaluation):
             fields: dict[str, torch.Tensor] = {}
             for j, (point, x_p) in enumerate(points.items()):
                 if point != "clean":
-                    distance = (x_p - x).flatten(1)
-                    distance = distance.abs().amax(1) if self.norm == "linf" else distance.norm(dim=1)
-                    fields[f"{self.name}_{point}/dist"] = distance
+                    fields[f"{self.name}_{point}/dist"] = geometry(self.norm).size(x_p - x)
                 scored = view_predictions(model, x_p, self.views, self.n_samples, seeds + j * _VIEW_SALT)
                 for view, (pred, score) in scored.items():
                     prefix = f"{self.name}_{point}_{view}"

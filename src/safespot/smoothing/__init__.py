@@ -1,5 +1,7 @@
 """Randomised smoothing: noisy and soft-smoothed views of a classifier, the smoothed
-classifier with its votes, Cohen et al.'s PREDICT / CERTIFY, and certified accuracy."""
+classifier with its votes, Cohen et al.'s PREDICT / CERTIFY, and certified accuracy; per-image
+seeded noise (:func:`seeded_noise`) and the draws per forward pass by role
+(:func:`smoothing_draws`)."""
 
 from safespot.smoothing.attacks import NoisyViewAttack
 from safespot.smoothing.certified import (
@@ -9,12 +11,27 @@ from safespot.smoothing.certified import (
     plot_certified_accuracy,
     write_certified_accuracy,
 )
-from safespot.smoothing.smoothed import VOTES, Certificate, SmoothedClassifier, clopper_pearson_lower
-from safespot.smoothing.soft import NoisyClassifier, SoftSmoothed
+from safespot.smoothing.smoothed import (
+    RANK_WEIGHTS,
+    VOTES,
+    Certificate,
+    SmoothedClassifier,
+    clopper_pearson_lower,
+)
+from safespot.smoothing.soft import (
+    NoiseSeeding,
+    NoisyClassifier,
+    SoftSmoothed,
+    seeded_noise,
+    smoothing_draws,
+    unseeded_noise,
+)
 
 __all__ = [
+    "RANK_WEIGHTS",
     "VOTES",
     "Certificate",
+    "NoiseSeeding",
     "NoisyClassifier",
     "NoisyViewAttack",
     "SmoothedClassifier",
@@ -24,5 +41,8 @@ __all__ = [
     "certified_table",
     "clopper_pearson_lower",
     "plot_certified_accuracy",
+    "seeded_noise",
+    "smoothing_draws",
+    "unseeded_noise",
     "write_certified_accuracy",
 ]

@@ -16,11 +16,15 @@ paper 002, Section 3.6; paper 003, Eqs. 7-10). :class:`SmoothedClassifier` offer
     majority vote of paper 002 (Appendix C.2).
   - ``soft`` (soft prediction smoothing, Eq. 13): the mean of the softmax probabilities.
   - ``weighted`` (weighted smoothing, Eqs. 11-12): each draw gives the class it ranks r-th
-    (r = 1 for its most probable class) the weight ``w_r`` of ``rank_weights`` and every class
-    ranked below ``len(rank_weights)`` nothing. ``(1,)`` is the majority vote,
-    ``(1,) * k`` the top-k vote, ``(1, a, a^2, ...)`` a geometric decay over the ranks; the
-    default ``(1, 0.5)`` also credits the runner-up class, whose role in the smoothed
-    prediction Cohen et al. point out. The scores are normalised to sum to 1.
+    (r = 1 for its most probable class) the weight ``w_r`` of ``rank_weights``. The default
+    (``rank_weights=None``, or ``"geometric"``) weights every rank ``r = 1..K`` by
+    ``2^-(r-1)``, as the authors' reference implementation does (yanemcovsky/SIAM,
+    ``models/resnet_cpni_smooth_logits.py``: the per-class weights ``2 ** -x`` for
+    ``x = 0..K-1`` scattered onto each draw's classes sorted by decreasing logit, and
+    ``run_attack.py``'s ``--logits`` default). ``"top2"`` is ``(1, 0.5)``: the top class and
+    the runner-up, whose role in the smoothed prediction Cohen et al. point out. An explicit
+    list gives ranks below its length nothing: ``(1,)`` is the majority vote, ``(1,) * k``
+    the top-k vote. The scores are normalised to sum to 1.
 
 * :meth:`SmoothedClassifier.predict` and :meth:`SmoothedClassifier.certify`: Cohen et al.'s
   PREDICT (a two-sided binomial test that abstains on near ties) and CERTIFY (a one-sided
@@ -31,7 +35,13 @@ Noise for Monte Carlo estimates is drawn on the input's device, per image, in fi
 of :data:`NOISE_BLOCK` draws, each from a generator seeded by ``(image seed, purpose, block
 number)``. The draws an image receives therefore depend only on its seed, never on how many
 samples go through the base classifier at once (``max_batch``) or on which other images
-share a batch.
+share a batch. The noise of ``forward`` (the soft smoothed classifier) is seeded per image
+inside :func:`safespot.smoothing.seeded_noise` (see :mod:`safespot.smoothing.soft`).
+
+Draws per forward pass (paper 002, Appendix C.2: 5 draws to robustify, 50 to attack):
+``m_robustify`` and ``m_attack``. ``forward`` uses ``m_attack`` at rest, and
+``smoothing_draws(model, "robustify")`` switches to ``m_robustify`` for a block (the
+robustifier's search); ``m``, when given, sets both (one value for everything).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import SoftSmoothed
+from safespot.smoothing.soft import SoftSmoothed, unseeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
@@ -55,6 +65,8 @@ _FLOOR = 1e-12
 _COUNTS, _SELECT, _ESTIMATE, _PREDICT, _VOTE = range(5)
 
 SeedLike = int | Sequence[int] | torch.Tensor | None
+#: Named rank weights of the ``weighted`` vote; ``None`` weights rank r of K by 2^-(r-1).
+RANK_WEIGHTS: dict[str, tuple[float, ...] | None] = {"geometric": None, "top2": (1.0, 0.5)}
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -70,8 +82,18 @@ def check_vote(vote: str) -> str:
     return vote
 
 
-def check_rank_weights(weights: Sequence[float]) -> tuple[float, ...]:
-    """Non-empty, finite, non-negative, with a positive weight for the top rank."""
+def check_rank_weights(weights: Sequence[float] | str | None) -> tuple[float, ...] | None:
+    """``None`` or ``"geometric"`` (every rank r of K weighted ``2^-(r-1)``, returned as
+    ``None``), a name of :data:`RANK_WEIGHTS` (``"top2"``: ``(1, 0.5)``), or a non-empty list
+    of finite, non-negative weights with a positive weight for the top rank."""
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        if weights not in RANK_WEIGHTS:
+            raise ThreatConfigError(
+                f"rank_weights must be one of {list(RANK_WEIGHTS)}, null or a list of weights, got {weights!r}"
+            )
+        return RANK_WEIGHTS[weights]
     try:
         values = tuple(float(w) for w in weights)
     except (TypeError, ValueError):
@@ -156,33 +178,51 @@ class SmoothedClassifier(SoftSmoothed):
     Args:
         base: the base classifier, images in [0, 1] -> logits.
         sigma: the noise level (> 0).
-        m: noise draws per differentiable forward pass (Salman et al.'s soft smoothing).
+        m: when given, the draws per differentiable forward pass for everything (sets both
+            ``m_robustify`` and ``m_attack``); ``None`` keeps them apart.
         n_vote: draws for :meth:`vote_logits` (paper 002 uses 50).
         vote: ``majority``, ``soft`` or ``weighted`` (paper 003, Section 3).
         max_batch: at most this many noisy samples go through ``base`` in one pass in
             :meth:`vote_logits`, :meth:`sample_counts`, :meth:`predict` and
             :meth:`certify` (the memory budget); results do not depend on it.
-        rank_weights: the weights ``w_1, w_2, ...`` of the ``weighted`` vote.
+        rank_weights: the weights ``w_1, w_2, ...`` of the ``weighted`` vote: ``None`` (or
+            ``"geometric"``) for ``2^-(r-1)`` on every rank (paper 003's reference code),
+            ``"top2"`` for ``(1, 0.5)``, or a list.
+        m_robustify: draws per forward pass while robustifying (paper 002, Appendix C.2: 5),
+            inside ``smoothing_draws(model, "robustify")``.
+        m_attack: draws per forward pass of the attacks (paper 002, Appendix C.2: 50); the
+            resting value of ``m``.
     """
 
     def __init__(
         self,
         base: nn.Module,
         sigma: float,
-        m: int = 5,
+        m: int | None = None,
         n_vote: int = 50,
         vote: str = "majority",
         max_batch: int = 1000,
-        rank_weights: Sequence[float] = (1.0, 0.5),
+        rank_weights: Sequence[float] | str | None = None,
+        m_robustify: int = 5,
+        m_attack: int = 50,
     ) -> None:
-        super().__init__(base, sigma, m)
+        if m is not None:
+            m_robustify = m_attack = check_positive_int(m, "m")
+        m_robustify = check_positive_int(m_robustify, "m_robustify")
+        m_attack = check_positive_int(m_attack, "m_attack")
+        super().__init__(base, sigma, m_attack)
+        self.m_robustify, self.m_attack = m_robustify, m_attack
         self.n_vote = check_positive_int(n_vote, "n_vote")
         self.vote = check_vote(vote)
         self.max_batch = check_positive_int(max_batch, "max_batch")
         self.rank_weights = check_rank_weights(rank_weights)
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, m={self.m}, n_vote={self.n_vote}, vote={self.vote!r}, max_batch={self.max_batch}"
+        weights = "geometric" if self.rank_weights is None else list(self.rank_weights)
+        return (
+            f"sigma={self.sigma}, m={self.m}, m_robustify={self.m_robustify}, m_attack={self.m_attack}, "
+            f"n_vote={self.n_vote}, vote={self.vote!r}, rank_weights={weights}, max_batch={self.max_batch}"
+        )
 
     # --- Monte Carlo sampling ---------------------------------------------------------
     def _noise(
@@ -212,24 +252,34 @@ class SmoothedClassifier(SoftSmoothed):
             return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
         gen = torch.Generator(device=x.device)
         totals: torch.Tensor | None = None
-        for chunk in chunks(len(x), n, self.max_batch):
-            noise = torch.cat([self._noise(x[i], seeds[i], purpose, a, b, gen) for i, a, b in chunk])
-            owner = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=x.device) for i, a, b in chunk])
-            out = score(self.base(x[owner] + noise).float()).double()
-            if totals is None:
-                totals = out.new_zeros((len(x), out.shape[1]))
-            totals.index_add_(0, owner, out)
+        with unseeded_noise(self.base):  # the chunks are not the seeded batch of an enclosing attack
+            for chunk in chunks(len(x), n, self.max_batch):
+                noise = torch.cat([self._noise(x[i], seeds[i], purpose, a, b, gen) for i, a, b in chunk])
+                owner = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=x.device) for i, a, b in chunk])
+                out = score(self.base(x[owner] + noise).float()).double()
+                if totals is None:
+                    totals = out.new_zeros((len(x), out.shape[1]))
+                totals.index_add_(0, owner, out)
         return totals
 
     @staticmethod
     def _top_class(logits: torch.Tensor) -> torch.Tensor:
         return nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
 
+    def rank_weight_vector(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``(K,)`` weights of ranks 1..K in the ``weighted`` vote (paper 003, Eqs. 11-12):
+        ``2^-(r-1)`` by default, else ``rank_weights`` padded with zeros."""
+        if self.rank_weights is None:
+            return torch.pow(2.0, -torch.arange(num_classes, device=device, dtype=torch.float64)).to(dtype)
+        weights = torch.zeros(num_classes, dtype=dtype, device=device)
+        k = min(len(self.rank_weights), num_classes)
+        weights[:k] = torch.tensor(self.rank_weights[:k], dtype=dtype, device=device)
+        return weights
+
     def _rank_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        k = min(len(self.rank_weights), logits.shape[1])
-        weights = torch.tensor(self.rank_weights[:k], dtype=logits.dtype, device=logits.device)
-        top = logits.topk(k, dim=1).indices
-        return torch.zeros_like(logits).scatter_(1, top, weights.expand(len(logits), k))
+        weights = self.rank_weight_vector(logits.shape[1], logits.dtype, logits.device)
+        order = logits.argsort(dim=1, descending=True)  # order[:, r - 1]: the class ranked r-th
+        return torch.zeros_like(logits).scatter_(1, order, weights.expand(len(logits), -1))
 
     def _counts(self, x: torch.Tensor, n: int, seeds: list[int], purpose: int) -> torch.Tensor:
         return self._tally(x, n, seeds, purpose, self._top_class).round().long()

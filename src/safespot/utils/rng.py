@@ -93,6 +93,17 @@ def seeded_normal(
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
 
 
+def _mix64_int(z: int) -> int:
+    """:func:`_mix64` of one Python integer, as a signed 64-bit value (computed on the host, so
+    a stream key costs no host-to-device copy)."""
+    mask = 2**64 - 1
+    z &= mask
+    z = ((z ^ (z >> 30)) * (_MIX1 & mask)) & mask
+    z = ((z ^ (z >> 27)) * (_MIX2 & mask)) & mask
+    z ^= z >> 31
+    return z - 2**64 if z >= 2**63 else z
+
+
 def seeded_normal_at(
     seeds: Seeds,
     start: torch.Tensor | int,
@@ -104,13 +115,19 @@ def seeded_normal_at(
     """Elements ``start .. start + count - 1`` of the :func:`seeded_normal` streams, shape
     ``(len(seeds), count)``: row ``r`` equals ``seeded_normal(seeds, start[r] + count, stream)[r, start[r]:]``.
 
-    ``start`` is one offset for all rows or one per row (a tensor); drawing a stream in pieces
-    this way (e.g. Monte Carlo draws split into memory-bounded chunks) gives the same numbers as
-    drawing it at once.
+    ``start`` is one offset for all rows or one per row (a tensor on ``device``); drawing a
+    stream in pieces this way (e.g. Monte Carlo draws split into memory-bounded chunks, or one
+    piece per forward pass) gives the same numbers as drawing it at once. Seeds already on
+    ``device`` and an integer ``start`` make no host-device transfer (no synchronisation), so
+    this can run at every step of an attack.
     """
-    keys = _mix64(_signed64(seeds, device) ^ _mix64(torch.tensor(stream + 1, dtype=torch.int64, device=device)))
-    first = torch.as_tensor(start, dtype=torch.int64, device=device).reshape(-1, 1)
-    counter = (first + torch.arange(1, count + 1, dtype=torch.int64, device=device)[None, :]) * _GAMMA
+    keys = _mix64(_signed64(seeds, device) ^ _mix64_int(stream + 1))
+    if isinstance(start, torch.Tensor):
+        first = start.to(device=device, dtype=torch.int64).reshape(-1, 1)
+        counter = (first + torch.arange(1, count + 1, dtype=torch.int64, device=device)[None, :]) * _GAMMA
+    else:
+        steps = torch.arange(int(start) + 1, int(start) + count + 1, dtype=torch.int64, device=device)
+        counter = (steps * _GAMMA)[None, :]
     words = _mix64(keys[:, None] + counter)
     u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1], as seeded_normal
     u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
