@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install train test test-slow test-all lint format bench reproduce-cifar10-reduced
+.PHONY: install train test test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow:  ## only the slow tests
 test-all:  ## every test
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
+test-gpu:  ## every entry point end to end on CUDA (tests/gpu, marker cuda; SAFESPOT_TEST_DEVICE=cpu: dry run on the CPU)
+	$(PY) -m pytest -q -m cuda tests/gpu $(ARGS)
+
 lint:
 	$(VENV)/bin/ruff check src tests bench scripts train.py evaluate.py robustify.py ood.py
 	$(VENV)/bin/ruff format --check src tests bench scripts train.py evaluate.py robustify.py ood.py
@@ -41,6 +44,9 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_certify.py --quick
 	$(PY) bench/bench_loader.py --quick
 	$(PY) bench/bench_user_figures.py --quick
+
+bench-gpu:  ## GPU throughput table: WRN-34-10 and small CNN, fp32/bf16, PGD, training step, robustifier (ARGS="--quick --device cpu": dry run)
+	$(PY) bench/bench_gpu.py $(ARGS)
 
 reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustification grid (about 2 h on 2 CPU cores)
 	$(PY) scripts/reproduce_cifar10_reduced.py --docs docs/reproduction_cifar10_reduced.md $(ARGS)

@@ -1,0 +1,1 @@
+"""End-to-end checks of every entry point on a CUDA device (marker ``cuda``; ``make test-gpu``)."""
