@@ -105,3 +105,30 @@ def tiny_net() -> TinyNet:
 def images() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def assert_same_run_files(one: Path, two: Path) -> None:
+    """Every file of two evaluation runs (records, results, certificates, panels) is the same:
+    tables equal up to float noise, images and text byte for byte; ``results.json`` equal but
+    for the output paths in its meta."""
+    import json
+
+    import pandas as pd
+
+    files_one = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and ".hydra" not in p.parts)
+    files_two = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and ".hydra" not in p.parts)
+    files_one = [p for p in files_one if p.suffix != ".log"]
+    files_two = [p for p in files_two if p.suffix != ".log"]
+    assert files_one == files_two
+    for name in files_one:
+        a, b = one / name, two / name
+        if name.suffix == ".csv":
+            pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b), check_exact=False, atol=1e-5)
+        elif name.suffix == ".json":
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            assert ja.keys() == jb.keys(), name
+            for key in ja:
+                if key != "meta":
+                    assert ja[key] == pytest.approx(jb[key], abs=1e-6), (name, key)
+        else:
+            assert a.read_bytes() == b.read_bytes(), name

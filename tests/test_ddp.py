@@ -34,3 +34,29 @@ def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     assert metrics["val/acc"] == pytest.approx(reference["val/acc"], abs=1e-6)
     assert metrics["val/robust_acc"] == pytest.approx(reference["val/robust_acc"], abs=1e-6)
     assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"]))
+
+
+def test_ddp_spawn_training_returns_the_best_monitored_value(make_cfg, tmp_path):
+    """Under ddp_spawn the parent's checkpoint callback only learns the best path from the
+    workers; train() must still report ``<monitor>/best`` (what sweepers optimise)."""
+    import lightning as L
+
+    cfg = make_cfg(
+        "trainer=ddp_sim",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.max_epochs=2",
+        "method=natural",
+        "data.batch_size=64",
+        "data.val_size=64",
+        "method.val_attack=null",
+        "method.test_attack=null",
+        "test=false",
+        out=tmp_path / "ddp_best",
+    )
+    metrics, objs = train(cfg)
+    monitor = cfg.method.monitor
+    stored = torch.load(objs["best_path"], weights_only=True)["callbacks"]
+    (state,) = [v for k, v in stored.items() if k.startswith("ModelCheckpoint")]
+    assert metrics[f"{monitor}/best"] == pytest.approx(float(state["best_model_score"]))
+    assert isinstance(objs["trainer"], L.Trainer)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import SYNTHETIC, compose_config, cpu_trainer
+from conftest import SYNTHETIC, assert_same_run_files, compose_config, cpu_trainer
 from safespot.attacks import PGD, fgsm
 from safespot.attacks.losses import cw_margin, dlr
 from safespot.evaluate import evaluate
@@ -181,6 +181,9 @@ def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
     assert len(records_two) == 37  # no padding duplicates
     for key in ("clean/acc", "pgd/acc", "pgd_cw/acc", "worst_case/acc", "n_images"):
         assert one[key] == pytest.approx(two[key])
+    # every output file, the image panels included (they used to show rank 0's first batch)
+    assert (tmp_path / "one" / "images" / "pgd.png").is_file()
+    assert_same_run_files(tmp_path / "one", tmp_path / "two")
 
 
 def test_merge_refuses_duplicated_images():

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torch import nn
 
-from conftest import SYNTHETIC, compose_config
+from conftest import SYNTHETIC, assert_same_run_files, compose_config
 from safespot.attacks import PGD
 from safespot.evaluate import evaluate
 from safespot.evaluation import CertifyEvaluation, Clean
@@ -391,3 +391,24 @@ def test_preemptive_robustification_of_the_smoothed_classifier(small_checkpoint,
     certified = certified_preemptive_table([run])
     assert certified["Preempt."].tolist() == ["None", "Ours"] and "r = 0.5" in certified
     assert (out / "certified_accuracy.csv").is_file()
+
+
+def test_smoothed_evaluation_files_are_the_same_with_two_processes(small_checkpoint, tmp_path):
+    """Certificates, records, results and panels of a smoothed evaluation (CERTIFY and randomised
+    PGD) are written by the worker holding the gathered records: with ``ddp_spawn`` the parent
+    process used to write no certified_accuracy.* at all."""
+    args = (
+        "smoothing.sigma=0.25",
+        "smoothing.n_vote=16",
+        "smoothing.m=2",
+        "evaluation=[clean,certify,pgd_smooth]",
+        "evaluation.certify.n0=8",
+        "evaluation.certify.n=64",
+        "evaluation.pgd_smooth.attack.steps=2",
+        "data.test_subset=11",
+        "data.eval_batch_size=4",
+    )
+    one = _evaluate(small_checkpoint, tmp_path / "one", *args)
+    two = _evaluate(small_checkpoint, tmp_path / "two", *args, "trainer=ddp_sim")
+    assert (tmp_path / "two" / "certified_accuracy.csv").is_file() and one["n_images"] == two["n_images"] == 11
+    assert_same_run_files(tmp_path / "one", tmp_path / "two")

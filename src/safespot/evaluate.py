@@ -19,8 +19,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from safespot.evaluation import CertifyEvaluation, Evaluation, EvaluationModule
-from safespot.smoothing import write_certified_accuracy
+from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_batch_size, check_threat
@@ -90,16 +89,6 @@ def needs_smoothing(evaluation: Evaluation) -> bool:
     return bool(getattr(evaluation, "requires_smoothing", False) or getattr(attack, "requires_smoothing", False))
 
 
-def write_certificates(records: Any, evaluations: list[Evaluation], out: Path, title: str) -> None:
-    """Certified accuracy versus radius for the certify evaluations that ran (if any)."""
-    certify = [e for e in evaluations if isinstance(e, CertifyEvaluation)]
-    certify += [e.certify for e in evaluations if getattr(e, "certify", None) is not None]
-    if certify and len(records):
-        radii = sorted({r for e in certify for r in e.radii})
-        table = write_certified_accuracy(records, [e.name for e in certify], radii, out, title)
-        log.info("certified accuracy:\n%s", table.to_string(index=False))
-
-
 def describe_model(run_cfg: DictConfig) -> str:
     backbone = run_cfg.model.get("backbone", run_cfg.model)
     name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
@@ -124,7 +113,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if smoothing is not None:
         net = instantiate(smoothing, base=net).eval()
     out = Path(cfg.paths.output_dir)
+    sigma = f"sigma {smoothing.sigma}" if smoothing is not None else ""
     meta = {
+        "title": f"{describe_model(run_cfg)} {sigma}".strip(),
         "model": describe_model(run_cfg),
         "method": checkpoint.get("hyper_parameters", {}).get("method"),
         "train_run": run_cfg.get("task_name"),
@@ -143,10 +134,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
 
+    # written by the module on rank 0 before every rank returned from test (one barrier); under
+    # ddp_spawn this process never held the records, and reads the file the workers wrote
     results = json.loads((out / "results.json").read_text())
     if trainer.is_global_zero:
-        sigma = f"sigma {smoothing.sigma}" if smoothing is not None else ""
-        write_certificates(module.records, evaluations, out, f"{meta['model']} {sigma}".strip())
         accs = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.endswith("/acc"))
         print(f"\n[safespot] {accs} on {results['n_images']} images")
         print(f"[safespot] records and results: {out}")

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_train_config
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.performance import prepare_net
@@ -23,6 +24,23 @@ def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(cfg.method, net=net, optimizer=optimizer, scheduler=scheduler, _convert_="all")
+
+
+def best_monitored(checkpoint: Any) -> float | None:
+    """The best monitored value of the checkpoint callback. Under ``ddp_spawn`` the callback in
+    this (parent) process only learns ``best_model_path`` from the workers, so the score is read
+    from that checkpoint's stored callback state."""
+    if checkpoint is None:
+        return None
+    if checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    if not checkpoint.best_model_path or not Path(checkpoint.best_model_path).is_file():
+        return None
+    state = load_checkpoint(checkpoint.best_model_path).get("callbacks", {})
+    for key, value in state.items():
+        if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
+            return float(value["best_model_score"])
+    return None
 
 
 @task_wrapper
@@ -42,6 +60,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(method.run_config)
 
+    if trainer.is_global_zero:  # e.g. data.download; the Trainer calls it again inside fit (a no-op then)
+        datamodule.prepare_data()
     datamodule.setup("fit")
     if trainer.is_global_zero:
         datamodule.save_splits(output_dir / "splits.json")
@@ -56,8 +76,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-    if checkpoint is not None and checkpoint.best_model_score is not None:
-        metrics[f"{cfg.method.monitor}/best"] = float(checkpoint.best_model_score)
+    best_score = best_monitored(checkpoint)
+    if best_score is not None:
+        metrics[f"{cfg.method.monitor}/best"] = best_score
     if cfg.get("test"):
         trainer.test(method, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})

@@ -18,17 +18,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from safespot.evaluation.evaluations import Clean, Evaluation
+from safespot.evaluation.evaluations import CertifyEvaluation, Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
+from safespot.smoothing.certified import write_certified_accuracy
 from safespot.utils.rng import image_seeds
 
 
-def _gather(frame: pd.DataFrame) -> list[pd.DataFrame]:
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every process, in rank order (``[obj]`` in one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        frames: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(frames, frame)
-        return frames
-    return [frame]
+        objs: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, obj)
+        return objs
+    return [obj]
+
+
+def write_certificates(records: pd.DataFrame, evaluations: Sequence[Evaluation], out: Path, title: str | None) -> None:
+    """Certified accuracy versus radius (``certified_accuracy.csv`` / ``.md`` / ``.png``) for the
+    certify evaluations that ran, if any (Cohen et al.'s CERTIFY; paper 002, Table 7)."""
+    certify = [e for e in evaluations if isinstance(e, CertifyEvaluation)]
+    certify += [e.certify for e in evaluations if getattr(e, "certify", None) is not None]
+    if certify and len(records):
+        radii = sorted({r for e in certify for r in e.radii})
+        write_certified_accuracy(records, [e.name for e in certify], radii, out, title)
 
 
 def panel(x: torch.Tensor, x_eval: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,6 +84,7 @@ class EvaluationModule(L.LightningModule):
         self.panel_images = panel_images
         self._parts: list[dict[str, torch.Tensor]] = []
         self._panels: dict[str, torch.Tensor] = {}
+        self._panel_rows: dict[str, tuple[torch.Tensor, ...]] = {}
         self.records = pd.DataFrame()
         self.summary: dict[str, float] = {}
 
@@ -85,7 +98,7 @@ class EvaluationModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.net.eval()
-        self._parts, self._panels = [], {}
+        self._parts, self._panels, self._panel_rows = [], {}, {}
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, index = batch[0], batch[1], batch[2]
@@ -93,24 +106,53 @@ class EvaluationModule(L.LightningModule):
         for salt, evaluation in enumerate(self.evaluations):
             out, x_eval = evaluation(self.net, x, y, image_seeds(self.seed, index, salt))
             fields.update(out)
-            if batch_idx == 0 and self.global_rank == 0 and self.panel_images:
-                k = self.panel_images
-                eps = float(getattr(getattr(evaluation, "ball", None), "eps", 1.0))
-                self._panels[evaluation.name] = panel(x[:k], x_eval[:k], eps).detach().cpu()
+            if self.panel_images:
+                self._keep_panel_rows(evaluation.name, index, x, x_eval)
         self._parts.append({k: v.detach().cpu() for k, v in fields.items()})
 
+    def _keep_panel_rows(self, name: str, index: torch.Tensor, x: torch.Tensor, x_eval: torch.Tensor) -> None:
+        """Keep, per evaluation, the ``panel_images`` images with the smallest dataset indices seen
+        by this process; :meth:`on_test_epoch_end` merges them across processes, so the panels
+        show the same images whatever the batching or the number of processes."""
+        k = self.panel_images
+        kept = self._panel_rows.get(name)
+        rows = (index.detach().cpu(), x.detach().cpu(), x_eval.detach().cpu())
+        if kept is not None:
+            rows = tuple(torch.cat([a, b]) for a, b in zip(kept, rows, strict=True))
+        order = rows[0].argsort()[:k]
+        self._panel_rows[name] = tuple(t[order] for t in rows)
+
     def on_test_epoch_end(self) -> None:
+        """Gather -> records -> results.json -> certificates -> panels -> wandb, on rank 0 after
+        one collective; every process ends with the same records and summary."""
         records = merge_shards(_gather(to_frame(self._parts)))
-        self._parts = []
+        panel_rows = _gather(self._panel_rows)
+        self._parts, self._panel_rows = [], {}
         self.records = records
         self.summary = summarize(records, self.names, self.groups) if len(records) else {}
+        self._panels = self._merge_panels(panel_rows)
         for key, value in self.summary.items():
             self.log(key, float(value), rank_zero_only=True)
         if self.global_rank == 0:
             if self.output_dir is not None:
                 write_results(self.output_dir, records, self.summary, {**self.meta, "evaluations": self.names})
+                write_certificates(records, self.evaluations, self.output_dir, self.meta.get("title"))
                 self._save_panels()
             self._log_to_wandb()
+        if self._trainer is not None:
+            self._trainer.strategy.barrier("evaluation-written")  # the files exist on every rank's return
+
+    def _merge_panels(self, parts: list[dict[str, tuple[torch.Tensor, ...]]]) -> dict[str, torch.Tensor]:
+        panels = {}
+        for evaluation in self.evaluations:
+            found = [p[evaluation.name] for p in parts if evaluation.name in p]
+            if not found:
+                continue
+            index, x, x_eval = (torch.cat(t) for t in zip(*found, strict=True))
+            order = index.argsort()[: self.panel_images]
+            eps = float(getattr(getattr(evaluation, "ball", None), "eps", 1.0))
+            panels[evaluation.name] = panel(x[order], x_eval[order], eps)
+        return panels
 
     def _save_panels(self) -> None:
         from torchvision.utils import save_image
