@@ -1,18 +1,8 @@
-"""Evaluate a checkpoint: ``python evaluate.py ckpt_path=PATH [threat.eps=...]`` (see README)."""
+"""Evaluate a checkpoint: ``python evaluate.py ckpt_path=PATH [threat.eps=...]`` (see README).
 
-import hydra
-from omegaconf import DictConfig
+The same command is installed as ``safespot-evaluate`` (:mod:`safespot.cli`)."""
 
-import safespot  # noqa: F401  (registers config resolvers)
-from safespot.evaluate import evaluate
-from safespot.utils.task import report_config_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@report_config_errors
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
+from safespot.cli import evaluate_main
 
 if __name__ == "__main__":
-    main()
+    evaluate_main()

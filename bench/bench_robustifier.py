@@ -76,7 +76,7 @@ def load_setup(args: argparse.Namespace, device: torch.device):
         from omegaconf import OmegaConf
 
         from safespot.data import CIFAR10DataModule
-        from safespot.evaluate import describe_model, load_model
+        from safespot.runs import describe_model, load_model
         from safespot.utils.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(ckpt)

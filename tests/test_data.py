@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from safespot.data import CIFAR10DataModule, DataConfigError, ImageFolderDataModule, SyntheticDataModule
-from safespot.data.base import EpochSeededSampler, per_process_batch_size
+from safespot.data.base import per_process_batch_size
+from safespot.data.samplers import EpochSeededSampler
 
 
 def _image_tree(root, classes=("a", "b", "c"), per_class=4, size=32):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from conftest import SYNTHETIC, compose_config
 from safespot.robustify import class_names, model_input, robustify_files
@@ -58,14 +60,16 @@ def run(ckpt: Path, input_: str, output: Path, *overrides: str) -> list[dict]:
 
 
 def original(path: Path) -> np.ndarray:
-    """The model's view of an input: decoded, shorter side resized to SIZE, centre-cropped."""
-    img = Image.open(path).convert("RGB")
-    if img.size != (SIZE, SIZE):
-        scale = SIZE / min(img.size)
-        w, h = round(img.width * scale), round(img.height * scale)
-        img = img.resize((w, h), Image.BICUBIC)
-        img = img.crop(((w - SIZE) // 2, (h - SIZE) // 2, (w - SIZE) // 2 + SIZE, (h - SIZE) // 2 + SIZE))
-    return np.asarray(img, dtype=np.int16)
+    """The model's view of an input: decoded, shorter side resized to SIZE (bilinear,
+    antialiased), centre-cropped."""
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    if (h, w) != (SIZE, SIZE):
+        scale = SIZE / min(h, w)
+        h, w = round(h * scale), round(w * scale)
+        x = TF.resize(x, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        x = x[:, (h - SIZE) // 2 : (h - SIZE) // 2 + SIZE, (w - SIZE) // 2 : (w - SIZE) // 2 + SIZE]
+    return x.permute(1, 2, 0).numpy().astype(np.int16)
 
 
 def test_robustify_folder_writes_pngs_within_delta_and_never_overwrites(ckpt, inputs, tmp_path):

@@ -16,56 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from safespot.evaluation import Evaluation, EvaluationModule
+from safespot.runs import describe_model, load_model, load_run_settings
 from safespot.threat import parse_budget
-from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
-from safespot.utils.checks import check_batch_size, check_threat
+from safespot.utils.checks import check_batch_size
 from safespot.utils.instantiate import instantiate, instantiate_loggers
 from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
 log = logging.getLogger("safespot.evaluate")
-
-
-def _merge_set(base: DictConfig, overrides: DictConfig | None) -> DictConfig:
-    """``base`` with every non-null entry of ``overrides`` written over it."""
-    merged = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            merged[key] = value
-    return merged
-
-
-def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
-    """Load ``cfg.ckpt_path`` safely and return ``(checkpoint, run_cfg, data_cfg)``: the
-    training run's config stored in the checkpoint, its data config with the non-null
-    ``cfg.data`` entries written over it, and ``cfg.threat`` completed from the checkpoint's
-    threat model (checked), all before any data is read."""
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
-    data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
-    threat = _merge_set(run_cfg.threat, cfg.get("threat"))
-    check_threat(threat)
-    with open_dict(cfg):
-        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
-    return checkpoint, run_cfg, data_cfg
-
-
-def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int) -> Any:
-    """Instantiate the checkpoint's classifier and load its weights, refusing a mismatch."""
-    trained_classes = int(run_cfg.data.num_classes)
-    if trained_classes != num_classes:
-        raise CheckpointError(f"the checkpoint's model has {trained_classes} classes but the data has {num_classes}")
-    net = instantiate(run_cfg.model)
-    try:
-        net.load_state_dict(net_state_dict(checkpoint))
-    except RuntimeError as err:
-        raise CheckpointError(f"the checkpoint's weights do not fit its model config: {err}") from None
-    return net.eval()
 
 
 def build_evaluations(cfg: DictConfig | None) -> list[Evaluation]:
@@ -87,13 +50,6 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
 def needs_smoothing(evaluation: Evaluation) -> bool:
     attack = getattr(evaluation, "attack", None)
     return bool(getattr(evaluation, "requires_smoothing", False) or getattr(attack, "requires_smoothing", False))
-
-
-def describe_model(run_cfg: DictConfig) -> str:
-    backbone = run_cfg.model.get("backbone", run_cfg.model)
-    name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
-    args = [f"{k}={backbone[k]}" for k in ("depth", "widen_factor", "width") if k in backbone]
-    return f"{name}({', '.join(args)})" if args else name
 
 
 @task_wrapper

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+#: the Hydra config tree: the checkout's ``conf/`` (the package is installed editable from its
+#: checkout, as README says), or the directory ``SAFESPOT_CONFIG_DIR`` names
+CONFIG_DIR = Path(os.environ.get("SAFESPOT_CONFIG_DIR") or PROJECT_ROOT / "conf").resolve()

@@ -31,12 +31,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # object-oriented API: renders with Agg, no global pyplot state
 
+from safespot.errors import ConfigError
+
 KEYS = ("model", "method", "norm", "eps")
 PRETTY = {"clean": "Clean", "pgd": "PGD", "fgsm": "FGSM", "apgd": "APGD", "autoattack": "AutoAttack", "cw": "CW"}
 PRETTY |= {"square": "Square", "worst_case": "Worst case"}
 
 
-class ReportError(Exception):
+class ReportError(ConfigError):
     """A run directory that cannot be read, or an output directory that must not be overwritten."""
 
 

@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
 from safespot.attacks import PGD
+from safespot.data.images import decode_image, resize_and_crop
+from safespot.runs import describe_model, load_model, resolve_device
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
@@ -87,21 +89,6 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
         return check_positive_int(cfg.get(key), key)
     except ThreatConfigError as err:
         raise ConfigError(str(err)) from None
-
-
-def resolve_device(name: Any) -> torch.device:
-    """``auto``: cuda if available, else cpu; otherwise any device torch knows and has."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available (use device=auto or cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={name!r} but MPS is not available (use device=auto or cpu)")
-    return device
 
 
 def collect_inputs(spec: Any) -> list[tuple[Path, str | None]]:
@@ -181,32 +168,23 @@ def file_seed(seed: int, content: bytes) -> int:
 
 def load_image(content: bytes, channels: int, size: int, policy: str) -> tuple[torch.Tensor, str, bool]:
     """The image as a uint8 tensor ``(C, size, size)``, its original ``WxH`` and whether it
-    was resized; raises :class:`FileFailure` for unreadable files and refused sizes."""
+    was resized; raises :class:`FileFailure` for unreadable files and refused sizes.
+
+    Decoding and resizing are :mod:`safespot.data.images` (upright by EXIF orientation; shorter
+    side resized, bilinear with antialiasing, centre crop), the loader of the outlier folders."""
     try:
-        with Image.open(io.BytesIO(content)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = img.convert("L" if channels == 1 else "RGB")
+        image = decode_image(content, channels)
     except UnidentifiedImageError:
         raise FileFailure("failed: unreadable: not an image format PIL can read") from None
     except Exception as err:  # any other decoder error: truncated, corrupt, too large
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileFailure(f"failed: unreadable: {reason}") from None
-    original = f"{img.width}x{img.height}"
-    resized = img.size != (size, size)
-    if resized:
-        if policy == "refuse":
-            raise FileFailure(
-                f"failed: size {original} differs from the model's input size {size}x{size} (resize=refuse)"
-            )
-        scale = size / min(img.size)
-        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-        img = img.resize((w, h), Image.BICUBIC, reducing_gap=None)
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    array = np.asarray(img, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy()), original, resized
+    height, width = image.shape[-2:]
+    original = f"{width}x{height}"
+    resized = (height, width) != (size, size)
+    if resized and policy == "refuse":
+        raise FileFailure(f"failed: size {original} differs from the model's input size {size}x{size} (resize=refuse)")
+    return resize_and_crop(image, size), original, resized
 
 
 def _file_mode() -> int:
@@ -249,10 +227,8 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def read_png(path: Path, channels: int) -> torch.Tensor:
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
+    """A written PNG read back as a uint8 tensor ``(C, H, W)``."""
+    return decode_image(path, channels)
 
 
 # --- the work -------------------------------------------------------------------------
@@ -404,8 +380,6 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"threat.{err}") from None
     if not getattr(robustifier, "quantize", False):
         log.warning("robustifier.quantize=false: the saved PNG is x_r rounded to 8 bits, checked as saved")
-
-    from safespot.evaluate import describe_model, load_model  # lightning: import once checks pass
 
     net = prepare_net(load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)).to(device), cfg.get("perf"))
     if device.type == "cuda":

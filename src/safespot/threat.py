@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from safespot.errors import ConfigError
 from safespot.utils.rng import seeded_normal, seeded_uniform
 
 Norm = Literal["linf", "l2"]
@@ -27,7 +28,7 @@ NORMS: tuple[str, ...] = ("linf", "l2")
 _TINY = 1e-12
 
 
-class ThreatConfigError(ValueError):
+class ThreatConfigError(ConfigError):
     """An invalid threat-model or attack setting (named in the message)."""
 
 

@@ -4,17 +4,26 @@ per-process batch size, and batches of ``(images in [0, 1], labels, dataset indi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from safespot.data.errors import DataConfigError
+from safespot.data.memory import BatchAugment, InMemoryLoader, decode_all
+from safespot.data.samplers import EpochSeededSampler, ShardSampler
 
-class DataConfigError(ValueError):
-    """An invalid data setting (named in the message)."""
+__all__ = [
+    "DataConfigError",
+    "EpochSeededSampler",
+    "ImageDataModule",
+    "IndexedSubset",
+    "ShardSampler",
+    "per_process_batch_size",
+]
 
 
 def per_process_batch_size(global_batch_size: int, world_size: int, name: str = "data.batch_size") -> int:
@@ -44,42 +53,6 @@ class IndexedSubset(Dataset):
         index = self.indices[i]
         image, label = self.dataset[index]
         return image, int(label), index
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Random order that depends only on ``(seed, epoch)``, so a resumed run sees exactly
-    the batches an uninterrupted one would. Lightning calls ``set_epoch`` every epoch."""
-
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.length
-
-
-class ShardSampler(DistributedSampler):
-    """Evaluation sampler for N processes: rank r reads positions r, r + N, r + 2N, ...
-    Unlike ``DistributedSampler`` it never pads, so every image is evaluated exactly once
-    (shards may differ in length by one). Being a ``DistributedSampler``, Lightning keeps it."""
-
-    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
-        self.length, self.num_replicas, self.rank = length, num_replicas, rank
-        self.epoch, self.shuffle, self.seed, self.drop_last = 0, False, 0, False
-        self.num_samples = len(range(rank, length, num_replicas))
-        self.total_size = length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 def _seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> list[int]:
@@ -184,8 +157,6 @@ class ImageDataModule(L.LightningDataModule):
             "test": IndexedSubset(test, self.splits["test"]),
         }
         if self.in_memory:
-            from safespot.data.memory import decode_all
-
             plain = {"train": IndexedSubset(train_plain, self.splits["train"]), "val": self._datasets["val"]}
             for split, dataset in {**plain, "test": self._datasets["test"]}.items():
                 self._memory[split] = decode_all(dataset, self.num_workers) if len(dataset) else (None, None)
@@ -222,12 +193,10 @@ class ImageDataModule(L.LightningDataModule):
         elif train:
             kwargs["shuffle"] = True  # under DDP Lightning swaps in a seeded DistributedSampler
         elif self.world_size > 1:
-            kwargs["sampler"] = ShardSampler(len(dataset), self.world_size, self.trainer.global_rank)
+            kwargs["sampler"] = ShardSampler(dataset, self.world_size, self.trainer.global_rank, f"{split} split")
         return DataLoader(dataset, drop_last=False, **kwargs)
 
     def _memory_loader(self, split: str, per_process: int, train: bool) -> Iterable:
-        from safespot.data.memory import BatchAugment, InMemoryLoader
-
         images, labels = self._memory[split]
         trainer = getattr(self, "trainer", None)
         padding, flip = self.memory_augment or (0, False)

@@ -1,6 +1,11 @@
 """Datamodules over files on disk: CIFAR-10/100 and SVHN (torchvision format, or an
 ImageFolder tree with ``train/`` and ``test/``) and any ImageFolder tree (ImageNet,
-TinyImageNet, LSUN)."""
+TinyImageNet, LSUN).
+
+Downloading: CIFAR-10/100 and SVHN are fetched by torchvision only when ``data.download=true``
+and ``data.root`` holds no copy, in ``prepare_data``, which Lightning calls on global rank 0
+alone (``prepare_data_per_node=False``: ``data.root`` is taken to be shared by all nodes) while
+the other processes wait, before any process runs ``setup``. ``setup`` never downloads."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from safespot.data.base import DataConfigError, ImageDataModule
+from safespot.data.base import ImageDataModule
+from safespot.data.errors import DataConfigError
 from safespot.data.transforms import build_transforms
 
 
@@ -68,7 +74,12 @@ class ImageFolderDataModule(ImageDataModule):
 class _TorchvisionOrFolder(ImageDataModule):
     """A CIFAR-style dataset found under ``root`` in either torchvision's own format or as
     an ImageFolder tree (``train/`` + ``test/``), looked for at ``root`` and at each of
-    ``folder_names`` below it. With ``download=True`` torchvision fetches it when absent."""
+    ``folder_names`` below it.
+
+    With ``download=True`` and no copy found, :meth:`prepare_data` has torchvision download
+    it into ``root`` (torchvision's format); without ``download`` a missing copy is an error
+    on construction. Either way a failure names ``data.root`` and ``data.download``.
+    """
 
     folder_names: tuple[str, ...] = ()
     marker: str = ""  # a file or folder that torchvision's format leaves under root
@@ -79,25 +90,72 @@ class _TorchvisionOrFolder(ImageDataModule):
         if num_classes is not None and num_classes != self.num_classes:
             raise DataConfigError(f"data.num_classes={num_classes} but {type(self).__name__} has {self.num_classes}")
         super().__init__(**kwargs)
-        self.download = download
-        path = Path(root).expanduser()
-        if not path.is_dir() and not download:
+        self.download = bool(download)
+        self.given_root = Path(root).expanduser()
+        if not self.given_root.is_dir() and not self.download:
             raise DataConfigError(f"data.root={root!r} does not exist (set DATA_DIR, data.root, or data.download=true)")
-        self.root, self.layout = self._detect(path)
+        found = self._detect(self.given_root)
+        if found is None and not self.download:
+            raise self._missing("or set data.download=true")
+        # not found yet: torchvision's format at root once prepare_data has downloaded it
+        self.root, self.layout = found or (self.given_root, "torchvision")
+        self.prepare_data_per_node = False  # one download into the shared data.root, on global rank 0
 
-    def _detect(self, path: Path) -> tuple[Path, str]:
-        for candidate in (path, *(path / name for name in self.folder_names)):
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's name in messages (``CIFAR10``, ``CIFAR100``, ``SVHN``)."""
+        return type(self).__name__.removesuffix("DataModule")
+
+    def _candidates(self, path: Path) -> tuple[Path, ...]:
+        return (path, *(path / name for name in self.folder_names))
+
+    def _detect(self, path: Path) -> tuple[Path, str] | None:
+        """``(directory, layout)`` of the first copy found at or below ``path``, else ``None``."""
+        for candidate in self._candidates(path):
             if (candidate / self.marker).exists():
                 return candidate, "torchvision"
             if _has_image_folders(candidate, "train", "test"):
                 return candidate, "folder"
-        if self.download:
-            return path, "torchvision"
-        looked = ", ".join(str(p) for p in (path, *(path / n for n in self.folder_names)))
-        raise DataConfigError(
-            f"no {type(self).__name__.removesuffix('DataModule')} data under data.root: looked for "
-            f"'{self.marker}' or 'train/'+'test/' class folders in {looked} (or set data.download=true)"
+        return None
+
+    def _missing(self, hint: str) -> DataConfigError:
+        looked = ", ".join(str(p) for p in self._candidates(self.given_root))
+        return DataConfigError(
+            f"no {self.dataset_name} data under data.root: looked for '{self.marker}' or 'train/'+'test/' class "
+            f"folders in {looked} ({hint})"
         )
+
+    def prepare_data(self) -> None:
+        """Download the dataset into ``data.root`` when it holds no copy and ``download`` is
+        set; otherwise do nothing. Raises :class:`DataConfigError` naming ``data.root`` and
+        ``data.download`` when there is no copy and ``download`` is off, or when the download
+        fails (e.g. offline)."""
+        if self._detect(self.given_root) is not None:
+            return
+        if not self.download:
+            raise self._missing("or set data.download=true")
+        try:
+            for train in (True, False):
+                self._torchvision(train, None, download=True)
+        except Exception as err:  # URLError, HTTP errors, checksum mismatches, full disks
+            raise DataConfigError(
+                f"downloading {self.dataset_name} into data.root={str(self.given_root)!r} failed "
+                f"(data.download=true): {type(err).__name__}: {err}. Without network access copy the dataset "
+                f"into data.root and set data.download=false"
+            ) from err
+        if self._detect(self.given_root) is None:
+            raise self._missing("none after the download with data.download=true")
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._datasets and self.download:  # prepare_data may have downloaded it meanwhile
+            found = self._detect(self.given_root)
+            if found is None:
+                raise self._missing(
+                    "data.download=true downloads it in prepare_data(), which the Trainer calls before setup; "
+                    "call datamodule.prepare_data() first when using the datamodule alone"
+                )
+            self.root, self.layout = found
+        super().setup(stage)
 
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         train_tf, test_tf = build_transforms("cifar", 32)
@@ -109,7 +167,9 @@ class _TorchvisionOrFolder(ImageDataModule):
             )
         return (self._torchvision(True, train_tf), self._torchvision(True, test_tf), self._torchvision(False, test_tf))
 
-    def _torchvision(self, train: bool, transform: Any) -> Dataset:
+    def _torchvision(self, train: bool, transform: Any, download: bool = False) -> Dataset:
+        """torchvision's dataset of the ``train`` or test split at ``self.root``
+        (``download=True``: fetched into ``data.root`` first unless already there)."""
         raise NotImplementedError
 
 
@@ -118,8 +178,9 @@ class CIFAR10DataModule(_TorchvisionOrFolder):
     marker = "cifar-10-batches-py"
     num_classes = 10
 
-    def _torchvision(self, train: bool, transform: Any) -> Dataset:
-        return datasets.CIFAR10(str(self.root), train=train, transform=transform, download=self.download)
+    def _torchvision(self, train: bool, transform: Any, download: bool = False) -> Dataset:
+        root = self.given_root if download else self.root
+        return datasets.CIFAR10(str(root), train=train, transform=transform, download=download)
 
 
 class CIFAR100DataModule(_TorchvisionOrFolder):
@@ -127,8 +188,9 @@ class CIFAR100DataModule(_TorchvisionOrFolder):
     marker = "cifar-100-python"
     num_classes = 100
 
-    def _torchvision(self, train: bool, transform: Any) -> Dataset:
-        return datasets.CIFAR100(str(self.root), train=train, transform=transform, download=self.download)
+    def _torchvision(self, train: bool, transform: Any, download: bool = False) -> Dataset:
+        root = self.given_root if download else self.root
+        return datasets.CIFAR100(str(root), train=train, transform=transform, download=download)
 
 
 class SVHNDataModule(_TorchvisionOrFolder):
@@ -136,6 +198,7 @@ class SVHNDataModule(_TorchvisionOrFolder):
     marker = "train_32x32.mat"
     num_classes = 10
 
-    def _torchvision(self, train: bool, transform: Any) -> Dataset:
+    def _torchvision(self, train: bool, transform: Any, download: bool = False) -> Dataset:
+        root = self.given_root if download else self.root
         split = "train" if train else "test"
-        return datasets.SVHN(str(self.root), split=split, transform=transform, download=self.download)
+        return datasets.SVHN(str(root), split=split, transform=transform, download=download)

@@ -10,7 +10,7 @@ file-based pipeline.
 
 Batches are ``(images in [0, 1], labels, dataset indices)`` like the file-based loaders; the
 order of a training epoch depends only on ``(seed, epoch)`` (the same permutation as
-:class:`~safespot.data.base.EpochSeededSampler`), and so do the crops and flips, so a resumed
+:class:`~safespot.data.samplers.EpochSeededSampler`), and so do the crops and flips, so a resumed
 run sees what an uninterrupted one would.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from safespot.data.base import EpochSeededSampler
+from safespot.data.samplers import EpochSeededSampler
 
 _AUGMENT_SEED_STRIDE = 1_000_033
 

@@ -5,27 +5,21 @@ distributions are involved: ``D_in`` (the classifier's classes), ``D_out^train``
 outliers seen during training and used to tune detectors) and ``D_out^test`` (outlier sets only
 met at test time, disjoint from ``D_out^train``).
 
-Outlier sources, each a plain mapping (``spec``) with a ``kind``:
-
-- ``folder``: every image file below ``root`` (recursively; CIFAR-100, SVHN, TinyImageNet or
-  LSUN exported as image folders), or, with ``classes``, only the named class folders of an
-  ImageFolder tree (indices into the sorted folder names, or names);
-- ``npy``: a ``.npy`` array of images, ``(N, H, W, C)`` uint8 or ``(N, C, H, W)`` float in
-  [0, 1] (e.g. the 300K random 80M-Tiny-Images of Hendrycks et al.);
-- ``gaussian`` / ``uniform``: ``n`` generated noise images, seeded per image and clipped to
-  [0, 1]. Gaussian noise has mean 0.5 and standard deviation 0.25 by default (Hendrycks et al.'s
-  N(0, 0.5^2) in [-1, 1] pixel units, clipped), uniform noise is U[0, 1]^d.
-
-Every outlier item is ``(image in [0, 1], OUTLIER_LABEL)``; wrapped in
-:class:`~safespot.data.base.IndexedSubset` it becomes ``(image, -1, index)``.
+The outlier sources (``folder``, ``npy``, ``gaussian``, ``uniform`` specs, items
+``(image in [0, 1], -1)``) are in :mod:`safespot.data.outliers` (still importable from here).
 
 :class:`OutlierDataMixin` adds outliers to any :class:`~safespot.data.base.ImageDataModule`:
 training batches become ``{"in": (x, y, index), "out": (x_out, -1, index)}`` with
 ``outlier_batch_size`` outliers (default twice the in-distribution batch, as Hendrycks et al.),
 validation batches ``{"in": ..., "out": ...}`` over a seeded part of ``D_out^train`` held out of
 training, and the test split stays in-distribution; :meth:`OutlierDataMixin.test_outlier_sets`
-gives the ``D_out^test`` sets. Paired batches are only produced for a LightningModule with
-``uses_outliers = True``; any other method sees the plain in-distribution batches.
+gives the ``D_out^test`` sets.
+
+The method, not the datamodule, decides whether batches carry outliers: a LightningModule with
+``needs_outliers = True`` (:class:`safespot.methods.ood.OutlierMixin`) calls
+:meth:`OutlierDataMixin.with_outliers` in its ``setup`` hook; under a Trainer every other method
+sees the plain in-distribution batches. Used without a Trainer (inspecting the data), the
+loaders pair unless told otherwise.
 
 :class:`ClassSplitOODDataModule` is an offline protocol on one ImageFolder dataset: some classes
 are in-distribution (relabelled 0..k-1), disjoint other classes of ``train/`` are ``D_out^train``
@@ -36,288 +30,61 @@ same on the synthetic template images, for tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from safespot.data.base import DataConfigError, ImageDataModule, IndexedSubset, _seeded_choice, per_process_batch_size
+from safespot.data.base import ImageDataModule, IndexedSubset, _seeded_choice, per_process_batch_size
+from safespot.data.errors import DataConfigError
 from safespot.data.folders import CIFAR10DataModule, require_dir
+from safespot.data.outliers import (
+    GAUSSIAN_MEAN,
+    GAUSSIAN_STD,
+    IMAGE_EXTENSIONS,
+    OUTLIER_KINDS,
+    OUTLIER_LABEL,
+    FileImages,
+    NoiseImages,
+    NumpyImages,
+    build_outlier_dataset,
+    check_disjoint,
+    check_outlier_spec,
+    class_folders,
+    folder_items,
+    image_files,
+    load_image,
+    resolve_classes,
+)
+from safespot.data.samplers import CyclingSampler
 from safespot.data.synthetic import SyntheticDataModule, make_synthetic
 from safespot.data.transforms import build_transforms
 
-OUTLIER_LABEL = -1
-OUTLIER_KINDS = ("folder", "npy", "gaussian", "uniform")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.25
-_NOISE_SEED_STRIDE = 1_000_003
-_EPOCH_STRIDE = 100_003
-
-
-# --- sources ------------------------------------------------------------------------------
-def class_folders(root: Path) -> list[str]:
-    """The class folder names of an ImageFolder tree, sorted (torchvision's label order)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
-
-
-def image_files(root: Path) -> list[Path]:
-    """Every image file below ``root``, recursively, in sorted order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def resolve_classes(requested: Sequence[int | str], available: Sequence[str], name: str) -> list[int]:
-    """Class indices (into ``available``) for a list of indices or folder names, refusing
-    unknown classes, duplicates and an empty list."""
-    if isinstance(requested, str | int) or requested is None:
-        raise DataConfigError(f"{name} must be a list of class indices or names, got {requested!r}")
-    indices: list[int] = []
-    for c in requested:
-        if isinstance(c, bool):
-            raise DataConfigError(f"{name}: {c!r} is not a class index or name")
-        if isinstance(c, int):
-            if not 0 <= c < len(available):
-                raise DataConfigError(f"{name}: class index {c} is out of range (0..{len(available) - 1})")
-            indices.append(c)
-        elif str(c) in available:
-            indices.append(available.index(str(c)))
-        else:
-            raise DataConfigError(f"{name}: no class folder {c!r} (have {list(available)})")
-    if len(set(indices)) != len(indices):
-        raise DataConfigError(f"{name} lists a class twice: {list(requested)}")
-    return indices
-
-
-def check_disjoint(sets: Mapping[str, Sequence[int]], names: Sequence[str] | None = None) -> None:
-    """Refuse class sets that share a class, naming both settings and the shared classes."""
-    keys = list(sets)
-    for i, a in enumerate(keys):
-        for b in keys[i + 1 :]:
-            shared = sorted(set(sets[a]) & set(sets[b]))
-            if shared:
-                shown = [f"{c} ({names[c]})" if names else str(c) for c in shared]
-                raise DataConfigError(
-                    f"{a} and {b} share classes {', '.join(shown)}: in-distribution, training-outlier and "
-                    "test-outlier classes must be disjoint"
-                )
-
-
-def load_image(path: Path, size: int, channels: int = 3) -> torch.Tensor:
-    """An image file as a ``(C, size, size)`` tensor in [0, 1]: shorter side resized to
-    ``size`` and centre-cropped when its size differs."""
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size, size):
-            scale = size / min(img.size)
-            w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-            img = img.resize((w, h), Image.BILINEAR)
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).float().div(255)
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-
-
-class FileImages(Dataset):
-    """``(image, label)`` for a list of ``(path, label)``; ``transform`` (a torchvision
-    pipeline on PIL images) or, without one, :func:`load_image` at ``image_size``."""
-
-    def __init__(
-        self, items: Sequence[tuple[Path, int]], image_size: int = 32, channels: int = 3, transform: Any = None
-    ) -> None:
-        self.items = list(items)
-        self.image_size, self.channels, self.transform = image_size, channels, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[i]
-        if self.transform is None:
-            return load_image(path, self.image_size, self.channels), label
-        with Image.open(path) as img:
-            return self.transform(img.convert("L" if self.channels == 1 else "RGB")), label
-
-
-def folder_items(
-    root: Path, classes: Sequence[int] | None, label: int | None = OUTLIER_LABEL
-) -> list[tuple[Path, int]]:
-    """``(path, label)`` for the image files of ``root`` (``classes``: only those class folders,
-    each labelled by its position in ``classes`` when ``label`` is ``None``)."""
-    if classes is None:
-        return [(p, OUTLIER_LABEL if label is None else label) for p in image_files(root)]
-    folders = class_folders(root)
-    items: list[tuple[Path, int]] = []
-    for position, c in enumerate(classes):
-        for p in image_files(root / folders[c]):
-            items.append((p, position if label is None else label))
-    return items
-
-
-class NumpyImages(Dataset):
-    """Images from a ``.npy`` array: ``(N, H, W, C)`` uint8 (0..255) or ``(N, C, H, W)``
-    float in [0, 1] (also ``(N, C, H, W)`` uint8 and ``(N, H, W, C)`` float), memory-mapped;
-    resized (bilinear) to ``image_size`` when given and different."""
-
-    def __init__(self, path: str | Path, image_size: int | None = None, name: str = "npy") -> None:
-        self.path = Path(path)
-        self.array = np.load(self.path, mmap_mode="r")
-        if self.array.ndim != 4:
-            raise DataConfigError(f"{name}: {self.path} holds shape {self.array.shape}; expected 4 dimensions")
-        n, a, _, d = self.array.shape
-        if d in (1, 3) and a not in (1, 3):
-            self.channels_last = True
-        elif a in (1, 3):
-            self.channels_last = False
-        else:
-            raise DataConfigError(f"{name}: {self.path} has shape {self.array.shape}; expected N,H,W,C or N,C,H,W")
-        self.is_uint8 = self.array.dtype == np.uint8
-        if not self.is_uint8:
-            sample = np.asarray(self.array[: min(n, 256)], dtype=np.float64)
-            if sample.size and (sample.min() < 0 or sample.max() > 1):
-                raise DataConfigError(f"{name}: float images in {self.path} must lie in [0, 1]")
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(np.array(self.array[i], dtype=np.float32))
-        if self.channels_last:
-            x = x.permute(2, 0, 1)
-        if self.is_uint8:
-            x = x / 255
-        if self.image_size is not None and tuple(x.shape[1:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", antialias=True)[0]
-        return x.clamp(0, 1).contiguous(), OUTLIER_LABEL
-
-
-class NoiseImages(Dataset):
-    """``n`` noise images of shape ``(channels, size, size)``, each drawn from its own seed
-    (``seed * 1_000_003 + index``) and clipped to [0, 1]: ``gaussian`` N(mean, std^2) per pixel
-    or ``uniform`` U[0, 1] per pixel."""
-
-    def __init__(
-        self,
-        kind: str,
-        n: int,
-        channels: int = 3,
-        image_size: int = 32,
-        seed: int = 0,
-        mean: float = GAUSSIAN_MEAN,
-        std: float = GAUSSIAN_STD,
-    ) -> None:
-        if kind not in ("gaussian", "uniform"):
-            raise DataConfigError(f"noise kind must be 'gaussian' or 'uniform', got {kind!r}")
-        self.kind, self.n, self.shape = kind, int(n), (channels, image_size, image_size)
-        self.seed, self.mean, self.std = int(seed), float(mean), float(std)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        g = torch.Generator().manual_seed(self.seed * _NOISE_SEED_STRIDE + int(i))
-        if self.kind == "gaussian":
-            x = self.mean + self.std * torch.randn(self.shape, generator=g)
-        else:
-            x = torch.rand(self.shape, generator=g)
-        return x.clamp(0, 1), OUTLIER_LABEL
-
-
-def check_outlier_spec(spec: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
-    """Validate an outlier source ``spec`` (named ``name`` in messages) without reading images:
-    known kind, existing root or file, ``n >= 1`` for noise."""
-    if not isinstance(spec, Mapping):
-        raise DataConfigError(f"{name} must be a mapping with a 'kind' ({', '.join(OUTLIER_KINDS)}), got {spec!r}")
-    spec = dict(spec)
-    kind = spec.get("kind")
-    if kind not in OUTLIER_KINDS:
-        raise DataConfigError(f"{name}.kind must be one of {list(OUTLIER_KINDS)}, got {kind!r}")
-    allowed = {
-        "folder": {"kind", "root", "classes", "image_size"},
-        "npy": {"kind", "path", "image_size"},
-        "gaussian": {"kind", "n", "seed", "mean", "std"},
-        "uniform": {"kind", "n", "seed"},
-    }[kind]
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise DataConfigError(
-            f"{name}: unknown settings {unknown} for kind {kind!r}; expected some of {sorted(allowed)}"
-        )
-    if kind == "folder":
-        root = Path(str(spec.get("root") or "")).expanduser()
-        if not spec.get("root") or not root.is_dir():
-            raise DataConfigError(f"{name}.root={spec.get('root')!r} does not exist or is not a directory")
-        if spec.get("classes") is not None:
-            resolve_classes(spec["classes"], class_folders(root), f"{name}.classes")
-    elif kind == "npy":
-        path = spec.get("path")
-        if not path or not Path(str(path)).expanduser().is_file():
-            raise DataConfigError(f"{name}.path={path!r} does not exist")
-    else:
-        n = spec.get("n")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise DataConfigError(f"{name}.n must be an integer >= 1, got {n!r}")
-        if kind == "gaussian" and float(spec.get("std", GAUSSIAN_STD)) <= 0:
-            raise DataConfigError(f"{name}.std must be > 0")
-    return spec
-
-
-def build_outlier_dataset(
-    spec: Mapping[str, Any], name: str, image_size: int, channels: int = 3, seed: int = 0
-) -> Dataset:
-    """The dataset of ``(image, OUTLIER_LABEL)`` that ``spec`` describes (see the module
-    docstring), at the in-distribution image shape ``(channels, image_size, image_size)``."""
-    spec = check_outlier_spec(spec, name)
-    kind = spec["kind"]
-    size = int(spec.get("image_size") or image_size)
-    if kind == "folder":
-        root = Path(str(spec["root"])).expanduser()
-        classes = None
-        if spec.get("classes") is not None:
-            classes = resolve_classes(spec["classes"], class_folders(root), f"{name}.classes")
-        items = folder_items(root, classes)
-        if not items:
-            raise DataConfigError(f"{name}.root={str(root)!r} holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
-        return FileImages(items, size, channels)
-    if kind == "npy":
-        return NumpyImages(Path(str(spec["path"])).expanduser(), size, name)
-    noise_seed = int(spec.get("seed", seed))
-    if kind == "gaussian":
-        mean, std = float(spec.get("mean", GAUSSIAN_MEAN)), float(spec.get("std", GAUSSIAN_STD))
-        return NoiseImages("gaussian", spec["n"], channels, size, noise_seed, mean, std)
-    return NoiseImages("uniform", spec["n"], channels, size, noise_seed)
-
-
-# --- samplers -----------------------------------------------------------------------------
-class CyclingSampler(DistributedSampler):
-    """Outlier order for one epoch: ``num_samples`` indices per process taken from successive
-    random permutations of the pool, seeded by ``(seed, epoch)`` only (a resumed run sees the
-    same outliers). Process ``rank`` of ``num_replicas`` takes its own contiguous slice. A
-    ``DistributedSampler`` subclass so that Lightning keeps it under DDP."""
-
-    def __init__(self, length: int, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.length, self.num_samples, self.seed = int(length), int(num_samples), int(seed)
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self.shuffle, self.drop_last, self.total_size = True, False, self.num_samples * num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
-        order: list[int] = []
-        while len(order) < self.total_size:
-            order += torch.randperm(self.length, generator=g).tolist()
-        start = self.rank * self.num_samples
-        return iter(order[start : start + self.num_samples])
-
-    def __len__(self) -> int:
-        return self.num_samples
+# the outlier sources and CyclingSampler lived here; these names stay importable from this module
+__all__ = [
+    "GAUSSIAN_MEAN",
+    "GAUSSIAN_STD",
+    "IMAGE_EXTENSIONS",
+    "OUTLIER_KINDS",
+    "OUTLIER_LABEL",
+    "CIFAR10OODDataModule",
+    "ClassSplitOODDataModule",
+    "CyclingSampler",
+    "FileImages",
+    "NoiseImages",
+    "NumpyImages",
+    "OutlierDataMixin",
+    "SyntheticOODDataModule",
+    "build_outlier_dataset",
+    "check_disjoint",
+    "check_outlier_spec",
+    "class_folders",
+    "folder_items",
+    "image_files",
+    "load_image",
+    "resolve_classes",
+]
 
 
 # --- the mixin ----------------------------------------------------------------------------
@@ -363,6 +130,7 @@ class OutlierDataMixin:
         if val_outlier_size < 0:
             raise DataConfigError(f"data.val_outlier_size must be >= 0, got {val_outlier_size}")
         self.val_outlier_size, self.outlier_subset = int(val_outlier_size), outlier_subset
+        self._with_outliers: bool | None = None  # see with_outliers()
 
     # --- to override ------------------------------------------------------------------------
     def default_train_outliers(self) -> Dataset | None:
@@ -414,12 +182,20 @@ class OutlierDataMixin:
             self._datasets["val_outliers"] = IndexedSubset(pool, val)
 
     # --- loaders ----------------------------------------------------------------------------
+    def with_outliers(self, enabled: bool = True) -> OutlierDataMixin:
+        """Ask for (or, with ``enabled=False``, refuse) training and validation batches paired
+        with outliers, ``{"in": ..., "out": ...}``; called by a method that declares
+        ``needs_outliers``. Takes effect at the next ``*_dataloader()`` call; returns ``self``."""
+        self._with_outliers = bool(enabled)
+        return self
+
     def paired(self) -> bool:
-        """Whether loaders pair outliers with in-distribution batches: when the attached
-        LightningModule declares ``uses_outliers`` (always, outside a Trainer)."""
-        trainer = getattr(self, "trainer", None)
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        return True if module is None else bool(getattr(module, "uses_outliers", False))
+        """Whether loaders pair outliers with in-distribution batches: as set by
+        :meth:`with_outliers`; when nobody asked, only outside a Trainer (so a method that does
+        not declare ``needs_outliers`` sees in-distribution batches alone)."""
+        if self._with_outliers is not None:
+            return self._with_outliers
+        return getattr(self, "trainer", None) is None
 
     def train_dataloader(self) -> Any:
         from lightning.pytorch.utilities import CombinedLoader

@@ -40,11 +40,11 @@ one forward pass, as Hendrycks et al. concatenate in-distribution and outlier ba
 batch norm normalises them together. The paper's main text gives no values for gamma and
 lambda; the defaults (0.5 and 0.5) follow OE's weight.
 
-Both methods read the paired batches ``{"in": (x, y, i), "out": (x_out, -1, i)}`` of
-:class:`safespot.data.ood.OutlierDataMixin` datamodules, keep the clean (and robust) validation
-metrics on ``D_in`` and log ``val/auroc``: the AUROC of the maximum softmax probability
-separating the held-out training outliers (positives) from the in-distribution validation
-images (:mod:`safespot.ood.metrics` convention).
+Both methods declare ``needs_outliers`` and ask :class:`safespot.data.ood.OutlierDataMixin`
+datamodules for paired batches ``{"in": (x, y, i), "out": (x_out, -1, i)}`` in ``setup``, keep
+the clean (and robust) validation metrics on ``D_in`` and log ``val/auroc``: the AUROC of the
+maximum softmax probability separating the held-out training outliers (positives) from the
+in-distribution validation images (:mod:`safespot.ood.metrics` convention).
 """
 
 from __future__ import annotations
@@ -101,12 +101,22 @@ def split_batch(batch: Any, method: str) -> tuple[Batch, Batch]:
 class OutlierMixin:
     """Paired training and validation steps shared by the outlier methods (first base)."""
 
-    uses_outliers = True
+    #: the method, not the data, decides: ``setup`` asks the datamodule for paired batches
+    needs_outliers = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.val_auroc = BinaryAUROC()
         self._auroc_seen = [False, False]
+
+    def setup(self, stage: str) -> None:
+        """Ask the attached datamodule for batches paired with outliers
+        (:meth:`safespot.data.ood.OutlierDataMixin.with_outliers`); a datamodule without that
+        switch has no outliers, which :func:`split_batch` reports at the first step."""
+        super().setup(stage)
+        with_outliers = getattr(getattr(self.trainer, "datamodule", None), "with_outliers", None)
+        if callable(with_outliers):
+            with_outliers(self.needs_outliers)
 
     def outlier_training_loss(
         self, x: torch.Tensor, y: torch.Tensor, x_out: torch.Tensor

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.attacks import attack_context
+from safespot.errors import ConfigError
 from safespot.ood.metrics import ood_metrics
 
 # A source of tuning or fitting batches: a callable returning an iterator of
@@ -40,7 +41,7 @@ _ATTACK_SALT = 424_242
 _GRAM_EPS = 1e-6  # keeps the relative deviation finite at a zero bound
 
 
-class DetectorError(ValueError):
+class DetectorError(ConfigError):
     """A detector setting that cannot work with the given model or data."""
 
 

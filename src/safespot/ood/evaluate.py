@@ -34,11 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from safespot.data.base import IndexedSubset, _seeded_choice
-from safespot.data.ood import build_outlier_dataset, check_outlier_spec
-from safespot.evaluate import describe_model, load_model, load_run_settings
+from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
 from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
-from safespot.robustify import resolve_device
+from safespot.runs import describe_model, load_model, load_run_settings, resolve_device
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.instantiate import instantiate

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from safespot.utils.task import ConfigError
+from safespot.errors import ConfigError
 
 
 class CheckpointError(ConfigError):

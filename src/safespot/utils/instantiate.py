@@ -10,20 +10,18 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from safespot.errors import ConfigError
+
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets the framework's own setting errors (bad data
     root, threat, checkpoint ...) through unwrapped, so they read as one clear message."""
-    from safespot.data.base import DataConfigError
-    from safespot.threat import ThreatConfigError
-    from safespot.utils.task import ConfigError
-
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         while cause is not None:
-            if isinstance(cause, ConfigError | DataConfigError | ThreatConfigError):
+            if isinstance(cause, ConfigError):
                 raise cause from None
             cause = cause.__cause__
         raise

@@ -1,4 +1,5 @@
-"""Running a Hydra task: fail-fast config checks and closing loggers whatever happens."""
+"""Running a Hydra task: the start-of-run extras, fail-fast config checks and closing loggers
+whatever happens."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
+from safespot.errors import ConfigError
+from safespot.utils.extras import extras
+
 log = logging.getLogger("safespot")
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; raised before any data is loaded or model trained."""
 
 
 def close_loggers() -> None:
@@ -27,11 +27,13 @@ def close_loggers() -> None:
 
 
 def task_wrapper(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
-    """Run ``fn(cfg)``; always close loggers; log (and re-raise) failures."""
+    """Run the extras switched on in ``cfg.extras`` (e.g. print the config tree), then
+    ``fn(cfg)``; always close loggers; log (and re-raise) failures."""
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> T:
         try:
+            extras(cfg)
             return fn(cfg)
         except Exception as err:
             log.error("%s failed: %s", fn.__name__, err)
@@ -43,16 +45,14 @@ def task_wrapper(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
 
 
 def report_config_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """For command-line entry points: print a :class:`ConfigError` (and the other setting
-    errors) as one line and exit with status 2 instead of a traceback."""
-    from safespot.data.base import DataConfigError
-    from safespot.threat import ThreatConfigError
+    """For command-line entry points: print a :class:`ConfigError` (the base of every setting
+    error) as one line and exit with status 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataConfigError, ThreatConfigError) as err:
+        except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
