@@ -316,21 +316,20 @@ def _evaluate(ckpt: Path, out: Path, *overrides: str) -> dict:
     return evaluate(cfg)
 
 
+SMOOTH_RUN = (
+    "smoothing.sigma=0.25",
+    "smoothing.n_vote=16",
+    "smoothing.m=2",
+    "evaluation=[clean,certify,pgd_smooth]",
+    "evaluation.certify.n0=8",
+    "evaluation.certify.n=64",
+    "evaluation.pgd_smooth.attack.steps=2",
+)
+
+
 def test_evaluate_with_smoothing_certifies_and_attacks(small_checkpoint, tmp_path):
     out = tmp_path / "smooth"
-    results = _evaluate(
-        small_checkpoint,
-        out,
-        "smoothing.sigma=0.25",
-        "smoothing.n_vote=16",
-        "smoothing.m=2",
-        "evaluation=[clean,certify,pgd_smooth]",
-        "evaluation.certify.n0=8",
-        "evaluation.certify.n=64",
-        "evaluation.certify.alpha=0.05",
-        "evaluation.pgd_smooth.attack.steps=2",
-        "data.test_subset=12",
-    )
+    results = _evaluate(small_checkpoint, out, *SMOOTH_RUN, "evaluation.certify.alpha=0.05", "data.test_subset=12")
     for r in ("0", "0.25", "0.5", "0.75", "1"):
         assert 0 <= results[f"certify/cert_{r}"] <= results["certify/acc"] <= 1
     assert results["certify/cert_0"] == pytest.approx(results["certify/acc"])
@@ -397,17 +396,7 @@ def test_smoothed_evaluation_files_are_the_same_with_two_processes(small_checkpo
     """Certificates, records, results and panels of a smoothed evaluation (CERTIFY and randomised
     PGD) are written by the worker holding the gathered records: with ``ddp_spawn`` the parent
     process used to write no certified_accuracy.* at all."""
-    args = (
-        "smoothing.sigma=0.25",
-        "smoothing.n_vote=16",
-        "smoothing.m=2",
-        "evaluation=[clean,certify,pgd_smooth]",
-        "evaluation.certify.n0=8",
-        "evaluation.certify.n=64",
-        "evaluation.pgd_smooth.attack.steps=2",
-        "data.test_subset=11",
-        "data.eval_batch_size=4",
-    )
+    args = (*SMOOTH_RUN, "data.test_subset=11", "data.eval_batch_size=4")
     one = _evaluate(small_checkpoint, tmp_path / "one", *args)
     two = _evaluate(small_checkpoint, tmp_path / "two", *args, "trainer=ddp_sim")
     assert (tmp_path / "two" / "certified_accuracy.csv").is_file() and one["n_images"] == two["n_images"] == 11
