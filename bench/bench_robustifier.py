@@ -15,7 +15,7 @@ batch at once (active-set compaction), so no evaluation is spent on it. Both run
 per-image seeds on the same images, chunk by chunk, the order of the two alternating between
 chunks.
 
-Model: ``--ckpt``, else the newest ``logs/quickstart/runs/*/checkpoints/best-*.ckpt`` with
+Model: ``--ckpt``, else the newest quickstart run's ``logs/train/runs/*/checkpoints/best-*.ckpt`` with
 CIFAR-10 test images from ``--data-root``, else a freshly initialised small CNN on random
 images (the output says which). Model evaluations are counted exactly, as batch rows seen by a
 forward-pre-hook. Success measure (the safe-spot rate): the share of images whose x_r is still
@@ -70,7 +70,8 @@ def load_setup(args: argparse.Namespace, device: torch.device):
     """(model, images, labels, dataset indices, description)."""
     ckpt = Path(args.ckpt) if args.ckpt else None
     if ckpt is None:
-        found = sorted(ROOT.glob("logs/quickstart/runs/*/checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(ROOT.glob("logs/train/runs/*/checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in found if "quickstart" in (p.parents[1] / ".hydra" / "config.yaml").read_text()]
         ckpt = found[-1] if found else None
     if ckpt is not None:
         from omegaconf import OmegaConf

@@ -1,7 +1,7 @@
 """Reduced-scale reproduction of the CIFAR-10 l_inf tables of papers 000 (Table 1, left) and
 002 (Table 1).
 
-Trains the reduced natural, ADV and preemptively robust models (``experiment=reduced_cifar10_*``),
+Trains the reduced natural, ADV and preemptively robust models (``experiment=cifar10_* scale=reduced``),
 runs the robustification grid on each (None, S-FGSM, S-PGD, S-Full; grey-box PGD-20 and
 AutoAttack; the adaptive white-box attack on S-Full), and writes one markdown report holding
 the measured tables next to the papers' published numbers, with the exact commands and seeds.
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from safespot.report import load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
 
-# preset -> (checkpoint the papers evaluate, row label)
+# run name reduced_<preset> (trained as experiment=<preset> scale=reduced) -> (checkpoint the papers
+# evaluate, row label)
 MODELS = {
     "reduced_cifar10_natural": ("best", "Natural"),
     "reduced_cifar10_preemptive_linf": ("last", "Ours (preemptive)"),  # paper 002 keeps the last one
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         train_dir = Path(reuse[preset]) if preset in reuse else out / "train" / preset
         if preset not in reuse:
-            _run([py, "train.py", f"experiment={preset}", f"seed={args.seed}", f"hydra.run.dir={train_dir}"], commands)
+            experiment = [f"experiment={preset.removeprefix('reduced_')}", "scale=reduced"]
+            _run([py, "train.py", *experiment, f"seed={args.seed}", f"hydra.run.dir={train_dir}"], commands)
         else:
             commands.append(f"# {preset}: reused training run {train_dir}")
         eval_dir = out / "eval" / preset
@@ -164,7 +166,7 @@ def render(eval_dirs: list[Path], commands: list[str], args: argparse.Namespace)
             f"Generated {datetime.now():%Y-%m-%d %H:%M} by `python scripts/reproduce_cifar10_reduced.py`; "
             f"{args.test_images} seeded test images, seed {args.seed}"
             + (", grey-box AutoAttack off" if args.no_autoattack else ", grey-box AutoAttack on None and S-Full")
-            + ". Models: the `reduced_cifar10_*` presets (small CNN, width 16, 20,000 training images, "
+            + ". Models: the CIFAR-10 presets at `scale=reduced` (small CNN, width 16, 20,000 training images, "
             "8 epochs, PGD-5 training attack).\n",
             "## Paper 002 layout (grey-box and white-box)\n",
             to_markdown(grey_white) if grey_white is not None else "(no preemptive results)\n",

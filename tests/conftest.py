@@ -31,7 +31,7 @@ SYNTHETIC = [
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=name, overrides=["extras.print_config=false", *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

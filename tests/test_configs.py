@@ -1,9 +1,11 @@
 """Every config group option and every experiment preset composes and instantiates."""
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from safespot.paths import CONFIG_DIR
@@ -49,6 +51,7 @@ def _instantiate_all(cfg):
 
 
 GROUPS = ["data", "model", "method", "threat", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug"]
+GROUPS += ["scale", "extras", "local", "hparams_search"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -62,13 +65,230 @@ def test_group_option_composes_and_instantiates(make_cfg, monkeypatch, data_root
     assert method.net is net and dm.num_classes == net.num_classes
 
 
-@pytest.mark.parametrize("experiment", _options("experiment"))
-def test_experiment_preset_composes_and_instantiates(make_cfg, monkeypatch, data_root, experiment):
+def _preset_scales() -> list:
+    """(preset, scale) for every preset at both scales. scale=reduced selects the plain small CNN,
+    which FLSS cannot train: its reduced model is another option of the model group, which only
+    experiment=reduced_cifar10_flss (without scale=reduced, whose model wins) selects."""
+    cases = []
+    for experiment in _options("experiment"):
+        for scale in ("full", "reduced"):
+            marks = ()
+            if "flss" in experiment and scale == "reduced":
+                marks = pytest.mark.xfail(strict=True, reason="reduced FLSS: experiment=reduced_cifar10_flss")
+            cases.append(pytest.param(experiment, scale, marks=marks, id=f"{experiment}-{scale}"))
+    return cases
+
+
+@pytest.mark.parametrize("experiment,scale", _preset_scales())
+def test_experiment_preset_composes_and_instantiates(make_cfg, monkeypatch, data_root, experiment, scale):
     monkeypatch.setenv("DATA_DIR", str(data_root))
-    cfg = make_cfg(f"experiment={experiment}", synthetic=False)
+    cfg = make_cfg(f"experiment={experiment}", f"scale={scale}", "extras.print_config=false", synthetic=False)
     dm, net, method, _ = _instantiate_all(cfg)
-    assert cfg.task_name == experiment
+    # runs land in logs/train/runs/ whatever the preset; the preset (or the one it aliases) is the first tag
+    assert cfg.task_name == "train"
+    assert cfg.tags[0] in (experiment, experiment.removeprefix("reduced_").removesuffix("_0.25"))
     assert method.monitor == cfg.callbacks.model_checkpoint.monitor
+    if experiment.startswith("reduced_"):
+        scale = "reduced"  # aliases and delta presets carry /scale/reduced themselves
+    assert cfg.scale == scale and cfg.tags[-1] == scale
+    if "flss" in experiment:
+        assert hasattr(net, "latent_dim"), "FLSS needs the stochastic classifier (model=flss_*)"
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A resolved config as ``{"a.b.c": leaf}``."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _settings(cfg) -> dict[str, Any]:
+    """What a training run does: its resolved config without names, tags, scale and run paths."""
+    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    names = ("task_name", "tags", "scale", "wandb_group", "paths.", "logger.", "extras.")
+    return {k: v for k, v in flat.items() if not k.startswith(names) and not k.endswith(("dirpath", "root_dir"))}
+
+
+# The settings of the old conf/experiment/reduced_cifar10_*.yaml presets that differ from their full
+# presets' (read off their resolved configs, dumped before they were replaced by conf/scale/reduced.yaml).
+REDUCED = {
+    "data.train_subset": 20000,
+    "data.val_size": 1000,
+    "data.val_subset": 500,
+    "data.test_subset": 1000,
+    "data.batch_size": 128,
+    "data.num_workers": 2,
+    "trainer.max_epochs": 8,
+    "model.backbone._target_": "safespot.models.SmallCNN",
+    "model.backbone.num_classes": 10,
+    "model.backbone.width": 16,
+    "scheduler._target_": "safespot.optim.one_cycle",
+    "scheduler._partial_": True,
+    "scheduler.max_lr": 0.1,
+    "scheduler.pct_start": 0.4,
+    "threat.step_size": None,
+    "threat.steps": 5,
+    "method.threat.step_size": None,
+    "method.threat.steps": 5,
+    "method.val_attack.steps": 5,
+}
+# nodes the reduced scale replaces rather than edits (the WRN's depth, the step decay's milestones)
+REPLACED = ("model.backbone", "scheduler")
+# old preset -> (its command line now, the full preset's command line, its settings beyond REDUCED)
+OLD_REDUCED: dict[str, tuple[list[str], list[str], dict[str, Any]]] = {
+    "reduced_cifar10_natural": (
+        ["experiment=cifar10_natural", "scale=reduced"],
+        ["experiment=cifar10_natural"],
+        {"method.val_attack.steps": 10},
+    ),
+    "reduced_cifar10_gaussian_0.25": (
+        ["experiment=cifar10_gaussian", "scale=reduced"],
+        ["experiment=cifar10_gaussian"],
+        {"method.sigma": 0.25},
+    ),
+    "reduced_cifar10_gaussian_0.1": (
+        ["experiment=cifar10_gaussian", "method.sigma=0.1", "scale=reduced"],
+        ["experiment=cifar10_gaussian", "method.sigma=0.1"],
+        {"method.sigma": 0.1},
+    ),
+    "reduced_cifar10_flss": (
+        ["experiment=reduced_cifar10_flss"],
+        ["experiment=cifar10_flss"],
+        {
+            "model._target_": "safespot.models.build_stochastic_classifier",
+            "model.latent_dim": None,
+            "model.hidden": [128],
+            "method.awp": None,
+        },
+    ),
+}
+for _preset in ("adv", "preemptive", "sfgsm_adv", "spgd_adv"):
+    for _norm in ("linf", "l2"):
+        _name = f"cifar10_{_preset}_{_norm}"
+        OLD_REDUCED[f"reduced_{_name}"] = ([f"experiment={_name}", "scale=reduced"], [f"experiment={_name}"], {})
+OLD_REDUCED["reduced_cifar10_trades_linf"] = (
+    ["experiment=cifar10_trades_linf", "scale=reduced"],
+    ["experiment=cifar10_trades_linf"],
+    {},
+)
+
+
+@pytest.mark.parametrize("old", list(OLD_REDUCED))
+def test_reduced_scale_reproduces_the_old_reduced_presets(make_cfg, monkeypatch, old):
+    """``experiment=<preset> scale=reduced`` composes to what ``experiment=reduced_<preset>`` did:
+    the full preset's settings with the old reduced ones (REDUCED plus the preset's own) in place."""
+    monkeypatch.setenv("DATA_DIR", "/data")
+    overrides, full_overrides, own = OLD_REDUCED[old]
+    reduced = _settings(make_cfg(*overrides, synthetic=False))
+    full = _settings(make_cfg(*full_overrides, synthetic=False))
+    expected = {**REDUCED, **own}
+    replaced = tuple(f"{node}." for node in (*REPLACED, *expected))
+    for key in sorted(set(reduced) | set(full)):
+        if key in expected:
+            assert reduced.get(key, "<absent>") == expected[key], key
+        elif key.startswith(replaced):
+            assert key not in reduced, key
+        else:
+            assert reduced.get(key, "<absent>") == full.get(key, "<absent>"), key
+    assert set(expected) <= set(reduced)
+
+
+OOD_PRESETS = {
+    "reduced_cifar10_oe": {"method._target_": "safespot.methods.OutlierExposure", "method.val_attack": None},
+    "reduced_cifar10_safe_spot_oe": {"method._target_": "safespot.methods.SafeSpotOE", "method.val_attack.steps": 5},
+}
+
+
+@pytest.mark.parametrize("old", list(OOD_PRESETS))
+def test_reduced_ood_presets_keep_their_settings(make_cfg, monkeypatch, old):
+    """The OOD presets have no full-size counterpart: they stay delta presets on scale=reduced."""
+    monkeypatch.setenv("DATA_DIR", "/data")
+    cfg = _settings(make_cfg(f"experiment={old}", synthetic=False))
+    expected = {k: v for k, v in REDUCED.items() if not k.startswith("method.val_attack")}
+    expected |= {
+        "model.backbone.num_classes": 6,
+        "data._target_": "safespot.data.ood.ClassSplitOODDataModule",
+        "data.root": "/data/cifar10-jpeg",
+        "optimizer.lr": 0.1,
+        "optimizer.weight_decay": 5.0e-4,
+        "threat.eps": "8/255",
+        **OOD_PRESETS[old],
+    }
+    assert {k: cfg.get(k, "<absent>") for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "alias", [o for o in _options("experiment") if o in OLD_REDUCED and o != "reduced_cifar10_flss"]
+)
+def test_kept_reduced_names_equal_experiment_plus_scale(make_cfg, monkeypatch, alias):
+    """The reduced_cifar10_* names still used in docs/ compose to their preset at scale=reduced."""
+    monkeypatch.setenv("DATA_DIR", "/data")
+    overrides = OLD_REDUCED[alias][0]
+    assert _settings(make_cfg(f"experiment={alias}", synthetic=False)) == _settings(
+        make_cfg(*overrides, synthetic=False)
+    )
+
+
+def test_gaussian_preset_sweeps_sigma(make_cfg, monkeypatch):
+    """One cifar10_gaussian preset; the noise levels are a sweep over method.sigma."""
+    monkeypatch.setenv("DATA_DIR", "/data")
+    default = make_cfg("experiment=cifar10_gaussian", synthetic=False)
+    assert default.method.sigma == 0.25 and "sigma_0.25" in default.tags
+    for sigma in (0.12, 0.5, 1.0):
+        cfg = make_cfg("experiment=cifar10_gaussian", f"method.sigma={sigma}", synthetic=False)
+        assert f"sigma_{sigma}" in cfg.tags
+        assert {k for k, v in _settings(cfg).items() if _settings(default)[k] != v} == {"method.sigma"}
+    assert make_cfg("experiment=imagenet_gaussian", synthetic=False).method.sigma == 0.25
+
+
+def test_runs_of_every_preset_go_to_the_train_run_directory(make_cfg, monkeypatch, tmp_path):
+    """task_name stays train: README's resume path logs/train/runs/<run>/checkpoints/last.ckpt holds."""
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    for experiment in ("quickstart", "cifar10_adv_linf", "reduced_cifar10_oe"):
+        make_cfg(f"experiment={experiment}", "scale=reduced", synthetic=False)
+        assert Path(HydraConfig.get().run.dir).parent == tmp_path / "train" / "runs"
+        assert Path(HydraConfig.get().sweep.dir).parent == tmp_path / "train" / "multiruns"
+
+
+def test_extras_print_the_config_tree_unless_switched_off(make_cfg, capsys):
+    from safespot.utils.task import task_wrapper
+
+    @task_wrapper
+    def task(cfg) -> int:
+        return 7
+
+    assert task(make_cfg("experiment=quickstart")) == 7
+    out = capsys.readouterr().out
+    assert "CONFIG" in out and "task_name: train" in out and "SmallCNN" in out
+    assert task(make_cfg("experiment=quickstart", "extras.print_config=false")) == 7
+    assert "CONFIG" not in capsys.readouterr().out
+    for name, overrides in (("evaluate", ["ckpt_path=x.ckpt"]), ("ood", ["ckpt_path=x.ckpt"])):
+        assert make_cfg(*overrides, name=name).extras.print_config is True
+
+
+def test_hparams_search_uses_the_optuna_sweeper(make_cfg):
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = make_cfg("hparams_search=adv_lr", "experiment=cifar10_adv_linf", "scale=reduced")
+    sweeper = HydraConfig.get().sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"scheduler.max_lr", "optimizer.weight_decay"}
+    assert cfg.scheduler.max_lr == 0.1 and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+def test_local_settings_are_optional(make_cfg):
+    """conf/local/default.yaml is loaded when present (not in the repository); other files by name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    make_cfg()  # with or without a conf/local/default.yaml
+    if not (CONFIG_DIR / "local" / "default.yaml").exists():
+        assert HydraConfig.get().launcher._target_.endswith("BasicLauncher")
+    make_cfg("local=slurm_example")
+    launcher = HydraConfig.get().launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 4
+    assert HydraConfig.get().runtime.choices.local == "slurm_example"
 
 
 def test_papers_schedule_in_cifar_presets(make_cfg, monkeypatch, data_root):

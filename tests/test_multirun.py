@@ -24,6 +24,7 @@ def _sweep(strategy: str, log_dir: Path) -> tuple[list[Path], list[str]]:
         "debug=limit",
         "logger=none",
         "trainer.enable_progress_bar=false",
+        "extras.print_config=false",
     ]
     proc = subprocess.run(
         cmd,
@@ -50,3 +51,18 @@ def test_multirun_with_ddp_spawn_and_plain_ddp(tmp_path):
     assert ddp_results == spawn_results and len(ddp_results) == 2
     with_ckpts = [s for s in ddp_sweeps if list(s.glob("*/checkpoints/last.ckpt"))]
     assert len(with_ckpts) == 1 and len(ddp_sweeps) == 2
+
+
+@pytest.mark.slow
+def test_optuna_hparams_search_runs_trials_and_reports_the_best(tmp_path):
+    """hparams_search=adv_lr: the Optuna sweeper maximises the value train.py returns."""
+    cmd = [sys.executable, "train.py", "hparams_search=adv_lr", "data=synthetic", "debug=fast_dev_run"]
+    cmd += ["logger=none", "trainer.enable_progress_bar=false", "extras.print_config=false"]
+    cmd += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
+    env = {**__import__("os").environ, "LOG_DIR": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sweep,) = (tmp_path / "debug" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "scheduler.max_lr" in results and "optimizer.weight_decay" in results and "best_value" in results

@@ -68,3 +68,26 @@ def test_reused_evaluations_make_a_report_without_running_anything(tmp_path, mon
     assert (sources / "eval" / "reduced_cifar10_adv_linf" / "results.json").is_file()  # the source is untouched
     with pytest.raises(SystemExit):
         reproduce.main(["--reuse-eval", f"reduced_cifar10_adv_linf={tmp_path / 'missing'}"])
+
+
+def test_models_are_trained_as_presets_at_the_reduced_scale(tmp_path, monkeypatch):
+    """Each run reduced_<preset> trains ``experiment=<preset> scale=reduced`` (no reduced_* preset)."""
+    commands = []
+    labels = {"natural": "NaturalTraining", "adv_linf": "AdversarialTraining", "preemptive_linf": "PreemptiveTraining"}
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        if cmd[1] == "train.py":
+            (out / "checkpoints").mkdir(parents=True)
+            for name in ("last.ckpt", "best-epoch007.ckpt"):
+                (out / "checkpoints" / name).touch()
+        else:
+            _fake_eval(out.parent.parent, out.name, labels[out.name.removeprefix("reduced_cifar10_")], 0.4)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    assert reproduce.main(["--out", str(tmp_path / "new"), "--no-autoattack"]) == 0
+    trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
+    assert trained == [[f"experiment=cifar10_{p}", "scale=reduced"] for p in ("natural", "preemptive_linf", "adv_linf")]
+    report = (tmp_path / "new" / "report.md").read_text()
+    assert "python train.py experiment=cifar10_adv_linf scale=reduced seed=0" in report

@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "title": f"{describe_model(run_cfg)} {sigma}".strip(),
         "model": describe_model(run_cfg),
         "method": checkpoint.get("hyper_parameters", {}).get("method"),
-        "train_run": run_cfg.get("task_name"),
+        "train_run": (list(run_cfg.get("tags") or []) or [run_cfg.get("task_name")])[0],  # the preset
         "norm": str(cfg.threat.norm),
         "eps": parse_budget(cfg.threat.eps, "threat.eps"),
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),

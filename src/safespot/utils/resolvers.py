@@ -27,8 +27,25 @@ def sweep_name() -> str | None:
     return None
 
 
+def run_name() -> str:
+    """A name no other run has: the run directory's name (start time and per-process suffix), and
+    in a multirun the sweep directory's name with the job number (wandb run names)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        config = HydraConfig.get()
+        sweep = sweep_name()
+        if sweep is not None:
+            return f"{sweep}-{config.job.num}"
+        return os.path.basename(str(config.runtime.output_dir).rstrip("/"))
+    except (ValueError, ImportError, AttributeError):
+        return _RUN_SUFFIX
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique"):
         OmegaConf.register_new_resolver("unique", lambda: _RUN_SUFFIX, use_cache=True)
     if not OmegaConf.has_resolver("sweep_name"):
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
