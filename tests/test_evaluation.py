@@ -4,6 +4,7 @@ exact multi-process evaluation, determinism and bad input."""
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -232,7 +233,7 @@ def test_attack_through_trainer_test_in_one_process(tiny_net, images, tmp_path):
 
 
 def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_path, monkeypatch):
-    from safespot.utils.wandb_offline import read_offline_run
+    from wandb_offline import read_offline_run
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     results, _ = _evaluate(
@@ -336,8 +337,10 @@ def test_white_box_validity_rule_on_constructed_cases():
     class Shift:
         norm: str
         eps: float
+        targeted: ClassVar[bool] = False
+        requires_smoothing: ClassVar[bool] = False
 
-        def __call__(self, model, x, y):
+        def __call__(self, model, x, y, *, seeds=None, vote_seeds=None):
             out = x.clone()
             out.view(len(x), -1)[:, 0] += self.eps
             return out.clamp(0, 1)

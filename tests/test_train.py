@@ -11,7 +11,7 @@ import torch
 from safespot.evaluate import evaluate
 from safespot.train import train
 from safespot.utils.task import ConfigError
-from safespot.utils.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,6 +32,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # object-oriented API: renders with Agg, no global pyplot state
 
 from safespot.errors import ConfigError
+from safespot.utils.tables import markdown_table
 
 KEYS = ("model", "method", "norm", "eps")
 PRETTY = {"clean": "Clean", "pgd": "PGD", "fgsm": "FGSM", "apgd": "APGD", "autoattack": "AutoAttack", "cw": "CW"}
@@ -167,24 +168,12 @@ def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.1f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def to_markdown(df: pd.DataFrame) -> str:
     """Render ``df`` as a GitHub markdown table without its index. A :func:`summary_table` is first put in the
     papers' format (:func:`paper_table`); floats are shown with one decimal, NaN as ``–``."""
     if {"model", "method", "n_runs"} <= set(df.columns):
         df = paper_table(df)
-    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
-    numeric = [all(r[i][:1].isdigit() or r[i] == "–" for r in rows) and bool(rows) for i in range(len(df.columns))]
-    lines = [
-        "| " + " | ".join(_cell(c) for c in df.columns) + " |",
-        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
-    ]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+    return markdown_table(df, ".1f")
 
 
 def plot_robust_vs_eps(runs: Sequence[Run], path: str | Path) -> Path | None:

@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 
 from safespot.evaluation.rejection import VIEWS
+from safespot.utils.tables import markdown_table
 
 REFERENCES: tuple[str, ...] = ("test_set", "correct")
 CLEAN = "clean"  # the clean image's point set: x itself lies in A(x) (paper 004, Section 3)
@@ -230,18 +231,7 @@ def rejection_table(rows: Sequence[TableRow], budget: float = 0.10, reference: s
 
 def table_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """A GitHub markdown table, numbers with ``digits`` decimals, NaN as ``–``."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float | np.floating):
-            return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
-        return str(value)
-
-    lines = [
-        "| " + " | ".join(table.columns) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (table.shape[1] - 2)) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False, name=None)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(table, f".{digits}f")
 
 
 # --- reading evaluation runs ----------------------------------------------------------------

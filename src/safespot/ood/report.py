@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # object-oriented API: renders with Agg, no global pyplot state
 
 from safespot.ood.metrics import METRICS, mean_std, ood_metrics, threshold_at_tpr
+from safespot.utils.tables import markdown_table
 
 IN_DISTRIBUTION = "in_distribution"
 AVERAGE = "Average"
@@ -72,12 +73,7 @@ def table4(results: Mapping[str, Mapping[str, Mapping[str, float]]], digits: int
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(df.columns) + " |", "|---|" + "---:|" * (len(df.columns) - 1)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False, name=None)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(df, f".{digits}f")
 
 
 def plot_histograms(scores: pd.DataFrame, detector: str, path: Path, title: str | None = None) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from safespot.utils import tables
+
 
 def certified_accuracy(
     radii: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray, at: float | Sequence[float]
@@ -54,14 +56,8 @@ def certified_table(records: pd.DataFrame, names: Sequence[str], radii: Sequence
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
-    """A GitHub markdown table of a data frame (numbers rounded to ``digits``)."""
-
-    def cell(value: object) -> str:
-        return f"{value:.{digits}g}" if isinstance(value, float | np.floating) else str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """A GitHub markdown table of a data frame (numbers to ``digits`` significant digits)."""
+    return tables.markdown_table(table, f".{digits}g")
 
 
 def plot_certified_accuracy(curves: Mapping[str, pd.DataFrame], path: str | Path, title: str | None = None) -> Path:

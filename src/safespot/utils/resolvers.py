@@ -38,7 +38,7 @@ def run_name() -> str:
         if sweep is not None:
             return f"{sweep}-{config.job.num}"
         return os.path.basename(str(config.runtime.output_dir).rstrip("/"))
-    except (ValueError, ImportError, AttributeError):
+    except Exception:  # outside a Hydra run (e.g. a composed config): the process's suffix
         return _RUN_SUFFIX
 
 
