@@ -259,13 +259,19 @@ def test_extras_print_the_config_tree_unless_switched_off(make_cfg, capsys):
     def task(cfg) -> int:
         return 7
 
-    assert task(make_cfg("experiment=quickstart")) == 7
+    assert task(make_cfg("experiment=quickstart", "extras.print_config=true")) == 7  # the tests switch it off
     out = capsys.readouterr().out
     assert "CONFIG" in out and "task_name: train" in out and "SmallCNN" in out
     assert task(make_cfg("experiment=quickstart", "extras.print_config=false")) == 7
     assert "CONFIG" not in capsys.readouterr().out
-    for name, overrides in (("evaluate", ["ckpt_path=x.ckpt"]), ("ood", ["ckpt_path=x.ckpt"])):
-        assert make_cfg(*overrides, name=name).extras.print_config is True
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for name in ("train", "evaluate", "robustify", "ood"):  # on by default for users
+            assert compose(config_name=name).extras.print_config is True, name
+    GlobalHydra.instance().clear()
 
 
 def test_hparams_search_uses_the_optuna_sweeper(make_cfg):

@@ -453,3 +453,20 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
     with pytest.raises(ConfigError, match=r"unknown layer 'head\.nope'"):
         evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "detector=[mahalanobis]",
                               "detector.mahalanobis.layers=[head.nope]", "fit_subset=8", name="ood"))  # fmt: skip
+
+
+def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):
+    """The test images sharded over two ddp_spawn processes (every process fits the detectors on
+    the same images) give the scores.csv of one process, byte for byte, and the same metrics."""
+    fast = [o for o in FAST_OOD if not o.startswith("histograms=")]
+    common = [f"ckpt_path={oe_checkpoint}", *fast, "histograms=false", "batch_size=8"]
+    one = evaluate_ood(make_cfg(*common, name="ood", out=tmp_path / "one"))
+    two = evaluate_ood(make_cfg(*common, "runtime=ddp_sim", name="ood", out=tmp_path / "two"))
+    assert (one["runtime"]["world_size"], two["runtime"]["world_size"]) == (1, 2)
+    scores = (tmp_path / "one" / "scores.csv").read_bytes()
+    assert (tmp_path / "two" / "scores.csv").read_bytes() == scores
+    assert pd.read_csv(tmp_path / "two" / "scores.csv")["set"].value_counts().to_dict() == {
+        "in_distribution": 16, "held_out": 8, "gaussian": 8, "uniform": 8
+    }  # fmt: skip
+    assert two["metrics"] == one["metrics"] and two["tuned"] == one["tuned"]
+    assert (tmp_path / "two" / "table.md").read_text() == (tmp_path / "one" / "table.md").read_text()

@@ -184,3 +184,50 @@ def test_bf16_robustification_writes_images_inside_the_ball(ckpt, inputs, tmp_pa
     with pytest.raises(ConfigError, match="precision"):
         run(ckpt, str(inputs / "cat.png"), tmp_path / "bad", *FAST, "precision=fp8")
     assert not (tmp_path / "bad").exists()
+
+
+TWO_CPU_PROCESSES = ["runtime.devices=2", "runtime.strategy=ddp_spawn", "runtime.accelerator=cpu"]
+
+
+def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
+    """The files sharded over two ddp_spawn processes (each file robustified once, by position)
+    give the same PNG bytes and report rows as one process: the per-file seeds come from the
+    file's bytes, and rank 0 writes the gathered report in input order."""
+    folder = tmp_path / "six"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    one = run(ckpt, str(folder), tmp_path / "one", *FAST)
+    two = run(ckpt, str(folder), tmp_path / "two", *FAST, *TWO_CPU_PROCESSES)
+
+    assert [r["status"] for r in one] == ["ok"] * 6
+    assert hashes(tmp_path / "two").keys() == hashes(tmp_path / "one").keys()
+    pngs = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert pngs == [f"img{i}.png" for i in range(6)]
+    assert {n: hashes(tmp_path / "two")[n] for n in pngs} == {n: hashes(tmp_path / "one")[n] for n in pngs}
+
+    def rows(out: Path) -> list[dict]:
+        with (out / "report.csv").open() as f:
+            table = list(csv.DictReader(f))
+        for row in table:  # the output directories differ; the names must not
+            row["output"] = Path(row["output"]).name
+        return table
+
+    # worst_loss is a float of a batched forward pass (a batch of 6 here, two of 3 there): equal up to
+    # float rounding in general, bit-equal in practice; every other column is compared exactly
+    rows_one, rows_two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [{k: v for k, v in r.items() if k != "worst_loss"} for r in rows_two] == [
+        {k: v for k, v in r.items() if k != "worst_loss"} for r in rows_one
+    ]
+    assert [float(r["worst_loss"]) for r in rows_two] == pytest.approx([float(r["worst_loss"]) for r in rows_one])
+    assert [Path(r["input"]).name for r in two] == [Path(r["input"]).name for r in one]  # returned in input order
+
+    meta_one = json.loads((tmp_path / "one" / "report.json").read_text())["meta"]
+    meta_two = json.loads((tmp_path / "two" / "report.json").read_text())["meta"]
+    assert (meta_one["world_size"], meta_two["world_size"]) == (1, 2)
+    differ = {"world_size", "strategy", "started", "finished"}
+    assert {k: v for k, v in meta_two.items() if k not in differ} == {
+        k: v for k, v in meta_one.items() if k not in differ
+    }
+    assert not list((tmp_path / "two").glob(".*")) and not list((tmp_path / "two").glob("report-*"))

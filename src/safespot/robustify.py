@@ -9,8 +9,18 @@ grey-box PGD check (``check_steps`` steps, step eps/4, random start seeded per f
 x_o and on x_r as read back from the written PNG. ``report.csv`` and ``report.json`` hold one
 row per input file with its status: ``ok``, ``failed: <reason>`` or ``skipped: <reason>``.
 
-Inputs are only ever read. Every setting is checked (checkpoint, inputs, output, threat,
-robustifier) before a model is built or a file written.
+Inputs are only ever read. Every setting is checked (checkpoint, inputs, output, runtime,
+threat, robustifier) before a model is placed or a file written.
+
+The command runs on a Lightning Fabric built from the ``runtime`` block
+(:func:`safespot.runs.build_fabric`; ``device=``/``precision=`` are its aliases), in named steps:
+:func:`make_plan` (:func:`check_settings`, the runtime, :func:`collect_inputs`,
+:func:`check_output`, :func:`load_run`, the model), then in every process
+:func:`robustify_process`: the model placed on the process's device, :func:`plan_records` (rank 0
+decides, before anything is written, which files exist; broadcast), :func:`run_shard` (process r
+of N robustifies the files at positions r, r+N, ... under ``fabric.autocast()``; a file's seeds
+come from its bytes, so its PNG does not depend on the shard), :func:`gather_records` (every
+record back in input order, in every process) and :func:`write_outputs` (rank 0: the report).
 """
 
 from __future__ import annotations
@@ -22,12 +32,14 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image, UnidentifiedImageError
 from torch import nn
@@ -35,12 +47,20 @@ from tqdm import tqdm
 
 from safespot.attacks import PGD
 from safespot.data.images import decode_image, resize_and_crop
-from safespot.runs import describe_model, load_model, resolve_device
+from safespot.runs import (
+    build_fabric,
+    describe_model,
+    describe_runtime,
+    gather_objects,
+    load_model,
+    merge_shards,
+    place_model,
+    shard,
+)
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
-from safespot.utils.performance import autocast, check_precision, prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
@@ -347,21 +367,44 @@ def any_failed(records: list[dict[str, Any]]) -> bool:
     return any(r["status"].startswith("failed") for r in records)
 
 
-@task_wrapper
-def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Robustify every image named by ``cfg.input`` into ``cfg.output`` (see the module
-    docstring); returns one record per input file, also written to the report."""
-    # fail fast: every setting before a model is built or a file written
+# --- the command, step by step ----------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything the processes of a robustification need, checked and loaded in the process
+    that launches them (picklable: ``ddp_spawn`` sends it to every process)."""
+
+    inputs: list[tuple[Path, str | None]]
+    out: Path
+    net: nn.Module  # on the CPU; each process moves it to its device
+    robustifier: Any
+    check: PGD
+    names: tuple[str, ...] | None
+    channels: int
+    size: int
+    batch_size: int
+    check_steps: int
+    resize: str
+    seed: int
+    progress: bool
+    perf: dict[str, Any] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_settings(cfg: DictConfig) -> tuple[int, int]:
+    """The required settings, ``resize`` and ``(batch_size, check_steps)``, each refused with a
+    line naming it."""
     for key in ("ckpt_path", "input", "output"):
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required: python robustify.py ckpt_path=PATH input=DIR_OR_FILE output=DIR")
     if cfg.get("resize") not in RESIZE_POLICIES:
         raise ConfigError(f"resize must be one of {list(RESIZE_POLICIES)}, got {cfg.get('resize')!r}")
-    batch_size, check_steps = _positive_int(cfg, "batch_size"), _positive_int(cfg, "check_steps")
-    device = resolve_device(cfg.get("device", "auto"))
-    precision = refuse_float16(check_precision(cfg.get("precision", "32-true")), "precision", "robustification")
-    inputs = collect_inputs(cfg.input)
-    out = check_output(cfg.output, cfg.input, inputs)
+    return _positive_int(cfg, "batch_size"), _positive_int(cfg, "check_steps")
+
+
+def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictConfig, Any, PGD, DictConfig]:
+    """``(checkpoint, run_cfg, robustifier, check, threat)``: the checkpoint and its training
+    config, the threat (the checkpoint's, non-null ``threat.*`` written over it; checked), the
+    robustifier and the grey-box PGD check, all validated before a model is built."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["safespot_config"])
     threat = OmegaConf.create(OmegaConf.to_container(run_cfg.threat, resolve=True))
@@ -380,50 +423,19 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"threat.{err}") from None
     if not getattr(robustifier, "quantize", False):
         log.warning("robustifier.quantize=false: the saved PNG is x_r rounded to 8 bits, checked as saved")
+    return checkpoint, run_cfg, robustifier, check, threat
 
-    net = prepare_net(load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)).to(device), cfg.get("perf"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every batch has the model's input size
+
+def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
+    """Check every setting (checkpoint, inputs, output, runtime, threat, robustifier), load the
+    model and build the runtime, before a model is placed or a file written."""
+    batch_size, check_steps = check_settings(cfg)
+    fabric = build_fabric(cfg, "robustification")
+    inputs = collect_inputs(cfg.input)
+    out = check_output(cfg.output, cfg.input, inputs)
+    checkpoint, run_cfg, robustifier, check, threat = load_run(cfg, check_steps)
+    net = load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes))
     channels, size = model_input(run_cfg)
-    job = _Job(net, robustifier, check, device, class_names(run_cfg))
-    out.mkdir(parents=True, exist_ok=True)
-    started = datetime.now().isoformat(timespec="seconds")
-
-    records, todo = [], []
-    for path, skip in inputs:
-        record = _record(path, out / f"{path.stem}.png", skip)
-        records.append(record)
-        if skip is None and Path(record["output"]).exists():
-            record["status"] = "failed: exists"
-        elif skip is None:
-            todo.append(record)
-    with tqdm(total=len(todo), desc="robustify", unit="img", disable=not cfg.get("progress", True)) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch, images, seeds = [], [], []
-            for record in todo[start : start + batch_size]:
-                try:
-                    content = Path(record["input"]).read_bytes()
-                    image, record["original_size"], record["resized"] = load_image(content, channels, size, cfg.resize)
-                except FileFailure as err:
-                    record.update(status=str(err), output=None)
-                    continue
-                except OSError as err:
-                    record.update(status=f"failed: unreadable: {err.strerror or err}", output=None)
-                    continue
-                batch.append(record)
-                images.append(image)
-                seeds.append(file_seed(cfg.seed, content))
-            if batch:
-                try:
-                    with autocast(precision, device):
-                        job.run(batch, images, seeds)
-                except RuntimeError as err:  # e.g. out of memory: report, go on with the next batch
-                    log.exception("robustifying a batch of %d files failed", len(batch))
-                    for record in batch:
-                        if record["status"] is None:
-                            record["status"] = f"failed: error: {str(err).splitlines()[0]}"
-            bar.update(len(todo[start : start + batch_size]))
-
     meta = {
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
         "model": describe_model(run_cfg),
@@ -435,16 +447,137 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         "eps": parse_budget(threat.eps, "threat.eps"),
         "check": f"PGD-{check_steps}, step eps/4, random start seeded per file",
         "seed": int(cfg.seed),
-        "device": str(device),
-        "started": started,
-        "finished": datetime.now().isoformat(timespec="seconds"),
     }
-    csv_path, json_path = write_report(out, records, meta)
+    plan = Plan(
+        inputs=inputs,
+        out=out,
+        net=net,
+        robustifier=robustifier,
+        check=check,
+        names=class_names(run_cfg),
+        channels=channels,
+        size=size,
+        batch_size=batch_size,
+        check_steps=check_steps,
+        resize=str(cfg.resize),
+        seed=int(cfg.seed),
+        progress=bool(cfg.get("progress", True)),
+        perf=to_plain(cfg.get("perf")),
+        meta=meta,
+    )
+    return plan, fabric
+
+
+def plan_records(plan: Plan) -> tuple[list[dict[str, Any]], list[int]]:
+    """One record per input and the positions of the files to robustify. A file whose PNG
+    exists already, or whose output name an earlier input takes (the same stem), is
+    ``failed: exists`` before any work, so that which file is written never depends on the
+    order in which processes finish."""
+    records: list[dict[str, Any]] = []
+    todo: list[int] = []
+    taken: set[Path] = set()
+    for path, skip in plan.inputs:
+        record = _record(path, plan.out / f"{path.stem}.png", skip)
+        records.append(record)
+        if skip is not None:
+            continue
+        target = Path(record["output"])
+        if target.exists() or target in taken:
+            record["status"] = "failed: exists"
+        else:
+            taken.add(target)
+            todo.append(len(records) - 1)
+    return records, todo
+
+
+def read_batch(plan: Plan, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[torch.Tensor], list[int]]:
+    """The readable files of ``batch`` as ``(records, uint8 images, per-file seeds)``; the
+    records of unreadable or refused files get their ``failed`` status."""
+    kept, images, seeds = [], [], []
+    for record in batch:
+        try:
+            content = Path(record["input"]).read_bytes()
+            image, record["original_size"], record["resized"] = load_image(
+                content, plan.channels, plan.size, plan.resize
+            )
+        except FileFailure as err:
+            record.update(status=str(err), output=None)
+            continue
+        except OSError as err:
+            record.update(status=f"failed: unreadable: {err.strerror or err}", output=None)
+            continue
+        kept.append(record)
+        images.append(image)
+        seeds.append(file_seed(plan.seed, content))
+    return kept, images, seeds
+
+
+def run_shard(fabric: Fabric, plan: Plan, job: _Job, todo: list[dict[str, Any]]) -> None:
+    """Robustify this process's share of ``todo`` (positions ``rank, rank + N, ...``) in batches
+    of ``batch_size``, filling in their records; a progress bar on rank 0."""
+    mine = [todo[i] for i in shard(len(todo), fabric)]
+    disable = not (plan.progress and fabric.is_global_zero)
+    with tqdm(total=len(mine), desc="robustify", unit="img", disable=disable) as bar:
+        for start in range(0, len(mine), plan.batch_size):
+            batch, images, seeds = read_batch(plan, mine[start : start + plan.batch_size])
+            if batch:
+                try:
+                    with fabric.autocast():
+                        job.run(batch, images, seeds)
+                except RuntimeError as err:  # e.g. out of memory: report, go on with the next batch
+                    log.exception("robustifying a batch of %d files failed", len(batch))
+                    for record in batch:
+                        if record["status"] is None:
+                            record["status"] = f"failed: error: {str(err).splitlines()[0]}"
+            bar.update(len(mine[start : start + plan.batch_size]))
+
+
+def gather_records(fabric: Fabric, records: list[dict[str, Any]], todo: list[int]) -> list[dict[str, Any]]:
+    """Every process's robustified records put back in input order, in every process."""
+    fabric.barrier("robustify: every shard done")
+    mine = [(i, records[todo[i]]) for i in shard(len(todo), fabric)]
+    for i, record in enumerate(merge_shards(gather_objects(mine), len(todo))):
+        records[todo[i]] = record
+    return records
+
+
+def write_outputs(plan: Plan, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """``report.csv``/``report.json`` and the summary line (rank 0)."""
+    csv_path, json_path = write_report(plan.out, records, meta)
     s = summarize(records)
     survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
     print(
         f"[safespot] {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped; "
-        f"PGD-{check_steps} survival {survival}; report: {csv_path}"
+        f"PGD-{plan.check_steps} survival {survival}; report: {csv_path}"
     )
     log.info("report: %s, %s", csv_path, json_path)
+
+
+def robustify_process(fabric: Fabric, plan: Plan) -> list[dict[str, Any]]:
+    """One process of the runtime: place the model, take rank 0's records, robustify this
+    process's shard, gather every record, and (rank 0) write the report; returns every record."""
+    started = datetime.now().isoformat(timespec="seconds")
+    net = place_model(fabric, plan.net, plan.perf)
+    if fabric.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the model's input size
+    job = _Job(net, plan.robustifier, plan.check, fabric.device, plan.names)
+    if fabric.is_global_zero:
+        plan.out.mkdir(parents=True, exist_ok=True)
+    # rank 0 decides (before any process writes) which files exist already
+    records, todo = fabric.broadcast(plan_records(plan) if fabric.is_global_zero else None, src=0)
+    run_shard(fabric, plan, job, [records[i] for i in todo])
+    records = gather_records(fabric, records, todo)
+    if fabric.is_global_zero:
+        meta = {**plan.meta, **describe_runtime(fabric), "started": started}
+        meta["finished"] = datetime.now().isoformat(timespec="seconds")
+        write_outputs(plan, records, meta)
     return records
+
+
+@task_wrapper
+def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Robustify every image named by ``cfg.input`` into ``cfg.output`` (see the module
+    docstring) on the ``runtime`` (a Lightning Fabric: one process, or the files sharded over
+    several); returns one record per input file, also written to the report, in every process."""
+    plan, fabric = make_plan(cfg)
+    return fabric.launch(robustify_process, plan)

@@ -16,32 +16,57 @@ outliers, or ``tune_outliers``), and scores the in-distribution test images and 
 - ``histograms/<detector>.png`` and, for the safe-spot score, ``figure3.png`` (paper 000,
   Figure 3).
 
-Every setting (checkpoint, outlier roots, detectors and their layers, threat) is checked
-before images are scored, with one line naming the setting.
+Every setting (runtime, checkpoint, outlier roots, detectors and their layers, threat) is
+checked before images are scored, with one line naming the setting.
+
+The command runs on a Lightning Fabric built from the ``runtime`` block
+(:func:`safespot.runs.build_fabric`; ``device=``/``precision=`` are its aliases), in named steps:
+:func:`make_plan` (:func:`build_runtime`, :func:`load_run`, :func:`check_settings`,
+:func:`load_detector_checkpoints`, :func:`collect_inputs`, :func:`prepare_detectors`), then in
+every process :func:`ood_process`: the models placed on the process's device,
+:func:`fit_detectors` (every process fits every detector on the same images, identically),
+:func:`score_shard` (process r of N scores the images at positions r, r+N, ... of each test set
+under ``fabric.autocast()``; per-image seeds come from the dataset index, so a score does not
+depend on the shard), :func:`gather_scores` (every row back in index order, in every process)
+and :func:`write_outputs` (rank 0: scores, tables, histograms).
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
 import torch
+from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from safespot.data.base import IndexedSubset, _seeded_choice
 from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
 from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
-from safespot.runs import describe_model, load_model, load_run_settings, resolve_device
+from safespot.runs import (
+    build_fabric,
+    describe_model,
+    describe_runtime,
+    gather_objects,
+    load_model,
+    load_run_settings,
+    place_model,
+    shard,
+)
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.instantiate import instantiate
-from safespot.utils.performance import prepare_net, refuse_float16
+from safespot.utils.performance import refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import image_seeds
 from safespot.utils.task import ConfigError, task_wrapper
@@ -91,14 +116,61 @@ def _subset(dataset: Dataset, n: int | None, seed: int, name: str) -> IndexedSub
     return IndexedSubset(base, base_indices)
 
 
-@task_wrapper
-def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
-    # --- settings, all checked before any image is read ---------------------------------
-    for setting in ("precision", "trainer.precision"):  # OOD scoring runs in float32; refuse float16 if asked
-        value = OmegaConf.select(cfg, setting, default=None)
-        if value is not None:
-            refuse_float16(value, setting, "OOD scoring")
-    checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
+# --- the command, step by step ----------------------------------------------------------
+@dataclass
+class Settings:
+    """The checked settings of an OOD run (before any data is read)."""
+
+    detectors: list[tuple[Detector, str | None]]
+    extra_specs: dict[str, Any]
+    tune_spec: Any | None
+    batch_size: int
+    fit_subset: int | None
+    tune_subset: int | None
+    outlier_subset: int | None
+    seed: int
+
+
+@dataclass
+class Inputs:
+    """The image sets of an OOD run, each a dataset of ``(image, label, index)``."""
+
+    fit: IndexedSubset
+    tune_in: IndexedSubset
+    tune_out: Dataset | None
+    test: dict[str, Dataset]  # the in-distribution test images first, then each outlier set
+    num_classes: int
+    workers: int
+
+
+@dataclass
+class Plan:
+    """Everything the processes of an OOD run need, checked and built in the process that
+    launches them (picklable: ``ddp_spawn`` sends it to every process; the detectors' layers
+    refer to modules of ``nets``, which travel in the same pickle)."""
+
+    settings: Settings
+    inputs: Inputs
+    nets: dict[str | None, nn.Module]  # per detector checkpoint (None: ckpt_path), on the CPU
+    out: Path
+    histograms: bool
+    progress: bool
+    perf: dict[str, Any] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def build_runtime(cfg: DictConfig) -> Fabric:
+    """The runtime (:func:`safespot.runs.build_fabric`), first of all settings: float16 is refused
+    for ``runtime.precision``, its alias ``precision`` and a stray ``trainer.precision``."""
+    value = OmegaConf.select(cfg, "trainer.precision", default=None)
+    if value is not None:
+        refuse_float16(value, "trainer.precision", "OOD scoring")
+    return build_fabric(cfg, "OOD scoring")
+
+
+def check_settings(cfg: DictConfig) -> Settings:
+    """The detectors, the outlier specs and the subset sizes, each refused with a line naming
+    the setting (after :func:`load_run`, which completes ``threat`` from the checkpoint)."""
     detectors = build_detectors(cfg.get("detector"))
     extra_specs = {
         str(name): check_outlier_spec(spec, f"outliers.{name}")
@@ -107,31 +179,57 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
     }
     tune_spec = cfg.get("tune_outliers")
     tune_spec = check_outlier_spec(tune_spec, "tune_outliers") if tune_spec is not None else None
-    batch_size = _positive(cfg, "batch_size")
-    fit_subset, tune_subset = _positive(cfg, "fit_subset", True), _positive(cfg, "tune_subset", True)
-    outlier_subset = _positive(cfg, "outlier_subset", True)
-    device = resolve_device(cfg.get("device"))
+    return Settings(
+        detectors=detectors,
+        extra_specs=extra_specs,
+        tune_spec=tune_spec,
+        batch_size=int(_positive(cfg, "batch_size") or 1),
+        fit_subset=_positive(cfg, "fit_subset", True),
+        tune_subset=_positive(cfg, "tune_subset", True),
+        outlier_subset=_positive(cfg, "outlier_subset", True),
+        seed=int(cfg.seed),
+    )
+
+
+def load_run(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
+    """``(checkpoint, run_cfg, data_cfg)`` (:func:`safespot.runs.load_run_settings`): the
+    checkpoint, its training config and data config with the overrides; ``cfg.threat`` is
+    completed from the checkpoint's threat model."""
+    return load_run_settings(cfg)
+
+
+def load_detector_checkpoints(
+    settings: Settings, checkpoint: dict[str, Any], run_cfg: DictConfig
+) -> dict[str | None, tuple[dict[str, Any], DictConfig]]:
+    """``{detector checkpoint (None: ckpt_path): (checkpoint, its run config)}``."""
     checkpoints = {None: (checkpoint, run_cfg)}
-    for _, path in detectors:
+    for _, path in settings.detectors:
         if path is not None and path not in checkpoints:
             other = load_checkpoint(path)
             checkpoints[path] = (other, OmegaConf.create(other["safespot_config"]))
-    L.seed_everything(cfg.seed, workers=True)
+    return checkpoints
 
-    # --- data ---------------------------------------------------------------------------
+
+def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) -> Inputs:
+    """Build the data (seeded): fitting images, tuning sets, the in-distribution test images and
+    every test outlier set."""
+    seed = settings.seed
     datamodule = instantiate(data_cfg)
     datamodule.setup("test")
     train_plain = datamodule.build_datasets()[1]
-    fit_set = _subset(IndexedSubset(train_plain, datamodule.splits["train"]), fit_subset, cfg.seed + 1, "fit_subset")
+    fit_set = _subset(
+        IndexedSubset(train_plain, datamodule.splits["train"]), settings.fit_subset, seed + 1, "fit_subset"
+    )
     val = datamodule.splits["val"]
     if not val:
         log.warning("the data has no validation split (val_size=0): tuning on training images")
-    tune_in = _subset(IndexedSubset(train_plain, val) if val else fit_set, tune_subset, cfg.seed + 2, "tune_subset")
+    tune_base = IndexedSubset(train_plain, val) if val else fit_set
+    tune_in = _subset(tune_base, settings.tune_subset, seed + 2, "tune_subset")
     test_in = datamodule._datasets["test"]
     channels, size = int(test_in[0][0].shape[0]), int(test_in[0][0].shape[-1])
     test_sets = dict(datamodule.test_outlier_sets()) if hasattr(datamodule, "test_outlier_sets") else {}
-    for name, spec in extra_specs.items():
-        ds = build_outlier_dataset(spec, f"outliers.{name}", size, channels, int(cfg.seed) + 2_000)
+    for name, spec in settings.extra_specs.items():
+        ds = build_outlier_dataset(spec, f"outliers.{name}", size, channels, seed + 2_000)
         test_sets[name] = IndexedSubset(ds, range(len(ds)))
     if IN_DISTRIBUTION in test_sets:
         raise ConfigError(f"'{IN_DISTRIBUTION}' is reserved for the in-distribution test images; rename that set")
@@ -140,122 +238,226 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
             "no test outlier sets: the data defines none; add one, e.g. +outliers.noise={kind: uniform, n: 1000}"
         )
     test_sets = {
-        name: _subset(ds, outlier_subset, cfg.seed + 3 + i, f"outlier_subset ({name})")
+        name: _subset(ds, settings.outlier_subset, seed + 3 + i, f"outlier_subset ({name})")
         for i, (name, ds) in enumerate(test_sets.items())
     }
-    if tune_spec is not None:
-        tune_out: Dataset | None = build_outlier_dataset(tune_spec, "tune_outliers", size, channels, int(cfg.seed))
+    if settings.tune_spec is not None:
+        tune_out: Dataset | None = build_outlier_dataset(settings.tune_spec, "tune_outliers", size, channels, seed)
     else:
         tune_out = datamodule.outlier_split("val") if hasattr(datamodule, "outlier_split") else None
     if tune_out is not None:
-        tune_out = _subset(tune_out, tune_subset, cfg.seed + 4, "tune_subset")
-    needs_tuning_names: list[str] = []
+        tune_out = _subset(tune_out, settings.tune_subset, seed + 4, "tune_subset")
+    workers = int(data_cfg.get("num_workers", 0) or 0) if cfg.get("num_workers") is None else int(cfg.num_workers)
+    return Inputs(
+        fit=fit_set,
+        tune_in=tune_in,
+        tune_out=tune_out,
+        test={IN_DISTRIBUTION: test_in, **test_sets},
+        num_classes=int(datamodule.num_classes),
+        workers=workers,
+    )
 
-    # --- models and detectors -----------------------------------------------------------
-    nets = {
-        path: prepare_net(load_model(ck, rc, datamodule.num_classes).to(device), cfg.get("perf"))
-        for path, (ck, rc) in checkpoints.items()
-    }
-    for detector, path in detectors:
+
+def prepare_detectors(
+    settings: Settings, inputs: Inputs, checkpoints: dict[str | None, tuple[dict[str, Any], DictConfig]]
+) -> dict[str | None, nn.Module]:
+    """Load each checkpoint's model (on the CPU) and prepare every detector on its model,
+    refusing settings that cannot work (unknown layers, tuning without ``D_out^train``)."""
+    nets = {path: load_model(ck, rc, inputs.num_classes) for path, (ck, rc) in checkpoints.items()}
+    needs_tuning: list[str] = []
+    for detector, path in settings.detectors:
         try:
             detector.prepare(nets[path])
         except DetectorError as err:
             raise ConfigError(f"detector {detector.name}: {err}") from None
         if detector.requires_tuning:
-            needs_tuning_names.append(detector.name)
-    if needs_tuning_names and (tune_out is None or len(tune_out) == 0):
+            needs_tuning.append(detector.name)
+    if needs_tuning and (inputs.tune_out is None or len(inputs.tune_out) == 0):
         raise ConfigError(
-            f"detectors {needs_tuning_names} are tuned on D_out^train, but the data has no held-out training "
+            f"detectors {needs_tuning} are tuned on D_out^train, but the data has no held-out training "
             "outliers: set tune_outliers={kind: ..., ...} (or fix their settings, e.g. safe_spot.mu=0.5)"
         )
+    return nets
 
-    workers = int(data_cfg.get("num_workers", 0) or 0) if cfg.get("num_workers") is None else int(cfg.num_workers)
 
-    def batches(dataset: Dataset, salt: str) -> Batches:
-        salt_value = zlib.crc32(salt.encode())
-
-        def generate():
-            for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-                yield x.to(device), y.to(device), image_seeds(cfg.seed, index.to(device), salt_value)
-
-        return generate
-
-    tuned: dict[str, Any] = {}
-    tune_out_batches = batches(tune_out, "tune_out") if tune_out is not None and len(tune_out) else None
-    for detector, path in detectors:
-        log.info("fitting %s", detector.name)
-        try:
-            tuned[detector.name] = detector.fit(
-                nets[path], batches(fit_set, "fit"), batches(tune_in, "tune_in"), tune_out_batches
-            )
-        except DetectorError as err:
-            raise ConfigError(f"detector {detector.name}: {err}") from None
-
-    # --- scores -------------------------------------------------------------------------
-    frames = []
-    for set_name, dataset in [(IN_DISTRIBUTION, test_in), *test_sets.items()]:
-        log.info("scoring %s (%d images)", set_name, len(dataset))
-        parts: dict[str, list[torch.Tensor]] = {}
-        for x, y, seeds, index in _with_index(dataset, batch_size, workers, device, cfg.seed, set_name):
-            with torch.no_grad():
-                parts.setdefault("pred", []).append(nets[None](x).argmax(1).cpu())
-            parts.setdefault("index", []).append(index)
-            parts.setdefault("label", []).append(y.cpu())
-            for detector, path in detectors:
-                for key, value in detector.parts(nets[path], x, seeds).items():
-                    column = detector.name if key == "score" else f"{detector.name}/{key}"
-                    parts.setdefault(column, []).append(value.detach().float().cpu())
-        frame = pd.DataFrame({k: torch.cat(v).numpy() for k, v in parts.items()})
-        frame.insert(0, "outlier", set_name != IN_DISTRIBUTION)
-        frame.insert(0, "set", set_name)
-        frames.append(frame)
-    scores = pd.concat(frames, ignore_index=True)
-    names = [d.name for d, _ in detectors]
-
-    # --- outputs ------------------------------------------------------------------------
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    scores.to_csv(out / "scores.csv", index=False)
-    results = detector_metrics(scores, names)
+def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
+    """Check every setting, build the runtime, the data, the models and the detectors: all that
+    can be refused is refused here, before images are scored."""
+    fabric = build_runtime(cfg)
+    checkpoint, run_cfg, data_cfg = load_run(cfg)
+    settings = check_settings(cfg)
+    checkpoints = load_detector_checkpoints(settings, checkpoint, run_cfg)
+    L.seed_everything(settings.seed, workers=True)
+    inputs = collect_inputs(cfg, settings, data_cfg)
+    nets = prepare_detectors(settings, inputs, checkpoints)
+    ckpt_path = str(Path(cfg.ckpt_path).resolve())
     meta = {
         "model": describe_model(run_cfg),
-        "method": checkpoint.get("hyper_parameters", {}).get("method"),
+        "method": checkpoints[None][0].get("hyper_parameters", {}).get("method"),
         "data": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
         "train_run": run_cfg.get("task_name"),
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "ckpt_path": ckpt_path,
         "detector_checkpoints": {
             d.name: {
-                "ckpt_path": str(Path(p).resolve()) if p else str(Path(cfg.ckpt_path).resolve()),
+                "ckpt_path": str(Path(p).resolve()) if p else ckpt_path,
                 "method": checkpoints[p][0].get("hyper_parameters", {}).get("method"),
             }
-            for d, p in detectors
+            for d, p in settings.detectors
         },
         "norm": str(cfg.threat.norm),
         "eps": parse_budget(cfg.threat.eps, "threat.eps"),
-        "seed": int(cfg.seed),
-        "n_images": {str(k): int(v) for k, v in scores["set"].value_counts(sort=False).items()},
-        "n_fit": len(fit_set),
-        "n_tune": {"in": len(tune_in), "out": 0 if tune_out is None else len(tune_out)},
-        "tuned": tuned,
-        "detector_config": to_plain(OmegaConf.to_container(cfg.detector, resolve=True)),
-        "convention": "outliers positive; higher score = more anomalous; percentages",
+        "seed": settings.seed,
     }
+    plan = Plan(
+        settings=settings,
+        inputs=inputs,
+        nets=nets,
+        out=Path(cfg.paths.output_dir),
+        histograms=bool(cfg.get("histograms", True)),
+        progress=bool(cfg.get("progress", True)),
+        perf=to_plain(cfg.get("perf")),
+        meta={**meta, "detector_config": to_plain(OmegaConf.to_container(cfg.detector, resolve=True))},
+    )
+    return plan, fabric
+
+
+def _batches(plan: Plan, dataset: Dataset, salt: str, device: torch.device) -> Batches:
+    """A :data:`~safespot.ood.detectors.Batches` source over ``dataset`` (in order) on ``device``
+    with per-image seeds from the dataset index and ``salt``."""
+    salt_value = zlib.crc32(salt.encode())
+    seed, batch_size, workers = plan.settings.seed, plan.settings.batch_size, plan.inputs.workers
+
+    def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
+            yield x.to(device), y.to(device), image_seeds(seed, index.to(device), salt_value)
+
+    return generate
+
+
+def fit_detectors(fabric: Fabric, plan: Plan, nets: dict[str | None, nn.Module]) -> dict[str, Any]:
+    """Fit and tune every detector on the whole fitting and tuning sets, identically in every
+    process (their state holds hooks into this process's models, so it is not broadcast);
+    returns the tuned settings. Processes whose tuned settings differ from rank 0's (possible
+    with non-deterministic GPU kernels) are reported."""
+    device, inputs = fabric.device, plan.inputs
+    tune_out = inputs.tune_out
+    tune_out_batches = _batches(plan, tune_out, "tune_out", device) if tune_out is not None and len(tune_out) else None
+    tuned: dict[str, Any] = {}
+    for detector, path in plan.settings.detectors:
+        if fabric.is_global_zero:
+            log.info("fitting %s", detector.name)
+        fit, tune_in = _batches(plan, inputs.fit, "fit", device), _batches(plan, inputs.tune_in, "tune_in", device)
+        try:
+            with fabric.autocast():
+                tuned[detector.name] = detector.fit(nets[path], fit, tune_in, tune_out_batches)
+        except DetectorError as err:
+            raise ConfigError(f"detector {detector.name}: {err}") from None
+    differ = [rank for rank, other in enumerate(gather_objects(repr(tuned))) if other != repr(tuned)]
+    if differ and fabric.is_global_zero:
+        log.warning("processes %s fitted their detectors differently from rank 0 (non-deterministic kernels?)", differ)
+    return tuned
+
+
+def score_shard(fabric: Fabric, plan: Plan, nets: dict[str | None, nn.Module]) -> list[tuple[str, pd.DataFrame]]:
+    """Score this process's share (positions ``rank, rank + N, ...``) of every test set: one
+    frame per set with the predictions, labels, dataset indices, every detector's columns and
+    the positions (column ``_position``) the frames are put back together by."""
+    frames = []
+    for set_name, dataset in plan.inputs.test.items():
+        positions = list(shard(len(dataset), fabric))
+        if fabric.is_global_zero:
+            log.info("scoring %s (%d images)", set_name, len(dataset))
+        parts: dict[str, list[torch.Tensor]] = {"_position": [torch.tensor(positions, dtype=torch.long)]}
+        salt = zlib.crc32(set_name.encode())
+        loader = DataLoader(
+            Subset(dataset, positions),
+            batch_size=plan.settings.batch_size,
+            shuffle=False,
+            num_workers=plan.inputs.workers,
+        )
+        disable = not (plan.progress and fabric.is_global_zero)
+        for x, y, index in tqdm(loader, desc=f"scoring {set_name}", unit="batch", disable=disable):
+            x, seeds = x.to(fabric.device), image_seeds(plan.settings.seed, index.to(fabric.device), salt)
+            with fabric.autocast():
+                with torch.no_grad():
+                    parts.setdefault("pred", []).append(nets[None](x).argmax(1).cpu())
+                parts.setdefault("index", []).append(index)
+                parts.setdefault("label", []).append(y.cpu())
+                for detector, path in plan.settings.detectors:
+                    for key, value in detector.parts(nets[path], x, seeds).items():
+                        column = detector.name if key == "score" else f"{detector.name}/{key}"
+                        parts.setdefault(column, []).append(value.detach().float().cpu())
+        frames.append((set_name, pd.DataFrame({k: torch.cat(v).numpy() for k, v in parts.items() if v})))
+    return frames
+
+
+def gather_scores(fabric: Fabric, frames: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Every process's frames, per set in position order, as one table (``scores.csv``), in
+    every process."""
+    fabric.barrier("ood: every shard scored")
+    shards = gather_objects(frames)
+    tables = []
+    for k, (set_name, _) in enumerate(frames):
+        pieces = [part[k][1] for part in shards if len(part[k][1])] or [frames[k][1]]  # (an empty share has no columns)
+        frame = pd.concat(pieces, ignore_index=True)
+        frame = frame.sort_values("_position", kind="stable").drop(columns="_position").reset_index(drop=True)
+        frame.insert(0, "outlier", set_name != IN_DISTRIBUTION)
+        frame.insert(0, "set", set_name)
+        tables.append(frame)
+    return pd.concat(tables, ignore_index=True)
+
+
+def write_outputs(plan: Plan, scores: pd.DataFrame, results: dict[str, Any], meta: dict[str, Any]) -> None:
+    """``scores.csv``, the tables, ``results.json``, histograms and Figure 3 (rank 0)."""
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    scores.to_csv(out / "scores.csv", index=False)
     table = write_tables(out, results, meta)
-    if cfg.get("histograms", True):
+    detectors = [d for d, _ in plan.settings.detectors]
+    if plan.histograms:
         (out / "histograms").mkdir(exist_ok=True)
-        safe_spot = [d.name for d, _ in detectors if isinstance(d, SafeSpotScore)]
-        for detector, _ in detectors:
+        safe_spot = [d.name for d in detectors if isinstance(d, SafeSpotScore)]
+        for detector in detectors:
             plot_histograms(scores, detector.name, out / "histograms" / f"{detector.name}.png")
             if detector.name in safe_spot:
                 figure = "figure3.png" if len(safe_spot) == 1 else f"figure3_{detector.name}.png"
                 plot_figure3(scores, detector.name, out / figure)
-    print(f"\n[safespot] OOD detection on {len(test_sets)} outlier sets (percent):")
+    print(f"\n[safespot] OOD detection on {len(plan.inputs.test) - 1} outlier sets (percent):")
     print(table.to_string(index=False))
     print(f"[safespot] scores, table and histograms: {out}")
+
+
+def ood_process(fabric: Fabric, plan: Plan) -> dict[str, Any]:
+    """One process of the runtime: place the models, fit the detectors, score this process's
+    shard of every test set, gather the scores in index order and (rank 0) write the files;
+    returns the metrics and the run's description in every process."""
+    L.seed_everything(plan.settings.seed, workers=True, verbose=False)
+    nets = {path: place_model(fabric, net, plan.perf) for path, net in plan.nets.items()}
+    tuned = fit_detectors(fabric, plan, nets)
+    scores = gather_scores(fabric, score_shard(fabric, plan, nets))
+    names = [d.name for d, _ in plan.settings.detectors]
+    results = detector_metrics(scores, names)
+    inputs = plan.inputs
+    detector_config = plan.meta["detector_config"]
+    meta = {
+        **{k: v for k, v in plan.meta.items() if k != "detector_config"},
+        "n_images": {str(k): int(v) for k, v in scores["set"].value_counts(sort=False).items()},
+        "n_fit": len(inputs.fit),
+        "n_tune": {"in": len(inputs.tune_in), "out": 0 if inputs.tune_out is None else len(inputs.tune_out)},
+        "tuned": tuned,
+        "detector_config": detector_config,
+        "runtime": describe_runtime(fabric),
+        "convention": "outliers positive; higher score = more anomalous; percentages",
+    }
+    if fabric.is_global_zero:
+        write_outputs(plan, scores, results, meta)
     return {"metrics": results, **meta}
 
 
-def _with_index(dataset: Dataset, batch_size: int, workers: int, device: torch.device, seed: int, salt: str):
-    salt_value = zlib.crc32(salt.encode())
-    for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-        yield x.to(device), y, image_seeds(seed, index.to(device), salt_value), index
+@task_wrapper
+def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
+    """OOD detection with a checkpoint (see the module docstring) on the ``runtime`` (a
+    Lightning Fabric: one process, or the test images sharded over several); returns the
+    metrics and the run's description in every process."""
+    plan, fabric = make_plan(cfg)
+    return fabric.launch(ood_process, plan)
