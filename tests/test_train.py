@@ -146,3 +146,52 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and "data.root=" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_default_callbacks_rich_bar_summary_and_learning_rate(make_cfg, tmp_path):
+    """What template users expect: Rich progress bar and model summary (following the trainer's
+    switches), and the learning rate logged per epoch (idle without a logger)."""
+    from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+
+    from safespot.utils.callbacks import LearningRateMonitor
+
+    cfg = make_cfg(
+        "debug=limit",
+        "method=natural",
+        "logger=csv",
+        "trainer.enable_progress_bar=true",
+        "trainer.enable_model_summary=true",
+        out=tmp_path / "rich",
+    )
+    _, objs = train(cfg)
+    kinds = {type(c) for c in objs["trainer"].callbacks}
+    assert {RichProgressBar, RichModelSummary, LearningRateMonitor} <= kinds
+    (metrics_file,) = (tmp_path / "rich").rglob("metrics.csv")
+    assert any(column.startswith("lr-") for column in metrics_file.read_text().splitlines()[0].split(","))
+    quiet = make_cfg("debug=limit", "method=natural", out=tmp_path / "quiet")  # logger none, bar and summary off
+    _, objs = train(quiet)
+    kinds = {type(c) for c in objs["trainer"].callbacks}
+    assert LearningRateMonitor in kinds and not {RichProgressBar, RichModelSummary} & kinds
+
+
+def test_ranked_logger_speaks_on_rank_zero_only(caplog, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from safespot.utils.logging import get_logger
+
+    log = get_logger("safespot.test")
+    with caplog.at_level("INFO", logger="safespot.test"):
+        log.info("from rank zero")
+        monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+        log.info("from rank one")
+    assert [r.getMessage() for r in caplog.records] == ["from rank zero"]
+
+
+@pytest.mark.parametrize("mode, offline", [(None, True), ("offline", True), ("online", False), ("disabled", True)])
+def test_wandb_mode_comes_from_the_environment(make_cfg, monkeypatch, mode, offline):
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    cfg = make_cfg("logger=wandb")
+    assert cfg.logger.wandb.offline is offline

@@ -11,7 +11,6 @@ its vote, and certify evaluations add ``certified_accuracy.csv`` / ``.md`` / ``.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,15 @@ from torch import nn
 from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.runs import describe_model, load_model, load_run_settings
 from safespot.threat import parse_budget
+from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checks import check_batch_size
 from safespot.utils.instantiate import instantiate, instantiate_loggers
+from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
-log = logging.getLogger("safespot.evaluate")
+log = get_logger("safespot.evaluate")
 
 
 def build_evaluations(cfg: DictConfig | None) -> list[Evaluation]:
@@ -87,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams({**to_plain(OmegaConf.to_container(cfg, resolve=True)), "meta": meta})
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=display_callbacks(cfg.trainer))
     trainer.test(module, datamodule=datamodule, verbose=False)
 
     # written by the module on rank 0 before every rank returned from test (one barrier); under

@@ -29,7 +29,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -61,10 +60,11 @@ from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
+from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError, task_wrapper
 
-log = logging.getLogger("safespot.robustify")
+log = get_logger("safespot.robustify")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 RESIZE_POLICIES = ("crop", "refuse")

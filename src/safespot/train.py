@@ -3,21 +3,22 @@ Hydra config, fit, test the best checkpoint, and return the monitored metric."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_train_config
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
+from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net
 from safespot.utils.plain import to_plain
 from safespot.utils.task import task_wrapper
 
-log = logging.getLogger("safespot.train")
+log = get_logger("safespot.train")
 
 
 def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     net = prepare_net(instantiate(cfg.model), cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), *display_callbacks(cfg.trainer)]
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

@@ -33,7 +33,6 @@ and :func:`write_outputs` (rank 0: scores, tables, histograms).
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,12 +65,13 @@ from safespot.runs import (
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.instantiate import instantiate
+from safespot.utils.logging import get_logger
 from safespot.utils.performance import refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import image_seeds
 from safespot.utils.task import ConfigError, task_wrapper
 
-log = logging.getLogger("safespot.ood")
+log = get_logger("safespot.ood")
 
 
 def build_detectors(cfg: DictConfig | None) -> list[tuple[Detector, str | None]]:

@@ -42,10 +42,18 @@ def run_name() -> str:
         return _RUN_SUFFIX
 
 
+def wandb_offline() -> bool:
+    """wandb runs offline (no server needed; ``wandb sync`` later) unless ``WANDB_MODE`` says
+    ``online`` (or ``run``)."""
+    return os.environ.get("WANDB_MODE", "offline").strip().lower() not in ("online", "run")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique"):
         OmegaConf.register_new_resolver("unique", lambda: _RUN_SUFFIX, use_cache=True)
     if not OmegaConf.has_resolver("sweep_name"):
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)

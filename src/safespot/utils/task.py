@@ -4,7 +4,6 @@ whatever happens."""
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,8 +12,9 @@ from omegaconf import DictConfig
 
 from safespot.errors import ConfigError
 from safespot.utils.extras import extras
+from safespot.utils.logging import get_logger
 
-log = logging.getLogger("safespot")
+log = get_logger("safespot")
 T = TypeVar("T")
 
 
