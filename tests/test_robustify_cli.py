@@ -170,6 +170,7 @@ def test_cli_exit_codes(ckpt, inputs, tmp_path):
     stdout, stderr = failing.communicate(timeout=120)
     assert failing.returncode == 1, stderr[-2000:]
     assert "3 ok, 1 failed, 1 skipped" in stdout and (tmp_path / "out" / "cat.png").is_file()
+    assert "images/s" in stdout and "safe-spot check (PGD-1 survives)" in stdout  # speed and check in one line
     _, stderr = missing.communicate(timeout=120)
     assert missing.returncode == 2
     assert stderr.strip() == f"error: ckpt_path='{tmp_path / 'missing.ckpt'}' does not exist"
@@ -226,8 +227,24 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     meta_one = json.loads((tmp_path / "one" / "report.json").read_text())["meta"]
     meta_two = json.loads((tmp_path / "two" / "report.json").read_text())["meta"]
     assert (meta_one["world_size"], meta_two["world_size"]) == (1, 2)
-    differ = {"world_size", "strategy", "started", "finished"}
+    differ = {"world_size", "strategy", "started", "finished", "seconds"}
     assert {k: v for k, v in meta_two.items() if k not in differ} == {
         k: v for k, v in meta_one.items() if k not in differ
     }
     assert not list((tmp_path / "two").glob(".*")) and not list((tmp_path / "two").glob("report-*"))
+
+
+def test_the_command_defaults_to_the_fast_search_and_names_the_paper_schedule(tmp_path):
+    """robustify.py robustifies with early exit and compaction (same safe-spot rate, 17x the
+    images/s on the quickstart model) and bf16 on a CUDA GPU; the paper's fixed schedule is
+    ``robustifier=sfull_paper``."""
+    from conftest import compose_config
+    from safespot.runs import auto_precision
+
+    base = ["ckpt_path=x", "input=x", f"output={tmp_path}"]
+    fast = compose_config("robustify", base, tmp_path / "a")
+    paper = compose_config("robustify", [*base, "robustifier=sfull_paper"], tmp_path / "b")
+    assert fast.robustifier.early_exit == 5 and fast.robustifier.active_batch == 64
+    assert paper.robustifier.early_exit is None and paper.robustifier.max_iter == 100
+    assert paper.robustifier.inner_steps == 20 and paper.robustifier.quantize is True
+    assert fast.runtime.precision == "auto" and auto_precision("cpu") == "32-true"

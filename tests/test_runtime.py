@@ -105,6 +105,8 @@ def test_shards_cover_every_position_once_and_merge_back_in_order():
 def test_robustify_and_ood_compose_the_runtime_group(make_cfg):
     for name, extra in (("robustify", ["input=x", "output=y"]), ("ood", [])):
         cfg = make_cfg("ckpt_path=x.ckpt", *extra, name=name)
-        assert dict(cfg.runtime) == RUNTIME_DEFAULTS and cfg.device is None and cfg.precision is None
+        # robustify.py defaults to bf16 on a CUDA GPU (precision auto), ood.py to float32
+        expected = {**RUNTIME_DEFAULTS, "precision": "auto"} if name == "robustify" else RUNTIME_DEFAULTS
+        assert dict(cfg.runtime) == expected and cfg.device is None and cfg.precision is None
         sim = make_cfg("ckpt_path=x.ckpt", *extra, "runtime=ddp_sim", name=name)
         assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")

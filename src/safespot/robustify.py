@@ -31,6 +31,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -546,9 +547,10 @@ def write_outputs(plan: Plan, records: list[dict[str, Any]], meta: dict[str, Any
     csv_path, json_path = write_report(plan.out, records, meta)
     s = summarize(records)
     survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
+    rate = s["ok"] / meta["seconds"] if meta.get("seconds") else float("nan")
     print(
-        f"[safespot] {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped; "
-        f"PGD-{plan.check_steps} survival {survival}; report: {csv_path}"
+        f"[safespot] {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in {meta.get('seconds', 0):.1f} s "
+        f"({rate:.2f} images/s); safe-spot check (PGD-{plan.check_steps} survives): {survival}; report: {csv_path}"
     )
     log.info("report: %s, %s", csv_path, json_path)
 
@@ -556,7 +558,7 @@ def write_outputs(plan: Plan, records: list[dict[str, Any]], meta: dict[str, Any
 def robustify_process(fabric: Fabric, plan: Plan) -> list[dict[str, Any]]:
     """One process of the runtime: place the model, take rank 0's records, robustify this
     process's shard, gather every record, and (rank 0) write the report; returns every record."""
-    started = datetime.now().isoformat(timespec="seconds")
+    started, clock = datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     net = place_model(fabric, plan.net, plan.perf)
     if fabric.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the model's input size
@@ -570,6 +572,7 @@ def robustify_process(fabric: Fabric, plan: Plan) -> list[dict[str, Any]]:
     if fabric.is_global_zero:
         meta = {**plan.meta, **describe_runtime(fabric), "started": started}
         meta["finished"] = datetime.now().isoformat(timespec="seconds")
+        meta["seconds"] = round(time.perf_counter() - clock, 3)
         write_outputs(plan, records, meta)
     return records
 

@@ -73,7 +73,14 @@ RUNTIME_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1, "strate
 # precisions the commands run in: float32, or bfloat16 autocast of the forward passes; float16
 # is refused (safespot.utils.performance.refuse_float16), and "-true" lower precisions would
 # cast the weights, which none of the attacks or detectors expect
-RUNTIME_PRECISIONS = ("32-true", "32", "bf16-mixed")
+RUNTIME_PRECISIONS = ("32-true", "32", "bf16-mixed", "auto")
+
+
+def auto_precision(accelerator: str) -> str:
+    """``precision: auto``: bf16-mixed where the run lands on a CUDA device that supports
+    bfloat16, float32 elsewhere (CPUs gain nothing from bf16 autocast here)."""
+    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def device_alias(name: Any) -> dict[str, Any]:
@@ -111,7 +118,7 @@ def runtime_settings(cfg: DictConfig, task: str) -> dict[str, Any]:
     for alias, implied in aliases:
         for key, value in implied.items():
             current = settings[key]
-            if current != RUNTIME_DEFAULTS[key] and current != value:
+            if current not in (RUNTIME_DEFAULTS[key], "auto") and current != value:
                 raise ConfigError(
                     f"{alias}={cfg.get(alias)} contradicts runtime.{key}={current}: "
                     f"{alias} is an alias of runtime.{key}; set one of them"
@@ -134,6 +141,8 @@ def runtime_settings(cfg: DictConfig, task: str) -> dict[str, Any]:
         raise ConfigError(f"{asked} but CUDA is not available (use runtime.accelerator=auto or cpu)")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{asked} but MPS is not available (use runtime.accelerator=auto or cpu)")
+    if settings["precision"] == "auto":
+        settings["precision"] = auto_precision(accelerator)
     return settings
 
 
