@@ -210,6 +210,21 @@ def test_autoattack_success_is_judged_by_the_vote(tiny_net, images):
         assert torch.equal(attack(model, x, y, seeds=seeds), x_adv)
 
 
+def test_autoattack_is_judged_by_the_vote_seeds_it_is_given(tiny_net, images):
+    """As PGD's restarts: with ``vote_seeds`` (the seeds the caller scores the points with, e.g.
+    the white-box sweep, whose attack seeds differ) success is judged by the vote with them."""
+    x, y = images
+    model = SmoothedClassifier(tiny_net, 0.5, m=1, n_vote=32)
+    seeds = torch.arange(len(x)) + 100
+    with torch.no_grad():
+        y = predict_logits(model, x, seeds).argmax(1)  # every image starts correct under that vote
+    attack = AutoAttack("l2", 0.5, attacks=["apgd-ce", "apgd-t"], n_iter=3)
+    x_adv = attack(model, x, y, seeds=seeds + 7, vote_seeds=seeds)
+    changed = (x_adv != x).flatten(1).any(1)
+    assert changed.any()
+    assert (_vote_wrong(model, x_adv, y, seeds) == changed).all()
+
+
 def test_noisy_view_votes_like_the_smoothed_model(tiny_net, images):
     x = images[0][:4]
     model = SmoothedClassifier(tiny_net, 0.25, m=2, n_vote=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -37,8 +38,18 @@ class MarkedShift:
 
     norm: str
     eps: float
+    targeted: ClassVar[bool] = False
+    requires_smoothing: ClassVar[bool] = False
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        seeds: torch.Tensor | None = None,
+        vote_seeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out = x.clone()
         flat = out.view(len(x), -1)
         hit = (x.flatten(1)[:, 1] - self.eps).abs() < 1e-6

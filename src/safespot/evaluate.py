@@ -49,8 +49,8 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
 
 
 def needs_smoothing(evaluation: Evaluation) -> bool:
-    attack = getattr(evaluation, "attack", None)
-    return bool(getattr(evaluation, "requires_smoothing", False) or getattr(attack, "requires_smoothing", False))
+    """Whether the evaluation declares that it needs a smoothed classifier (its own or an attack's)."""
+    return evaluation.requires_smoothing
 
 
 @task_wrapper

@@ -422,7 +422,7 @@ def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictCon
         check = PGD(threat.norm, threat.eps, steps=check_steps, step_size=None, random_start=True, mode="eval")
     except ThreatConfigError as err:
         raise ConfigError(f"threat.{err}") from None
-    if not getattr(robustifier, "quantize", False):
+    if not robustifier.quantize:
         log.warning("robustifier.quantize=false: the saved PNG is x_r rounded to 8 bits, checked as saved")
     return checkpoint, run_cfg, robustifier, check, threat
 

@@ -1,8 +1,25 @@
-"""Attacks built on the shared threat model (:mod:`safespot.threat`)."""
+"""Attacks built on the shared threat model (:mod:`safespot.threat`), all implementing the one
+:class:`Attack` interface (:mod:`safespot.attacks.base`)."""
 
 from safespot.attacks.autoattack import AutoAttack
+from safespot.attacks.base import Attack, AttackFactory, AttackSpec, attack_config, build_attack, check_attack
 from safespot.attacks.context import attack_context
 from safespot.attacks.losses import get_loss
 from safespot.attacks.pgd import PGD, fgsm, fgsm_rs
+from safespot.attacks.safe_spot import SafeSpotStep
 
-__all__ = ["PGD", "AutoAttack", "attack_context", "fgsm", "fgsm_rs", "get_loss"]
+__all__ = [
+    "PGD",
+    "Attack",
+    "AttackFactory",
+    "AttackSpec",
+    "AutoAttack",
+    "SafeSpotStep",
+    "attack_config",
+    "attack_context",
+    "build_attack",
+    "check_attack",
+    "fgsm",
+    "fgsm_rs",
+    "get_loss",
+]

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from pyautoattack import AutoAttack as _PackageAutoAttack
@@ -64,7 +65,7 @@ _VOTE_SEED_STRIDE = 1_000_003
 
 @dataclass
 class AutoAttack:
-    """AutoAttack on the shared threat model.
+    """AutoAttack on the shared threat model (implements :class:`safespot.attacks.Attack`).
 
     Args:
         norm, eps: the threat model (see :class:`safespot.threat.LpBall`); ``eps`` may be a
@@ -100,6 +101,8 @@ class AutoAttack:
     eot_iter: int = 20
     verbose: bool = False
     ball: LpBall = field(init=False, repr=False)
+    targeted: ClassVar[bool] = False  # the members' targets are their own (APGD-T, FAB-T)
+    requires_smoothing: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.ball = LpBall(self.norm, self.eps)  # validates norm and eps
@@ -127,14 +130,21 @@ class AutoAttack:
         return list(self.attacks) if self.attacks is not None else list(VERSION_ATTACKS[self.version])
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor | None = None
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        seeds: torch.Tensor | None = None,
+        vote_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return detached adversarial examples for images ``x`` in [0, 1] with labels ``y``.
 
         The whole batch is attacked at once on the device of ``x`` (the model must live
-        there too). ``seeds`` (one per image) seed the vote that judges success on a voting
-        model (default: derived from ``seed`` and the position in the batch); they do not
-        change the package's own random draws, which come from ``seed``.
+        there too). On a voting model success is judged by the vote seeded with
+        ``vote_seeds`` (one per image; the seeds the caller scores the points with), else
+        ``seeds``, else seeds derived from ``seed`` and the position in the batch. Neither
+        changes the package's own random draws, which come from ``seed``.
         """
         x = x.detach()
         y = y.detach().to(device=x.device, dtype=torch.long)
@@ -150,7 +160,8 @@ class AutoAttack:
                 num_classes = model(x[:1]).shape[-1]
             adversary = self.adversary(model, num_classes, x.device)
             if has_vote(model):
-                adversary.get_logits = VoteJudge(model, y, self.vote_seeds(x, seeds))
+                judge_seeds = self.vote_seeds(x, seeds if vote_seeds is None else vote_seeds)
+                adversary.get_logits = VoteJudge(model, y, judge_seeds)
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
         return self.ball.project(x_adv.detach(), x)
 

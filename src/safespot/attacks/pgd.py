@@ -21,6 +21,7 @@ scored by the 50-draw vote), never by one fresh noisy soft estimate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ _RESTART_SEED_STRIDE = 1_000_003
 
 @dataclass
 class PGD:
-    """Projected gradient attack.
+    """Projected gradient attack (implements :class:`safespot.attacks.Attack`).
 
     Args:
         norm, eps: the threat model (see :class:`safespot.threat.LpBall`).
@@ -64,6 +65,7 @@ class PGD:
     eot: int = 1
     mode: AttackMode = "keep"
     ball: LpBall = field(init=False, repr=False)
+    requires_smoothing: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.ball = LpBall(self.norm, self.eps)  # validates norm and eps
@@ -80,6 +82,7 @@ class PGD:
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
+        *,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         seeds: torch.Tensor | None = None,

@@ -2,6 +2,8 @@
 
 from safespot.defenses.robustifier import (
     NoRobustification,
+    Robustifier,
+    RobustifierBase,
     RobustifyResult,
     SafeSpotFGSM,
     SafeSpotPGD,
@@ -9,4 +11,13 @@ from safespot.defenses.robustifier import (
     reconstruction,
 )
 
-__all__ = ["NoRobustification", "RobustifyResult", "SafeSpotFGSM", "SafeSpotPGD", "SafeSpotSearch", "reconstruction"]
+__all__ = [
+    "NoRobustification",
+    "Robustifier",
+    "RobustifierBase",
+    "RobustifyResult",
+    "SafeSpotFGSM",
+    "SafeSpotPGD",
+    "SafeSpotSearch",
+    "reconstruction",
+]

@@ -17,13 +17,16 @@ back-propagates through the unrolled inner PGD, for the ablation of the suppleme
 Baselines (paper 000, Section 4.2): :class:`NoRobustification`, :class:`SafeSpotFGSM`
 (one targeted FGSM step towards the protected label) and :class:`SafeSpotPGD` (20-step
 targeted PGD with step delta/4).
+
+All of them implement the :class:`Robustifier` protocol, the one way the evaluations, the OOD
+detector and ``robustify.py`` call a robustifier: ``robustifier(model, x_o, y, seeds=...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +61,56 @@ class RobustifyResult:
     output: str = "last"  # which iterate was returned: "last" (Algorithm 1) or "best"
 
 
-class Robustifier:
-    """Base class: protected labels, the inner worst-case check, result records."""
+@runtime_checkable
+class Robustifier(Protocol):
+    """What the framework requires of a preemptive robustifier (papers 000 and 002).
+
+    Attributes:
+        norm: the norm of both balls (``"linf"`` or ``"l2"``).
+        delta: the defender's budget: ``x_r`` lies in ``B_delta(x_o) ∩ [0, 1]``.
+        eps: the attacker's budget the robustifier prepares ``x_r`` for.
+        protect: ``"prediction"`` (protect ``c(x_o)``) or ``"label"`` (the ground truth ``y``).
+        quantize: whether ``x_r`` ends on the 8-bit grid inside ``B_delta(x_o)`` (re-checked), so
+            that a saved image is the one evaluated.
+    """
+
+    norm: str
+    delta: float
+    eps: float
+    protect: str
+    quantize: bool
+
+    def __call__(
+        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None
+    ) -> RobustifyResult:
+        """Robustify the images ``x_o`` (``y``: the labels, needed by ``protect="label"``);
+        ``seeds`` (one per image) make each image's result independent of its batch."""
+        ...
+
+
+def check_robustifier(robustifier: object, name: str = "robustifier") -> Robustifier:
+    """``robustifier`` if it implements :class:`Robustifier`, else a :class:`ThreatConfigError`
+    naming the setting and the declarations it lacks."""
+    if isinstance(robustifier, Robustifier):
+        return robustifier
+    members = ("norm", "delta", "eps", "protect", "quantize", "__call__")
+    missing = [m for m in members if not hasattr(robustifier, m)]
+    raise ThreatConfigError(
+        f"{name} must be a robustifier (safespot.defenses.robustifier.Robustifier: callable as "
+        f"robustifier(model, x_o, y, seeds=...) and declaring {list(members[:-1])}), got {robustifier!r}; "
+        f"missing {missing}"
+    )
+
+
+class RobustifierBase:
+    """Shared implementation of the robustifiers below (each implements :class:`Robustifier`):
+    protected labels, the inner worst-case check, the 8-bit finish and the result records."""
 
     norm: str
     delta: float
     eps: float
     inner_steps: int = 20
+    quantize: bool = False
     mode: AttackMode = "eval"
 
     def protected_labels(
@@ -98,7 +144,7 @@ class Robustifier:
 
     def finish(self, x_r: torch.Tensor, x_o: torch.Tensor) -> torch.Tensor:
         """The final step: project onto the 8-bit grid inside B_delta(x_o) when ``quantize``."""
-        if getattr(self, "quantize", False):
+        if self.quantize:
             return project_to_8bit(x_r, x_o, LpBall(self.norm, self.delta))
         return x_r
 
@@ -119,7 +165,7 @@ def _budgets(norm: str, delta: float | str, eps: float | str | None) -> tuple[fl
 
 
 @dataclass
-class NoRobustification(Robustifier):
+class NoRobustification(RobustifierBase):
     """``x_r = x_o`` (the "None" column of the papers' tables)."""
 
     norm: str = "linf"
@@ -132,7 +178,7 @@ class NoRobustification(Robustifier):
         self.delta, self.eps = _budgets(self.norm, self.delta, self.eps)
 
     def __call__(
-        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
         with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
@@ -145,7 +191,7 @@ class SafeSpotFGSM(NoRobustification):
     """S-FGSM: one targeted FGSM step of size delta that lowers CE(c(x), protected)."""
 
     def __call__(
-        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
         with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
@@ -161,7 +207,7 @@ class SafeSpotPGD(NoRobustification):
     steps: int = 20
 
     def __call__(
-        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         seeds = _on(seeds, x_o)
         with attack_context(model, self.mode), smoothing_draws(model, "robustify"):
@@ -173,7 +219,7 @@ class SafeSpotPGD(NoRobustification):
 
 
 @dataclass
-class SafeSpotSearch(Robustifier):
+class SafeSpotSearch(RobustifierBase):
     """Algorithm 1 of paper 002 (see the module docstring).
 
     Args:
@@ -299,7 +345,7 @@ class SafeSpotSearch(Robustifier):
 
     # --- the search --------------------------------------------------------------------
     def __call__(
-        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+        self, model: nn.Module, x_o: torch.Tensor, y: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None
     ) -> RobustifyResult:
         """Robustify ``x_o`` (protecting ``y`` or ``c(x_o)``); ``seeds`` (one per image, moved to
         the images' device) make each image's result independent of the batch it is searched in.
@@ -512,7 +558,7 @@ def _at(seeds: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     return None if seeds is None else seeds[rows]
 
 
-def reconstruction(robustifier: object) -> SafeSpotSearch:
+def reconstruction(robustifier: Robustifier) -> SafeSpotSearch:
     """The white-box adversary's reconstruction of x_o from x_r (paper 002, Algorithm 3):
     the robustifier's dynamics and hyperparameters, started at x_r, ascending the
     worst-case loss of c(x_r) within B_delta(x_r). For a baseline robustifier the search's

@@ -9,22 +9,28 @@ cross-entropy and l_p distance to the original image, under keys ``<name>/<field
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safespot.attacks.base import Attack, check_attack
 from safespot.defenses.quantize import round_trip_8bit
+from safespot.defenses.robustifier import Robustifier, check_robustifier
 from safespot.evaluation.records import sweep_name
 from safespot.threat import LpBall, check_positive_int, geometry, parse_budget
 from safespot.utils.prediction import predict_logits
 
 
 class Evaluation:
-    """Base class. Subclasses implement :meth:`points`."""
+    """Base class. Subclasses implement :meth:`points`.
+
+    ``requires_smoothing`` declares whether the evaluation needs a smoothed classifier
+    (``smoothing.sigma``); the entry point refuses to run it without one."""
+
+    requires_smoothing: bool = False
 
     def __init__(self, name: str, norm: str = "linf") -> None:
         if not name or "/" in name:
@@ -97,19 +103,19 @@ class Clean(Evaluation):
 
 
 class AttackEvaluation(Evaluation):
-    """Adversarial examples from any attack object ``attack(model, x, y) -> x_adv`` with
-    ``norm`` and ``eps`` attributes (PGD, FGSM, AutoAttack). Attacks that accept per-image
-    ``seeds`` get them, which makes their records independent of batching."""
+    """Adversarial examples from any :class:`~safespot.attacks.Attack` (PGD, FGSM, AutoAttack,
+    the noisy-view attacks). Every attack gets the per-image ``seeds``, which makes its records
+    independent of batching; it needs a smoothed classifier when the attack declares so."""
 
-    def __init__(self, name: str, attack: Any) -> None:
+    def __init__(self, name: str, attack: Attack) -> None:
+        attack = check_attack(attack, f"evaluation {name!r}: attack")
         self.ball = LpBall(attack.norm, attack.eps)
         super().__init__(name, self.ball.norm)
         self.attack = attack
-        self.takes_seeds = "seeds" in inspect.signature(attack.__call__).parameters
+        self.requires_smoothing = attack.requires_smoothing
 
     def points(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        kwargs = {"seeds": seeds} if self.takes_seeds else {}
-        x_adv = self.attack(model, x, y, **kwargs)
+        x_adv = self.attack(model, x, y, seeds=seeds)
         if not self.ball.contains(x_adv, x, tol=1e-5).all():
             raise RuntimeError(f"evaluation {self.name!r}: the attack left its threat model")
         return x_adv
@@ -195,22 +201,26 @@ class PreemptiveEvaluation(Evaluation):
     def __init__(
         self,
         name: str,
-        robustifier: Any,
-        attacks: dict[str, Any] | None = None,
+        robustifier: Robustifier,
+        attacks: Mapping[str, Attack | None] | None = None,
         white_box: dict[str, Any] | None = None,
         eight_bit: bool = False,
         certify: dict[str, Any] | None = None,
     ) -> None:
+        robustifier = check_robustifier(robustifier, f"evaluation {name!r}: robustifier")
         self.ball = LpBall(robustifier.norm, robustifier.eps)
         super().__init__(name, self.ball.norm)
         self.robustifier = robustifier
         self.white_box = WhiteBox(**white_box) if white_box else None
         self.eight_bit = bool(eight_bit)
         self.certify = CertifyEvaluation(f"{name}_certify", **certify) if certify else None
-        self.requires_smoothing = self.certify is not None
         self.attacks = [
             AttackEvaluation(f"{name}_{key}", attack) for key, attack in (attacks or {}).items() if attack is not None
         ]
+        white = list(self.white_box.attacks.values()) if self.white_box is not None else []
+        self.requires_smoothing = self.certify is not None or any(
+            a.requires_smoothing for a in [*(e.attack for e in self.attacks), *white]
+        )
 
     @property
     def outputs(self) -> list[str]:
@@ -256,12 +266,15 @@ class PreemptiveEvaluation(Evaluation):
         return fields, x_r
 
 
-def scaled_attack(attack: Any, fraction: float) -> Any:
-    """A copy of a dataclass attack with budget ``fraction * eps`` (and, if it has one,
-    a step size scaled alike)."""
+def scaled_attack(attack: Attack, fraction: float) -> Attack:
+    """A copy of a dataclass attack with budget ``fraction * eps`` (and, if it has a
+    ``step_size`` field that is set, a step size scaled alike)."""
+    if not dataclasses.is_dataclass(attack) or isinstance(attack, type):
+        raise ValueError(f"white_box attacks are rescaled with dataclasses.replace; got {attack!r}")
     changes: dict[str, Any] = {"eps": attack.eps * fraction}
-    if getattr(attack, "step_size", None) is not None:
-        changes["step_size"] = attack.step_size * fraction
+    has_step_size = any(f.name == "step_size" for f in dataclasses.fields(attack))
+    if has_step_size and attack.step_size is not None:  # type: ignore[attr-defined]
+        changes["step_size"] = attack.step_size * fraction  # type: ignore[attr-defined]
     return dataclasses.replace(attack, **changes)
 
 
@@ -299,7 +312,10 @@ class WhiteBox:
     """
 
     def __init__(
-        self, attacks: dict[str, Any], eps_fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0), tolerance: float = 1e-6
+        self,
+        attacks: Mapping[str, Attack | None],
+        eps_fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        tolerance: float = 1e-6,
     ) -> None:
         if not attacks:
             raise ValueError("white_box needs at least one attack")
@@ -307,7 +323,7 @@ class WhiteBox:
             raise ValueError(f"white_box.eps_fractions must lie in (0, 1], got {list(eps_fractions)}")
         if len({sweep_name("", f) for f in eps_fractions}) != len(eps_fractions):
             raise ValueError(f"white_box.eps_fractions must be distinct, got {list(eps_fractions)}")
-        self.attacks = {k: a for k, a in attacks.items() if a is not None}
+        self.attacks = {k: check_attack(a, f"white_box.attacks.{k}") for k, a in attacks.items() if a is not None}
         if "union" in self.attacks:
             raise ValueError("white_box.attacks: 'union' is reserved for the union over attacks")
         self.fractions = [float(f) for f in eps_fractions]
@@ -355,10 +371,8 @@ class WhiteBox:
             chosen = torch.where(r_broken.view(rows), x_r, x_hat)
             for j, fraction in enumerate(self.fractions):
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
-                kwargs = {"seeds": seeds + 31 * (k + 1) + 1_000 * j} if run.takes_seeds else {}
-                if "vote_seeds" in inspect.signature(run.attack.__call__).parameters:
-                    kwargs["vote_seeds"] = seeds  # restarts judged by the vote that scores them
-                x_adv = run.attack(model, x_hat, y, **kwargs)
+                # success (restarts, AutoAttack's members) judged by the vote that scores the points
+                x_adv = run.attack(model, x_hat, y, seeds=seeds + 31 * (k + 1) + 1_000 * j, vote_seeds=seeds)
                 logits = predict_logits(model, x_adv, seeds)
                 wrong = logits.argmax(1) != y
                 near_o = ball.distance(x_adv, x_o) <= radius

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safespot.attacks.base import Attack
 from safespot.evaluation.evaluations import AttackEvaluation, Evaluation
 from safespot.models.stochastic import is_stochastic, vote_shares
 from safespot.threat import LpBall, check_positive_int, geometry
@@ -101,9 +101,9 @@ class RejectionEvaluation(Evaluation):
 
     Args:
         name: prefix of every output (no ``/``).
-        attacks: ``{key: attack}``, each ``attack(model, x, y) -> x_adv`` with ``norm`` and
-            ``eps`` (PGD with ce / cw / dlr loss and ``eot``, AutoAttack members such as
-            ``apgd-ce`` and ``apgd-dlr``); ``None`` entries are skipped.
+        attacks: ``{key: attack}``, each an :class:`~safespot.attacks.Attack` (PGD with ce / cw
+            / dlr loss and ``eot``, AutoAttack members such as ``apgd-ce`` and ``apgd-dlr``),
+            called with per-image seeds; ``None`` entries are skipped.
         views: any of ``ns``, ``vote``, ``mean`` (sampling views need an FLSS model).
         n_samples: latent draws of the sampling views (paper 004: N = 100).
         sd_scale: test-time scale of the latent standard deviation for attacks and views (paper
@@ -117,7 +117,7 @@ class RejectionEvaluation(Evaluation):
     def __init__(
         self,
         name: str = "rejection",
-        attacks: Mapping[str, Any] | None = None,
+        attacks: Mapping[str, Attack | None] | None = None,
         views: Sequence[str] = ("ns",),
         n_samples: int = 100,
         sd_scale: float | None = None,
@@ -143,6 +143,7 @@ class RejectionEvaluation(Evaluation):
         for key, attack in self.attacks.items():
             if attack.ball.norm != self.norm:
                 raise ValueError(f"evaluation {name!r}: attack {key!r} uses norm {attack.ball.norm}, not {self.norm}")
+        self.requires_smoothing = any(a.requires_smoothing for a in self.attacks.values())
 
     @property
     def point_sets(self) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from safespot.attacks import PGD
+from safespot.attacks.base import Attack, AttackSpec, attack_config, build_attack
 from safespot.threat import LpBall, parse_budget
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import rng_state, set_rng_state
@@ -32,10 +34,20 @@ def accuracy_metric(num_classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, average="micro")
 
 
-def build_eval_attack(threat: Mapping[str, Any], settings: Mapping[str, Any] | None) -> PGD | None:
-    """PGD used to measure robust accuracy; ``None`` when ``settings`` is ``None`` or
-    ``steps`` is 0. Defaults: 10 steps, step eps/4, random start, eval mode."""
-    if settings is None or settings.get("steps", 10) == 0:
+def build_eval_attack(threat: Mapping[str, Any], settings: AttackSpec, name: str = "val_attack") -> Attack | None:
+    """The attack that measures robust accuracy, from a method's ``val_attack`` / ``test_attack``:
+    an attack factory (a ``_partial_: true`` attack config, ``conf/attack/``) is called, an
+    attack used as it is, ``None`` disables. A plain mapping holds PGD settings (configs before
+    ``conf/attack/``): ``None`` when ``steps`` is 0, else PGD on ``threat`` with defaults
+    10 steps, step eps/4, random start, one restart, eval mode."""
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        return build_attack(settings, name)
+    settings = to_plain(settings)
+    if "_target_" in settings:  # an attack config that was not instantiated
+        return build_attack(hydra.utils.instantiate(settings), name)
+    if settings.get("steps", 10) == 0:
         return None
     return PGD(
         threat["norm"],
@@ -57,7 +69,10 @@ class ClassifierModule(L.LightningModule):
         scheduler: optional partial taking ``optimizer``, ``max_epochs`` and ``total_steps``
             and returning a Lightning scheduler dict (see :mod:`safespot.optim`).
         threat: ``{norm, eps, step_size, steps}`` of the threat model (training budgets).
-        val_attack / test_attack: PGD settings for robust accuracy (``null`` disables).
+        val_attack / test_attack: the attacks that measure robust accuracy: attack factories
+            (``_partial_: true`` configs from ``conf/attack/``, e.g. PGD-10 and PGD-20 on the
+            threat model), attacks, or mappings of PGD settings (see :func:`build_eval_attack`);
+            ``None`` disables. Their configs are recorded with the hyperparameters.
         monitor: the metric that selects the best checkpoint and that ``train.py`` returns.
     """
 
@@ -67,8 +82,8 @@ class ClassifierModule(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         threat: Mapping[str, Any] | None = None,
-        val_attack: Mapping[str, Any] | None = None,
-        test_attack: Mapping[str, Any] | None = None,
+        val_attack: AttackSpec = None,
+        test_attack: AttackSpec = None,
         monitor: str = "val/robust_acc",
         num_classes: int | None = None,
     ) -> None:
@@ -80,8 +95,8 @@ class ClassifierModule(L.LightningModule):
         self.ball = LpBall(self.threat["norm"], self.threat["eps"])
         self.threat["eps"] = self.ball.eps
         self.threat["step_size"] = parse_budget(self.threat.get("step_size") or self.ball.eps / 4, "threat.step_size")
-        self.val_attack = build_eval_attack(self.threat, to_plain(val_attack) if val_attack is not None else None)
-        self.test_attack = build_eval_attack(self.threat, to_plain(test_attack) if test_attack is not None else None)
+        self.val_attack = build_eval_attack(self.threat, val_attack, "val_attack")
+        self.test_attack = build_eval_attack(self.threat, test_attack, "test_attack")
         self.monitor = monitor
         classes = int(num_classes or getattr(net, "num_classes", 0) or 0)
         if classes < 2:
@@ -96,8 +111,8 @@ class ClassifierModule(L.LightningModule):
             {
                 "method": type(self).__name__,
                 "threat": self.threat,
-                "val_attack": to_plain(val_attack),
-                "test_attack": to_plain(test_attack),
+                "val_attack": attack_config(val_attack),
+                "test_attack": attack_config(test_attack),
                 "monitor": monitor,
                 "num_classes": classes,
                 **self.extra_hparams(),
@@ -125,7 +140,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     # --- evaluation ---------------------------------------------------------------------
-    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: PGD | None) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: Attack | None) -> None:
         x, y = batch[0], batch[1]
         clean_acc, robust_acc = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_robust_acc")
         clean_acc(self.net(x).argmax(1), y)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safespot.attacks import PGD, attack_context
+from safespot.attacks import Attack, attack_context
 from safespot.attacks.context import AttackMode
 from safespot.methods.adversarial import AdversarialTraining
 from safespot.methods.base import cross_entropy
@@ -347,7 +347,7 @@ class FLSSTraining(AdversarialTraining):
         return config
 
     # --- evaluation: the no-sampling classifier -------------------------------------------
-    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: PGD | None) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: Attack | None) -> None:
         self.check_net()
         with self.net.no_sampling():
             super()._evaluate(batch, stage, attack)

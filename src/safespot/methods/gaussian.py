@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from safespot.attacks import PGD, attack_context
+from safespot.attacks import PGD, Attack, attack_context
 from safespot.attacks.context import AttackMode, check_attack_mode
 from safespot.methods.base import ClassifierModule, accuracy_metric
 from safespot.smoothing.soft import NoisyClassifier, SoftSmoothed
@@ -194,7 +194,7 @@ class GaussianTraining(ClassifierModule):
         return loss, log_probs
 
     # --- evaluation -----------------------------------------------------------------------
-    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: PGD | None) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: Attack | None) -> None:
         super()._evaluate(batch, stage, attack)
         x, y = batch[0], batch[1]
         metric = getattr(self, f"{stage}_noisy_acc")

@@ -14,60 +14,73 @@ of the safe-spot step: S-FGSM+ADV (``L = 1``, targeted FGSM of size ``delta`` fr
 and S-PGD+ADV (``L = 10``, step ``delta / 4``); S-FGSM+Fast replaces the K-step attack by
 FGSM-RS (:class:`PreemptiveFastTraining`).
 
-The safe-spot step runs on clean images. By default it runs in train mode (like the attack,
-Rice et al.) but leaves batch-norm running statistics untouched (``safe_spot.updates_bn``),
-so clean batches never silently move the statistics; only the batch the network is trained
-on (``x_a``) does, as in adversarial training.
+The safe-spot step (:class:`safespot.attacks.SafeSpotStep`) runs on clean images. By default
+it runs in train mode (like the attack, Rice et al.) but leaves batch-norm running statistics
+untouched (``safe_spot.updates_bn``), so clean batches never silently move the statistics; only
+the batch the network is trained on (``x_a``) does, as in adversarial training.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from safespot.attacks import PGD, attack_context
-from safespot.attacks.context import check_attack_mode
+from safespot.attacks import PGD, SafeSpotStep, attack_context
+from safespot.attacks.base import Attack
+from safespot.attacks.safe_spot import SAFE_SPOT_KEYS
 from safespot.methods.adversarial import AdversarialTraining, FastAdversarialTraining
 from safespot.methods.base import accuracy_metric
-from safespot.threat import parse_budget
+from safespot.threat import LpBall, ThreatConfigError
 
-SAFE_SPOT_KEYS = ("delta", "steps", "step_size", "step_fraction", "random_start", "mode", "updates_bn")
+#: What ``safe_spot`` accepts: a factory (the ``_partial_: true`` config of
+#: ``conf/method/preemptive.yaml``), a step, a mapping of its settings, or ``None`` (defaults).
+SafeSpotSpec = SafeSpotStep | Callable[..., SafeSpotStep] | Mapping[str, Any] | None
+
+__all__ = [
+    "SAFE_SPOT_KEYS",
+    "PreemptiveFastTraining",
+    "PreemptiveTraining",
+    "SafeSpotSpec",
+    "build_safe_spot_step",
+    "safe_spot_settings",
+]
+
+
+def build_safe_spot_step(spec: SafeSpotSpec, norm: str, eps: float | str) -> SafeSpotStep:
+    """The safe-spot step of a method with threat model ``(norm, eps)``: a factory is called
+    (its config names the threat model, ``${threat.norm}`` and ``${threat.eps}``), a step used
+    as it is, a mapping of settings (or ``None``) completed with ``norm`` and ``eps``
+    (:meth:`SafeSpotStep.from_settings`). The step must use the threat model's norm."""
+    if spec is None or isinstance(spec, Mapping):
+        return SafeSpotStep.from_settings(norm, eps, dict(spec or {}))
+    step = spec() if isinstance(spec, functools.partial) else spec
+    if not isinstance(step, SafeSpotStep):
+        raise ThreatConfigError(f"safe_spot must configure a safespot.attacks.SafeSpotStep, got {step!r}")
+    if step.norm != LpBall(norm, eps).norm:
+        raise ThreatConfigError(f"safe_spot.norm={step.norm!r} differs from the threat model's norm {norm!r}")
+    return step
 
 
 def safe_spot_settings(settings: Mapping[str, Any] | None, eps: float) -> dict[str, Any]:
-    """Validated safe-spot step settings with defaults: ``delta = eps``, ``L = 1``,
-    ``beta = step_fraction * delta`` (``step_fraction`` 1) unless ``step_size`` is given,
-    random start, train mode, batch-norm statistics untouched."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(SAFE_SPOT_KEYS))
-    if unknown:
-        raise ValueError(f"unknown safe_spot settings {unknown}; expected some of {list(SAFE_SPOT_KEYS)}")
-    delta = parse_budget(settings.get("delta") if settings.get("delta") is not None else eps, "safe_spot.delta")
-    step = settings.get("step_size")
-    return {
-        "delta": delta,
-        "steps": int(settings.get("steps", 1)),
-        "step_size": (
-            parse_budget(settings.get("step_fraction", 1.0), "safe_spot.step_fraction") * delta
-            if step is None
-            else parse_budget(step, "safe_spot.step_size")
-        ),
-        "random_start": bool(settings.get("random_start", True)),
-        "mode": check_attack_mode(settings.get("mode", "train")),
-        "updates_bn": bool(settings.get("updates_bn", False)),
-    }
+    """Validated safe-spot step settings with defaults (:class:`SafeSpotStep`, whose settings
+    do not depend on the norm): ``delta = eps``, ``L = 1``, ``beta = step_fraction * delta``
+    (``step_fraction`` 1) unless ``step_size`` is given, random start, train mode, batch-norm
+    statistics untouched."""
+    return SafeSpotStep.from_settings("linf", eps, dict(settings or {})).settings()
 
 
 class PreemptiveTraining(AdversarialTraining):
     """Safe-spot-aware adversarial training (paper 002, Algorithm 2).
 
     Args:
-        safe_spot: ``{delta, steps (L), step_size (beta) or step_fraction (beta / delta),
-            random_start, mode, updates_bn}``;
-            see :func:`safe_spot_settings` for the defaults.
+        safe_spot: the safe-spot step: a :class:`~safespot.attacks.SafeSpotStep` factory (the
+            ``_partial_: true`` config ``method.safe_spot``: ``{delta, steps (L), step_size
+            (beta) or step_fraction (beta / delta), random_start, mode, updates_bn}``), a step,
+            or a mapping of those settings; see :class:`~safespot.attacks.SafeSpotStep` for the
+            defaults. Its resolved settings are recorded with the hyperparameters.
         All other arguments as :class:`AdversarialTraining`; ``threat.steps`` and
         ``threat.step_size`` set the K-step attack.
 
@@ -77,40 +90,40 @@ class PreemptiveTraining(AdversarialTraining):
     preemptive robustness the method trains for.
     """
 
-    def __init__(self, *args: Any, safe_spot: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        self._safe_spot_raw = dict(safe_spot or {})
+    def __init__(self, *args: Any, safe_spot: SafeSpotSpec = None, **kwargs: Any) -> None:
+        self._safe_spot_spec = safe_spot
+        self._safe_spot_step: SafeSpotStep | None = None
         super().__init__(*args, **kwargs)
         self.val_safe_robust_acc = accuracy_metric(self.num_classes)
         self.test_safe_robust_acc = accuracy_metric(self.num_classes)
 
+    def _build_safe_spot_step(self) -> SafeSpotStep:
+        """The training step, built once (the hyperparameters record its settings before the
+        attacks are built)."""
+        if self._safe_spot_step is None:
+            self._safe_spot_step = build_safe_spot_step(self._safe_spot_spec, self.threat["norm"], self.threat["eps"])
+        return self._safe_spot_step
+
     def build_train_attack(self) -> PGD:
-        self.safe_spot = safe_spot_settings(self._safe_spot_raw, self.threat["eps"])
-        s = self.safe_spot
-        self.safe_spot_step = PGD(
-            self.threat["norm"],
-            s["delta"],
-            steps=s["steps"],
-            step_size=s["step_size"],
-            random_start=s["random_start"],
-            targeted=True,
-            mode=s["mode"],
-        )
-        self.eval_safe_spot_step = dataclasses.replace(self.safe_spot_step, mode="eval")
+        step = self.safe_spot_step = self._build_safe_spot_step()
+        self.safe_spot = step.settings()
+        # validation and test run the step in eval mode (see _evaluate)
+        self.eval_safe_spot_step = step.evaluation_step()
         return super().build_train_attack()
 
     def extra_hparams(self) -> dict[str, Any]:
-        return {**super().extra_hparams(), "safe_spot": safe_spot_settings(self._safe_spot_raw, self.ball.eps)}
+        return {**super().extra_hparams(), "safe_spot": self._build_safe_spot_step().settings()}
 
     def safe_spots(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``x_r``: ``L`` descent steps on ``CE(c(x_r), labels)`` inside ``B_delta(x)``."""
-        with attack_context(self.net, update_bn=self.safe_spot["updates_bn"]):
-            return self.safe_spot_step(self.net, x, labels, target=labels)
+        """``x_r``: ``L`` descent steps on ``CE(c(x_r), labels)`` inside ``B_delta(x)``
+        (batch-norm statistics updated only with ``safe_spot.updates_bn``)."""
+        return self.safe_spot_step(self.net, x, labels)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_r = self.safe_spots(x, y)
         return super().training_loss(x_r, y)  # the K-step attack in B_eps(x_r), then CE
 
-    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: PGD | None) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, ...], stage: str, attack: Attack | None) -> None:
         super()._evaluate(batch, stage, attack)
         if attack is None:
             return

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ from torch import nn
 from safespot.attacks import attack_context
 from safespot.errors import ConfigError
 from safespot.ood.metrics import ood_metrics
+
+if TYPE_CHECKING:
+    from safespot.attacks.base import Attack
+    from safespot.defenses.robustifier import Robustifier
 
 # A source of tuning or fitting batches: a callable returning an iterator of
 # (images on the model's device, labels, per-image seeds).
@@ -529,16 +533,16 @@ class SafeSpotScore(Detector):
 
     def __init__(
         self,
-        robustifier: Any,
-        attack: Any,
+        robustifier: Robustifier,
+        attack: Attack,
         name: str = "safe_spot",
         mu: float | None = None,
         mu_grid: Sequence[float] = MU_GRID,
     ) -> None:
         super().__init__(name)
-        if getattr(robustifier, "protect", "prediction") != "prediction":
+        if robustifier.protect != "prediction":
             raise DetectorError(f"{name}.robustifier.protect must be 'prediction' (outliers have no labels)")
-        if getattr(attack, "targeted", False):
+        if attack.targeted:
             raise DetectorError(f"{name}.attack must be untargeted (it attacks the safe spot's protected class)")
         self.mu_grid = [float(m) for m in mu_grid]
         if (mu is not None and not 0 <= mu <= 1) or any(not 0 <= m <= 1 for m in self.mu_grid) or not self.mu_grid:

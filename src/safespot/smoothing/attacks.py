@@ -18,14 +18,16 @@ judge it by the vote that scores the final points, not by one noisy forward pass
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from safespot.smoothing.soft import NoisyClassifier
 from safespot.threat import ThreatConfigError, check_positive_int, parse_budget
+
+if TYPE_CHECKING:
+    from safespot.attacks.base import Attack
 
 
 class VotingNoisyView(NoisyClassifier):
@@ -56,20 +58,24 @@ class NoisyViewAttack:
     ``"model"`` for the smoothed model's current draws per forward pass (its ``m``: ``m_attack``
     at rest), which makes EPGD average as many single-draw gradients as the soft smoothed loss
     averages probabilities (paper 003, Eqs. 24-25); ``None`` keeps the inner attack's own value.
+
+    It implements :class:`safespot.attacks.Attack` (``norm``, ``eps`` and ``targeted`` are the
+    inner attack's) and declares ``requires_smoothing``: the evaluations that run it need
+    ``smoothing.sigma``.
     """
 
-    requires_smoothing = True
+    requires_smoothing: ClassVar[bool] = True
 
-    def __init__(self, attack: Any, sigma: float | str | None = None, eot: int | str | None = None) -> None:
-        self.attack = attack
+    def __init__(self, attack: Attack, sigma: float | str | None = None, eot: int | str | None = None) -> None:
+        from safespot.attacks.base import check_attack  # safespot.attacks imports this package
+
         self.sigma = None if sigma is None else parse_budget(sigma, "sigma")
         if eot is not None and eot != "model":
             eot = check_positive_int(eot, "eot")
-        if eot is not None and not (dataclasses.is_dataclass(attack) and hasattr(attack, "eot")):
+        if eot is not None and not _has_eot_field(attack):
             raise ThreatConfigError(f"eot={eot!r} needs an inner attack with an eot field, got {attack!r}")
+        self.attack = check_attack(attack, "NoisyViewAttack.attack")
         self.eot = eot
-        parameters = inspect.signature(attack.__call__).parameters
-        self._takes_seeds, self._takes_vote_seeds = "seeds" in parameters, "vote_seeds" in parameters
 
     @property
     def norm(self) -> str:
@@ -78,6 +84,10 @@ class NoisyViewAttack:
     @property
     def eps(self) -> float:
         return self.attack.eps
+
+    @property
+    def targeted(self) -> bool:
+        return self.attack.targeted
 
     def noisy_view(self, model: nn.Module) -> NoisyClassifier:
         smoothed = hasattr(model, "base") and hasattr(model, "sigma")
@@ -89,7 +99,7 @@ class NoisyViewAttack:
             return VotingNoisyView(base, sigma, model)
         return NoisyClassifier(base, sigma)
 
-    def inner_attack(self, model: nn.Module) -> Any:
+    def inner_attack(self, model: nn.Module) -> Attack:
         """The inner attack with its ``eot`` set as configured (see the class docstring)."""
         if self.eot is None:
             return self.attack
@@ -106,15 +116,20 @@ class NoisyViewAttack:
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
+        *,
         seeds: torch.Tensor | None = None,
         vote_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the inner attack on the noisy view; ``seeds`` and ``vote_seeds`` are passed on
-        when the inner attack takes them (see :class:`safespot.attacks.PGD`)."""
-        kwargs = {"seeds": seeds} if self._takes_seeds and seeds is not None else {}
-        if vote_seeds is not None and self._takes_vote_seeds:
-            kwargs["vote_seeds"] = vote_seeds
-        return self.inner_attack(model)(self.noisy_view(model), x, y, **kwargs)
+        """Run the inner attack on the noisy view, passing ``seeds`` and ``vote_seeds`` on
+        (see :class:`safespot.attacks.Attack`)."""
+        return self.inner_attack(model)(self.noisy_view(model), x, y, seeds=seeds, vote_seeds=vote_seeds)
 
     def __repr__(self) -> str:
         return f"NoisyViewAttack({self.attack!r}, sigma={self.sigma}, eot={self.eot!r})"
+
+
+def _has_eot_field(attack: object) -> bool:
+    """Whether ``attack`` is a dataclass with an ``eot`` field (which ``eot`` replaces)."""
+    if not dataclasses.is_dataclass(attack) or isinstance(attack, type):
+        return False
+    return any(f.name == "eot" for f in dataclasses.fields(attack))
