@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+import torch.utils.benchmark as benchmark
 
 
 def hardware() -> str:
@@ -23,12 +23,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls."""
-    samples = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    """Median seconds of ``fn`` over ``repeats`` calls, measured by ``torch.utils.benchmark.Timer``
+    (which synchronises CUDA around each call and keeps torch's thread count fixed)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(1).median if repeats == 1 else statistics.median(timer.timeit(1).median for _ in range(repeats))

@@ -37,11 +37,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torchvision
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
@@ -240,11 +240,8 @@ def write_exclusive(path: Path, data: bytes) -> None:
 
 
 def encode_png(image: torch.Tensor) -> bytes:
-    array = image.cpu().numpy()
-    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    """A uint8 ``(C, H, W)`` image as lossless PNG bytes (torchvision.io)."""
+    return torchvision.io.encode_png(image.detach().cpu().contiguous()).numpy().tobytes()
 
 
 def read_png(path: Path, channels: int) -> torch.Tensor:
