@@ -274,17 +274,17 @@ def test_last_output_returns_the_last_iterate(tiny_net, images):
 def test_restarts_score_an_iterate_by_its_worst_run(tiny_net, images):
     """With N inner runs an iterate's loss is the max over the runs (any run broke it = broken),
     not the mean."""
-    from safespot.defenses.robustifier import _RUN_SEED_STRIDE
+    from safespot.utils.rng import derive
 
     x, _ = images
     labels = tiny_net(x).argmax(1)
     seeds = torch.arange(16)
     search = SafeSpotSearch("linf", 0.1, inner_steps=2, restarts=3)
-    single = SafeSpotSearch("linf", 0.1, inner_steps=2, restarts=1)
-    _, loss, success = search._first_order(tiny_net, x, labels, seeds)
-    runs = [single._first_order(tiny_net, x, labels, seeds + n * _RUN_SEED_STRIDE) for n in range(3)]
+    grad, loss, success = search._first_order(tiny_net, x, labels, seeds)
+    runs = [search._inner_run(tiny_net, x, labels, derive(seeds, "inner_run", n)) for n in range(3)]
     assert torch.allclose(loss, torch.stack([r[1] for r in runs]).amax(0))
     assert torch.equal(success, torch.stack([r[2] for r in runs]).any(0))
+    assert torch.allclose(grad, torch.stack([r[0] for r in runs]).mean(0), atol=1e-7)  # the gradient: their mean
 
 
 @pytest.mark.parametrize("quantize", [False, True])

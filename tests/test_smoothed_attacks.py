@@ -11,7 +11,6 @@ from torch import nn
 
 from conftest import compose_config
 from safespot.attacks import PGD, AutoAttack
-from safespot.attacks.pgd import _RESTART_SEED_STRIDE
 from safespot.smoothing import (
     NoisyClassifier,
     NoisyViewAttack,
@@ -26,7 +25,7 @@ from safespot.smoothing.smoothed import check_rank_weights
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.instantiate import instantiate
 from safespot.utils.prediction import predict_logits
-from safespot.utils.rng import seeded_normal, seeded_normal_at
+from safespot.utils.rng import derive, seeded_normal, seeded_normal_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 
@@ -167,7 +166,7 @@ def test_pgd_restart_selection_agrees_with_the_vote():
     chosen = attack(model, x, y, seeds=seeds)
     # each restart alone (restart r uses the seeds + r * stride), judged by the seeded vote
     single = PGD("linf", 0.1, steps=1, step_size=1e-3, mode="eval")
-    runs = [single(model, x, y, seeds=seeds + r * _RESTART_SEED_STRIDE) for r in range(restarts)]
+    runs = [single(model, x, y, seeds=derive(seeds, "restart", r)) for r in range(restarts)]
     wrong = torch.stack([_vote_wrong(model, p, y, seeds) for p in runs])  # (restarts, n)
     ce = nn.functional.cross_entropy
     loss = torch.stack([ce(predict_logits(model, p, seeds), y, reduction="none") for p in runs])

@@ -63,6 +63,7 @@ from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain
+from safespot.utils.rng import derive
 from safespot.utils.task import ConfigError, task_wrapper
 
 log = get_logger("safespot.robustify")
@@ -99,7 +100,6 @@ FIELDS = (
     "iterations",
 )
 # per-file seeds for the three random stages (check before, robustifier, check after)
-_SALT = {"before": 0, "robustify": 7_777_777, "after": 15_555_554}
 _SEED_STRIDE = 1_000_003
 
 
@@ -272,8 +272,8 @@ class _Job:
         seed = torch.tensor(seeds, dtype=torch.long, device=self.device)
         with torch.no_grad():
             pred = self.net(x_o).argmax(1)
-        before = self.survives(x_o, pred, seed + _SALT["before"])
-        result = self.robustifier(self.net, x_o, seeds=seed + _SALT["robustify"])
+        before = self.survives(x_o, pred, derive(seed, "check_before"))
+        result = self.robustifier(self.net, x_o, seeds=derive(seed, "robustify"))
         x_r = torch.round(result.x_r.detach().clamp(0, 1) * 255).to(torch.uint8).cpu()
         written = []
         for i, record in enumerate(batch):
@@ -307,7 +307,7 @@ class _Job:
         protected = result.protected.to(self.device)[index]
         with torch.no_grad():
             pred_r = self.net(x_saved).argmax(1)
-        after = self.survives(x_saved, protected, seed[index] + _SALT["after"])
+        after = self.survives(x_saved, protected, derive(seed[index], "check_after"))
         distance = self.ball.distance(x_saved, x_o[index])
         for k, (_, record, _) in enumerate(written):
             record.update(

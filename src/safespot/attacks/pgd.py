@@ -31,8 +31,7 @@ from safespot.attacks.losses import get_loss
 from safespot.smoothing.soft import seeded_noise
 from safespot.threat import LpBall, check_positive_int, parse_budget
 from safespot.utils.prediction import has_vote, predict_logits
-
-_RESTART_SEED_STRIDE = 1_000_003
+from safespot.utils.rng import derive
 
 
 @dataclass
@@ -112,7 +111,7 @@ class PGD:
             best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
             best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for r in range(self.restarts):
-                restart_seeds = None if seeds is None else seeds + r * _RESTART_SEED_STRIDE
+                restart_seeds = None if seeds is None else derive(seeds, "restart", r)
                 with seeded_noise(model, restart_seeds):
                     x_adv = self._run(model, x, y, target, generator, restart_seeds)
                     loss, success = self._score(model, x_adv, y, target, vote_seeds)

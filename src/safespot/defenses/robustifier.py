@@ -38,9 +38,8 @@ from safespot.defenses.quantize import project_to_8bit
 from safespot.smoothing.soft import seeded_noise, smoothing_draws
 from safespot.threat import LpBall, SearchVariables, ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.prediction import predict_logits
+from safespot.utils.rng import derive
 
-_ITER_SEED_STRIDE = 104_729
-_RUN_SEED_STRIDE = 7_919_003
 _INIT_STREAM = 1  # the random start's own stream (the inner attacks use stream 0 of their seeds)
 _OUTER_SALT = 1  # a smoothed model's noise outside the inner PGD: not the PGD's own draws (salt 0)
 OUTPUTS: tuple[str, ...] = ("last", "best")
@@ -304,20 +303,28 @@ class SafeSpotSearch(RobustifierBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean over N inner runs of grad CE at the final x_a (box-clamped pixels masked),
         the worst (max) loss over the runs and whether any run changed the prediction."""
-        inner = self.inner_attack()
         grad, loss = torch.zeros_like(x_r), torch.full((len(x_r),), -torch.inf, device=x_r.device)
         success = torch.zeros(len(x_r), dtype=torch.bool, device=x_r.device)
         for n in range(self.restarts):
-            run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
-            with seeded_noise(model, run_seeds, salt=_OUTER_SALT):  # a smoothed model's noise per image
-                x_a = inner(model, x_r, labels, seeds=run_seeds).requires_grad_(True)
-                logits = model(x_a)
-            per_image = F.cross_entropy(logits.float(), labels, reduction="none")
-            (g,) = torch.autograd.grad(per_image.sum(), x_a)
-            grad += g * ((x_a > 0) & (x_a < 1))
-            loss = torch.maximum(loss, per_image.detach())
-            success |= logits.detach().argmax(1) != labels
+            g, run_loss, run_success = self._inner_run(
+                model, x_r, labels, None if seeds is None else derive(seeds, "inner_run", n)
+            )
+            grad += g
+            loss = torch.maximum(loss, run_loss)
+            success |= run_success
         return grad / self.restarts, loss, success
+
+    def _inner_run(
+        self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, run_seeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One inner run: T-step PGD from a seeded random start in B_eps(x_r), then the CE gradient
+        at its end (box-clamped pixels masked), its loss and whether it changed the prediction."""
+        with seeded_noise(model, run_seeds, salt=_OUTER_SALT):  # a smoothed model's noise per image
+            x_a = self.inner_attack()(model, x_r, labels, seeds=run_seeds).requires_grad_(True)
+            logits = model(x_a)
+        per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+        (g,) = torch.autograd.grad(per_image.sum(), x_a)
+        return g * ((x_a > 0) & (x_a < 1)), per_image.detach(), logits.detach().argmax(1) != labels
 
     def _second_order(
         self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
@@ -327,7 +334,7 @@ class SafeSpotSearch(RobustifierBase):
         grad, loss = torch.zeros_like(x_r), torch.full((len(x_r),), -torch.inf, device=x_r.device)
         success = torch.zeros(len(x_r), dtype=torch.bool, device=x_r.device)
         for n in range(self.restarts):
-            run_seeds = None if seeds is None else seeds + n * _RUN_SEED_STRIDE
+            run_seeds = None if seeds is None else derive(seeds, "inner_run", n)
             center = x_r.detach().requires_grad_(True)
             x_a = ball.random_init(center.detach(), seeds=run_seeds) - center.detach() + center
             with seeded_noise(model, run_seeds, salt=_OUTER_SALT):
@@ -380,7 +387,7 @@ class SafeSpotSearch(RobustifierBase):
                     waiting = waiting[free:]
                     pool = joining if pool is None else pool.join(joining)
                 assert pool is not None
-                iter_seeds = None if pool.seeds is None else pool.seeds + pool.it * _ITER_SEED_STRIDE
+                iter_seeds = None if pool.seeds is None else derive(pool.seeds, "outer_iteration", pool.it)
                 grad, loss, success = outer_grad(model, pool.x_r, pool.labels, iter_seeds)
                 out.record_history(pool.it, loss)
                 pool.keep(loss, success, "last" if self.ascend else self.output)

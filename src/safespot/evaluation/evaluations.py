@@ -22,6 +22,7 @@ from safespot.defenses.robustifier import Robustifier, check_robustifier
 from safespot.evaluation.records import sweep_name
 from safespot.threat import LpBall, check_positive_int, geometry, parse_budget
 from safespot.utils.prediction import predict_logits
+from safespot.utils.rng import derive
 
 
 class Evaluation:
@@ -248,7 +249,7 @@ class PreemptiveEvaluation(Evaluation):
         fields[f"{self.name}/iterations"] = result.iterations
         fields[f"{self.name}/early_exit"] = result.early_exit
         for k, attack in enumerate(self.attacks, start=1):
-            attack_fields, _ = attack(model, x_r, y, seeds + k * 7_777_777)
+            attack_fields, _ = attack(model, x_r, y, derive(seeds, "grey_box_attack", k))
             fields.update(attack_fields)
         if self.white_box is not None:
             fields.update(self.white_box(self, model, x, x_r, y, seeds))
@@ -258,7 +259,7 @@ class PreemptiveEvaluation(Evaluation):
             x_q = round_trip_8bit(x_r)
             fields.update(self.score(model, x_q, x, y, name=f"{self.name}_8bit", seeds=seeds))
             for k, attack in enumerate(self.attacks, start=1):
-                attack_fields, _ = attack(model, x_q, y, seeds + k * 7_777_777)
+                attack_fields, _ = attack(model, x_q, y, derive(seeds, "grey_box_attack", k))
                 suffix = attack.name[len(self.name) :]
                 fields.update(
                     {key.replace(attack.name, f"{self.name}_8bit{suffix}", 1): v for key, v in attack_fields.items()}
@@ -340,7 +341,7 @@ class WhiteBox:
     ) -> dict[str, torch.Tensor]:
         from safespot.defenses import reconstruction
 
-        x_hat = reconstruction(evaluation.robustifier)(model, x_r, seeds=seeds + 99_991).x_r
+        x_hat = reconstruction(evaluation.robustifier)(model, x_r, seeds=derive(seeds, "reconstruction")).x_r
         return self.attack_reconstruction(evaluation, model, x_o, x_r, x_hat, y, seeds)
 
     def attack_reconstruction(
@@ -372,7 +373,7 @@ class WhiteBox:
             for j, fraction in enumerate(self.fractions):
                 run = AttackEvaluation(out, scaled_attack(attack, fraction))
                 # success (restarts, AutoAttack's members) judged by the vote that scores the points
-                x_adv = run.attack(model, x_hat, y, seeds=seeds + 31 * (k + 1) + 1_000 * j, vote_seeds=seeds)
+                x_adv = run.attack(model, x_hat, y, seeds=derive(seeds, "white_box_attack", k, j), vote_seeds=seeds)
                 logits = predict_logits(model, x_adv, seeds)
                 wrong = logits.argmax(1) != y
                 near_o = ball.distance(x_adv, x_o) <= radius

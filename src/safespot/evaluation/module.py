@@ -21,7 +21,7 @@ from torch import nn
 from safespot.evaluation.evaluations import CertifyEvaluation, Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
 from safespot.smoothing.certified import write_certified_accuracy
-from safespot.utils.rng import image_seeds
+from safespot.utils.rng import streams
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -104,7 +104,7 @@ class EvaluationModule(L.LightningModule):
         x, y, index = batch[0], batch[1], batch[2]
         fields: dict[str, torch.Tensor] = {"index": index.long(), "label": y.long()}
         for salt, evaluation in enumerate(self.evaluations):
-            out, x_eval = evaluation(self.net, x, y, image_seeds(self.seed, index, salt))
+            out, x_eval = evaluation(self.net, x, y, streams(self.seed, index, "evaluation", salt))
             fields.update(out)
             if self.panel_images:
                 self._keep_panel_rows(evaluation.name, index, x, x_eval)

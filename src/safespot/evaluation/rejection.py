@@ -46,11 +46,10 @@ from safespot.attacks.base import Attack
 from safespot.evaluation.evaluations import AttackEvaluation, Evaluation
 from safespot.models.stochastic import is_stochastic, vote_shares
 from safespot.threat import LpBall, check_positive_int, geometry
+from safespot.utils.rng import derive
 
 VIEWS: tuple[str, ...] = ("ns", "vote", "mean")
 SAMPLING_VIEWS: tuple[str, ...] = ("vote", "mean")
-_ATTACK_SALT = 7_777_777
-_VIEW_SALT = 104_729
 
 
 def check_views(views: Sequence[str]) -> list[str]:
@@ -172,16 +171,18 @@ class RejectionEvaluation(Evaluation):
                 stack.enter_context(model.scaled(self.sd_scale))
             points: dict[str, torch.Tensor] = {"clean": x}
             for k, (key, attack) in enumerate(self.attacks.items(), start=1):
-                points[key] = attack.points(model, x, y, seeds + k * _ATTACK_SALT)
+                points[key] = attack.points(model, x, y, derive(seeds, "rejection_attack", k))
             if self.ns_attacks:
                 with model.no_sampling():
                     for k, key in enumerate(self.ns_attacks, start=len(self.attacks) + 1):
-                        points[f"{key}_ns"] = self.attacks[key].points(model, x, y, seeds + k * _ATTACK_SALT)
+                        points[f"{key}_ns"] = self.attacks[key].points(
+                            model, x, y, derive(seeds, "rejection_attack", k)
+                        )
             fields: dict[str, torch.Tensor] = {}
             for j, (point, x_p) in enumerate(points.items()):
                 if point != "clean":
                     fields[f"{self.name}_{point}/dist"] = geometry(self.norm).size(x_p - x)
-                scored = view_predictions(model, x_p, self.views, self.n_samples, seeds + j * _VIEW_SALT)
+                scored = view_predictions(model, x_p, self.views, self.n_samples, derive(seeds, "rejection_view", j))
                 for view, (pred, score) in scored.items():
                     prefix = f"{self.name}_{point}_{view}"
                     fields[f"{prefix}/pred"] = pred

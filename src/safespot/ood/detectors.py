@@ -31,6 +31,7 @@ from torch import nn
 from safespot.attacks import attack_context
 from safespot.errors import ConfigError
 from safespot.ood.metrics import ood_metrics
+from safespot.utils.rng import derive
 
 if TYPE_CHECKING:
     from safespot.attacks.base import Attack
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 MU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 LEE_NOISE = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
-_ATTACK_SALT = 424_242
 _GRAM_EPS = 1e-6  # keeps the relative deviation finite at a zero bound
 
 
@@ -564,7 +564,7 @@ class SafeSpotScore(Detector):
             logits = model(x)
         result = self.robustifier(model, x, seeds=seeds)
         labels = result.protected
-        x_a = self.attack(model, result.x_r, labels, seeds=seeds + _ATTACK_SALT)
+        x_a = self.attack(model, result.x_r, labels, seeds=derive(seeds, "ood_attack"))
         with torch.no_grad():
             logits_a = model(x_a)
         return {

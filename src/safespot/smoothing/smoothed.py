@@ -31,11 +31,12 @@ paper 002, Section 3.6; paper 003, Eqs. 7-10). :class:`SmoothedClassifier` offer
   Clopper-Pearson lower bound ``pA_lower`` on ``P(c(x + xi) = c_A)`` and the l_2 radius
   ``sigma * Phi^{-1}(pA_lower)`` of their Theorem 1).
 
-Noise for Monte Carlo estimates is drawn on the input's device, per image, in fixed blocks
-of :data:`NOISE_BLOCK` draws, each from a generator seeded by ``(image seed, purpose, block
-number)``. The draws an image receives therefore depend only on its seed, never on how many
-samples go through the base classifier at once (``max_batch``) or on which other images
-share a batch. The noise of ``forward`` (the soft smoothed classifier) is seeded per image
+Noise for Monte Carlo estimates comes from the counter-based per-image streams of
+:mod:`safespot.utils.rng`: draw j of image i is the j-th piece of the stream of ``(image seed,
+purpose)``, made for a whole chunk of (image, draw) rows at once on the input's device (no
+per-image loop, no host generator). The draws an image receives therefore depend only on its
+seed, never on how many samples go through the base classifier at once (``max_batch``) or on
+which other images share a batch. The noise of ``forward`` (the soft smoothed classifier) is seeded per image
 inside :func:`safespot.smoothing.seeded_noise` (see :mod:`safespot.smoothing.soft`).
 
 Draws per forward pass (paper 002, Appendix C.2: 5 draws to robustify, 50 to attack):
@@ -55,11 +56,13 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import SoftSmoothed, unseeded_noise
+from safespot.smoothing.soft import SoftSmoothed, noise_stream, unseeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
+from safespot.utils.rng import seeded_normal_at
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
-NOISE_BLOCK = 32
+_MC_TAG = 3  # the noise streams of the Monte Carlo estimates (votes, PREDICT, CERTIFY)
+_MAX_WORDS = 2**25  # numbers hashed at once (256 MiB per int64 temporary)
 _FLOOR = 1e-12
 # purposes of noise streams: the same image seed gives independent draws for each
 _COUNTS, _SELECT, _ESTIMATE, _PREDICT, _VOTE = range(5)
@@ -135,10 +138,6 @@ def image_seed_list(batch: int, seed: SeedLike = None, generator: torch.Generato
     return [int(s) % 2**64 for s in values]
 
 
-def _block_seed(seed: int, purpose: int, block: int) -> int:
-    return int(np.random.SeedSequence([seed, purpose, block]).generate_state(1, np.uint64)[0])
-
-
 def chunks(batch: int, n: int, max_batch: int) -> Iterator[list[tuple[int, int, int]]]:
     """Split ``n`` draws for each of ``batch`` images into chunks of at most ``max_batch``
     draws, in image-then-draw order; each chunk is a list of ``(image, start, stop)``."""
@@ -155,6 +154,17 @@ def chunks(batch: int, n: int, max_batch: int) -> Iterator[list[tuple[int, int, 
                 chunk, filled = [], 0
     if chunk:
         yield chunk
+
+
+def _rows(chunk: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(owner, draw)`` of every row of a chunk of ``(image, start, stop)`` ranges: the image
+    and the draw number each noisy sample stands for."""
+    images, starts, stops = (torch.tensor(column, dtype=torch.long) for column in zip(*chunk, strict=True))
+    lengths = stops - starts
+    owner = torch.repeat_interleave(images, lengths)
+    first_row = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    draw = torch.arange(int(lengths.sum())) - first_row + torch.repeat_interleave(starts, lengths)
+    return owner.to(device), draw.to(device)
 
 
 @dataclass
@@ -226,16 +236,26 @@ class SmoothedClassifier(SoftSmoothed):
 
     # --- Monte Carlo sampling ---------------------------------------------------------
     def _noise(
-        self, x_i: torch.Tensor, seed: int, purpose: int, start: int, stop: int, gen: torch.Generator
+        self, x: torch.Tensor, seeds: torch.Tensor, owner: torch.Tensor, draw: torch.Tensor, purpose: int
     ) -> torch.Tensor:
-        """Draws ``start .. stop - 1`` of one image's noise stream, shape ``(stop - start, *x_i.shape)``."""
-        first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
-        blocks = []
-        for block in range(first, last + 1):
-            gen.manual_seed(_block_seed(seed, purpose, block))
-            blocks.append(torch.randn((NOISE_BLOCK, *x_i.shape), generator=gen, device=x_i.device, dtype=x_i.dtype))
-        offset = first * NOISE_BLOCK
-        return self.sigma * torch.cat(blocks)[start - offset : stop - offset]
+        """``sigma`` times the draws ``draw[r]`` of images ``owner[r]`` (one row each), shape
+        ``(rows, *x.shape[1:])``: element ``draw * d .. (draw + 1) * d - 1`` of the image's stream
+        for ``purpose``, in pieces of at most ``_MAX_WORDS`` numbers."""
+        d = x[0].numel()
+        stream = noise_stream(_MC_TAG, purpose)
+        rows_at_once = max(1, _MAX_WORDS // d)
+        pieces = [
+            seeded_normal_at(
+                seeds[owner[k : k + rows_at_once]],
+                draw[k : k + rows_at_once] * d,
+                d,
+                stream=stream,
+                device=x.device,
+                dtype=x.dtype,
+            )
+            for k in range(0, len(owner), rows_at_once)
+        ]
+        return self.sigma * torch.cat(pieces).view(len(owner), *x.shape[1:])
 
     @torch.no_grad()
     def _tally(
@@ -250,12 +270,12 @@ class SmoothedClassifier(SoftSmoothed):
         n = check_positive_int(n, "n")
         if len(x) == 0:
             return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
-        gen = torch.Generator(device=x.device)
+        seed_words = torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=x.device)
         totals: torch.Tensor | None = None
         with unseeded_noise(self.base):  # the chunks are not the seeded batch of an enclosing attack
             for chunk in chunks(len(x), n, self.max_batch):
-                noise = torch.cat([self._noise(x[i], seeds[i], purpose, a, b, gen) for i, a, b in chunk])
-                owner = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=x.device) for i, a, b in chunk])
+                owner, draw = _rows(chunk, x.device)
+                noise = self._noise(x, seed_words, owner, draw, purpose)
                 out = score(self.base(x[owner] + noise).float()).double()
                 if totals is None:
                     totals = out.new_zeros((len(x), out.shape[1]))

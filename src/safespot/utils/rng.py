@@ -135,12 +135,60 @@ def seeded_normal_at(
 
 
 # --- Per-image seeds ---------------------------------------------------------------------------
-_SEED_STRIDE, _INDEX_STRIDE = 1_000_003, 7919
-
-
-def image_seeds(seed: int, index: torch.Tensor, salt: int) -> torch.Tensor:
+def image_seeds(seed: int, index: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """Per-image integer seeds (int64, on ``index``'s device) from the run seed, the dataset
-    index and a salt (one per evaluation or purpose), so random starts and noise depend neither
-    on batch composition nor on the number of processes; created where the images live, so the
-    row indices of a search on the GPU can index them."""
-    return (int(seed) * _SEED_STRIDE + index.long() * _INDEX_STRIDE + int(salt)) % (2**62)
+    index and a salt, by SplitMix64 mixing (no strides that could collide): random starts and
+    noise then depend neither on batch composition nor on the number of processes, and are made
+    where the images live, so the row indices of a search on the GPU can index them."""
+    z = _mix64(torch.full_like(index, _mix64_int(int(seed)), dtype=torch.int64) + (index.to(torch.int64) + 1) * _GAMMA)
+    return _mix64(z + ((int(salt) + 1) * _GAMMA + 2**63) % 2**64 - 2**63)
+
+
+def streams(seed: int, index: torch.Tensor, purpose: str, *counters: int | torch.Tensor) -> torch.Tensor:
+    """The seeds of ``purpose`` (:data:`PURPOSES`) for the images ``index`` of a run with ``seed``:
+    ``derive(image_seeds(seed, index), purpose, *counters)``."""
+    return derive(image_seeds(seed, index), purpose, *counters)
+
+
+# --- Named derived streams ----------------------------------------------------------------------
+#: Every purpose a per-image seed is derived for. ``derive(seeds, purpose, *counters)`` hashes
+#: the seed with the purpose's number and the counters (SplitMix64 mixing, vectorised on the
+#: seeds' device), so two purposes or two counters never share a stream, whatever the values:
+#: no hand-picked stride constants that could collide.
+PURPOSES: dict[str, int] = {
+    name: number
+    for number, name in enumerate(
+        (
+            "evaluation",  # one stream per evaluation of a run (its position)
+            "restart",  # PGD restarts
+            "outer_iteration",  # the safe-spot search's outer iterations
+            "inner_run",  # the search's N inner attack runs
+            "grey_box_attack",  # the attacks on robustified images
+            "white_box_attack",  # the adaptive attack, per attack and eps' fraction
+            "reconstruction",  # the white-box reconstruction of x_o
+            "rejection_attack",  # FLSS rejection: the attack ensemble
+            "rejection_view",  # FLSS rejection: the views' sampling
+            "check_before",  # robustify.py: the grey-box check on the original
+            "robustify",  # robustify.py: the search
+            "check_after",  # robustify.py: the grey-box check on the written PNG
+            "ood_attack",  # the safe-spot OOD score's attack
+        ),
+        start=1,
+    )
+}
+
+
+def derive(seeds: torch.Tensor, purpose: str, *counters: int | torch.Tensor) -> torch.Tensor:
+    """Per-image seeds for ``purpose`` (a name of :data:`PURPOSES`) and integer ``counters``
+    (each an int or a per-image tensor, e.g. the outer iteration of every image), on the seeds'
+    device; a function of the image's own seed only (batch- and process-independent)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown seed purpose {purpose!r}; known: {sorted(PURPOSES)}")
+    z = _mix64(seeds.to(torch.int64) ^ _mix64_int(PURPOSES[purpose]))
+    for counter in counters:
+        if isinstance(counter, torch.Tensor):
+            offset = (counter.to(device=z.device, dtype=torch.int64) + 1) * _GAMMA  # wraps modulo 2^64
+        else:
+            offset = ((int(counter) + 1) * _GAMMA + 2**63) % 2**64 - 2**63
+        z = _mix64(z + offset)
+    return z
