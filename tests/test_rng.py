@@ -43,3 +43,38 @@ def test_seeded_normal_is_standard_normal_and_prefix_stable():
     # neighbouring seeds are uncorrelated, and a longer stream extends a shorter one
     assert abs(np.corrcoef(z[0].numpy(), z[1].numpy())[0, 1]) < 0.15
     assert torch.equal(seeded_normal(torch.arange(100), 10), z[:, :10])
+
+
+def test_named_streams_are_batch_independent_and_never_collide():
+    """One seed-stream API: per-image seeds by mixing (run seed, dataset index), derived per
+    named purpose and counters; no two purposes or counters share seeds, and a batch's seeds
+    are those of its images alone."""
+    from safespot.utils.rng import PURPOSES, derive, host_seed, image_seeds, streams
+
+    index = torch.arange(64)
+    base = image_seeds(0, index)
+    assert torch.equal(image_seeds(0, index[10:20]), base[10:20]) and base.unique().numel() == 64
+    assert not torch.equal(image_seeds(1, index), base)
+    derived = {(p, c): derive(base, p, c) for p in PURPOSES for c in (0, 1)}
+    everything = torch.cat([base, *derived.values()])
+    assert everything.unique().numel() == everything.numel()  # no collision between purposes/counters
+    per_row = derive(base, "outer_iteration", torch.full((64,), 3))
+    assert torch.equal(per_row, derive(base, "outer_iteration", 3))
+    assert torch.equal(streams(0, index[5:9], "restart", 2), derive(base[5:9], "restart", 2))
+    seeds = {host_seed(7, p, e) for p in PURPOSES for e in range(3)}
+    assert len(seeds) == 3 * len(PURPOSES) and all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="purpose"):
+        derive(base, "nonsense")
+
+
+def test_no_seed_stride_constants_outside_rng():
+    """Seeds are derived through safespot.utils.rng only: no hand-picked stride constants."""
+    import re
+    from pathlib import Path
+
+    import safespot
+
+    package = Path(safespot.__file__).parent
+    stride = re.compile(r"^_?[A-Z_]*(STRIDE|_SALT)\s*=", re.M)
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py") if stride.search(p.read_text())]
+    assert offenders == []

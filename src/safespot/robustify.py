@@ -63,7 +63,7 @@ from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain
-from safespot.utils.rng import derive
+from safespot.utils.rng import derive, host_seed
 from safespot.utils.task import ConfigError, task_wrapper
 
 log = get_logger("safespot.robustify")
@@ -99,8 +99,6 @@ FIELDS = (
     "worst_loss",
     "iterations",
 )
-# per-file seeds for the three random stages (check before, robustifier, check after)
-_SEED_STRIDE = 1_000_003
 
 
 # --- settings -------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def file_seed(seed: int, content: bytes) -> int:
     """A seed from the run seed and the file's bytes: a file's checks and search do not
     depend on its name, its batch or the other files."""
     digest = int.from_bytes(hashlib.sha256(content).digest()[:8], "little")
-    return (int(seed) * _SEED_STRIDE + digest) % (2**62)
+    return host_seed(seed, "file", digest)
 
 
 def load_image(content: bytes, channels: int, size: int, policy: str) -> tuple[torch.Tensor, str, bool]:

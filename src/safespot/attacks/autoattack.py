@@ -48,6 +48,7 @@ from safespot.attacks.context import attack_context
 from safespot.smoothing.soft import unseeded_noise
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int
 from safespot.utils.prediction import has_vote, predict_logits
+from safespot.utils.rng import streams
 
 VERSIONS: tuple[str, ...] = ("standard", "rand")
 ATTACK_NAMES: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -60,7 +61,6 @@ VERSION_ATTACKS: dict[str, tuple[str, ...]] = {
 STANDARD_TARGET_CLASSES = 9
 _PACKAGE_NORMS = {"linf": "Linf", "l2": "L2"}
 _PACKAGE_LOGGER = "auto-attack"
-_VOTE_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -169,7 +169,7 @@ class AutoAttack:
         """Per-image seeds of the vote that judges success: ``seeds``, or ``seed``-derived."""
         if seeds is not None:
             return torch.as_tensor(seeds).to(device=x.device, dtype=torch.int64).reshape(-1)
-        return self.seed * _VOTE_SEED_STRIDE + torch.arange(len(x), device=x.device)
+        return streams(self.seed, torch.arange(len(x), device=x.device), "autoattack_vote")
 
     def adversary(self, model: nn.Module, num_classes: int, device: torch.device | str = "cpu") -> _PackageAutoAttack:
         """The configured ``pyautoattack.AutoAttack`` for a model with ``num_classes`` logits.

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from safespot.data.samplers import EpochSeededSampler
-
-_AUGMENT_SEED_STRIDE = 1_000_033
+from safespot.utils.rng import host_seed
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ class InMemoryLoader:
         generator = None
         if self.train and self.augment is not None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(self.seed + _AUGMENT_SEED_STRIDE * (self.sampler.epoch + 1) + self.rank)
+            generator.manual_seed(host_seed(self.seed, "augmentation", self.sampler.epoch, self.rank))
         for batch in positions.split(self.batch_size):
             rows = batch.to(self.device)
             x = self.images[rows]

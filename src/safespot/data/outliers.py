@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from safespot.data.errors import DataConfigError
 from safespot.data.images import IMAGE_EXTENSIONS, read_image, resize_and_crop
+from safespot.utils.rng import host_seed
 
 __all__ = [
     "GAUSSIAN_MEAN",
@@ -54,7 +55,6 @@ __all__ = [
 OUTLIER_LABEL = -1
 OUTLIER_KINDS = ("folder", "npy", "gaussian", "uniform")
 GAUSSIAN_MEAN, GAUSSIAN_STD = 0.5, 0.25
-_NOISE_SEED_STRIDE = 1_000_003
 
 
 def class_folders(root: Path) -> list[str]:
@@ -208,7 +208,7 @@ class NoiseImages(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        g = torch.Generator().manual_seed(self.seed * _NOISE_SEED_STRIDE + int(i))
+        g = torch.Generator().manual_seed(host_seed(self.seed, "outlier_noise", int(i)))
         if self.kind == "gaussian":
             x = self.mean + self.std * torch.randn(self.shape, generator=g)
         else:

@@ -15,10 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DistributedSampler, Sampler
 
 from safespot.data.errors import DataConfigError
-
-#: multiplies the seed before the epoch is added (``seed * stride + epoch``), so that the
-#: orders of neighbouring seeds and epochs do not overlap
-EPOCH_STRIDE = 100_003
+from safespot.utils.rng import host_seed
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -33,7 +30,7 @@ class EpochSeededSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
+        g = torch.Generator().manual_seed(host_seed(self.seed, "epoch_order", self.epoch))
         return iter(torch.randperm(self.length, generator=g).tolist())
 
     def __len__(self) -> int:
@@ -87,7 +84,7 @@ class CyclingSampler(DistributedSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
+        g = torch.Generator().manual_seed(host_seed(self.seed, "epoch_order", self.epoch))
         order: list[int] = []
         while len(order) < self.total_size:
             order += torch.randperm(self.length, generator=g).tolist()

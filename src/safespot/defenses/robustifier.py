@@ -41,7 +41,7 @@ from safespot.utils.prediction import predict_logits
 from safespot.utils.rng import derive
 
 _INIT_STREAM = 1  # the random start's own stream (the inner attacks use stream 0 of their seeds)
-_OUTER_SALT = 1  # a smoothed model's noise outside the inner PGD: not the PGD's own draws (salt 0)
+_OUTER_NOISE = 1  # a smoothed model's noise outside the inner PGD: not the PGD's own draws (salt 0)
 OUTPUTS: tuple[str, ...] = ("last", "best")
 
 
@@ -135,7 +135,7 @@ class RobustifierBase:
         self, model: nn.Module, x_r: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and success of one inner attack run at ``x_r`` (records of the baselines)."""
-        with seeded_noise(model, seeds, salt=_OUTER_SALT):
+        with seeded_noise(model, seeds, salt=_OUTER_NOISE):
             x_a = self.inner_attack()(model, x_r, labels, seeds=seeds)
             with torch.no_grad():
                 logits = model(x_a)
@@ -319,7 +319,7 @@ class SafeSpotSearch(RobustifierBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One inner run: T-step PGD from a seeded random start in B_eps(x_r), then the CE gradient
         at its end (box-clamped pixels masked), its loss and whether it changed the prediction."""
-        with seeded_noise(model, run_seeds, salt=_OUTER_SALT):  # a smoothed model's noise per image
+        with seeded_noise(model, run_seeds, salt=_OUTER_NOISE):  # a smoothed model's noise per image
             x_a = self.inner_attack()(model, x_r, labels, seeds=run_seeds).requires_grad_(True)
             logits = model(x_a)
         per_image = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -337,7 +337,7 @@ class SafeSpotSearch(RobustifierBase):
             run_seeds = None if seeds is None else derive(seeds, "inner_run", n)
             center = x_r.detach().requires_grad_(True)
             x_a = ball.random_init(center.detach(), seeds=run_seeds) - center.detach() + center
-            with seeded_noise(model, run_seeds, salt=_OUTER_SALT):
+            with seeded_noise(model, run_seeds, salt=_OUTER_NOISE):
                 for _ in range(self.inner_steps):
                     step_loss = F.cross_entropy(model(x_a).float(), labels, reduction="sum")
                     (g,) = torch.autograd.grad(step_loss, x_a, create_graph=True)

@@ -172,6 +172,11 @@ PURPOSES: dict[str, int] = {
             "robustify",  # robustify.py: the search
             "check_after",  # robustify.py: the grey-box check on the written PNG
             "ood_attack",  # the safe-spot OOD score's attack
+            "epoch_order",  # the training order of an epoch (samplers)
+            "augmentation",  # in-memory data augmentation (per epoch and process)
+            "outlier_noise",  # the Gaussian / uniform outlier images
+            "autoattack_vote",  # AutoAttack's vote seeds when the caller gives none
+            "file",  # robustify.py: a file's seed from its content
         ),
         start=1,
     )
@@ -192,3 +197,15 @@ def derive(seeds: torch.Tensor, purpose: str, *counters: int | torch.Tensor) -> 
             offset = ((int(counter) + 1) * _GAMMA + 2**63) % 2**64 - 2**63
         z = _mix64(z + offset)
     return z
+
+
+def host_seed(seed: int, purpose: str, *counters: int) -> int:
+    """One non-negative integer seed for ``purpose`` (:data:`PURPOSES`) and integer ``counters``
+    of the run seed ``seed``, mixed on the host (for the seeds of ``torch.Generator``s: epoch
+    orders, augmentation, synthetic outlier images)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown seed purpose {purpose!r}; known: {sorted(PURPOSES)}")
+    z = _mix64_int(int(seed) ^ _mix64_int(PURPOSES[purpose]))
+    for counter in counters:
+        z = _mix64_int(z + (int(counter) + 1) * (_GAMMA % 2**64))
+    return z % 2**63
