@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from safespot.errors import ConfigError
 from safespot.paths import CONFIG_DIR
 from safespot.train import build_method
 from safespot.utils.checks import check_train_config
@@ -60,6 +61,8 @@ def test_group_option_composes_and_instantiates(make_cfg, monkeypatch, data_root
     base = ["data=synthetic", "model=small_cnn", "model.backbone.width=8"]
     if group == "model" and option != "small_cnn":
         base = ["data=synthetic"]
+    if group == "method" and option == "flss":  # FLSS trains (and refuses all but) a stochastic classifier
+        base = ["data=synthetic", "model=flss_small_cnn"]
     cfg = make_cfg(*[o for o in base if not o.startswith(f"{group}=")], f"{group}={option}", synthetic=False)
     dm, net, method, _ = _instantiate_all(cfg)
     assert method.net is net and dm.num_classes == net.num_classes
@@ -72,11 +75,23 @@ def _preset_scales() -> list:
     cases = []
     for experiment in _options("experiment"):
         for scale in ("full", "reduced"):
-            marks = ()
             if "flss" in experiment and scale == "reduced":
-                marks = pytest.mark.xfail(strict=True, reason="reduced FLSS: experiment=reduced_cifar10_flss")
-            cases.append(pytest.param(experiment, scale, marks=marks, id=f"{experiment}-{scale}"))
+                continue  # the scale's small_cnn replaces the stochastic model: see the test below
+            cases.append(pytest.param(experiment, scale, id=f"{experiment}-{scale}"))
     return cases
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_flss", "reduced_cifar10_flss"])
+def test_reduced_flss_is_its_own_preset_and_scale_reduced_refuses_it(make_cfg, monkeypatch, data_root, experiment):
+    """FLSS trains a stochastic classifier; ``scale=reduced`` selects the plain small CNN, whose
+    choice wins over the preset's, so reduced FLSS is the delta preset ``reduced_cifar10_flss``
+    and the combination with ``scale=reduced`` stops with one clear error before any work."""
+    monkeypatch.setenv("DATA_DIR", str(data_root))
+    with pytest.raises(ConfigError, match="stochastic classifier"):
+        _instantiate_all(make_cfg(f"experiment={experiment}", "scale=reduced", synthetic=False))
+    reduced = make_cfg("experiment=reduced_cifar10_flss", synthetic=False)
+    _, net, _, _ = _instantiate_all(reduced)
+    assert type(net).__name__ == "StochasticClassifier" and reduced.scale == "reduced"
 
 
 @pytest.mark.parametrize("experiment,scale", _preset_scales())

@@ -55,6 +55,7 @@ from torch import nn
 
 from safespot.attacks import Attack, attack_context
 from safespot.attacks.context import AttackMode
+from safespot.errors import ConfigError
 from safespot.methods.adversarial import AdversarialTraining
 from safespot.methods.base import cross_entropy
 from safespot.models.stochastic import is_stochastic
@@ -174,6 +175,7 @@ class FLSSTraining(AdversarialTraining):
         self.kl_warmup_epochs, self.kl_warmup_weights = check_kl_warmup(kl_warmup)
         self.awp = check_awp(awp)
         super().__init__(*args, attack_mode=attack_mode, attack_updates_bn=attack_updates_bn, **kwargs)
+        self.check_net()  # before any data is read
         self.automatic_optimization = False
         self._epoch_scheduled = -1
 
@@ -190,7 +192,7 @@ class FLSSTraining(AdversarialTraining):
 
     def check_net(self) -> None:
         if not is_stochastic(self.net):
-            raise ValueError(
+            raise ConfigError(
                 f"method=flss trains a stochastic classifier, got {type(self.net).__name__}; "
                 "choose model=flss_preact_resnet18 or model=flss_small_cnn"
             )
