@@ -259,7 +259,8 @@ def test_method_presets_build_their_former_attacks(make_cfg, method, threat):
     """A method built from its ``_partial_: true`` attack configs has the same validation, test,
     training and safe-spot attacks, and records the same hyperparameters (but for the attack
     configs), as one built from the plain settings its config held before."""
-    cfg = make_cfg(f"method={method}", f"threat={threat}")
+    model = ["model=flss_small_cnn"] if method == "flss" else []  # FLSS refuses a plain classifier
+    cfg = make_cfg(f"method={method}", f"threat={threat}", *model)
     net = hydra.utils.instantiate(cfg.model)
     now = build_method(cfg, net)
     old_node = {**OmegaConf.to_container(cfg.method, resolve=True), **BEFORE["method"][method][threat]}

@@ -125,9 +125,9 @@ def test_train_one_epoch(trained, device, precision):
 # --- evaluate.py -----------------------------------------------------------------------------
 def test_evaluate_clean_pgd_autoattack_and_white_box_preemptive(ckpt, device, tmp_path):
     out = tmp_path / "eval"
-    aa = [f"+evaluation.autoattack.attack.{o}" for o in AA_SMALL]
-    aa += [f"+evaluation.preempt_sfull.attacks.autoattack.{o}" for o in AA_SMALL]
-    aa += [f"+evaluation.preempt_sfull.white_box.attacks.autoattack.{o}" for o in AA_SMALL]
+    aa = [f"++evaluation.autoattack.attack.{o}" for o in AA_SMALL]
+    aa += [f"++evaluation.preempt_sfull.attacks.autoattack.{o}" for o in AA_SMALL]
+    aa += [f"++evaluation.preempt_sfull.white_box.attacks.autoattack.{o}" for o in AA_SMALL]
     results, records = evaluate_on(
         device,
         ckpt,
