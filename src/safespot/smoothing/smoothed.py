@@ -118,8 +118,11 @@ def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> n
     return np.where(k > 0, bound, 0.0)
 
 
-def image_seed_list(batch: int, seed: SeedLike = None, generator: torch.Generator | None = None) -> list[int]:
-    """One non-negative integer seed per image.
+def image_seed_tensor(
+    batch: int, seed: SeedLike = None, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One integer seed per image, as an int64 tensor on ``device`` (per-image seeds given as a
+    tensor are moved there with no host round trip).
 
     ``seed`` may be per-image seeds (a sequence or 1-d tensor of ``batch`` integers), one
     integer (expanded into ``batch`` seeds) or ``None`` (seeds drawn from ``generator``, or
@@ -128,14 +131,19 @@ def image_seed_list(batch: int, seed: SeedLike = None, generator: torch.Generato
     if isinstance(seed, torch.Tensor) and seed.dim() == 0:
         seed = int(seed)
     if seed is None:
-        device = generator.device if generator is not None else "cpu"
-        return torch.randint(0, 2**62, (batch,), generator=generator, device=device).tolist()
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, 2**62, (batch,), generator=generator, device=gen_device).to(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != batch:
+            raise ValueError(f"expected {batch} per-image seeds, got {seed.numel()}")
+        return seed.reshape(-1).to(device=device, dtype=torch.int64)
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
-        return [int(s) for s in np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)]
-    values = seed.tolist() if isinstance(seed, torch.Tensor) else list(seed)
-    if len(values) != batch:
-        raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
-    return [int(s) % 2**64 for s in values]
+        values = [int(s) for s in np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)]
+    else:
+        values = [int(s) for s in seed]
+        if len(values) != batch:
+            raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
+    return torch.tensor([(v + 2**63) % 2**64 - 2**63 for v in values], dtype=torch.int64, device=device)
 
 
 def chunks(batch: int, n: int, max_batch: int) -> Iterator[list[tuple[int, int, int]]]:
@@ -262,7 +270,7 @@ class SmoothedClassifier(SoftSmoothed):
         self,
         x: torch.Tensor,
         n: int,
-        seeds: list[int],
+        seeds: torch.Tensor,
         purpose: int,
         score: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
@@ -270,7 +278,7 @@ class SmoothedClassifier(SoftSmoothed):
         n = check_positive_int(n, "n")
         if len(x) == 0:
             return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
-        seed_words = torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=x.device)
+        seed_words = seeds.to(x.device)
         totals: torch.Tensor | None = None
         with unseeded_noise(self.base):  # the chunks are not the seeded batch of an enclosing attack
             for chunk in chunks(len(x), n, self.max_batch):
@@ -301,15 +309,15 @@ class SmoothedClassifier(SoftSmoothed):
         order = logits.argsort(dim=1, descending=True)  # order[:, r - 1]: the class ranked r-th
         return torch.zeros_like(logits).scatter_(1, order, weights.expand(len(logits), -1))
 
-    def _counts(self, x: torch.Tensor, n: int, seeds: list[int], purpose: int) -> torch.Tensor:
+    def _counts(self, x: torch.Tensor, n: int, seeds: torch.Tensor, purpose: int) -> torch.Tensor:
         return self._tally(x, n, seeds, purpose, self._top_class).round().long()
 
     def sample_counts(
         self, x: torch.Tensor, n: int, generator: torch.Generator | None = None, seed: SeedLike = None
     ) -> torch.Tensor:
         """``(B, K)`` counts of ``argmax c(x + xi)`` over ``n`` draws per image (Cohen et al.,
-        SAMPLEUNDERNOISE). Seeds: see :func:`image_seed_list`."""
-        return self._counts(x, n, image_seed_list(len(x), seed, generator), _COUNTS)
+        SAMPLEUNDERNOISE). Seeds: see :func:`image_seed_tensor`."""
+        return self._counts(x, n, image_seed_tensor(len(x), seed, generator, x.device), _COUNTS)
 
     def vote_logits(
         self, x: torch.Tensor, generator: torch.Generator | None = None, seed: SeedLike = None
@@ -317,7 +325,7 @@ class SmoothedClassifier(SoftSmoothed):
         """Log of the ``vote`` scores over ``n_vote`` draws (clamped away from 0), shape ``(B, K)``;
         ``argmax`` is the smoothed prediction (paper 003, Eqs. 8-13). Not differentiable."""
         scorer = {"majority": self._top_class, "soft": lambda z: torch.softmax(z, 1), "weighted": self._rank_scores}
-        seeds = image_seed_list(len(x), seed, generator)
+        seeds = image_seed_tensor(len(x), seed, generator, x.device)
         totals = self._tally(x, self.n_vote, seeds, _VOTE, scorer[self.vote])
         scores = totals / totals.sum(1, keepdim=True).clamp_min(_FLOOR)
         return scores.float().clamp_min(_FLOOR).log()
@@ -335,7 +343,7 @@ class SmoothedClassifier(SoftSmoothed):
         binomial test of its count ``nA`` against the runner-up's ``nB`` rejects
         ``P = 1/2`` at level ``alpha``, else -1 (abstain). Wrong with probability <= alpha."""
         alpha = check_alpha(alpha)
-        counts = self._counts(x, n, image_seed_list(len(x), seed, generator), _PREDICT)
+        counts = self._counts(x, n, image_seed_tensor(len(x), seed, generator, x.device), _PREDICT)
         if counts.shape[1] < 2:
             return counts.argmax(1)
         top = counts.topk(2, dim=1)
@@ -363,7 +371,7 @@ class SmoothedClassifier(SoftSmoothed):
         """
         n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
         alpha = check_alpha(alpha)
-        seeds = image_seed_list(len(x), seed, generator)
+        seeds = image_seed_tensor(len(x), seed, generator, x.device)
         guess = self._counts(x, n0, seeds, _SELECT).argmax(1)
         counts = self._counts(x, n, seeds, _ESTIMATE)
         n_a = counts.gather(1, guess[:, None]).squeeze(1)
