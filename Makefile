@@ -42,6 +42,7 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_robustifier.py --quick
 	$(PY) bench/bench_method_steps.py --quick
 	$(PY) bench/bench_certify.py --quick
+	$(PY) bench/bench_smoothed_attack.py --quick
 	$(PY) bench/bench_loader.py --quick
 	$(PY) bench/bench_user_figures.py --quick
 
