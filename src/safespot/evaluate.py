@@ -48,11 +48,6 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
     return cfg
 
 
-def needs_smoothing(evaluation: Evaluation) -> bool:
-    """Whether the evaluation declares that it needs a smoothed classifier (its own or an attack's)."""
-    return evaluation.requires_smoothing
-
-
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "evaluation")  # before any work
@@ -60,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
     evaluations = build_evaluations(cfg.get("evaluation"))
     smoothing = smoothing_config(cfg.get("smoothing"))
-    unsmoothed = [e.name for e in evaluations if needs_smoothing(e)] if smoothing is None else []
+    unsmoothed = [e.name for e in evaluations if e.requires_smoothing] if smoothing is None else []
     if unsmoothed:
         raise ConfigError(f"evaluations {unsmoothed} need a smoothed classifier: set smoothing.sigma (e.g. 0.25)")
     L.seed_everything(cfg.seed, workers=True)
