@@ -116,7 +116,8 @@ class EvaluationModule(L.LightningModule):
         show the same images whatever the batching or the number of processes."""
         k = self.panel_images
         kept = self._panel_rows.get(name)
-        rows = (index.detach().cpu(), x.detach().cpu(), x_eval.detach().cpu())
+        first = index.argsort()[:k]  # this batch's candidates, chosen on the device: k rows cross to the host
+        rows = (index[first].detach().cpu(), x[first].detach().cpu(), x_eval[first].detach().cpu())
         if kept is not None:
             rows = tuple(torch.cat([a, b]) for a, b in zip(kept, rows, strict=True))
         order = rows[0].argsort()[:k]
