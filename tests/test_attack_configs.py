@@ -30,6 +30,7 @@ from safespot.attacks import (
     Attack,
     AutoAttack,
     SafeSpotStep,
+    TradesKL,
     attack_config,
     build_attack,
     check_attack,
@@ -48,7 +49,7 @@ from safespot.evaluation import AttackEvaluation, Clean, PreemptiveEvaluation
 from safespot.evaluation.evaluations import WhiteBox
 from safespot.evaluation.rejection import RejectionEvaluation
 from safespot.methods import PreemptiveTraining
-from safespot.methods.base import build_eval_attack
+from safespot.methods.base import build_eval_attack, build_train_attack
 from safespot.paths import CONFIG_DIR
 from safespot.smoothing import NoisyViewAttack
 from safespot.threat import ThreatConfigError
@@ -67,6 +68,7 @@ def _attacks() -> dict[str, Any]:
         "autoattack": AutoAttack("linf", 0.1, attacks=["apgd-ce"], n_iter=2),
         "noisy_view": NoisyViewAttack(PGD("l2", 0.5, steps=2), sigma=0.25),
         "safe_spot_step": SafeSpotStep("linf", 0.1),
+        "trades_kl": TradesKL("linf", 0.1, steps=2),
     }
 
 
@@ -264,12 +266,14 @@ def test_method_presets_build_their_former_attacks(make_cfg, method, threat):
     net = hydra.utils.instantiate(cfg.model)
     now = build_method(cfg, net)
     old_node = {**OmegaConf.to_container(cfg.method, resolve=True), **BEFORE["method"][method][threat]}
+    old_node.pop("train_attack", None)  # before conf/attack/, the method built it from `threat`
     optimizer = hydra.utils.instantiate(cfg.optimizer)
     before = hydra.utils.instantiate(old_node, net=net, optimizer=optimizer, _convert_="all")
     for attr in ("val_attack", "test_attack", "train_attack", "safe_spot_step", "eval_safe_spot_step", "safe_spot"):
         assert _fields(getattr(now, attr, None)) == _fields(getattr(before, attr, None)), attr
-    recorded = {k: v for k, v in now.hparams.items() if k not in ("val_attack", "test_attack")}
-    assert recorded == {k: v for k, v in before.hparams.items() if k not in ("val_attack", "test_attack")}
+    configs = ("val_attack", "test_attack", "train_attack")
+    recorded = {k: v for k, v in now.hparams.items() if k not in configs}
+    assert recorded == {k: v for k, v in before.hparams.items() if k not in configs}
 
 
 @pytest.mark.parametrize("method", ["natural", "preemptive"])
@@ -314,3 +318,61 @@ def test_the_safe_spot_step_takes_a_factory_or_its_settings(tiny_net, images):
     assert torch.equal(x_a, b.safe_spots(x, y))
     with pytest.raises(ThreatConfigError, match="differs from the threat model's norm"):
         PreemptiveTraining(**common, safe_spot=functools.partial(SafeSpotStep, norm="l2", eps=0.5))
+
+
+TRAINING_ATTACKS = {
+    "adversarial": "safespot.attacks.pgd.PGD",
+    "preemptive": "safespot.attacks.pgd.PGD",
+    "safe_spot_oe": "safespot.attacks.pgd.PGD",
+    "fast_adversarial": "safespot.attacks.pgd.fgsm_rs",
+    "preemptive_fast": "safespot.attacks.pgd.fgsm_rs",
+    "trades": "safespot.attacks.trades.TradesKL",
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINING_ATTACKS))
+def test_training_attacks_are_attack_configs_the_command_line_reaches(make_cfg, method):
+    """``method.train_attack`` is a ``_partial_`` config from ``conf/attack/``; its overrides reach
+    the attack, the recorded config rebuilds the same attack, and the settings the method owns
+    (``attack_mode``) are bound into it."""
+    cfg = make_cfg(f"method={method}", "threat.steps=3", "method.attack_mode=keep")
+    module = build_method(cfg, hydra.utils.instantiate(cfg.model))
+    attack, stored = module.train_attack, module.hparams["train_attack"]
+    assert isinstance(attack, Attack) and stored["_target_"] == TRAINING_ATTACKS[method] and stored["_partial_"]
+    assert attack.steps == (1 if "fast" in method else 3)
+    if method != "trades":  # TRADES sets the network mode around its attack
+        assert attack.mode == "keep" and stored["mode"] == "keep"
+    assert _fields(build_train_attack(stored, lambda: None)[0]) == _fields(attack)
+    if "fast" not in method:
+        more = make_cfg(f"method={method}", "method.train_attack.steps=5", "method.train_attack.step_size=0.01")
+        tuned = build_method(more, hydra.utils.instantiate(cfg.model)).train_attack
+        assert tuned.steps == 5 and tuned.step_size == pytest.approx(0.01)
+
+
+def test_methods_bind_their_own_settings_into_the_training_attack(make_cfg):
+    net = hydra.utils.instantiate(make_cfg().model)
+    fast = build_method(make_cfg("method=fast_adversarial", "method.step_factor=1.0"), net).train_attack
+    assert fast.steps == 1 and fast.step_size == pytest.approx(fast.eps)
+    noisy = build_method(make_cfg("method=gaussian", "method.noisy_pgd=true", "method.m=3", "method.random_start=false"), net)
+    assert noisy.train_attack.eot == 3 and noisy.train_attack.random_start is False
+    assert noisy.hparams["train_attack"]["eot"] == 3 and noisy.train_attack.mode == "eval"
+    plain = build_method(make_cfg("method=gaussian"), net)
+    assert plain.train_attack is None and plain.hparams["train_attack"] is None
+    with pytest.raises(ThreatConfigError, match="train_attack must be an attack config"):
+        build_train_attack({"steps": 3}, lambda: None)
+
+
+def test_methods_built_in_code_train_against_the_threat_models_attack(tiny_net, images):
+    """Without ``train_attack`` (a method built in code, or a checkpoint from before
+    ``conf/attack/``) the training attack is ``threat.steps`` steps of ``threat.step_size``."""
+    from safespot.methods import AdversarialTraining, TradesTraining
+
+    threat = {"norm": "linf", "eps": 0.1, "step_size": 0.03, "steps": 2}
+    common = {"net": tiny_net, "optimizer": functools.partial(torch.optim.SGD, lr=0.1), "threat": threat}
+    pgd = AdversarialTraining(**common).train_attack
+    assert (pgd.steps, pgd.step_size, pgd.mode, pgd.random_start) == (2, pytest.approx(0.03), "train", True)
+    trades = TradesTraining(**common)
+    assert isinstance(trades.train_attack, TradesKL) and trades.train_attack.steps == 2
+    x, y = images
+    loss, _ = trades.training_loss(x, y)
+    assert torch.isfinite(loss)

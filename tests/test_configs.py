@@ -201,6 +201,8 @@ def test_reduced_scale_reproduces_the_old_reduced_presets(make_cfg, monkeypatch,
     for key in sorted(set(reduced) | set(full)):
         if key in expected:
             assert reduced.get(key, "<absent>") == expected[key], key
+        elif key in ("method.train_attack.steps", "method.train_attack.step_size"):  # follows the threat model
+            assert reduced[key] == reduced[key.replace("method.train_attack", "threat")], key
         elif key.startswith(replaced):
             assert key not in reduced, key
         else:

@@ -7,6 +7,7 @@ from safespot.attacks.context import attack_context
 from safespot.attacks.losses import get_loss
 from safespot.attacks.pgd import PGD, fgsm, fgsm_rs
 from safespot.attacks.safe_spot import SafeSpotStep
+from safespot.attacks.trades import TradesKL, trades_kl
 
 __all__ = [
     "PGD",
@@ -15,6 +16,7 @@ __all__ = [
     "AttackSpec",
     "AutoAttack",
     "SafeSpotStep",
+    "TradesKL",
     "attack_config",
     "attack_context",
     "build_attack",
@@ -22,4 +24,5 @@ __all__ = [
     "fgsm",
     "fgsm_rs",
     "get_loss",
+    "trades_kl",
 ]

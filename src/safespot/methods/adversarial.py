@@ -14,26 +14,53 @@ from typing import Any
 import torch
 
 from safespot.attacks import PGD, attack_context, fgsm_rs
+from safespot.attacks.base import Attack, AttackSpec
 from safespot.attacks.context import AttackMode, check_attack_mode
-from safespot.methods.base import ClassifierModule, cross_entropy
+from safespot.methods.base import ClassifierModule, build_train_attack, cross_entropy
 
 
 class AdversarialTraining(ClassifierModule):
-    """K-step PGD (``threat.steps``, step ``threat.step_size``, random start) on the
-    training batch, then cross-entropy on the adversarial batch."""
+    """Cross-entropy on the training batch attacked by ``train_attack``.
+
+    Args:
+        train_attack: the training attack: a factory (``_partial_: true`` config, by default
+            ``conf/attack/pgd_train.yaml``: ``threat.steps`` steps of ``threat.step_size`` from a
+            random start), an attack config or an attack; ``None``: that PGD built from
+            ``threat``. Its config is recorded with the hyperparameters.
+        attack_mode: the network mode while attacking (``train``: Rice et al.; ``eval``;
+            ``keep``); the method binds it into the attack as ``mode``.
+        attack_updates_bn: whether the attack's forward passes may update batch-norm statistics.
+    """
 
     def __init__(
-        self, *args: Any, attack_mode: AttackMode = "train", attack_updates_bn: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        train_attack: AttackSpec = None,
+        attack_mode: AttackMode = "train",
+        attack_updates_bn: bool = True,
+        **kwargs: Any,
     ) -> None:
         self.attack_mode = check_attack_mode(attack_mode)
         self.attack_updates_bn = bool(attack_updates_bn)
+        self._train_attack_spec = train_attack
+        self._train_attack: tuple[Attack, dict[str, Any] | None] | None = None
         super().__init__(*args, **kwargs)
         self.train_attack = self.build_train_attack()
 
     def extra_hparams(self) -> dict[str, Any]:
-        return {"attack_mode": self.attack_mode, "attack_updates_bn": self.attack_updates_bn}
+        return {
+            "attack_mode": self.attack_mode,
+            "attack_updates_bn": self.attack_updates_bn,
+            "train_attack": self._resolved_train_attack()[1],
+        }
 
-    def build_train_attack(self) -> PGD:
+    def fixed_attack_settings(self) -> dict[str, Any]:
+        """The training attack's settings this method owns (bound into its factory)."""
+        return {"mode": self.attack_mode}
+
+    def default_train_attack(self) -> Attack:
+        """The training attack without a ``train_attack`` setting (methods built in code and
+        checkpoints written before ``conf/attack/``)."""
         t = self.threat
         return PGD(
             t["norm"],
@@ -43,6 +70,16 @@ class AdversarialTraining(ClassifierModule):
             random_start=True,
             mode=self.attack_mode,
         )
+
+    def _resolved_train_attack(self) -> tuple[Attack, dict[str, Any] | None]:
+        if self._train_attack is None:  # once: the hyperparameters record it before it is used
+            self._train_attack = build_train_attack(
+                self._train_attack_spec, self.default_train_attack, self.fixed_attack_settings()
+            )
+        return self._train_attack
+
+    def build_train_attack(self) -> Attack:
+        return self._resolved_train_attack()[0]
 
     def adversarial_examples(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with attack_context(self.net, update_bn=self.attack_updates_bn):
@@ -64,5 +101,8 @@ class FastAdversarialTraining(AdversarialTraining):
     def extra_hparams(self) -> dict[str, Any]:
         return {**super().extra_hparams(), "step_factor": self.step_factor}
 
-    def build_train_attack(self) -> PGD:
+    def fixed_attack_settings(self) -> dict[str, Any]:
+        return {**super().fixed_attack_settings(), "step_factor": self.step_factor}
+
+    def default_train_attack(self) -> PGD:
         return fgsm_rs(self.threat["norm"], self.threat["eps"], self.step_factor, mode=self.attack_mode)

@@ -9,6 +9,7 @@ deep learning"). Subclasses implement :meth:`training_loss`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,8 +22,8 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from safespot.attacks import PGD
-from safespot.attacks.base import Attack, AttackSpec, attack_config, build_attack
-from safespot.threat import LpBall, parse_budget
+from safespot.attacks.base import Attack, AttackSpec, attack_config, build_attack, check_attack
+from safespot.threat import LpBall, ThreatConfigError, parse_budget
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import rng_state, set_rng_state
 
@@ -58,6 +59,34 @@ def build_eval_attack(threat: Mapping[str, Any], settings: AttackSpec, name: str
         restarts=settings.get("restarts", 1),
         mode="eval",
     )
+
+
+def build_train_attack(
+    spec: AttackSpec, default: Callable[[], Attack], fixed: Mapping[str, Any] | None = None
+) -> tuple[Attack, dict[str, Any] | None]:
+    """The attack a method trains against, and the config to record with the checkpoint.
+
+    ``spec`` is the method's ``train_attack``: an attack factory (a ``_partial_: true`` config
+    from ``conf/attack/``: ``pgd_train``, ``fgsm_rs``, ``trades_kl``), an unresolved attack
+    config (a mapping with ``_target_``, as stored in checkpoints), or an attack used as it is;
+    ``None`` builds ``default()`` (the threat model's ``threat.steps`` steps of
+    ``threat.step_size``). The settings the *method* owns (``fixed``: e.g. its ``attack_mode``
+    as the attack's ``mode``, FGSM-RS's ``step_factor``, the EOT passes of noisy PGD) are bound
+    into a factory, so the recorded config is the one that ran."""
+    if spec is None:
+        attack = default()
+        return attack, attack_config(attack)
+    if isinstance(spec, Mapping):
+        settings = to_plain(spec)
+        if "_target_" not in settings:
+            raise ThreatConfigError(f"train_attack must be an attack config with _target_ (conf/attack/), got {settings}")
+        spec = hydra.utils.instantiate({**settings, "_partial_": True})
+    if isinstance(spec, functools.partial):
+        bound = dict(fixed or {})
+        return check_attack(spec(**bound), "train_attack"), {**(attack_config(spec) or {}), **to_plain(bound)}
+    attack = build_attack(spec, "train_attack")
+    assert attack is not None
+    return attack, attack_config(attack)
 
 
 class ClassifierModule(L.LightningModule):

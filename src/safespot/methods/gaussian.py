@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from safespot.attacks import PGD, Attack, attack_context
+from safespot.attacks import PGD, Attack, AttackSpec, attack_context
 from safespot.attacks.context import AttackMode, check_attack_mode
-from safespot.methods.base import ClassifierModule, accuracy_metric
+from safespot.methods.base import ClassifierModule, accuracy_metric, build_train_attack
 from safespot.smoothing.soft import NoisyClassifier, SoftSmoothed
 from safespot.threat import check_positive_int, parse_budget
 
@@ -84,8 +84,13 @@ class GaussianTraining(ClassifierModule):
         noisy_pgd: PGD on the noisy classifier, EPGD when ``m > 1`` (paper 003).
         adv_weight: ``w`` of paper 003, Eq. 23, in (0, 1]; only with an attack.
         random_start: start the attack uniformly in ``B_eps(x)``.
+        train_attack: the inner PGD of ``smooth_adv`` / ``noisy_pgd``: a factory
+            (``conf/attack/pgd_train.yaml``), an attack config or an attack; ``None``: PGD with
+            ``threat.steps`` steps of ``threat.step_size``. The method binds ``random_start``,
+            ``attack_mode`` (as ``mode``) and, for ``noisy_pgd``, ``eot = m``. Unused by plain
+            augmentation.
         attack_mode / attack_updates_bn: network mode and batch-norm updates during the attack.
-        All other arguments as :class:`ClassifierModule`; ``threat`` sets the attack.
+        All other arguments as :class:`ClassifierModule`.
 
     Besides the base metrics (clean ``acc`` and PGD ``robust_acc`` of the base network),
     validation and test log ``{stage}/noisy_acc``, the accuracy of ``c(x + xi)`` with one
@@ -102,6 +107,7 @@ class GaussianTraining(ClassifierModule):
         noisy_pgd: bool = False,
         adv_weight: float = 1.0,
         random_start: bool = True,
+        train_attack: AttackSpec = None,
         attack_mode: AttackMode = "eval",
         attack_updates_bn: bool = False,
         monitor: str = "val/noisy_acc",
@@ -122,6 +128,8 @@ class GaussianTraining(ClassifierModule):
         self.random_start = bool(random_start)
         self.attack_mode = check_attack_mode(attack_mode)
         self.attack_updates_bn = bool(attack_updates_bn)
+        self._train_attack_spec = train_attack
+        self._train_attack: tuple[Attack | None, dict[str, Any] | None] | None = None
         super().__init__(*args, monitor=monitor, **kwargs)
         self.train_attack = self.build_train_attack()
         self.val_noisy_acc = accuracy_metric(self.num_classes)
@@ -137,14 +145,25 @@ class GaussianTraining(ClassifierModule):
             "random_start": self.random_start,
             "attack_mode": self.attack_mode,
             "attack_updates_bn": self.attack_updates_bn,
+            "train_attack": self._resolved_train_attack()[1],
         }
 
-    def build_train_attack(self) -> PGD | None:
+    def _resolved_train_attack(self) -> tuple[Attack | None, dict[str, Any] | None]:
+        if self._train_attack is None:
+            if self.variant == "plain":
+                self._train_attack = (None, None)
+            else:
+                fixed = {"mode": self.attack_mode, "random_start": self.random_start, "eot": self.m if self.noisy_pgd else 1}
+                self._train_attack = build_train_attack(self._train_attack_spec, self.default_train_attack, fixed)
+        return self._train_attack
+
+    def build_train_attack(self) -> Attack | None:
         """The inner PGD (``None`` for plain augmentation). SmoothAdv averages over the
         ``m`` draws inside the soft smoothed model; ``noisy_pgd`` averages ``m`` gradients of
         the noisy model per step (EPGD)."""
-        if self.variant == "plain":
-            return None
+        return self._resolved_train_attack()[0]
+
+    def default_train_attack(self) -> PGD:
         t = self.threat
         return PGD(
             t["norm"],
