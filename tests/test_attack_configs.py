@@ -353,7 +353,9 @@ def test_methods_bind_their_own_settings_into_the_training_attack(make_cfg):
     net = hydra.utils.instantiate(make_cfg().model)
     fast = build_method(make_cfg("method=fast_adversarial", "method.step_factor=1.0"), net).train_attack
     assert fast.steps == 1 and fast.step_size == pytest.approx(fast.eps)
-    noisy = build_method(make_cfg("method=gaussian", "method.noisy_pgd=true", "method.m=3", "method.random_start=false"), net)
+    noisy = build_method(
+        make_cfg("method=gaussian", "method.noisy_pgd=true", "method.m=3", "method.random_start=false"), net
+    )
     assert noisy.train_attack.eot == 3 and noisy.train_attack.random_start is False
     assert noisy.hparams["train_attack"]["eot"] == 3 and noisy.train_attack.mode == "eval"
     plain = build_method(make_cfg("method=gaussian"), net)

@@ -79,7 +79,9 @@ def build_train_attack(
     if isinstance(spec, Mapping):
         settings = to_plain(spec)
         if "_target_" not in settings:
-            raise ThreatConfigError(f"train_attack must be an attack config with _target_ (conf/attack/), got {settings}")
+            raise ThreatConfigError(
+                f"train_attack must be an attack config with _target_ (conf/attack/), got {settings}"
+            )
         spec = hydra.utils.instantiate({**settings, "_partial_": True})
     if isinstance(spec, functools.partial):
         bound = dict(fixed or {})

@@ -153,7 +153,11 @@ class GaussianTraining(ClassifierModule):
             if self.variant == "plain":
                 self._train_attack = (None, None)
             else:
-                fixed = {"mode": self.attack_mode, "random_start": self.random_start, "eot": self.m if self.noisy_pgd else 1}
+                fixed = {
+                    "mode": self.attack_mode,
+                    "random_start": self.random_start,
+                    "eot": self.m if self.noisy_pgd else 1,
+                }
                 self._train_attack = build_train_attack(self._train_attack_spec, self.default_train_attack, fixed)
         return self._train_attack
 
