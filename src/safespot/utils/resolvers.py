@@ -12,6 +12,11 @@ from omegaconf import OmegaConf
 _RUN_SUFFIX = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 
 
+def unique_suffix() -> str:
+    """This process's run suffix (the ``${unique:}`` of run directory names)."""
+    return _RUN_SUFFIX
+
+
 def sweep_name() -> str | None:
     """In a Hydra multirun, the sweep directory's name (used as the wandb group, so a
     sweep's runs appear together); ``None`` otherwise."""
@@ -50,7 +55,7 @@ def wandb_offline() -> bool:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique"):
-        OmegaConf.register_new_resolver("unique", lambda: _RUN_SUFFIX, use_cache=True)
+        OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)
     if not OmegaConf.has_resolver("sweep_name"):
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
     if not OmegaConf.has_resolver("wandb_offline"):

@@ -1,0 +1,129 @@
+"""Intervals and paired comparisons for accuracies measured on the same images.
+
+Every accuracy a report prints comes with a 95% interval: Wilson's score interval for a binomial
+proportion (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``), which stays inside
+[0, 1] and keeps its coverage for small samples and accuracies near 0 or 1. Two accuracies
+measured on the *same* images (a robustified image against its original, one model against
+another) are compared per image: the difference of the two accuracies with a 95% interval from
+the paired differences (Wald, on the discordant pairs) and McNemar's exact test (a two-sided
+binomial test on the discordant pairs), from which :func:`verdict` reads a plain
+"holds / does not hold / inconclusive at this scale".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+#: The confidence level of every interval.
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """An accuracy on ``n`` images with its Wilson interval (fractions in [0, 1])."""
+
+    correct: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def value(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    def percent(self, digits: int = 1) -> str:
+        """``"48.5 [41.7, 55.4]"``: the accuracy and its 95% interval in percent."""
+        if not self.n:
+            return "–"
+        return f"{100 * self.value:.{digits}f} [{100 * self.low:.{digits}f}, {100 * self.high:.{digits}f}]"
+
+
+def _as_bool(correct: Sequence[bool] | np.ndarray) -> np.ndarray:
+    array = np.asarray(correct)
+    if array.ndim != 1:
+        raise ValueError(f"expected one flag per image, got shape {array.shape}")
+    if array.dtype != bool:
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError("per-image correctness must be booleans or 0/1")
+        array = array.astype(bool)
+    return array
+
+
+def accuracy(correct: Sequence[bool] | np.ndarray, level: float = LEVEL) -> Accuracy:
+    """The accuracy of per-image correctness flags with its Wilson score interval."""
+    flags = _as_bool(correct)
+    n, k = int(flags.size), int(flags.sum())
+    if n == 0:
+        return Accuracy(0, 0, float("nan"), float("nan"))
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return Accuracy(k, n, float(ci.low), float(ci.high))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``acc(a) - acc(b)`` on the same ``n`` images: ``a_only`` images correct under ``a`` only,
+    ``b_only`` under ``b`` only; a 95% interval of the difference and McNemar's exact p-value."""
+
+    n: int
+    a_only: int
+    b_only: int
+    low: float
+    high: float
+    p_value: float
+
+    @property
+    def value(self) -> float:
+        return (self.a_only - self.b_only) / self.n if self.n else float("nan")
+
+    def percent(self, digits: int = 1) -> str:
+        """``"+16.0 pp [+10.9, +21.1], McNemar p = 3e-09"`` (percentage points)."""
+        if not self.n:
+            return "–"
+        v, lo, hi = (100 * t for t in (self.value, self.low, self.high))
+        return f"{v:+.{digits}f} pp [{lo:+.{digits}f}, {hi:+.{digits}f}], McNemar p = {self.p_value:.2g}"
+
+
+def paired_difference(
+    a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray, level: float = LEVEL
+) -> PairedDifference:
+    """Compare two accuracies measured on the same images (image ``i`` in both ``a[i]`` and
+    ``b[i]``). The interval is the Wald interval of the mean per-image difference (in {-1, 0,
+    1}); the p-value McNemar's exact test, ``binomtest(a_only, a_only + b_only, 0.5)``."""
+    fa, fb = _as_bool(a), _as_bool(b)
+    if fa.shape != fb.shape:
+        raise ValueError(f"paired comparison needs the same images: {fa.size} vs {fb.size} flags")
+    n = int(fa.size)
+    a_only, b_only = int((fa & ~fb).sum()), int((fb & ~fa).sum())
+    if n == 0:
+        return PairedDifference(0, 0, 0, float("nan"), float("nan"), float("nan"))
+    diff = fa.astype(float) - fb.astype(float)
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    low, high = max(-1.0, mean - z * se), min(1.0, mean + z * se)
+    discordant = a_only + b_only
+    p = float(stats.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
+    return PairedDifference(n, a_only, b_only, low, high, p)
+
+
+def verdict(difference: PairedDifference, claim: str = "greater", margin: float = 0.0) -> str:
+    """A plain verdict on a claim about ``acc(a) - acc(b)`` from its 95% interval:
+    ``claim="greater"``: a beats b by more than ``margin``; ``"equal"``: the two agree within
+    ``margin`` (a reproduction's "matches the published number up to margin")."""
+    lo, hi = difference.low, difference.high
+    if not difference.n:
+        return "inconclusive at this scale"
+    if claim == "greater":
+        if lo > margin:
+            return "holds"
+        return "does not hold" if hi <= margin else "inconclusive at this scale"
+    if claim == "equal":
+        if -margin <= lo and hi <= margin:
+            return "holds"
+        return "does not hold" if (lo > margin or hi < -margin) else "inconclusive at this scale"
+    raise ValueError(f"claim must be 'greater' or 'equal', got {claim!r}")
