@@ -14,7 +14,8 @@ COMMANDS = {"train": "train_main", "evaluate": "evaluate_main", "robustify": "ro
 
 def test_console_scripts_point_at_the_cli():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("safespot-")}
-    assert scripts == {f"safespot-{name}": f"safespot.cli:{fn}" for name, fn in COMMANDS.items()}
+    expected = {f"safespot-{name}": f"safespot.cli:{fn}" for name, fn in COMMANDS.items()}
+    assert scripts == {**expected, "safespot-demo": "safespot.cli:demo_main"}
     assert all(callable(getattr(cli, fn)) for fn in COMMANDS.values())
 
 

@@ -310,8 +310,8 @@ def test_stages_are_the_stage_outputs_of_every_model_config():
     from safespot.paths import CONFIG_DIR
 
     data = {"num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    configs = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-    assert configs == sorted(STAGES)  # a new model config needs its row here
+    configs = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "robustbench")
+    assert configs == sorted(STAGES)  # a new model config needs its row here (zoo models: tests/test_zoo.py)
     for name in configs:
         size, expected = STAGES[name]
         torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""Command-line entry points: ``safespot-train``, ``safespot-evaluate``, ``safespot-robustify``
-and ``safespot-ood`` (console scripts of the package), which the top-level ``train.py``,
+"""Command-line entry points: ``safespot-train``, ``safespot-evaluate``, ``safespot-robustify``,
+``safespot-ood`` and ``safespot-demo`` (console scripts of the package), which the top-level ``train.py``,
 ``evaluate.py``, ``robustify.py`` and ``ood.py`` call too. Each composes its Hydra config from
 :data:`safespot.paths.CONFIG_DIR` (the checkout's ``conf/``; ``SAFESPOT_CONFIG_DIR`` points
 elsewhere), prints setting errors as one line with exit status 2, and returns the task's value
@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import safespot  # noqa: F401  (registers config resolvers)
+from safespot.demo import main as demo
 from safespot.evaluate import evaluate
 from safespot.ood.evaluate import evaluate_ood
 from safespot.paths import CONFIG_DIR
@@ -48,3 +49,9 @@ def robustify_main(cfg: DictConfig) -> None:
 def ood_main(cfg: DictConfig) -> None:
     """OOD detection with a checkpoint (``safespot-ood ckpt_path=PATH``)."""
     evaluate_ood(cfg)
+
+
+def demo_main() -> None:
+    """Train, evaluate and robustify in one go and print the headline (``safespot-demo``; see
+    :mod:`safespot.demo`, whose options and overrides it takes)."""
+    raise SystemExit(report_config_errors(demo)())

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from safespot.evaluation import Evaluation, EvaluationModule
-from safespot.runs import describe_model, load_model, load_run_settings
+from safespot.runs import describe_model, load_model, load_run_settings, run_source
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checks import check_batch_size
@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "train_run": (list(run_cfg.get("tags") or []) or [run_cfg.get("task_name")])[0],  # the preset
         "norm": str(cfg.threat.norm),
         "eps": parse_budget(cfg.threat.eps, "threat.eps"),
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "ckpt_path": run_source(cfg, checkpoint),
         "seed": int(cfg.seed),
         "evaluation_config": to_plain(cfg.evaluation),
         "smoothing": to_plain(smoothing) if smoothing is not None else None,

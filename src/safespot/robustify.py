@@ -53,12 +53,13 @@ from safespot.runs import (
     describe_runtime,
     gather_objects,
     load_model,
+    load_training_run,
     merge_shards,
     place_model,
+    run_source,
     shard,
 )
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
-from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
@@ -389,7 +390,7 @@ class Plan:
 def check_settings(cfg: DictConfig) -> tuple[int, int]:
     """The required settings, ``resize`` and ``(batch_size, check_steps)``, each refused with a
     line naming it."""
-    for key in ("ckpt_path", "input", "output"):
+    for key in ("input", "output"):
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required: python robustify.py ckpt_path=PATH input=DIR_OR_FILE output=DIR")
     if cfg.get("resize") not in RESIZE_POLICIES:
@@ -399,10 +400,10 @@ def check_settings(cfg: DictConfig) -> tuple[int, int]:
 
 def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictConfig, Any, PGD, DictConfig]:
     """``(checkpoint, run_cfg, robustifier, check, threat)``: the checkpoint and its training
-    config, the threat (the checkpoint's, non-null ``threat.*`` written over it; checked), the
-    robustifier and the grey-box PGD check, all validated before a model is built."""
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    config (or a zoo model's, :func:`safespot.runs.load_training_run`), the threat (the run's,
+    non-null ``threat.*`` written over it; checked), the robustifier and the grey-box PGD check,
+    all validated before a model is built."""
+    checkpoint, run_cfg = load_training_run(cfg, "robustify.py")
     threat = OmegaConf.create(OmegaConf.to_container(run_cfg.threat, resolve=True))
     for key, value in (cfg.get("threat") or {}).items():
         if value is not None:
@@ -433,7 +434,7 @@ def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
     net = load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes))
     channels, size = model_input(run_cfg)
     meta = {
-        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "ckpt_path": run_source(cfg, checkpoint),
         "model": describe_model(run_cfg),
         "input_size": [channels, size, size],
         "resize": cfg.resize,

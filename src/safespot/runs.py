@@ -10,6 +10,7 @@ the per-item results gathered to every process (:func:`gather_objects`) and writ
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from safespot.errors import ConfigError
+from safespot.models.zoo import is_zoo_model, zoo_run_config
+from safespot.paths import CONFIG_DIR
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
@@ -33,13 +36,42 @@ def _merge_set(base: DictConfig, overrides: DictConfig | None) -> DictConfig:
     return merged
 
 
+def _given(cfg: DictConfig, key: str) -> Any:
+    return None if key not in cfg or OmegaConf.is_missing(cfg, key) else cfg.get(key)
+
+
+def load_training_run(cfg: DictConfig, command: str = "evaluate.py") -> tuple[dict[str, Any], DictConfig]:
+    """``(checkpoint, run_cfg)`` of the classifier a command runs on: the checkpoint at
+    ``cfg.ckpt_path`` (loaded safely) and the training config stored in it, or, for a zoo model
+    (``model=robustbench model.name=...``, :mod:`safespot.models.zoo`), a checkpoint without
+    weights (``{"zoo": entry, "safespot_config": ...}``; the zoo loader brings the weights) and
+    the settings the zoo entry implies. Exactly one of the two must be given."""
+    ckpt_path, model = _given(cfg, "ckpt_path"), _given(cfg, "model")
+    if model is not None:
+        if not is_zoo_model(model):
+            raise ConfigError("model= selects a zoo model here (model=robustbench); trained models come as ckpt_path")
+        if ckpt_path is not None:
+            raise ConfigError("give either ckpt_path (a trained run) or model=robustbench (a zoo model), not both")
+        run_cfg = zoo_run_config(cfg, CONFIG_DIR)
+        return {"zoo": str(run_cfg.zoo), "safespot_config": OmegaConf.to_container(run_cfg)}, run_cfg
+    if ckpt_path is None:
+        raise ConfigError(
+            f"ckpt_path is required: python {command} ckpt_path=PATH (or a zoo model: model=robustbench model.name=X)"
+        )
+    checkpoint = load_checkpoint(ckpt_path)
+    return checkpoint, OmegaConf.create(checkpoint["safespot_config"])
+
+
+def run_source(cfg: DictConfig, checkpoint: dict[str, Any]) -> str:
+    """What the classifier came from, for reports: the resolved checkpoint path or the zoo entry."""
+    return str(checkpoint["zoo"]) if "zoo" in checkpoint else str(Path(cfg.ckpt_path).resolve())
+
+
 def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
-    """Load ``cfg.ckpt_path`` safely and return ``(checkpoint, run_cfg, data_cfg)``: the
-    training run's config stored in the checkpoint, its data config with the non-null
-    ``cfg.data`` entries written over it, and ``cfg.threat`` completed from the checkpoint's
-    threat model (checked), all before any data is read."""
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    """Return ``(checkpoint, run_cfg, data_cfg)`` (:func:`load_training_run`): the training
+    run's config, its data config with the non-null ``cfg.data`` entries written over it, and
+    ``cfg.threat`` completed from the run's threat model (checked), all before any data is read."""
+    checkpoint, run_cfg = load_training_run(cfg)
     data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
     threat = _merge_set(run_cfg.threat, cfg.get("threat"))
     check_threat(threat)
@@ -49,7 +81,13 @@ def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Dict
 
 
 def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int) -> Any:
-    """Instantiate the checkpoint's classifier and load its weights, refusing a mismatch."""
+    """Instantiate the checkpoint's classifier and load its weights (a zoo model: load it from
+    the zoo), refusing a mismatch with the data's classes."""
+    if "zoo" in checkpoint:
+        net = instantiate(run_cfg.model)
+        if int(net.num_classes) != num_classes:
+            raise CheckpointError(f"{checkpoint['zoo']} has {net.num_classes} classes but the data has {num_classes}")
+        return net.eval()
     trained_classes = int(run_cfg.data.num_classes)
     if trained_classes != num_classes:
         raise CheckpointError(f"the checkpoint's model has {trained_classes} classes but the data has {num_classes}")
@@ -62,6 +100,8 @@ def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int
 
 
 def describe_model(run_cfg: DictConfig) -> str:
+    if run_cfg.get("zoo"):
+        return str(run_cfg.zoo)
     backbone = run_cfg.model.get("backbone", run_cfg.model)
     name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
     args = [f"{k}={backbone[k]}" for k in ("depth", "widen_factor", "width") if k in backbone]

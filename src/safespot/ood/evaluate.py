@@ -60,6 +60,7 @@ from safespot.runs import (
     load_model,
     load_run_settings,
     place_model,
+    run_source,
     shard,
 )
 from safespot.threat import parse_budget
@@ -290,7 +291,7 @@ def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
     L.seed_everything(settings.seed, workers=True)
     inputs = collect_inputs(cfg, settings, data_cfg)
     nets = prepare_detectors(settings, inputs, checkpoints)
-    ckpt_path = str(Path(cfg.ckpt_path).resolve())
+    ckpt_path = run_source(cfg, checkpoint)
     meta = {
         "model": describe_model(run_cfg),
         "method": checkpoints[None][0].get("hyper_parameters", {}).get("method"),
