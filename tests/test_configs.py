@@ -55,7 +55,8 @@ GROUPS = ["data", "model", "method", "threat", "optimizer", "scheduler", "traine
 GROUPS += ["scale", "extras", "local", "hparams_search"]
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+# zoo models (model=robustbench) load their weights from a model directory: tests/test_zoo.py
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g) if o != "robustbench"])
 def test_group_option_composes_and_instantiates(make_cfg, monkeypatch, data_root, group, option):
     monkeypatch.setenv("DATA_DIR", str(data_root))
     base = ["data=synthetic", "model=small_cnn", "model.backbone.width=8"]

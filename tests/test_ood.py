@@ -297,6 +297,7 @@ STAGES = {  # the `stages` layers of every conf/model config (input size in brac
     "flss_preact_resnet18": (32, [f"encoder.features.{i}" for i in (2, 4, 6, 10)]),
     "wrn28_10": (32, [f"backbone.features.{i}" for i in (0, 4, 8, 14)]),
     "wrn34_10": (32, [f"backbone.features.{i}" for i in (0, 5, 10, 17)]),
+    "resnet20": (32, [f"backbone.features.{i}" for i in (5, 8, 11)]),
     "resnet50": (64, ["backbone.relu", "backbone.maxpool", *(f"backbone.layer{i}" for i in range(1, 5))]),
 }
 

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from safespot.evaluate import evaluate
+from safespot.report import format_eps
 from safespot.stats import accuracy, paired_difference, verdict
 from safespot.train import train
 from safespot.utils.compose import compose_config
@@ -71,13 +72,12 @@ def headline(records: pd.DataFrame, results: dict[str, Any]) -> tuple[pd.DataFra
     robustified = records[f"{ROBUSTIFIED}_pgd/correct"].astype(bool).to_numpy()
     clean_ok = records["clean/correct"].astype(bool).to_numpy()
     safe = robustified & records[f"{ROBUSTIFIED}/correct"].astype(bool).to_numpy()
-    eps = float(results["eps"]) if "eps" in results else float("nan")
     table = pd.DataFrame(
         [
             {
                 "Model": str(results.get("model", "")),
                 "Norm": str(results.get("norm", "")),
-                "ε": f"{eps * 255:.0f}/255" if results.get("norm") == "linf" else f"{eps:g}",
+                "ε": format_eps(results.get("eps")),
                 "Images": len(records),
                 "Clean": accuracy(clean_ok).percent(),
                 "PGD-20 (originals)": accuracy(original).percent(),

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 import torchvision
 from torch import nn
 
+from safespot.models.noise_injection import NoisyConv2d, noise_scales
 from safespot.models.normalize import ImageClassifier, Normalize
 from safespot.models.preact_resnet import PreActResNet18
+from safespot.models.resnet20 import ResNet20
 from safespot.models.small_cnn import SmallCNN
 from safespot.models.stochastic import StochasticClassifier, build_stochastic_classifier
 from safespot.models.wide_resnet import WideResNet
@@ -28,12 +30,15 @@ def build_classifier(
 
 __all__ = [
     "ImageClassifier",
+    "NoisyConv2d",
     "Normalize",
     "PreActResNet18",
+    "ResNet20",
     "SmallCNN",
     "StochasticClassifier",
     "WideResNet",
     "build_classifier",
     "build_stochastic_classifier",
+    "noise_scales",
     "resnet50",
 ]

@@ -1,0 +1,117 @@
+"""Noise-injected layers: Parametric Noise Injection (He, Rakin & Fan, 2019, "Parametric Noise
+Injection: Trainable Randomness to Improve Deep Neural Network Robustness against Adversarial
+Attack", Eq. 2), the noise models paper 003 builds on (its Sections 2 and 4, reference [18]).
+
+PNI perturbs a layer's weights (``pni_w``) or its output activations (``pni_a``) at every forward
+pass by ``alpha * std(v) * eta``, ``eta ~ N(0, I)``, where ``v`` is the tensor perturbed, ``std``
+its standard deviation (treated as a constant, as in the authors' description; for activations it
+is taken per image, over channels and positions, so that an image's noise does not depend on its
+batch) and ``alpha`` a
+learned scalar per layer (initial value 0.25), trained jointly with the network by adversarial
+training. The noise is on in evaluation mode too: paper 003 smooths the prediction of such a model
+over ``n`` forward passes.
+
+Randomness. Outside :func:`safespot.smoothing.seeded_noise` one weight draw per forward pass is
+shared by the batch (global RNG; training). Inside it, image ``i``'s noise at the block's t-th
+forward pass is a function of its seed and ``t`` only, so predictions, votes and attacks do not
+depend on the batch or the process: the weight variant then gives each image its own weights
+(``W + alpha std(W) eta_i``; the convolution runs grouped, one group per image).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safespot.errors import ConfigError
+from safespot.smoothing.soft import NoiseSeeding
+
+NoiseKind = Literal["none", "pni_w", "pni_a"]
+NOISE_KINDS: tuple[str, ...] = ("none", "pni_w", "pni_a")
+#: The stream tag of injected-noise draws (distinct from the smoothing tags 1 and 2).
+NOISE_INJECTED = 3
+
+
+def check_noise_kind(kind: str) -> str:
+    if kind not in NOISE_KINDS:
+        raise ConfigError(f"noise must be one of {list(NOISE_KINDS)}, got {kind!r}")
+    return kind
+
+
+class NoisyConv2d(nn.Conv2d):
+    """A convolution with PNI noise on its weights (``pni_w``) or on its output (``pni_a``).
+
+    Args (besides :class:`torch.nn.Conv2d`'s):
+        noise: ``none``, ``pni_w`` or ``pni_a``.
+        alpha: the initial noise scale (PNI: 0.25); a learned parameter unless ``noise='none'``.
+        noise_seeding: the model's shared :class:`~safespot.smoothing.soft.NoiseSeeding` (one per
+            network, so that :func:`~safespot.smoothing.seeded_noise` finds and seeds it).
+    """
+
+    def __init__(
+        self,
+        *args,
+        noise: NoiseKind = "pni_w",
+        alpha: float = 0.25,
+        noise_seeding: NoiseSeeding | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise = check_noise_kind(noise)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha))) if self.noise != "none" else None
+        self.noise_seeding = noise_seeding if noise_seeding is not None else NoiseSeeding()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, noise={self.noise}"
+
+    def _draws(self, rows: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """``rows`` standard normal tensors of ``shape``: seeded per image inside
+        ``seeded_noise``, else from the global RNG."""
+        if self.noise_seeding.active:
+            count = int(torch.Size(shape).numel())
+            return self.noise_seeding.normal(rows, count, NOISE_INJECTED, like.device, like.dtype).view(rows, *shape)
+        return torch.randn((rows, *shape), device=like.device, dtype=like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise == "pni_a":
+            out = super().forward(x)
+            # std per image (over channels and positions), so one image's noise never depends on its batch
+            spread = out.detach().flatten(1).std(dim=1).view(-1, *([1] * (out.dim() - 1)))
+            return out + self.alpha * spread * self._draws(out.shape[0], out.shape[1:], out)
+        if self.noise == "pni_w":
+            scale = self.alpha * self.weight.detach().std()
+            if not self.noise_seeding.active:  # one draw for the batch
+                weight = self.weight + scale * self._draws(1, self.weight.shape, self.weight)[0]
+                return self._conv_forward(x, weight, self.bias)
+            return self._per_image(x, scale)
+        return super().forward(x)
+
+    def _per_image(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Each image through its own noisy weights: ``conv(x_i, W) + scale * conv(x_i, eta_i)``,
+        the second term as one grouped convolution."""
+        b = x.shape[0]
+        clean = self._conv_forward(x, self.weight, self.bias)
+        eta = self._draws(b, self.weight.shape, self.weight)  # (B, C_out, C_in / groups, k, k)
+        grouped = eta.reshape(b * self.out_channels, *self.weight.shape[1:])
+        noisy = F.conv2d(
+            x.reshape(1, b * self.in_channels, *x.shape[2:]),
+            grouped,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups * b,
+        )
+        return clean + scale * noisy.view(b, self.out_channels, *noisy.shape[2:])
+
+
+def noise_scales(model: nn.Module) -> dict[str, float]:
+    """The learned ``alpha`` of every noisy layer (for logs and reports)."""
+    return {
+        name: float(module.alpha.detach())
+        for name, module in model.named_modules()
+        if isinstance(module, NoisyConv2d) and module.alpha is not None
+    }

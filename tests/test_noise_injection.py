@@ -1,0 +1,89 @@
+"""ResNet-20 and the noise-injected layers of paper 003's base models (PNI, He et al., 2019)."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+
+from conftest import SYNTHETIC
+from safespot.errors import ConfigError
+from safespot.models import NoisyConv2d, ResNet20, noise_scales
+from safespot.smoothing.soft import seeded_noise
+from safespot.train import train
+
+NOISY = ["pni_w", "pni_a"]
+
+
+def test_resnet20_is_he_et_als_cifar_network():
+    net = ResNet20()
+    assert sum(p.numel() for p in net.parameters()) == 269_722  # 0.27M (He et al., Table 6)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 19  # + 1 linear = 20 layers
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="noise must be one of"):
+        ResNet20(noise="cni_x")
+
+
+@pytest.mark.parametrize("noise", NOISY)
+def test_noise_is_drawn_at_every_forward_pass_and_is_off_without_noise(noise):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    noisy, plain = ResNet20(noise=noise).eval(), ResNet20().eval()
+    assert not torch.equal(noisy(x), noisy(x))  # on in eval mode: smoothed inference averages passes
+    assert torch.equal(plain(x), plain(x))
+    assert all(v == pytest.approx(0.25) for v in noise_scales(noisy).values()) and len(noise_scales(noisy)) == 19
+
+
+@pytest.mark.parametrize("noise", NOISY)
+@pytest.mark.parametrize("seeded", [False, True])
+def test_the_learned_noise_scale_receives_gradients(noise, seeded):
+    torch.manual_seed(0)
+    net = ResNet20(noise=noise, blocks=1)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with seeded_noise(net, torch.arange(4) if seeded else None):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    alphas = [m.alpha for m in net.modules() if isinstance(m, NoisyConv2d)]
+    assert alphas and all(a.grad is not None and a.grad.abs() > 0 for a in alphas)
+
+
+@pytest.mark.parametrize("noise", NOISY)
+def test_seeded_draws_are_per_image_and_independent_of_the_batch(noise):
+    torch.manual_seed(0)
+    net = ResNet20(noise=noise, blocks=1).eval()
+    x, seeds = torch.rand(5, 3, 16, 16), torch.tensor([11, 12, 13, 14, 15])
+    with seeded_noise(net, seeds):
+        together = net(x)
+        second_pass = net(x)  # the next forward pass: fresh draws
+    with seeded_noise(net, seeds[[3, 1]]):
+        apart = net(x[[3, 1]])
+    with seeded_noise(net, seeds):
+        again = net(x)
+    torch.testing.assert_close(apart, together[[3, 1]], rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, together) and not torch.allclose(second_pass, together)
+    # each image its own draw: two copies of one image with different seeds differ
+    with seeded_noise(net, torch.tensor([1, 2])):
+        twins = net(x[[0, 0]])
+    assert not torch.allclose(twins[0], twins[1])
+
+
+def test_a_noise_injected_resnet20_trains_through_the_normal_command(make_cfg):
+    quiet = [o for o in SYNTHETIC if not o.startswith("model")]
+    cfg = make_cfg(
+        *quiet,
+        "model=resnet20",
+        "model.backbone.noise=pni_w",
+        "model.backbone.blocks=1",
+        "method=adversarial",
+        "threat.steps=1",
+        "method.val_attack.steps=1",
+        "method.test_attack.steps=1",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "test=false",
+        synthetic=False,
+    )
+    start = noise_scales(hydra.utils.instantiate(cfg.model))
+    _, objects = train(cfg)
+    learned = noise_scales(objects["method"].net)
+    assert set(learned) == set(start) and learned != start  # the scales were trained
