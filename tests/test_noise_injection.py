@@ -12,7 +12,7 @@ from safespot.models import NoisyConv2d, ResNet20, noise_scales
 from safespot.smoothing.soft import seeded_noise
 from safespot.train import train
 
-NOISY = ["pni_w", "pni_a"]
+NOISY = ["pni_w", "pni_a", "cni_w"]
 
 
 def test_resnet20_is_he_et_als_cifar_network():
@@ -31,19 +31,21 @@ def test_noise_is_drawn_at_every_forward_pass_and_is_off_without_noise(noise):
     noisy, plain = ResNet20(noise=noise).eval(), ResNet20().eval()
     assert not torch.equal(noisy(x), noisy(x))  # on in eval mode: smoothed inference averages passes
     assert torch.equal(plain(x), plain(x))
-    assert all(v == pytest.approx(0.25) for v in noise_scales(noisy).values()) and len(noise_scales(noisy)) == 19
+    if noise != "cni_w":
+        assert all(v == pytest.approx(0.25) for v in noise_scales(noisy).values()) and len(noise_scales(noisy)) == 19
 
 
 @pytest.mark.parametrize("noise", NOISY)
 @pytest.mark.parametrize("seeded", [False, True])
-def test_the_learned_noise_scale_receives_gradients(noise, seeded):
+def test_the_learned_noise_parameters_receive_gradients(noise, seeded):
     torch.manual_seed(0)
     net = ResNet20(noise=noise, blocks=1)
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     with seeded_noise(net, torch.arange(4) if seeded else None):
         torch.nn.functional.cross_entropy(net(x), y).backward()
-    alphas = [m.alpha for m in net.modules() if isinstance(m, NoisyConv2d)]
-    assert alphas and all(a.grad is not None and a.grad.abs() > 0 for a in alphas)
+    layers = [m for m in net.modules() if isinstance(m, NoisyConv2d)]
+    learned = [p for m in layers for p in ((m.diag, m.factor) if noise == "cni_w" else (m.alpha,))]
+    assert layers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned)
 
 
 @pytest.mark.parametrize("noise", NOISY)
@@ -87,3 +89,14 @@ def test_a_noise_injected_resnet20_trains_through_the_normal_command(make_cfg):
     _, objects = train(cfg)
     learned = noise_scales(objects["method"].net)
     assert set(learned) == set(start) and learned != start  # the scales were trained
+
+
+def test_colored_noise_has_the_low_rank_plus_diagonal_covariance():
+    """CNI-W's weight noise: covariance ``diag(|std(W) d|) + F F^T`` over all weights of the layer."""
+    torch.manual_seed(0)
+    conv = NoisyConv2d(2, 2, 1, bias=False, noise="cni_w", rank=2)
+    with torch.no_grad():
+        conv.factor.copy_(torch.randn_like(conv.factor) * 0.3)
+        samples = conv.weight_noise(200_000).flatten(1)
+        expected = torch.diag((conv.weight.std() * conv.diag).abs() + 1e-8) + conv.factor @ conv.factor.T
+    torch.testing.assert_close(samples.T.cov(), expected, atol=0.01, rtol=0.05)

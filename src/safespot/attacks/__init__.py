@@ -2,9 +2,18 @@
 :class:`Attack` interface (:mod:`safespot.attacks.base`)."""
 
 from safespot.attacks.autoattack import AutoAttack
-from safespot.attacks.base import Attack, AttackFactory, AttackSpec, attack_config, build_attack, check_attack
+from safespot.attacks.base import (
+    Attack,
+    AttackFactory,
+    AttackSpec,
+    CountsQueries,
+    attack_config,
+    build_attack,
+    check_attack,
+)
 from safespot.attacks.context import attack_context
 from safespot.attacks.losses import get_loss
+from safespot.attacks.nattack import NAttack
 from safespot.attacks.pgd import PGD, fgsm, fgsm_rs
 from safespot.attacks.safe_spot import SafeSpotStep
 from safespot.attacks.trades import TradesKL, trades_kl
@@ -15,6 +24,8 @@ __all__ = [
     "AttackFactory",
     "AttackSpec",
     "AutoAttack",
+    "CountsQueries",
+    "NAttack",
     "SafeSpotStep",
     "TradesKL",
     "attack_config",

@@ -68,6 +68,14 @@ class Attack(Protocol):
         ...
 
 
+@runtime_checkable
+class CountsQueries(Protocol):
+    """A black-box attack that counts the model queries it spent on each image of its last call
+    (``last_queries``, one integer per image; the evaluation records them as ``<name>/queries``)."""
+
+    last_queries: torch.Tensor | None
+
+
 #: A partially applied attack (Hydra's ``_partial_: true``): called, it returns the attack.
 AttackFactory = Callable[..., Attack]
 #: What a method accepts for an attack setting: an attack, a factory, or (the settings of

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safespot.attacks.base import Attack, check_attack
+from safespot.attacks.base import Attack, CountsQueries, check_attack
 from safespot.defenses.quantize import round_trip_8bit
 from safespot.defenses.robustifier import Robustifier, check_robustifier
 from safespot.evaluation.records import sweep_name
@@ -120,6 +120,14 @@ class AttackEvaluation(Evaluation):
         if not self.ball.contains(x_adv, x, tol=1e-5).all():
             raise RuntimeError(f"evaluation {self.name!r}: the attack left its threat model")
         return x_adv
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        fields, x_eval = super().__call__(model, x, y, seeds)
+        if isinstance(self.attack, CountsQueries) and self.attack.last_queries is not None:
+            fields[f"{self.name}/queries"] = self.attack.last_queries  # a black-box attack's queries per image
+        return fields, x_eval
 
 
 def radius_key(radius: float) -> str:

@@ -111,7 +111,7 @@ def summarize(
     for column in records.columns:  # rates and means of the other per-image fields
         if column.endswith(("/invalid", "/early_exit")):
             summary[f"{column}_rate"] = float(records[column].mean())
-        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss", "/radius")):
+        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss", "/radius", "/queries")):
             summary[f"{column}_mean"] = float(records[column].mean())
         elif "/cert_" in column:  # certified accuracy at a radius (randomised smoothing)
             summary[column] = float(records[column].mean())

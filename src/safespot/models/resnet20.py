@@ -5,8 +5,9 @@ second and third stage), global average pooling and a linear layer; identity sho
 zero-padded channels and subsampling where the shape changes (option A); 0.27M parameters.
 
 ``noise`` makes every convolution a noise-injected one (:mod:`safespot.models.noise_injection`;
-``pni_w``: PNI on the weights, ``pni_a``: on the activations), the base models of paper 003; the
-linear layer stays noise-free.
+``pni_w``: PNI on the weights, ``pni_a``: on the activations, ``cni_w``: colored noise on the
+weights), the base models of paper 003. The linear layer stays noise-free (the code accompanying
+paper 003 also perturbs it with white noise; a choice left open by the paper's text).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ResNet20(nn.Module):
         blocks: int = 3,
         noise: NoiseKind = "none",
         alpha: float = 0.25,
+        rank: int = 5,
     ) -> None:
         super().__init__()
         check_noise_kind(noise)
@@ -59,7 +61,8 @@ class ResNet20(nn.Module):
             conv, options = nn.Conv2d, {}
         else:
             self.noise_seeding = NoiseSeeding()  # one source for every layer (seeded_noise finds it)
-            conv, options = NoisyConv2d, {"noise": noise, "alpha": alpha, "noise_seeding": self.noise_seeding}
+            options = {"noise": noise, "alpha": alpha, "rank": rank, "noise_seeding": self.noise_seeding}
+            conv = NoisyConv2d
         layers: list[nn.Module] = [conv(in_channels, 16, 3, 1, 1, bias=False, **options), nn.BatchNorm2d(16), nn.ReLU()]
         cin = 16
         for width, stride in ((16, 1), (32, 2), (64, 2)):

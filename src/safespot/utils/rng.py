@@ -177,6 +177,7 @@ PURPOSES: dict[str, int] = {
             "outlier_noise",  # the Gaussian / uniform outlier images
             "autoattack_vote",  # AutoAttack's vote seeds when the caller gives none
             "file",  # robustify.py: a file's seed from its content
+            "nattack",  # NAttack's initial mean and population draws, per iteration
         ),
         start=1,
     )
