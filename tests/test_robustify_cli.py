@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import SYNTHETIC, compose_config
-from safespot.robustify import class_names, model_input, robustify_files
+from safespot.robustify import class_names, robustify_files
+from safespot.runs import model_input
 from safespot.train import train
 from safespot.utils.task import ConfigError
 

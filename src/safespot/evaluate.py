@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from safespot.evaluation import Evaluation, EvaluationModule
-from safespot.runs import describe_model, load_model, load_run_settings, run_source
+from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checks import check_batch_size
@@ -61,6 +61,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(data_cfg)
+    for evaluation in evaluations:  # e.g. a transfer source made for other images: refused before any work
+        evaluation.check_target(datamodule.num_classes, model_input(OmegaConf.create({"data": data_cfg})))
     net = prepare_net(load_model(checkpoint, run_cfg, datamodule.num_classes), cfg.get("perf"))
     if smoothing is not None:
         net = instantiate(smoothing, base=net).eval()

@@ -55,6 +55,7 @@ from safespot.runs import (
     load_model,
     load_training_run,
     merge_shards,
+    model_input,
     place_model,
     run_source,
     shard,
@@ -157,13 +158,6 @@ def check_output(output: Any, spec: Any, inputs: list[tuple[Path, str | None]]) 
 
 def _show(spec: Any) -> str:
     return repr(OmegaConf.to_container(spec)) if isinstance(spec, ListConfig) else repr(str(spec))
-
-
-def model_input(run_cfg: DictConfig) -> tuple[int, int]:
-    """``(channels, size)`` the checkpoint's model was trained on: ``data.image_size`` where
-    the data config has one (ImageFolder, synthetic), else 32 (CIFAR-10/100, SVHN)."""
-    data = run_cfg.data
-    return int(data.get("channels", 3) or 3), int(data.get("image_size", 32) or 32)
 
 
 def class_names(run_cfg: DictConfig) -> tuple[str, ...] | None:

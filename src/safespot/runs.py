@@ -99,6 +99,21 @@ def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int
     return net.eval()
 
 
+def model_input(run_cfg: DictConfig) -> tuple[int, int]:
+    """``(channels, size)`` the run's model takes: ``data.image_size`` where the data config has
+    one (ImageFolder, synthetic), else 32 (CIFAR-10/100, SVHN)."""
+    data = run_cfg.data
+    return int(data.get("channels", 3) or 3), int(data.get("image_size", 32) or 32)
+
+
+def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, DictConfig]:
+    """A trained run's classifier (eval mode, on the CPU) and its training config, e.g. the source
+    model of a transfer attack."""
+    checkpoint = load_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    return load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)), run_cfg
+
+
 def describe_model(run_cfg: DictConfig) -> str:
     if run_cfg.get("zoo"):
         return str(run_cfg.zoo)

@@ -11,6 +11,7 @@ from safespot.evaluation.evaluations import (
 )
 from safespot.evaluation.module import EvaluationModule
 from safespot.evaluation.records import merge_shards, summarize
+from safespot.evaluation.transfer import TransferEvaluation
 from safespot.utils.rng import image_seeds
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Evaluation",
     "EvaluationModule",
     "PreemptiveEvaluation",
+    "TransferEvaluation",
     "image_seeds",
     "merge_shards",
     "predict_logits",

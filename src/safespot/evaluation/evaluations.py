@@ -52,6 +52,11 @@ class Evaluation:
     def points(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_target(self, num_classes: int, input_shape: tuple[int, int]) -> None:
+        """Refuse a model this evaluation cannot run on (``num_classes``, ``(channels, size)`` of
+        its input), before any image is evaluated; every evaluation but the transfer attack runs on
+        any classifier."""
+
     def score(
         self,
         model: nn.Module,
