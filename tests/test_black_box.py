@@ -121,8 +121,8 @@ def test_transfer_examples_come_from_the_source_and_stay_in_the_ball(runs, tmp_p
 
 
 def test_a_transfer_source_that_does_not_fit_the_target_is_refused_before_any_work(runs, tmp_path):
-    with pytest.raises(ConfigError, match="transfer source .* 3 classes"):
+    with pytest.raises(ConfigError, match=r"transfer source .* 3 classes"):
         _evaluate(runs["target"], runs["three_classes"], tmp_path / "a")
     assert not (tmp_path / "a" / "records.csv").exists()
-    with pytest.raises(Exception, match="missing.ckpt"):
+    with pytest.raises(Exception, match=r"missing\.ckpt"):
         _evaluate(runs["target"], tmp_path / "missing.ckpt", tmp_path / "b")
