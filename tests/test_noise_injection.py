@@ -100,3 +100,25 @@ def test_colored_noise_has_the_low_rank_plus_diagonal_covariance():
         samples = conv.weight_noise(200_000).flatten(1)
         expected = torch.diag((conv.weight.std() * conv.diag).abs() + 1e-8) + conv.factor @ conv.factor.T
     torch.testing.assert_close(samples.T.cov(), expected, atol=0.01, rtol=0.05)
+
+
+def test_the_smoothed_vote_averages_a_noisy_models_own_noise_per_draw_independent_of_the_batch():
+    """Paper 003's smoothed inference on a noise-injected model: every draw of the vote has its own
+    weight noise (sigma 0: only that noise), seeded per image and draw, so the vote of an image is
+    the same alone, in a batch, and with another chunking."""
+    from safespot.smoothing import SmoothedClassifier
+
+    torch.manual_seed(0)
+    net = ResNet20(noise="cni_w", blocks=1).eval()
+    x, seeds = torch.rand(4, 3, 16, 16), torch.tensor([5, 6, 7, 8])
+    smoothed = SmoothedClassifier(net, sigma=0.0, n_vote=12, vote="soft", max_batch=48).eval()
+    together = smoothed.vote_logits(x, seed=seeds)
+    alone = smoothed.vote_logits(x[[2]], seed=seeds[[2]])
+    smoothed.max_batch = 5  # other chunks: rows of one draw never share noise by accident
+    rechunked = smoothed.vote_logits(x, seed=seeds)
+    torch.testing.assert_close(alone, together[[2]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rechunked, together, rtol=1e-4, atol=1e-5)
+    one = SmoothedClassifier(net, sigma=0.0, n_vote=1, vote="soft").eval().vote_logits(x, seed=seeds)
+    assert not torch.allclose(one, together)  # 12 draws with different model noise are not 1
+    with pytest.raises(Exception, match="certify needs input noise"):
+        smoothed.certify(x, n0=2, n=4)

@@ -43,6 +43,12 @@ Draws per forward pass (paper 002, Appendix C.2: 5 draws to robustify, 50 to att
 ``m_robustify`` and ``m_attack``. ``forward`` uses ``m_attack`` at rest, and
 ``smoothing_draws(model, "robustify")`` switches to ``m_robustify`` for a block (the
 robustifier's search); ``m``, when given, sets both (one value for everything).
+
+Noise-injected base models (PNI, CNI-W; :mod:`safespot.models.noise_injection`): each noisy
+sample of a vote also draws the model's own noise afresh, seeded by the image, the purpose and the
+draw number, so the vote averages over both the input noise and the model's noise (paper 003's
+smoothed inference) and does not depend on the batch or the chunking; ``sigma = 0`` then averages
+the model's own noise only (paper 003, Table 4, "CNI-W, sigma 0"; CERTIFY needs ``sigma > 0``).
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import SoftSmoothed, noise_stream, unseeded_noise
+from safespot.smoothing.soft import SoftSmoothed, noise_stream, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
-from safespot.utils.rng import seeded_normal_at
+from safespot.utils.rng import derive, seeded_normal_at
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
 _MC_TAG = 3  # the noise streams of the Monte Carlo estimates (votes, PREDICT, CERTIFY)
@@ -280,10 +286,12 @@ class SmoothedClassifier(SoftSmoothed):
             return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
         seed_words = seeds.to(x.device)
         totals: torch.Tensor | None = None
-        with unseeded_noise(self.base):  # the chunks are not the seeded batch of an enclosing attack
-            for chunk in chunks(len(x), n, self.max_batch):
-                owner, draw = _rows(chunk, x.device)
-                noise = self._noise(x, seed_words, owner, draw, purpose)
+        for chunk in chunks(len(x), n, self.max_batch):
+            owner, draw = _rows(chunk, x.device)
+            noise = self._noise(x, seed_words, owner, draw, purpose)
+            # a noise-injected base (PNI, CNI) draws its own noise per row: draw j of image i from
+            # (seed_i, purpose, j), whatever the chunk (no-op for a deterministic base)
+            with seeded_noise(self.base, derive(seed_words[owner], "smoothing_draw", purpose, draw)):
                 out = score(self.base(x[owner] + noise).float()).double()
                 if totals is None:
                     totals = out.new_zeros((len(x), out.shape[1]))
@@ -371,6 +379,8 @@ class SmoothedClassifier(SoftSmoothed):
         """
         n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
         alpha = check_alpha(alpha)
+        if self.sigma == 0:
+            raise ThreatConfigError("certify needs input noise: sigma > 0 (sigma 0 only averages a noisy model's own noise)")
         seeds = image_seed_tensor(len(x), seed, generator, x.device)
         guess = self._counts(x, n0, seeds, _SELECT).argmax(1)
         counts = self._counts(x, n, seeds, _ESTIMATE)

@@ -195,7 +195,8 @@ class SoftSmoothed(nn.Module):
     def __init__(self, base: nn.Module, sigma: float, m: int = 5) -> None:
         super().__init__()
         self.base = base
-        self.sigma = parse_budget(sigma, "sigma")
+        self.sigma = parse_budget(sigma, "sigma", allow_zero=bool(_noise_sources(base)))
+        # sigma 0 only for a noise-injected base (PNI, CNI): its own noise is then all that is averaged
         self.m = check_positive_int(m, "m")
         self.num_classes = getattr(base, "num_classes", None)
         self.noise_seeding = NoiseSeeding()

@@ -178,6 +178,7 @@ PURPOSES: dict[str, int] = {
             "autoattack_vote",  # AutoAttack's vote seeds when the caller gives none
             "file",  # robustify.py: a file's seed from its content
             "nattack",  # NAttack's initial mean and population draws, per iteration
+            "smoothing_draw",  # a noise-injected base's own noise in draw j of a smoothed vote
         ),
         start=1,
     )
