@@ -380,7 +380,7 @@ class SmoothedClassifier(SoftSmoothed):
         n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
         alpha = check_alpha(alpha)
         if self.sigma == 0:
-            raise ThreatConfigError("certify needs input noise: sigma > 0 (sigma 0 only averages a noisy model's own noise)")
+            raise ThreatConfigError("certify needs input noise: sigma > 0 (sigma 0 averages a model's own noise only)")
         seeds = image_seed_tensor(len(x), seed, generator, x.device)
         guess = self._counts(x, n0, seeds, _SELECT).argmax(1)
         counts = self._counts(x, n, seeds, _ESTIMATE)
