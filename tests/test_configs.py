@@ -69,6 +69,9 @@ def test_group_option_composes_and_instantiates(make_cfg, monkeypatch, data_root
     assert method.net is net and dm.num_classes == net.num_classes
 
 
+RESNET20_PRESETS = ("cifar10_cni_w", "cifar10_pni_w", "cifar10_adv_resnet20", "cifar10_cni_iw_finetune")
+
+
 def _preset_scales() -> list:
     """(preset, scale) for every preset at both scales. scale=reduced selects the plain small CNN,
     which FLSS cannot train: its reduced model is another option of the model group, which only
@@ -78,6 +81,8 @@ def _preset_scales() -> list:
         for scale in ("full", "reduced"):
             if "flss" in experiment and scale == "reduced":
                 continue  # the scale's small_cnn replaces the stochastic model: see the test below
+            if experiment in RESNET20_PRESETS and scale == "reduced":
+                scale = "reduced_resnet20"  # keeps the noise-injected ResNet-20 (conf/scale/reduced_resnet20.yaml)
             cases.append(pytest.param(experiment, scale, id=f"{experiment}-{scale}"))
     return cases
 

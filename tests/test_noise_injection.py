@@ -122,3 +122,52 @@ def test_the_smoothed_vote_averages_a_noisy_models_own_noise_per_draw_independen
     assert not torch.allclose(one, together)  # 12 draws with different model noise are not 1
     with pytest.raises(Exception, match="certify needs input noise"):
         smoothed.certify(x, n0=2, n=4)
+
+
+def test_fine_tuning_starts_from_the_checkpoints_weights(make_cfg, tmp_path):
+    """``init_from`` (paper 003 fine-tunes an adversarially pre-trained model): the new run's
+    network starts with the checkpoint's weights, with its own optimiser and epochs."""
+    from safespot.train import initialise_from
+    from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
+
+    base = ["model=resnet20", "model.backbone.noise=cni_w", "model.backbone.blocks=1", "method=natural"]
+    quiet = [o for o in SYNTHETIC if not o.startswith("model")]
+    first = make_cfg(*quiet, *base, "trainer.max_epochs=1", "test=false", synthetic=False, out=tmp_path / "a")
+    _, objects = train(first)
+    path = objects["trainer"].checkpoint_callback.last_model_path
+    net = hydra.utils.instantiate(first.model)
+    initialise_from(net, path)
+    saved = net_state_dict(load_checkpoint(path))
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    tuned = make_cfg(*quiet, *base, f"init_from={path}", "trainer.max_epochs=1", "test=false", synthetic=False,
+                     out=tmp_path / "b")  # fmt: skip
+    _, again = train(tuned)
+    assert again["trainer"].current_epoch == 1  # a fresh run of its own length, not a resume
+    with pytest.raises(CheckpointError, match="do not fit the model config"):
+        initialise_from(ResNet20(noise="pni_w", blocks=1), path)
+    with pytest.raises(ConfigError, match="not both"):
+        train(make_cfg(*quiet, *base, f"init_from={path}", f"ckpt_path={path}", synthetic=False))
+
+
+def test_adv_weight_mixes_clean_and_adversarial_cross_entropy(tiny_net, images):
+    """Paper 003, Eq. 23: ``(1 - w) CE(c(x), y) + w CE(c(x_a), y)``; TRADES refuses it."""
+    import functools
+
+    from safespot.methods import AdversarialTraining, TradesTraining
+
+    x, y = images
+    threat = {"norm": "linf", "eps": 0.1, "step_size": 0.03, "steps": 2}
+    common = {"net": tiny_net, "optimizer": functools.partial(torch.optim.SGD, lr=0.1), "threat": threat}
+    method = AdversarialTraining(**common, adv_weight=0.5, attack_mode="eval", attack_updates_bn=False)
+    tiny_net.eval()
+    torch.manual_seed(0)
+    loss, _ = method.training_loss(x, y)
+    torch.manual_seed(0)
+    x_adv = method.adversarial_examples(x, y)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(loss, 0.5 * ce(tiny_net(x), y) + 0.5 * ce(tiny_net(x_adv), y))
+    assert method.hparams["adv_weight"] == 0.5
+    with pytest.raises(ValueError, match="adv_weight"):
+        AdversarialTraining(**common, adv_weight=0.0)
+    with pytest.raises(ValueError, match="TRADES weighs"):
+        TradesTraining(**common, adv_weight=0.5)

@@ -35,6 +35,7 @@ from safespot.train import train
 from safespot.utils.compose import compose_config
 from safespot.utils.resolvers import unique_suffix
 from safespot.utils.tables import markdown_table
+from safespot.utils.task import report_config_errors
 
 EVALUATIONS = "[clean,pgd,preempt_sfull_fast]"
 ROBUSTIFIED = "preempt_sfull_fast"
@@ -158,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_config_errors(main)())

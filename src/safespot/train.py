@@ -10,7 +10,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from safespot.utils.callbacks import display_callbacks
-from safespot.utils.checkpoint import load_checkpoint
+from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_train_config
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.logging import get_logger
@@ -25,6 +25,16 @@ def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(cfg.method, net=net, optimizer=optimizer, scheduler=scheduler, _convert_="all")
+
+
+def initialise_from(net: Any, path: str) -> None:
+    """Load the network weights of the checkpoint at ``path`` into ``net`` (fine-tuning), refusing
+    weights that do not fit the model config."""
+    try:
+        net.load_state_dict(net_state_dict(load_checkpoint(path)))
+    except RuntimeError as err:
+        raise CheckpointError(f"init_from={path}: its weights do not fit the model config: {err}") from None
+    log.info("initialised the network from %s", path)
 
 
 def best_monitored(checkpoint: Any) -> float | None:
@@ -52,7 +62,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(cfg.data)
-    net = prepare_net(instantiate(cfg.model), cfg.get("perf"))
+    net = instantiate(cfg.model)
+    if cfg.get("init_from"):
+        initialise_from(net, cfg.init_from)
+    net = prepare_net(net, cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [*instantiate_callbacks(cfg.get("callbacks")), *display_callbacks(cfg.trainer)]

@@ -30,6 +30,8 @@ class AdversarialTraining(ClassifierModule):
         attack_mode: the network mode while attacking (``train``: Rice et al.; ``eval``;
             ``keep``); the method binds it into the attack as ``mode``.
         attack_updates_bn: whether the attack's forward passes may update batch-norm statistics.
+        adv_weight: ``w`` of ``(1 - w) CE(c(x), y) + w CE(c(x_a), y)`` (paper 003, Eq. 23; the
+            code accompanying it trains its CNI-W base models with ``w = 0.5``); 1 is Madry et al.
     """
 
     def __init__(
@@ -38,8 +40,12 @@ class AdversarialTraining(ClassifierModule):
         train_attack: AttackSpec = None,
         attack_mode: AttackMode = "train",
         attack_updates_bn: bool = True,
+        adv_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if not 0.0 < float(adv_weight) <= 1.0:
+            raise ValueError(f"adv_weight must be in (0, 1], got {adv_weight!r}")
+        self.adv_weight = float(adv_weight)
         self.attack_mode = check_attack_mode(attack_mode)
         self.attack_updates_bn = bool(attack_updates_bn)
         self._train_attack_spec = train_attack
@@ -48,7 +54,9 @@ class AdversarialTraining(ClassifierModule):
         self.train_attack = self.build_train_attack()
 
     def extra_hparams(self) -> dict[str, Any]:
+        extra = {"adv_weight": self.adv_weight} if self.adv_weight != 1.0 else {}
         return {
+            **extra,
             "attack_mode": self.attack_mode,
             "attack_updates_bn": self.attack_updates_bn,
             "train_attack": self._resolved_train_attack()[1],
@@ -87,7 +95,10 @@ class AdversarialTraining(ClassifierModule):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(self.adversarial_examples(x, y))
-        return cross_entropy(logits, y), logits
+        loss = cross_entropy(logits, y)
+        if self.adv_weight < 1.0:
+            loss = (1.0 - self.adv_weight) * cross_entropy(self.net(x), y) + self.adv_weight * loss
+        return loss, logits
 
 
 class FastAdversarialTraining(AdversarialTraining):

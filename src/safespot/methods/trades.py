@@ -35,6 +35,8 @@ class TradesTraining(AdversarialTraining):
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta = float(beta)
         super().__init__(*args, attack_mode=attack_mode, **kwargs)
+        if self.adv_weight != 1.0:
+            raise ValueError("TRADES weighs its terms with beta; adv_weight applies to PGD adversarial training")
 
     def extra_hparams(self) -> dict[str, Any]:
         return {**super().extra_hparams(), "beta": self.beta}

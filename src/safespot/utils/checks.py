@@ -75,5 +75,8 @@ def check_train_config(cfg: DictConfig) -> None:
     check_threat(cfg.threat)
     check_batch_size(cfg)
     check_file(cfg.get("ckpt_path"), "ckpt_path")
+    check_file(cfg.get("init_from"), "init_from")
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError("give ckpt_path (resume a run) or init_from (fine-tune its weights), not both")
     if method_runs_attacks(cfg.method):
         refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "training that runs attacks")
