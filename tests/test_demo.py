@@ -94,5 +94,5 @@ def test_the_demo_trains_evaluates_robustifies_and_reports_the_headline(tmp_path
 def test_the_demo_without_data_stops_with_one_error_naming_the_fix(tmp_path):
     from safespot.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.download=true"):
+    with pytest.raises(ConfigError, match=r"data\.download=true"):
         main(["--log-dir", str(tmp_path), f"data.root={tmp_path / 'nowhere'}", "logger=none"])
