@@ -171,3 +171,35 @@ def test_adv_weight_mixes_clean_and_adversarial_cross_entropy(tiny_net, images):
         AdversarialTraining(**common, adv_weight=0.0)
     with pytest.raises(ValueError, match="TRADES weighs"):
         TradesTraining(**common, adv_weight=0.5)
+
+
+def test_the_vote_sweep_scores_each_n_and_rule_as_the_vote_itself_would(make_cfg, tmp_path):
+    """``evaluation=[votes]``: accuracy versus the number of draws and the vote rule (paper 003)
+    from one run of max(n) draws; each (rule, n) equals the smoothed classifier's own vote."""
+    from safespot.evaluation import VoteSweep
+    from safespot.smoothing import SmoothedClassifier
+
+    torch.manual_seed(0)
+    net = ResNet20(noise="pni_w", blocks=1).eval()
+    x, y, seeds = torch.rand(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4]), torch.arange(5)
+    smoothed = SmoothedClassifier(net, sigma=0.1, n_vote=8, max_batch=9).eval()
+    fields, _ = VoteSweep("votes", ns=[1, 8], votes=["majority", "soft", "weighted"])(smoothed, x, y, seeds)
+    for vote in ("majority", "soft", "weighted"):
+        for n in (1, 8):
+            smoothed.vote, smoothed.n_vote = vote, n
+            assert torch.equal(fields[f"votes_{vote}_n{n}/pred"], smoothed.vote_logits(x, seed=seeds).argmax(1))
+    with pytest.raises(ConfigError, match="needs a smoothed classifier"):
+        VoteSweep("votes")(net, x, y, seeds)
+    # through evaluate.py: the sweep's records next to the other evaluations'
+    from safespot.evaluate import evaluate
+
+    quiet = [o for o in SYNTHETIC if not o.startswith("model")]
+    first = make_cfg(*quiet, "model=resnet20", "model.backbone.noise=cni_w", "model.backbone.blocks=1",
+                     "method=natural", "trainer.max_epochs=1", "test=false", synthetic=False, out=tmp_path / "t")  # fmt: skip
+    _, objects = train(first)
+    out = tmp_path / "eval"
+    cfg = make_cfg(f"ckpt_path={objects['trainer'].checkpoint_callback.last_model_path}", "smoothing.sigma=0",
+                   "evaluation=[clean,votes_pgd]", "evaluation.votes_pgd.attack.steps=2", "evaluation.votes_pgd.ns=[1,4]",
+                   "smoothing.m_attack=2", "data.test_subset=8", name="evaluate", out=out)  # fmt: skip
+    results = evaluate(cfg)
+    assert {f"votes_pgd_{v}_n{n}/acc" for v in ("majority", "soft", "weighted") for n in (1, 4)} <= set(results)

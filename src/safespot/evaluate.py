@@ -44,7 +44,9 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
     settings are validated here, before any work."""
     if not cfg or cfg.get("sigma") is None:
         return None
-    instantiate(cfg, base=nn.Identity())
+    # sigma 0 is valid only around a noise-injected model: checked when the real model is wrapped
+    probe = OmegaConf.merge(cfg, {"sigma": 1.0}) if cfg.get("sigma") == 0 else cfg
+    instantiate(probe, base=nn.Identity())
     return cfg
 
 

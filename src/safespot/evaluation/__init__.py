@@ -12,6 +12,7 @@ from safespot.evaluation.evaluations import (
 from safespot.evaluation.module import EvaluationModule
 from safespot.evaluation.records import merge_shards, summarize
 from safespot.evaluation.transfer import TransferEvaluation
+from safespot.evaluation.votes import VoteSweep
 from safespot.utils.rng import image_seeds
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "EvaluationModule",
     "PreemptiveEvaluation",
     "TransferEvaluation",
+    "VoteSweep",
     "image_seeds",
     "merge_shards",
     "predict_logits",

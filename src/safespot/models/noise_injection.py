@@ -37,12 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.errors import ConfigError
-from safespot.smoothing.soft import NoiseSeeding
+from safespot.smoothing.soft import NOISE_INJECTED, NoiseSeeding
 
 NoiseKind = Literal["none", "pni_w", "pni_a", "cni_w"]
 NOISE_KINDS: tuple[str, ...] = ("none", "pni_w", "pni_a", "cni_w")
-#: The stream tag of injected-noise draws (distinct from the smoothing tags 1 and 2).
-NOISE_INJECTED = 3
 
 
 def check_noise_kind(kind: str) -> str:

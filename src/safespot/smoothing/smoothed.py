@@ -62,12 +62,11 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import SoftSmoothed, noise_stream, seeded_noise
+from safespot.smoothing.soft import NOISE_MC, SoftSmoothed, noise_stream, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
 from safespot.utils.rng import derive, seeded_normal_at
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
-_MC_TAG = 3  # the noise streams of the Monte Carlo estimates (votes, PREDICT, CERTIFY)
 _MAX_WORDS = 2**25  # numbers hashed at once (256 MiB per int64 temporary)
 _FLOOR = 1e-12
 # purposes of noise streams: the same image seed gives independent draws for each
@@ -256,7 +255,7 @@ class SmoothedClassifier(SoftSmoothed):
         ``(rows, *x.shape[1:])``: element ``draw * d .. (draw + 1) * d - 1`` of the image's stream
         for ``purpose``, in pieces of at most ``_MAX_WORDS`` numbers."""
         d = x[0].numel()
-        stream = noise_stream(_MC_TAG, purpose)
+        stream = noise_stream(NOISE_MC, purpose)
         rows_at_once = max(1, _MAX_WORDS // d)
         pieces = [
             seeded_normal_at(
@@ -337,6 +336,45 @@ class SmoothedClassifier(SoftSmoothed):
         totals = self._tally(x, self.n_vote, seeds, _VOTE, scorer[self.vote])
         scores = totals / totals.sum(1, keepdim=True).clamp_min(_FLOOR)
         return scores.float().clamp_min(_FLOOR).log()
+
+    @torch.no_grad()
+    def vote_sweep(
+        self,
+        x: torch.Tensor,
+        ns: Sequence[int],
+        votes: Sequence[str] = VOTES,
+        generator: torch.Generator | None = None,
+        seed: SeedLike = None,
+    ) -> dict[tuple[str, int], torch.Tensor]:
+        """:meth:`vote_logits` for every vote rule in ``votes`` and number of draws in ``ns`` at
+        once (paper 003: accuracy versus the number of samples, and the three rules compared):
+        ``{(vote, n): (B, K) log scores}``. Draw ``j`` of an image is the same in every vote (its
+        stream position), so the votes of ``n`` draws are the prefixes of one run of ``max(ns)``
+        draws, and ``(self.vote, self.n_vote)`` equals :meth:`vote_logits`."""
+        ns = sorted({check_positive_int(n, "n") for n in ns})
+        votes = [check_vote(v) for v in votes]
+        seeds = image_seed_tensor(len(x), seed, generator, x.device).to(x.device)
+        n_max = ns[-1]
+        logits: torch.Tensor | None = None
+        for chunk in chunks(len(x), n_max, self.max_batch):
+            owner, draw = _rows(chunk, x.device)
+            noise = self._noise(x, seeds, owner, draw, _VOTE)
+            with seeded_noise(self.base, derive(seeds[owner], "smoothing_draw", _VOTE, draw)):
+                out = self.base(x[owner] + noise).float()
+            if logits is None:
+                logits = out.new_zeros((len(x), n_max, out.shape[1]))
+            logits[owner, draw] = out
+        assert logits is not None
+        flat = logits.flatten(0, 1)
+        scorer = {"majority": self._top_class, "soft": lambda z: torch.softmax(z, 1), "weighted": self._rank_scores}
+        sweep = {}
+        for vote in votes:
+            running = scorer[vote](flat).double().view(logits.shape).cumsum(1)  # (B, n_max, K)
+            for n in ns:
+                totals = running[:, n - 1]
+                scores = totals / totals.sum(1, keepdim=True).clamp_min(_FLOOR)
+                sweep[(vote, n)] = scores.float().clamp_min(_FLOOR).log()
+        return sweep
 
     # --- Cohen et al.'s PREDICT and CERTIFY ----------------------------------------------
     def predict(

@@ -32,7 +32,9 @@ from safespot.threat import ThreatConfigError, check_positive_int, parse_budget
 from safespot.utils.rng import seeded_normal_at
 
 #: Stream tags of the per-image noise streams (distinct tags never share draws for one seed).
-NOISE_SOFT, NOISE_NOISY = 1, 2
+NOISE_SOFT, NOISE_NOISY = 1, 2  # the soft smoothed forward; the noisy classifier's input noise
+NOISE_MC = 3  # the Monte Carlo estimates of a smoothed classifier (votes, PREDICT, CERTIFY)
+NOISE_INJECTED = 4  # a noise-injected network's own noise (PNI, CNI: safespot.models.noise_injection)
 _COUNTER_BITS, _SALT_BITS = 32, 16
 _MAX_WORDS = 2**25  # numbers hashed at once by NoiseSeeding.normal (256 MiB per int64 temporary)
 DrawRole = Literal["robustify", "attack"]
