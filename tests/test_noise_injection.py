@@ -194,12 +194,14 @@ def test_the_vote_sweep_scores_each_n_and_rule_as_the_vote_itself_would(make_cfg
     from safespot.evaluate import evaluate
 
     quiet = [o for o in SYNTHETIC if not o.startswith("model")]
-    first = make_cfg(*quiet, "model=resnet20", "model.backbone.noise=cni_w", "model.backbone.blocks=1",
-                     "method=natural", "trainer.max_epochs=1", "test=false", synthetic=False, out=tmp_path / "t")  # fmt: skip
+    model = ["model=resnet20", "model.backbone.noise=cni_w", "model.backbone.blocks=1"]
+    short = ["method=natural", "trainer.max_epochs=1", "test=false"]
+    first = make_cfg(*quiet, *model, *short, synthetic=False, out=tmp_path / "t")
     _, objects = train(first)
     out = tmp_path / "eval"
-    cfg = make_cfg(f"ckpt_path={objects['trainer'].checkpoint_callback.last_model_path}", "smoothing.sigma=0",
-                   "evaluation=[clean,votes_pgd]", "evaluation.votes_pgd.attack.steps=2", "evaluation.votes_pgd.ns=[1,4]",
-                   "smoothing.m_attack=2", "data.test_subset=8", name="evaluate", out=out)  # fmt: skip
+    sweep = ["evaluation=[clean,votes_pgd]", "evaluation.votes_pgd.attack.steps=2", "evaluation.votes_pgd.ns=[1,4]"]
+    ckpt = objects["trainer"].checkpoint_callback.last_model_path
+    small = ["smoothing.sigma=0", "smoothing.m_attack=2", "data.test_subset=8"]
+    cfg = make_cfg(f"ckpt_path={ckpt}", *sweep, *small, name="evaluate", out=out)
     results = evaluate(cfg)
     assert {f"votes_pgd_{v}_n{n}/acc" for v in ("majority", "soft", "weighted") for n in (1, 4)} <= set(results)
