@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from safespot.report import load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
+from safespot.reproduce import checkpoint_in, parse_pairs, run_logged  # noqa: E402
 
 # run name reduced_<preset> (trained as experiment=<preset> scale=reduced) -> (checkpoint the papers
 # evaluate, row label)
@@ -55,24 +53,6 @@ PAPER_002 = """| Model | Preempt. | Clean | Grey PGD | Grey AA | White PGD | Whi
 """
 
 
-def _run(cmd: list[str], log: list[str]) -> float:
-    line = " ".join(["python", *(shlex.quote(c) for c in cmd[1:])])  # the venv's interpreter, shown as `python`
-    print(f"$ {line}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    minutes = (time.perf_counter() - start) / 60
-    log.append(f"{line}    # {minutes:.1f} min")
-    return minutes
-
-
-def _checkpoint(run_dir: Path, which: str) -> Path:
-    ckpts = run_dir / "checkpoints"
-    found = [ckpts / "last.ckpt"] if which == "last" else sorted(ckpts.glob("best-*.ckpt"))
-    if not found or not found[-1].is_file():
-        raise SystemExit(f"error: no {which} checkpoint in {ckpts}")
-    return found[-1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test-images", type=int, default=200, help="seeded CIFAR-10 test subset (default 200)")
@@ -91,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.test_images < 1:
         parser.error("--test-images must be >= 1")
-    reuse, reuse_eval = _pairs(parser, args.reuse, "--reuse"), _pairs(parser, args.reuse_eval, "--reuse-eval")
+    reuse = parse_pairs(parser, args.reuse, "--reuse", MODELS)
+    reuse_eval = parse_pairs(parser, args.reuse_eval, "--reuse-eval", MODELS)
     for preset, run_dir in reuse.items():
-        _checkpoint(Path(run_dir), MODELS[preset][0])
+        checkpoint_in(Path(run_dir), MODELS[preset][0])
     for preset, eval_dir in reuse_eval.items():
         if not (Path(eval_dir) / "results.json").is_file():
             parser.error(f"--reuse-eval {preset}: no results.json in {eval_dir}")
@@ -109,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         train_dir = Path(reuse[preset]) if preset in reuse else out / "train" / preset
         if preset not in reuse:
             experiment = [f"experiment={preset.removeprefix('reduced_')}", "scale=reduced"]
-            _run([py, "train.py", *experiment, f"seed={args.seed}", f"hydra.run.dir={train_dir}"], commands)
+            run_logged([py, "train.py", *experiment, f"seed={args.seed}", f"hydra.run.dir={train_dir}"], commands)
         else:
             commands.append(f"# {preset}: reused training run {train_dir}")
         eval_dir = out / "eval" / preset
-        overrides = [f"ckpt_path={_checkpoint(train_dir, which)}", f"evaluation={GRID}"]
+        overrides = [f"ckpt_path={checkpoint_in(train_dir, which)}", f"evaluation={GRID}"]
         overrides += [f"data.test_subset={args.test_images}", f"seed={args.seed}", f"hydra.run.dir={eval_dir}"]
         # AutoAttack where the papers report it: grey-box on None and S-Full (paper 002's rows); not on the
         # natural model, whose None column PGD already drives to 0 (paper 000 reports PGD only there)
@@ -121,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         dropped = ["preempt_sfgsm", "preempt_spgd"] + (["preempt_none", "preempt_sfull"] if no_aa else [])
         overrides += [f"~evaluation.{k}.attacks.autoattack" for k in dropped]
         overrides.append("~evaluation.preempt_sfull.white_box.attacks.autoattack")
-        _run([py, "evaluate.py", *overrides], commands)
+        run_logged([py, "evaluate.py", *overrides], commands)
         eval_runs.append(eval_dir)
     report = render(eval_runs, commands, args)
     (out / "report.md").write_text(report)
@@ -129,13 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         args.docs.write_text(report)
     print(f"report: {out / 'report.md'}")
     return 0
-
-
-def _pairs(parser: argparse.ArgumentParser, items: list[str], flag: str) -> dict[str, str]:
-    pairs = dict(item.split("=", 1) for item in items if "=" in item)
-    if len(pairs) != len(items) or set(pairs) - set(MODELS):
-        parser.error(f"{flag} takes PRESET=DIR with PRESET one of {list(MODELS)}, got {items}")
-    return pairs
 
 
 def _linked_eval(out: Path, preset: str, source: Path) -> Path:

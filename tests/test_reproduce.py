@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import safespot.reproduce as helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce_cifar10_reduced.py")
 reproduce = importlib.util.module_from_spec(spec)
@@ -59,7 +61,7 @@ def test_reused_evaluations_make_a_report_without_running_anything(tmp_path, mon
     def no_subprocess(*args, **kwargs):
         raise AssertionError("nothing should be trained or evaluated")
 
-    monkeypatch.setattr(reproduce.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(helpers.subprocess, "run", no_subprocess)
     out = tmp_path / "new"
     assert reproduce.main(["--out", str(out), *[arg for r in reused for arg in ("--reuse-eval", r)]]) == 0
     report = (out / "report.md").read_text()
@@ -85,7 +87,7 @@ def test_models_are_trained_as_presets_at_the_reduced_scale(tmp_path, monkeypatc
         else:
             _fake_eval(out.parent.parent, out.name, labels[out.name.removeprefix("reduced_cifar10_")], 0.4)
 
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
     assert reproduce.main(["--out", str(tmp_path / "new"), "--no-autoattack"]) == 0
     trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
     assert trained == [[f"experiment=cifar10_{p}", "scale=reduced"] for p in ("natural", "preemptive_linf", "adv_linf")]

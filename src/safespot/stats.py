@@ -111,12 +111,36 @@ def paired_difference(
     return PairedDifference(n, a_only, b_only, low, high, p)
 
 
-def verdict(difference: PairedDifference, claim: str = "greater", margin: float = 0.0) -> str:
+@dataclass(frozen=True)
+class MeanInterval:
+    """The mean of per-image values (e.g. a difference of two paired gains, in {-2, ..., 2}) with a
+    95% Wald interval; ``n`` images."""
+
+    n: int
+    value: float
+    low: float
+    high: float
+
+    def percent(self, digits: int = 1) -> str:
+        return f"{100 * self.value:+.{digits}f} pp [{100 * self.low:+.{digits}f}, {100 * self.high:+.{digits}f}]"
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, level: float = LEVEL) -> MeanInterval:
+    """Mean and Wald interval of per-image values measured on the same images."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError("expected one value per image")
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("inf")
+    return MeanInterval(int(v.size), float(v.mean()), float(v.mean() - z * se), float(v.mean() + z * se))
+
+
+def verdict(difference: PairedDifference | MeanInterval, claim: str = "greater", margin: float = 0.0) -> str:
     """A plain verdict on a claim about ``acc(a) - acc(b)`` from its 95% interval:
     ``claim="greater"``: a beats b by more than ``margin``; ``"equal"``: the two agree within
     ``margin`` (a reproduction's "matches the published number up to margin")."""
     lo, hi = difference.low, difference.high
-    if not difference.n:
+    if not difference.n or not (math.isfinite(lo) and math.isfinite(hi)):
         return "inconclusive at this scale"
     if claim == "greater":
         if lo > margin:

@@ -1,0 +1,44 @@
+"""Helpers of the reduced-reproduction scripts (``scripts/reproduce_*.py``): running the
+project's commands with a log of what ran and how long, finding a run's checkpoint, reading
+``PRESET=DIR`` options. Each script renders its own report with :mod:`safespot.stats` intervals."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_logged(cmd: list[str], log: list[str], cwd: Path = ROOT) -> float:
+    """Run ``cmd`` (``[python, script, overrides...]``) in the checkout, failing on a non-zero exit;
+    append the command line (the interpreter shown as ``python``) and its minutes to ``log``."""
+    line = " ".join(["python", *(shlex.quote(c) for c in cmd[1:])])
+    print(f"$ {line}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True)
+    minutes = (time.perf_counter() - start) / 60
+    log.append(f"{line}    # {minutes:.1f} min")
+    return minutes
+
+
+def checkpoint_in(run_dir: Path, which: str) -> Path:
+    """The ``last`` checkpoint of a training run, or its newest ``best-*`` one."""
+    ckpts = run_dir / "checkpoints"
+    found = [ckpts / "last.ckpt"] if which == "last" else sorted(ckpts.glob("best-*.ckpt"))
+    if not found or not found[-1].is_file():
+        raise SystemExit(f"error: no {which} checkpoint in {ckpts}")
+    return found[-1]
+
+
+def parse_pairs(parser: argparse.ArgumentParser, items: list[str], flag: str, allowed: Iterable[str]) -> dict[str, str]:
+    """``PRESET=DIR`` options as a mapping; a malformed item or an unknown preset is a usage error."""
+    allowed = list(allowed)
+    pairs = dict(item.split("=", 1) for item in items if "=" in item)
+    if len(pairs) != len(items) or set(pairs) - set(allowed):
+        parser.error(f"{flag} takes PRESET=DIR with PRESET one of {allowed}, got {items}")
+    return pairs

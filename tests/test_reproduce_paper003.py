@@ -1,0 +1,84 @@
+"""The paper 003 reduced-reproduction script: the commands it runs and the report it renders."""
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import safespot.reproduce as helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce003", ROOT / "scripts" / "reproduce_paper003.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+NS = [1, 32]
+
+
+def _fake_records(folder: Path, pgd_rates: dict[int, float], seed: int, n: int = 200) -> Path:
+    """Records with the given PGD accuracy per n (prediction smoothing); the other rules and the
+    clean sweep a little lower / higher."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(n)
+    table = {"index": np.arange(100, 100 + n)}
+    for kind, shift in (("votes", 0.3), ("votes_pgd", 0.0)):
+        for rule, penalty in (("majority", 0.0), ("soft", 0.02), ("weighted", 0.04)):
+            for k, rate in pgd_rates.items():
+                table[f"{kind}_{rule}_n{k}/correct"] = base < rate + shift - penalty
+    folder.mkdir(parents=True)
+    pd.DataFrame(table).to_csv(folder / "records.csv", index=False)
+    return folder
+
+
+def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
+    evals = {
+        "cifar10_adv_resnet20": _fake_records(tmp_path / "adv", {1: 0.40, 32: 0.41}, 0),
+        "cifar10_pni_w": _fake_records(tmp_path / "pni", {1: 0.35, 32: 0.55}, 1),
+        "cifar10_cni_w": _fake_records(tmp_path / "cni", {1: 0.45, 32: 0.45}, 2),
+    }
+    args = argparse.Namespace(ns=NS, seed=0, sigma=0.12, m_attack=8)
+    text = reproduce.render(evals, ["python train.py experiment=cifar10_cni_w"], args)
+    lines = text.splitlines()
+    row = next(line for line in lines if line.startswith("| (a) | PNI-W: PGD-20"))
+    assert row.endswith("| holds |") and re.search(r"\| \+(1[5-9]|2\d)\.\d pp", row)  # about +20 points
+    row = next(line for line in lines if line.startswith("| (a) | CNI-W: PGD-20"))
+    assert row.endswith("| does not hold |")  # no change at all
+    row = next(line for line in lines if line.startswith("| (b) | PGD gain of PNI-W"))
+    assert row.endswith("| holds |")
+    assert "| PNI-W | 32 |" in text and "| CNI-W | weighted |" in text and "60.4%" in text
+    assert "python train.py experiment=cifar10_cni_w" in text
+
+
+def test_models_train_at_the_reduced_resnet20_scale_and_share_the_test_images(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        if cmd[1] == "train.py":
+            (out / "checkpoints").mkdir(parents=True)
+            (out / "checkpoints" / "best-epoch007.ckpt").touch()
+        else:
+            _fake_records(out, {1: 0.4, 4: 0.42, 8: 0.43, 16: 0.44, 32: 0.45}, 0)
+
+    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    assert reproduce.main(["--out", str(tmp_path / "new"), "--test-images", "200"]) == 0
+    trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
+    assert trained == [[f"experiment={p}", "scale=reduced_resnet20"] for p in reproduce.MODELS]
+    evaluated = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
+    assert all("evaluation=[votes,votes_pgd]" in cmd and "data.test_subset=200" in cmd for cmd in evaluated)
+    assert (tmp_path / "new" / "report.md").is_file()
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    for argv in (["--ns", "0,4"], ["--ns", "a"], ["--test-images", "0"], ["--reuse", "cifar10_unknown=/x"]):
+        with pytest.raises(SystemExit):
+            reproduce.main(argv)
+    with pytest.raises(SystemExit, match="no best checkpoint"):
+        reproduce.main(["--reuse", f"cifar10_cni_w={tmp_path}"])
+    assert not (tmp_path / "reproduce_paper003").exists()
