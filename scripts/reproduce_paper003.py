@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if preset in args.reuse:
             commands.append(f"# {preset}: reused training run {train_dir}")
         else:
-            train = [f"experiment={preset}", "scale=reduced_resnet20", f"seed={args.seed}", f"hydra.run.dir={train_dir}"]
-            run_logged([py, "train.py", *train], commands)
+            train = [f"experiment={preset}", "scale=reduced_resnet20", f"seed={args.seed}"]
+            run_logged([py, "train.py", *train, f"hydra.run.dir={train_dir}"], commands)
         evals[preset] = out / "eval" / preset
         overrides = [
             f"ckpt_path={checkpoint_in(train_dir, 'best')}",
