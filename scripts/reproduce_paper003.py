@@ -158,13 +158,15 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
     for p in (q for q in NOISY if q in records):
         for kind, label in (("votes", "clean"), ("votes_pgd", "PGD-20")):
             diff = paired_difference(_flags(records[p], kind, "majority", hi), _flags(records[p], kind, "majority", lo))
-            claims.append(("(a)", f"{MODELS[p]}: {label} accuracy, n = {hi} minus n = {lo}", diff.percent(), verdict(diff)))
+            text = f"{MODELS[p]}: {label} accuracy, n = {hi} minus n = {lo}"
+            claims.append(("(a)", text, diff.percent(), verdict(diff)))
     plain = "cifar10_adv_resnet20"
     if plain in records:
         base = records[plain]
         plain_gain = _flags(base, "votes_pgd", "majority", hi).astype(int) - _flags(base, "votes_pgd", "majority", lo)
         for p in (q for q in NOISY if q in records):
-            gain = _flags(records[p], "votes_pgd", "majority", hi).astype(int) - _flags(records[p], "votes_pgd", "majority", lo)
+            noisy = records[p]
+            gain = _flags(noisy, "votes_pgd", "majority", hi).astype(int) - _flags(noisy, "votes_pgd", "majority", lo)
             diff = mean_interval((gain - plain_gain).to_numpy())
             claims.append(("(b)", f"PGD gain of {MODELS[p]} minus the plain model's", diff.percent(), verdict(diff)))
     for p, r in records.items():
