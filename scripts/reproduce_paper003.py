@@ -184,7 +184,7 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         f"test images, seed {args.seed}; smoothed classifier with input noise sigma {args.sigma} (and each "
         f"noise-injected model's own noise), PGD-20 (step eps/4) on the soft smoothed loss with "
         f"{args.m_attack} draws per pass, run once and scored by every vote. Models: `scale=reduced_resnet20` "
-        "(ResNet-20, PGD-5 adversarial training with 0.5 CE(x) + 0.5 CE(x_a), 8 epochs on 20,000 images).",
+        "(ResNet-20, PGD-5 adversarial training with 0.5 CE(x) + 0.5 CE(x_a), 8 epochs on 10,000 images).",
         "",
         "Accuracy in %, 95% Wilson intervals.",
         "",

@@ -43,6 +43,9 @@ def _instantiate_all(cfg):
     dm = hydra.utils.instantiate(cfg.data)
     net = hydra.utils.instantiate(cfg.model)
     method = build_method(cfg, net)
+    if cfg.get("scheduler"):  # the schedule's factory takes the composed settings (e.g. a scale's other scheduler)
+        optimizer = method.optimizer_factory(params=net.parameters())
+        hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer, max_epochs=int(cfg.trainer.max_epochs), total_steps=100)
     for group in ("callbacks", "logger"):
         for entry in (cfg.get(group) or {}).values():
             assert "_target_" in entry
