@@ -45,7 +45,8 @@ def _instantiate_all(cfg):
     method = build_method(cfg, net)
     if cfg.get("scheduler"):  # the schedule's factory takes the composed settings (e.g. a scale's other scheduler)
         optimizer = method.optimizer_factory(params=net.parameters())
-        hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer, max_epochs=int(cfg.trainer.max_epochs), total_steps=100)
+        epochs = int(cfg.trainer.max_epochs)
+        hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer, max_epochs=epochs, total_steps=100)
     for group in ("callbacks", "logger"):
         for entry in (cfg.get(group) or {}).values():
             assert "_target_" in entry
