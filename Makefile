@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test reproduce-paper003 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced
+.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -57,3 +57,6 @@ reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustifi
 
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (docs/reproduction_paper003.md)
 	$(PY) scripts/reproduce_paper003.py --docs docs/reproduction_paper003.md $(ARGS)
+
+reproduce-figure3:  ## paper 002 Figure 3: reconstruction of x_o from x_r, search from x_o vs a random start (ARGS="--ckpt RUN/checkpoints/best-*.ckpt")
+	$(PY) scripts/reproduce_figure3.py $(ARGS)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import safespot.defenses
+import safespot.evaluation.evaluations
 from conftest import cpu_trainer
 from safespot.defenses import NoRobustification, SafeSpotSearch
 from safespot.evaluation import EvaluationModule, PreemptiveEvaluation, summarize
@@ -75,7 +75,7 @@ def test_paper_white_box_accuracy_is_the_lowest_over_eps_not_the_union(tmp_path,
     """Image 0 is broken only at eps' = 0.25 eps, image 1 only at eps' = eps: each eps' has 50%
     accuracy, so the paper's number (lowest over eps') is 50% while the per-image union is 0%.
     Batches of one image: the eps' of lowest accuracy is chosen on the whole dataset."""
-    monkeypatch.setattr(safespot.defenses, "reconstruction", _identity_reconstruction)
+    monkeypatch.setattr(safespot.evaluation.evaluations, "reconstruction", _identity_reconstruction)
     x = torch.full((2, 1, 2, 2), 0.49)
     x.view(2, -1)[0, 1] = 0.25 * EPS
     x.view(2, -1)[1, 1] = 1.0 * EPS

@@ -18,7 +18,7 @@ from torch import nn
 
 from safespot.attacks.base import Attack, CountsQueries, check_attack
 from safespot.defenses.quantize import round_trip_8bit
-from safespot.defenses.robustifier import Robustifier, check_robustifier
+from safespot.defenses.robustifier import Robustifier, check_robustifier, reconstruction
 from safespot.evaluation.records import sweep_name
 from safespot.threat import LpBall, check_positive_int, geometry, parse_budget
 from safespot.utils.prediction import predict_logits
@@ -352,8 +352,6 @@ class WhiteBox:
         y: torch.Tensor,
         seeds: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        from safespot.defenses import reconstruction
-
         x_hat = reconstruction(evaluation.robustifier)(model, x_r, seeds=derive(seeds, "reconstruction")).x_r
         return self.attack_reconstruction(evaluation, model, x_o, x_r, x_hat, y, seeds)
 
@@ -374,6 +372,9 @@ class WhiteBox:
         rows = (-1, *[1] * (x_o.dim() - 1))
         radius = ball.eps + self.tolerance
         fields: dict[str, torch.Tensor] = {f"{name}/recon_dist": ball.distance(x_hat, x_o)}
+        # paper 002, Figure 3: the reconstruction error in both norms, whatever the threat model's
+        for norm in ("l2", "linf"):
+            fields[f"{name}/recon_{norm}"] = geometry(norm).size(x_hat - x_o)
         any_broken = torch.zeros(len(x_o), dtype=torch.bool, device=x_o.device)
         # x_r itself is a candidate: a misclassified x_r inside B_eps(x_o) counts, at every eps'
         logits_r = predict_logits(model, x_r, seeds)

@@ -84,6 +84,10 @@ def resolve_budget_sweeps(records: pd.DataFrame, names: Sequence[str]) -> dict[s
     return chosen
 
 
+#: per-image fields whose mean goes into the summary as ``<field>_mean``
+MEAN_FIELDS = ("/recon_dist", "/recon_l2", "/recon_linf", "/iterations", "/worst_loss", "/radius", "/queries")
+
+
 def summarize(
     records: pd.DataFrame, names: Sequence[str], groups: dict[str, list[str]] | None = None
 ) -> dict[str, float]:
@@ -111,7 +115,7 @@ def summarize(
     for column in records.columns:  # rates and means of the other per-image fields
         if column.endswith(("/invalid", "/early_exit")):
             summary[f"{column}_rate"] = float(records[column].mean())
-        elif column.endswith(("/recon_dist", "/iterations", "/worst_loss", "/radius", "/queries")):
+        elif column.endswith(MEAN_FIELDS):
             summary[f"{column}_mean"] = float(records[column].mean())
         elif "/cert_" in column:  # certified accuracy at a radius (randomised smoothing)
             summary[column] = float(records[column].mean())
