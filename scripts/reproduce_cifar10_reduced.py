@@ -26,8 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safespot.report import load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from safespot.report import PREEMPTIONS, load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
 from safespot.reproduce import checkpoint_in, parse_pairs, run_logged  # noqa: E402
+from safespot.stats import accuracy, paired_difference, verdict  # noqa: E402
+from safespot.utils.tables import markdown_table  # noqa: E402
 
 # run name reduced_<preset> (trained as experiment=<preset> scale=reduced) -> (checkpoint the papers
 # evaluate, row label)
@@ -120,6 +124,56 @@ def _linked_eval(out: Path, preset: str, source: Path) -> Path:
     return link
 
 
+# per-image correctness columns of each robustifier's row (the white-box column: the eps' of lowest accuracy)
+INTERVAL_COLUMNS = {"Clean": "/correct", "Grey PGD": "_pgd/correct", "Grey AA": "_autoattack/correct"}
+INTERVAL_COLUMNS |= {"White PGD": "_white_pgd/correct"}
+
+
+def interval_section(eval_dirs: list[Path]) -> list[str]:
+    """Every accuracy of the grid with its 95% Wilson interval, and the papers' claims as paired
+    comparisons on the same images with a verdict, from the evaluations' per-image records."""
+    found = {MODELS[d.name][1]: d / "records.csv" for d in eval_dirs if (d / "records.csv").is_file()}
+    if not found:
+        return []
+    records = {label: pd.read_csv(path).set_index("index").sort_index() for label, path in found.items()}
+    rows = []
+    for label, r in records.items():
+        for key, name in PREEMPTIONS:
+            if f"{key}/correct" not in r:
+                continue
+            row = {"Model": label, "Preempt.": name}
+            for column, suffix in INTERVAL_COLUMNS.items():
+                field = f"{key}{suffix}"
+                row[column] = accuracy(r[field].astype(bool)).percent() if field in r else "–"
+            rows.append(row)
+    claims = []
+
+    def flags(r: pd.DataFrame, field: str) -> pd.Series | None:
+        return r[field].astype(bool) if field in r else None
+
+    for label, r in records.items():
+        full = flags(r, "preempt_sfull_pgd/correct")
+        for key, name in (("preempt_none", "None"), ("preempt_sfgsm", "S-FGSM"), ("preempt_spgd", "S-PGD")):
+            other = flags(r, f"{key}_pgd/correct")
+            if full is not None and other is not None:
+                diff = paired_difference(full.to_numpy(), other.to_numpy())
+                claims.append((label, f"grey-box PGD accuracy, S-Full minus {name}", diff.percent(), verdict(diff)))
+    ours, adv = records.get("Ours (preemptive)"), records.get("ADV")
+    if ours is not None and adv is not None and list(ours.index) == list(adv.index):
+        a, b = flags(ours, "preempt_sfull_pgd/correct"), flags(adv, "preempt_sfull_pgd/correct")
+        if a is not None and b is not None:
+            diff = paired_difference(a.to_numpy(), b.to_numpy())
+            text = "grey-box PGD accuracy under S-Full, preemptive model minus ADV (paper 002: 82.88 vs 81.70)"
+            claims.append(("both", text, diff.percent(), verdict(diff)))
+    columns = ["Model", "Claim (same images)", "Difference [95% CI]", "Verdict"]
+    return [
+        "## Accuracies with 95% intervals and the papers' claims\n",
+        "Wilson intervals over the test images; differences paired on the same images (McNemar p).\n",
+        markdown_table(pd.DataFrame(rows)),
+        markdown_table(pd.DataFrame(claims, columns=columns)) if claims else "",
+    ]
+
+
 def render(eval_dirs: list[Path], commands: list[str], args: argparse.Namespace) -> str:
     runs = [load_run(d) for d in eval_dirs]
     labels = {str(d): MODELS[d.name][1] for d in eval_dirs}
@@ -155,6 +209,8 @@ def render(eval_dirs: list[Path], commands: list[str], args: argparse.Namespace)
             "| Model | mean l_inf distance of the reconstruction to x_o | misclassified white-box PGD "
             "examples outside B_eps(x_o) (%) |\n|---|---:|---:|",
             *records,
+            "",
+            *interval_section(eval_dirs),
             "\n## Commands\n",
             "```bash",
             *commands,

@@ -93,3 +93,32 @@ def test_models_are_trained_as_presets_at_the_reduced_scale(tmp_path, monkeypatc
     assert trained == [[f"experiment=cifar10_{p}", "scale=reduced"] for p in ("natural", "preemptive_linf", "adv_linf")]
     report = (tmp_path / "new" / "report.md").read_text()
     assert "python train.py experiment=cifar10_adv_linf scale=reduced seed=0" in report
+
+
+def _fake_records(run: Path, none_rate: float, full_rate: float, n: int = 200) -> None:
+    """Per-image records: grey-box PGD correct on the first none_rate / full_rate of the images."""
+    position = [i / n for i in range(n)]
+    table = {"index": list(range(n)), "clean/correct": [True] * n}
+    for key, rate in (("preempt_none", none_rate), ("preempt_sfull", full_rate)):
+        table[f"{key}/correct"] = [True] * n
+        table[f"{key}_pgd/correct"] = [p < rate for p in position]
+    import pandas as pd
+
+    pd.DataFrame(table).to_csv(run / "records.csv", index=False)
+
+
+def test_report_gives_intervals_and_paired_verdicts_from_the_records(tmp_path):
+    adv = _fake_eval(tmp_path, "reduced_cifar10_adv_linf", "AdversarialTraining", 0.45)
+    ours = _fake_eval(tmp_path, "reduced_cifar10_preemptive_linf", "PreemptiveTraining", 0.48)
+    _fake_records(adv, 0.25, 0.45)
+    _fake_records(ours, 0.30, 0.30)
+    args = argparse.Namespace(test_images=200, seed=0, no_autoattack=True)
+    text = reproduce.render([adv, ours], [], args)
+    lines = text.splitlines()
+    assert "| ADV | None | 100.0 [98.1, 100.0] | 25.0 [19.5, 31.4] | – | – |" in text
+    row = next(line for line in lines if line.startswith("| ADV | grey-box PGD accuracy, S-Full minus None"))
+    assert "+20.0 pp" in row and row.endswith("| holds |")
+    row = next(line for line in lines if line.startswith("| Ours (preemptive) | grey-box PGD accuracy, S-Full minus None"))
+    assert row.endswith("| does not hold |")
+    row = next(line for line in lines if line.startswith("| both |"))
+    assert "-15.0 pp" in row and row.endswith("| does not hold |")
