@@ -118,7 +118,8 @@ def test_report_gives_intervals_and_paired_verdicts_from_the_records(tmp_path):
     assert "| ADV | None | 100.0 [98.1, 100.0] | 25.0 [19.5, 31.4] | – | – |" in text
     row = next(line for line in lines if line.startswith("| ADV | grey-box PGD accuracy, S-Full minus None"))
     assert "+20.0 pp" in row and row.endswith("| holds |")
-    row = next(line for line in lines if line.startswith("| Ours (preemptive) | grey-box PGD accuracy, S-Full minus None"))
+    start = "| Ours (preemptive) | grey-box PGD accuracy, S-Full minus None"
+    row = next(line for line in lines if line.startswith(start))
     assert row.endswith("| does not hold |")
     row = next(line for line in lines if line.startswith("| both |"))
     assert "-15.0 pp" in row and row.endswith("| does not hold |")
