@@ -145,7 +145,8 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
     lines = [
         "# Paper 002, Figure 3: reconstructing x_o from x_r",
         "",
-        f"Generated {datetime.now():%Y-%m-%d %H:%M} by `python scripts/reproduce_figure3.py`; model `{meta.get('ckpt_path', args.ckpt)}`; "
+        f"Generated {datetime.now():%Y-%m-%d %H:%M} by `python scripts/reproduce_figure3.py`; "
+        f"model `{meta.get('ckpt_path', args.ckpt)}`; "
         f"{len(records['original'])} seeded test images, seed {args.seed}; threat model {meta['norm']}, "
         f"eps = delta = {eps:g}; S-Full `robustifier={args.robustifier}`, "
         "white-box attack: Algorithm 3 reconstruction, then PGD-20 at eps' = f eps (f in 0.25, 0.5, 0.75, 1).",
