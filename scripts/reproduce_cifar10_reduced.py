@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import pandas as pd  # noqa: E402
 
 from safespot.report import PREEMPTIONS, load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
-from safespot.reproduce import checkpoint_in, parse_pairs, run_logged  # noqa: E402
+from safespot.reproduce import check_evaluations, checkpoint_in, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
 from safespot.stats import accuracy, paired_difference, verdict  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
@@ -79,12 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     reuse_eval = parse_pairs(parser, args.reuse_eval, "--reuse-eval", MODELS)
     for preset, run_dir in reuse.items():
         checkpoint_in(Path(run_dir), MODELS[preset][0])
-    for preset, eval_dir in reuse_eval.items():
-        if not (Path(eval_dir) / "results.json").is_file():
-            parser.error(f"--reuse-eval {preset}: no results.json in {eval_dir}")
-    log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
-    out = args.out or log_dir / "reproduce_cifar10_reduced" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    out.mkdir(parents=True, exist_ok=False)
+    check_evaluations(parser, reuse_eval, "--reuse-eval", "results.json")
+    out = new_output_dir("reproduce_cifar10_reduced", args.out)
     py, commands, eval_runs = sys.executable, [], []
     for preset, (which, _label) in MODELS.items():
         if preset in reuse_eval:
@@ -109,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         run_logged([py, "evaluate.py", *overrides], commands)
         eval_runs.append(eval_dir)
     report = render(eval_runs, commands, args)
-    (out / "report.md").write_text(report)
-    if args.docs:
-        args.docs.write_text(report)
-    print(f"report: {out / 'report.md'}")
+    write_report(out, report, args.docs)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safespot.reproduce import parse_pairs, run_logged  # noqa: E402
+from safespot.reproduce import check_evaluations, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
 from safespot.stats import accuracy, paired_difference  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
@@ -62,17 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.reuse_eval = parse_pairs(parser, args.reuse_eval, "--reuse-eval", INITS)
     if set(args.reuse_eval) != set(INITS) and (args.ckpt is None or not args.ckpt.is_file()):
         parser.error(f"--ckpt must name an existing checkpoint, got {args.ckpt}")
-    for init, folder in args.reuse_eval.items():
-        if not (Path(folder) / "records.csv").is_file():
-            parser.error(f"--reuse-eval {init}: no records.csv in {folder}")
+    check_evaluations(parser, args.reuse_eval, "--reuse-eval", "records.csv")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
-    out = args.out or log_dir / "reproduce_figure3" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    out.mkdir(parents=True, exist_ok=False)
+    out = new_output_dir("reproduce_figure3", args.out)
     commands: list[str] = []
     evals = {}
     for init in INITS:
@@ -98,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         run_logged([sys.executable, "evaluate.py", *overrides], commands)
     report = render(evals, commands, args, out)
-    (out / "report.md").write_text(report)
-    if args.docs:
-        args.docs.write_text(report)
-    print(f"report: {out / 'report.md'}")
+    write_report(out, report, args.docs)
     return 0
 
 

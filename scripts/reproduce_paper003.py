@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safespot.reproduce import checkpoint_in, parse_pairs, run_logged  # noqa: E402
+from safespot.reproduce import check_evaluations, checkpoint_in, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
 from safespot.stats import accuracy, mean_interval, paired_difference, verdict  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
@@ -72,17 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.reuse_eval = parse_pairs(parser, args.reuse_eval, "--reuse-eval", MODELS)
     for run_dir in args.reuse.values():
         checkpoint_in(Path(run_dir), "best")
-    for preset, eval_dir in args.reuse_eval.items():
-        if not (Path(eval_dir) / "records.csv").is_file():
-            parser.error(f"--reuse-eval {preset}: no records.csv in {eval_dir}")
+    check_evaluations(parser, args.reuse_eval, "--reuse-eval", "records.csv")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
-    out = args.out or log_dir / "reproduce_paper003" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    out.mkdir(parents=True, exist_ok=False)
+    out = new_output_dir("reproduce_paper003", args.out)
     py, commands, evals = sys.executable, [], {}
     ns = "[" + ",".join(str(n) for n in args.ns) + "]"
     for preset in MODELS:
@@ -110,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         run_logged([py, "evaluate.py", *overrides], commands)
     report = render(evals, commands, args)
-    (out / "report.md").write_text(report)
-    if args.docs:
-        args.docs.write_text(report)
-    print(f"report: {out / 'report.md'}")
+    write_report(out, report, args.docs)
     return 0
 
 

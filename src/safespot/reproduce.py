@@ -5,10 +5,12 @@ project's commands with a log of what ran and how long, finding a run's checkpoi
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,3 +44,28 @@ def parse_pairs(parser: argparse.ArgumentParser, items: list[str], flag: str, al
     if len(pairs) != len(items) or set(pairs) - set(allowed):
         parser.error(f"{flag} takes PRESET=DIR with PRESET one of {allowed}, got {items}")
     return pairs
+
+
+def new_output_dir(name: str, out: Path | None) -> Path:
+    """``out``, or ``$LOG_DIR/<name>/<time>`` (default log dir ``./logs``), created; an existing
+    directory is refused, so no earlier report is overwritten."""
+    log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
+    path = out or log_dir / name / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_report(out: Path, report: str, docs: Path | None) -> None:
+    """``out/report.md``, and a copy at ``docs`` when given; prints where it is."""
+    (out / "report.md").write_text(report)
+    if docs:
+        docs.write_text(report)
+    print(f"report: {out / 'report.md'}")
+
+
+def check_evaluations(parser: argparse.ArgumentParser, pairs: dict[str, str], flag: str, needed: str) -> None:
+    """Every reused evaluation directory of ``flag`` holds ``needed`` (``records.csv``,
+    ``results.json``); else a usage error before any work."""
+    for key, folder in pairs.items():
+        if not (Path(folder) / needed).is_file():
+            parser.error(f"{flag} {key}: no {needed} in {folder}")
