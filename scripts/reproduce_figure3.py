@@ -32,7 +32,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safespot.reproduce import check_evaluations, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
+from safespot.reproduce import (  # noqa: E402
+    check_evaluations,
+    commands_section,
+    new_output_dir,
+    parse_pairs,
+    run_logged,
+    write_report,
+)
 from safespot.stats import accuracy, paired_difference  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
@@ -153,12 +160,7 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         "",
         f"![reconstruction errors]({figure.name})",
         "",
-        "## Commands",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
+        *commands_section(commands),
     ]
     return "\n".join(lines)
 

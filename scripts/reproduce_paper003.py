@@ -34,7 +34,15 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safespot.reproduce import check_evaluations, checkpoint_in, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
+from safespot.reproduce import (  # noqa: E402
+    check_evaluations,
+    checkpoint_in,
+    commands_section,
+    new_output_dir,
+    parse_pairs,
+    run_logged,
+    write_report,
+)
 from safespot.stats import accuracy, mean_interval, paired_difference, verdict  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
@@ -193,12 +201,7 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         "",
         PUBLISHED,
         "",
-        "## Commands",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
+        *commands_section(commands),
     ]
     return "\n".join(lines)
 

@@ -69,3 +69,8 @@ def check_evaluations(parser: argparse.ArgumentParser, pairs: dict[str, str], fl
     for key, folder in pairs.items():
         if not (Path(folder) / needed).is_file():
             parser.error(f"{flag} {key}: no {needed} in {folder}")
+
+
+def commands_section(commands: list[str]) -> list[str]:
+    """The report's closing section: every command that ran (or the runs it reused), in order."""
+    return ["## Commands", "", "```bash", *commands, "```", ""]
