@@ -48,6 +48,7 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_smoothed_attack.py --quick
 	$(PY) bench/bench_loader.py --quick
 	$(PY) bench/bench_user_figures.py --quick
+	$(PY) bench/bench_noise_injection.py --quick
 
 bench-gpu:  ## GPU throughput table: WRN-34-10 and small CNN, fp32/bf16, PGD, training step, robustifier (ARGS="--quick --device cpu": dry run)
 	$(PY) bench/bench_gpu.py $(ARGS)

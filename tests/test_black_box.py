@@ -126,3 +126,34 @@ def test_a_transfer_source_that_does_not_fit_the_target_is_refused_before_any_wo
     assert not (tmp_path / "a" / "records.csv").exists()
     with pytest.raises(Exception, match=r"missing\.ckpt"):
         _evaluate(runs["target"], tmp_path / "missing.ckpt", tmp_path / "b")
+
+
+def test_the_new_evaluations_write_the_same_files_with_two_processes(runs, tmp_path):
+    """Transfer, NAttack (queries included) and the vote sweep on a smoothed model: every output
+    file of a ``trainer=ddp_sim`` run equals the one-process run's."""
+    from conftest import assert_same_run_files
+
+    small = ["data.test_subset=12", "data.eval_batch_size=4", "trainer.enable_progress_bar=false"]
+    cases = {
+        "plain": [
+            "evaluation=[clean,transfer,nattack]",
+            f"evaluation.transfer.source_ckpt_path={runs['source']}",
+            "evaluation.transfer.attack.steps=2",
+            "evaluation.nattack.attack.iterations=4",
+            "evaluation.nattack.attack.npop=6",
+            "evaluation.nattack.attack.check_every=2",
+        ],
+        "smoothed": [
+            "smoothing.sigma=0.25",
+            "smoothing.m_attack=2",
+            "evaluation=[clean,votes_pgd]",
+            "evaluation.votes_pgd.attack.steps=2",
+            "evaluation.votes_pgd.ns=[1,4]",
+        ],
+    }
+    for name, overrides in cases.items():
+        one, two = tmp_path / f"{name}_one", tmp_path / f"{name}_two"
+        evaluate(compose_config("evaluate", [f"ckpt_path={runs['target']}", *small, *overrides], one))
+        evaluate(compose_config("evaluate", [f"ckpt_path={runs['target']}", *small, *overrides, "trainer=ddp_sim"], two))
+        assert_same_run_files(one, two)
+    assert "nattack/queries" in pd.read_csv(tmp_path / "plain_two" / "records.csv")
