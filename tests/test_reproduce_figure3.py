@@ -61,3 +61,15 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         figure3.main(["--reuse-eval", f"sideways={tmp_path}"])
     assert not (tmp_path / "o").exists()
+
+
+def test_the_linf_report_checks_the_papers_statement_that_white_box_is_not_stronger():
+    def records(white: list[int], grey: list[int]) -> dict[str, pd.DataFrame]:
+        frame = pd.DataFrame({"preempt_sfull_white_pgd/correct": white, "preempt_sfull_pgd/correct": grey})
+        return {"original": frame, "random": frame}
+
+    same = records([1, 0] * 100, [1, 0] * 100)
+    weaker_defence = records([0] * 200, [1] * 120 + [0] * 80)  # the white box breaks 60% of the images
+    assert "**holds**" in " ".join(figure3._linf_context(same, {"norm": "linf"}))
+    assert "**does not hold**" in " ".join(figure3._linf_context(weaker_defence, {"norm": "linf"}))
+    assert figure3._linf_context(same, {"norm": "l2"}) == []  # the l_2 claim is Figure 3's own
