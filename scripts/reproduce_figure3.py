@@ -124,10 +124,10 @@ def _linf_context(records: dict[str, pd.DataFrame], meta: dict) -> list[str]:
     word = "holds" if diff.low > -0.05 else ("does not hold" if diff.high < 0 else "inconclusive at this scale")
     return [
         "",
-        "Paper 002 makes the Figure 3 claim for l_2 only. For l_inf it says (Section 4.1): \"the white-box "
+        'Paper 002 makes the Figure 3 claim for l_2 only. For l_inf it says (Section 4.1): "the white-box '
         "attacks are not effective on l_inf as they fail to lay their adversarial examples within the "
-        "B_eps(x_o) ball\". White-box minus grey-box PGD accuracy, random start, same images: "
-        f"{diff.percent()}; claim \"the l_inf white-box attack is no stronger than the grey-box one\" "
+        'B_eps(x_o) ball". White-box minus grey-box PGD accuracy, random start, same images: '
+        f'{diff.percent()}; claim "the l_inf white-box attack is no stronger than the grey-box one" '
         f"(difference above -5 pp): **{word}**.",
     ]
 
