@@ -123,3 +123,47 @@ def test_report_gives_intervals_and_paired_verdicts_from_the_records(tmp_path):
     assert row.endswith("| does not hold |")
     row = next(line for line in lines if line.startswith("| both |"))
     assert "-15.0 pp" in row and row.endswith("| does not hold |")
+
+
+def test_the_l2_table_trains_the_l2_presets_and_evaluates_under_the_l2_threat(tmp_path, monkeypatch):
+    """``--norm l2 --models natural,adv,spgd_adv``: paper 002 Table 2 / paper 000 Table 1 right."""
+    commands = []
+    methods = {"natural": "NaturalTraining", "adv_l2": "AdversarialTraining", "spgd_adv_l2": "SafeSpotAdversarial"}
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        if cmd[1] == "train.py":
+            (out / "checkpoints").mkdir(parents=True)
+            for name in ("last.ckpt", "best-epoch007.ckpt"):
+                (out / "checkpoints" / name).touch()
+        else:
+            _fake_eval(out.parent.parent, out.name, methods[out.name.removeprefix("reduced_cifar10_")], 0.4)
+
+    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    out = tmp_path / "new"
+    assert reproduce.main(["--out", str(out), "--norm", "l2", "--models", "natural,adv,spgd_adv"]) == 0
+    trained = [cmd[2] for cmd in commands if cmd[1] == "train.py"]
+    assert trained == ["experiment=cifar10_natural", "experiment=cifar10_adv_l2", "experiment=cifar10_spgd_adv_l2"]
+    evaluations = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
+    assert len(evaluations) == 3 and all("threat.norm=l2" in c and "threat.eps=0.5" in c for c in evaluations)
+    report = (out / "report.md").read_text()
+    assert report.startswith("# CIFAR-10 reduced reproduction (l_2, eps = delta = 0.5)")
+    assert "| ADV | Ours | 90.85 | 84.81 | 83.56 | 85.12 | 79.48 |" in report  # paper 002, Table 2
+    assert "94.10 / 93.54" in report and "| S-PGD+ADV |" in report  # paper 000, Table 1 right
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path / "o"), "--models", "natural,sideways"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path / "o"), "--norm", "l7"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_safe_spot_aware_rows_are_compared_with_adv_on_the_same_images(tmp_path):
+    adv = _fake_eval(tmp_path, "reduced_cifar10_adv_linf", "AdversarialTraining", 0.45)
+    spgd = _fake_eval(tmp_path, "reduced_cifar10_spgd_adv_linf", "SafeSpotAdversarial", 0.60)
+    _fake_records(adv, 0.25, 0.45)
+    _fake_records(spgd, 0.20, 0.70)
+    text = reproduce.render([adv, spgd], [], argparse.Namespace(test_images=200, seed=0, no_autoattack=True))
+    row = next(line for line in text.splitlines() if line.startswith("| S-PGD+ADV vs ADV | grey-box PGD"))
+    assert "+25.0 pp" in row and row.endswith("| holds |")
+    assert "| S-PGD+ADV vs ADV | clean accuracy, S-PGD+ADV minus ADV" in text
