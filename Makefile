@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware
+.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -61,6 +61,9 @@ reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced n
 
 reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf)
 	$(PY) scripts/reproduce_cifar10_reduced.py --models adv,sfgsm_adv,spgd_adv --docs docs/reproduction_safe_spot_aware.md $(ARGS)
+
+reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced)
+	$(PY) scripts/reproduce_smoothed.py --docs docs/reproduction_smoothed.md $(ARGS)
 
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (docs/reproduction_paper003.md)
 	$(PY) scripts/reproduce_paper003.py --docs docs/reproduction_paper003.md $(ARGS)

@@ -46,7 +46,7 @@ KINDS = {
     "sfgsm_adv": ("best", "S-FGSM+ADV"),  # paper 000's safe-spot-aware training, FGSM safe-spot step
     "spgd_adv": ("best", "S-PGD+ADV"),  # ... PGD-10 safe-spot step
 }
-NORMS = {"linf": ("l_inf", "8/255", []), "l2": ("l_2", "0.5", ["threat.norm=l2", "threat.eps=0.5"])}
+NORMS = {"linf": ("l_inf", "8/255", []), "l2": ("l_2", "0.5", ["threat=l2_0.5"])}
 DEFAULT_MODELS = "natural,preemptive,adv"
 
 

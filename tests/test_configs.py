@@ -349,6 +349,18 @@ def test_evaluate_config_composes(make_cfg):
     assert cfg.evaluation.pgd.attack.steps == 20 and cfg.trainer.inference_mode is False
 
 
+@pytest.mark.parametrize("name", ["evaluate", "robustify", "ood"])
+def test_a_named_threat_model_selects_norm_and_eps_in_every_checkpoint_command(make_cfg, name):
+    """``threat=l2_0.5`` works after a checkpoint as in train.py (it used to fail with 'Could not
+    override threat'); without it the checkpoint's own threat model stays (null here)."""
+    named = make_cfg("ckpt_path=x.ckpt", "threat=l2_0.5", name=name)
+    assert (named.threat.norm, named.threat.eps) == ("l2", 0.5)
+    plain = make_cfg("ckpt_path=x.ckpt", name=name)
+    assert plain.threat.norm is None and plain.threat.eps is None
+    if name == "robustify":  # its own settings still win over the robustifier group's
+        assert plain.robustifier.quantize is True
+
+
 def test_slurm_launcher_runs_one_task_per_gpu(make_cfg):
     make_cfg(
         "hydra/launcher=slurm",

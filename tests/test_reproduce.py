@@ -146,7 +146,7 @@ def test_the_l2_table_trains_the_l2_presets_and_evaluates_under_the_l2_threat(tm
     trained = [cmd[2] for cmd in commands if cmd[1] == "train.py"]
     assert trained == ["experiment=cifar10_natural", "experiment=cifar10_adv_l2", "experiment=cifar10_spgd_adv_l2"]
     evaluations = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
-    assert len(evaluations) == 3 and all("threat.norm=l2" in c and "threat.eps=0.5" in c for c in evaluations)
+    assert len(evaluations) == 3 and all("threat=l2_0.5" in c for c in evaluations)
     report = (out / "report.md").read_text()
     assert report.startswith("# CIFAR-10 reduced reproduction (l_2, eps = delta = 0.5)")
     assert "| ADV | Ours | 90.85 | 84.81 | 83.56 | 85.12 | 79.48 |" in report  # paper 002, Table 2
