@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed
+.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -64,6 +64,9 @@ reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD
 
 reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced)
 	$(PY) scripts/reproduce_smoothed.py --docs docs/reproduction_smoothed.md $(ARGS)
+
+reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC verdict (reduced)
+	$(PY) scripts/reproduce_table4.py --docs docs/reproduction_table4.md $(ARGS)
 
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (docs/reproduction_paper003.md)
 	$(PY) scripts/reproduce_paper003.py --docs docs/reproduction_paper003.md $(ARGS)

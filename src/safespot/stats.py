@@ -151,3 +151,42 @@ def verdict(difference: PairedDifference | MeanInterval, claim: str = "greater",
             return "holds"
         return "does not hold" if (lo > margin or hi < -margin) else "inconclusive at this scale"
     raise ValueError(f"claim must be 'greater' or 'equal', got {claim!r}")
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | np.ndarray:
+    """Area under the ROC curve of ``scores`` (higher = more likely positive) by the Mann-Whitney
+    statistic, ties counted one half (the same value as ``torchmetrics``' binary AUROC). A 2-D
+    ``scores`` with a 2-D ``positive`` gives one AUROC per row."""
+    scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = positive.sum(axis=-1), (~positive).sum(axis=-1)
+    ranks = stats.rankdata(scores, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = ((ranks * positive).sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def auroc_difference(
+    groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> MeanInterval:
+    """``AUROC(a) - AUROC(b)`` of two detectors scored on the same images, averaged over
+    ``groups`` (one ``(scores_a, scores_b, positive)`` per independent run, e.g. per training
+    seed), with a percentile bootstrap interval: each replicate resamples the positives and the
+    negatives of every group with replacement (the same resample for both detectors, so the
+    comparison is paired). ``n`` is the number of groups."""
+    if not groups:
+        raise ValueError("auroc_difference needs at least one group")
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([auroc(a, p) - auroc(b, p) for a, b, p in groups]))
+    replicates = np.zeros(n_boot)
+    for a, b, p in groups:
+        a, b, p = np.asarray(a, dtype=float), np.asarray(b, dtype=float), np.asarray(p, dtype=bool)
+        pos, neg = np.flatnonzero(p), np.flatnonzero(~p)
+        idx = np.concatenate([rng.choice(pos, (n_boot, pos.size)), rng.choice(neg, (n_boot, neg.size))], axis=1)
+        replicates += auroc(a[idx], p[idx]) - auroc(b[idx], p[idx])
+    replicates /= len(groups)
+    tail = (1 - level) / 2
+    low, high = np.quantile(replicates, [tail, 1 - tail])
+    return MeanInterval(len(groups), point, float(low), float(high))
