@@ -471,3 +471,30 @@ def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_
     }  # fmt: skip
     assert two["metrics"] == one["metrics"] and two["tuned"] == one["tuned"]
     assert (tmp_path / "two" / "table.md").read_text() == (tmp_path / "one" / "table.md").read_text()
+
+
+def test_sharded_tuning_runs_each_image_once_and_gathers_in_set_order():
+    """The safe-spot score's tuning goes through ShardedBatches: a process runs the per-image
+    work on its share only, and the gathered fields equal one process's, in set order."""
+    from safespot.ood.detectors import ShardedBatches, _gather
+
+    x = torch.arange(10, dtype=torch.float32).view(10, 1)
+    seen = []
+
+    def batches(rows):
+        return lambda: [(x[rows], torch.zeros(len(rows)), torch.tensor(rows))]
+
+    def fn(model, xb, seeds):
+        seen.extend(seeds.tolist())
+        return {"double": 2 * xb[:, 0], "seed": seeds}
+
+    mine = [1, 3, 5, 7, 9]  # rank 1 of 2
+    other = ([0, 2, 4, 6, 8], {"double": 2 * x[0::2, 0], "seed": torch.tensor([0, 2, 4, 6, 8])})
+    sharded = ShardedBatches(batches(list(range(10))), batches(mine), mine, lambda obj: [other, obj])
+    fields = _gather(fn, None, sharded)
+    assert seen == mine  # only this process's share was computed here
+    assert fields["seed"].tolist() == list(range(10)) and torch.equal(fields["double"], 2 * x[:, 0])
+    assert torch.equal(_gather(fn, None, batches(list(range(10))))["double"], fields["double"])
+    broken = ShardedBatches(batches(list(range(10))), batches(mine), mine, lambda obj: [obj, obj])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        _gather(fn, None, broken)

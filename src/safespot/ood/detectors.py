@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +41,36 @@ if TYPE_CHECKING:
 # A source of tuning or fitting batches: a callable returning an iterator of
 # (images on the model's device, labels, per-image seeds).
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class ShardedBatches:
+    """A :data:`Batches` source over a whole set that also knows this process's share of it, so
+    per-image work in a detector's tuning runs once per image over all processes: ``local``
+    iterates over the positions ``positions`` of the set (this process's share, in order) and
+    :meth:`gather` puts per-image fields computed on them back in set order, in every process
+    (``gather_objects``: every process's object in rank order). Calling it iterates over the
+    whole set, as a plain :data:`Batches` does."""
+
+    every: Batches
+    local: Batches
+    positions: Sequence[int]
+    gather_objects: Callable[[Any], list[Any]]
+
+    def __call__(self) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return self.every()
+
+    def gather(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process's ``fields`` (per-image rows of its share), merged in set order."""
+        shards = self.gather_objects((list(self.positions), fields))
+        keys = next((list(f) for _, f in shards if f), [])
+        positions = torch.tensor([p for pos, _ in shards for p in pos], dtype=torch.long)
+        order = torch.argsort(positions)
+        if not torch.equal(positions[order], torch.arange(len(positions))):
+            raise RuntimeError("the processes' shares do not cover the set exactly once")
+        return {k: torch.cat([f[k] for _, f in shards if f])[order] for k in keys}
+
+
 MU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 LEE_NOISE = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
 _GRAM_EPS = 1e-6  # keeps the relative deviation finite at a zero bound
@@ -596,7 +627,10 @@ class SafeSpotScore(Detector):
 def _gather(
     fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], model: nn.Module, batches: Batches
 ) -> dict[str, torch.Tensor]:
-    """``fn(model, x, seeds)`` over every batch, each field concatenated on the CPU."""
+    """``fn(model, x, seeds)`` over every batch, each field concatenated on the CPU; for
+    :class:`ShardedBatches` only over this process's share, then gathered in set order."""
+    if isinstance(batches, ShardedBatches):
+        return batches.gather(_gather(fn, model, batches.local))
     chunks: dict[str, list[torch.Tensor]] = {}
     for x, _, seeds in batches():
         for key, value in fn(model, x, seeds).items():

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from safespot.data.base import IndexedSubset, _seeded_choice
 from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
-from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore
+from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore, ShardedBatches
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
 from safespot.runs import (
     build_fabric,
@@ -322,32 +322,41 @@ def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
     return plan, fabric
 
 
-def _batches(plan: Plan, dataset: Dataset, salt: str, device: torch.device) -> Batches:
-    """A :data:`~safespot.ood.detectors.Batches` source over ``dataset`` (in order) on ``device``
-    with per-image seeds from the dataset index and ``salt``."""
+def _batches(plan: Plan, dataset: Dataset, salt: str, fabric: Fabric) -> ShardedBatches:
+    """A :class:`~safespot.ood.detectors.ShardedBatches` source over ``dataset`` (in order) on
+    the process's device, with per-image seeds from the dataset index and ``salt``; its local
+    share is this process's :func:`~safespot.runs.shard` of the positions."""
     salt_value = zlib.crc32(salt.encode())
     seed, batch_size, workers = plan.settings.seed, plan.settings.batch_size, plan.inputs.workers
+    device = fabric.device
+    positions = list(shard(len(dataset), fabric))
 
-    def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for x, y, index in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-            yield x.to(device), y.to(device), image_seeds(seed, index.to(device), salt_value)
+    def over(data: Dataset) -> Batches:
+        def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for x, y, index in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
+                yield x.to(device), y.to(device), image_seeds(seed, index.to(device), salt_value)
 
-    return generate
+        return generate
+
+    return ShardedBatches(over(dataset), over(Subset(dataset, positions)), positions, gather_objects)
 
 
 def fit_detectors(fabric: Fabric, plan: Plan, nets: dict[str | None, nn.Module]) -> dict[str, Any]:
     """Fit and tune every detector on the whole fitting and tuning sets, identically in every
     process (their state holds hooks into this process's models, so it is not broadcast);
-    returns the tuned settings. Processes whose tuned settings differ from rank 0's (possible
-    with non-deterministic GPU kernels) are reported."""
-    device, inputs = fabric.device, plan.inputs
+    returns the tuned settings. Per-image tuning work that goes through
+    :class:`~safespot.ood.detectors.ShardedBatches` (the safe-spot score's search) runs on each
+    process's share and is gathered, so each image is searched once over all processes.
+    Processes whose tuned settings differ from rank 0's (possible with non-deterministic GPU
+    kernels) are reported."""
+    inputs = plan.inputs
     tune_out = inputs.tune_out
-    tune_out_batches = _batches(plan, tune_out, "tune_out", device) if tune_out is not None and len(tune_out) else None
+    tune_out_batches = _batches(plan, tune_out, "tune_out", fabric) if tune_out is not None and len(tune_out) else None
     tuned: dict[str, Any] = {}
     for detector, path in plan.settings.detectors:
         if fabric.is_global_zero:
             log.info("fitting %s", detector.name)
-        fit, tune_in = _batches(plan, inputs.fit, "fit", device), _batches(plan, inputs.tune_in, "tune_in", device)
+        fit, tune_in = _batches(plan, inputs.fit, "fit", fabric), _batches(plan, inputs.tune_in, "tune_in", fabric)
         try:
             with fabric.autocast():
                 tuned[detector.name] = detector.fit(nets[path], fit, tune_in, tune_out_batches)
