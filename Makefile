@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4
+.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -67,6 +67,9 @@ reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None
 
 reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC verdict (reduced)
 	$(PY) scripts/reproduce_table4.py --docs docs/reproduction_table4.md $(ARGS)
+
+reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS with rejection, clean image in every attack set, bootstrap intervals (reduced)
+	$(PY) scripts/reproduce_paper004.py --docs docs/reproduction_paper004.md $(ARGS)
 
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (docs/reproduction_paper003.md)
 	$(PY) scripts/reproduce_paper003.py --docs docs/reproduction_paper003.md $(ARGS)
