@@ -427,8 +427,10 @@ class Mahalanobis(Detector):
             raise DetectorError(f"{self.name}: tuning the noise or layer weights needs D_out^train")
         candidates, in_scores, out_scores = [], [], []
         for noise in self.noise_grid:
-            a = torch.cat([self.layer_confidences(model, x, noise).cpu() for x, _, _ in tune_in()])
-            b = torch.cat([self.layer_confidences(model, x, noise).cpu() for x, _, _ in tune_out()])
+            def confidences(model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {"c": self.layer_confidences(model, x, noise)}  # noqa: B023 (called at once)
+
+            a, b = _gather(confidences, model, tune_in)["c"], _gather(confidences, model, tune_out)["c"]
             weights, bias = None, 0.0
             if a.shape[1] > 1:
                 labels = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])
@@ -533,7 +535,7 @@ class GramDetector(Detector):
             for mins, maxs in zip(self.mins, self.maxs, strict=True):  # classes never predicted: pooled ranges
                 mins[~seen] = mins[seen].amin(0)
                 maxs[~seen] = maxs[seen].amax(0)
-            deviations = torch.cat([self.deviations(model, x).cpu() for x, _, _ in tune_in()])
+            deviations = _gather(lambda m, x, _: {"d": self.deviations(m, x)}, model, tune_in)["d"]
         self.expected = deviations.mean(0).clamp_min(1e-12)
         return {"layers": [n for n, _, _ in self._layers], "powers": self.powers}
 
