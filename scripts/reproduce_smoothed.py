@@ -168,14 +168,27 @@ def table5(records: pd.DataFrame) -> list[str]:
         claim = _claim(records, f"{sfull}{suffix}", f"{none}{none_suffix}", text)
         if claim:
             claims.append(claim)
+    return _section(
+        "Table 5: empirical accuracy of the smoothed network (sigma 0.1)",
+        [],
+        rows,
+        "Published (paper 002, Table 5, WRN-34-10 trained with Gaussian noise, full test set):",
+        PUBLISHED_5,
+        claims,
+    )
+
+
+def _section(title: str, notes: list[str], rows: list[dict], source: str, published: str, claims: list) -> list[str]:
+    """A table's report section: measured rows, the published ones, the claims with verdicts."""
     columns = ["Claim (same images)", "Difference [95% CI]", "Verdict"]
     return [
-        "## Table 5: empirical accuracy of the smoothed network (sigma 0.1)",
+        f"## {title}",
         "",
+        *notes,
         markdown_table(pd.DataFrame(rows)),
-        "Published (paper 002, Table 5, WRN-34-10 trained with Gaussian noise, full test set):",
+        source,
         "",
-        PUBLISHED_5,
+        published,
         markdown_table(pd.DataFrame(claims, columns=columns)) if claims else "",
     ]
 
@@ -208,21 +221,20 @@ def table7(records: pd.DataFrame, n: int) -> list[str]:
         )
         if c
     ]
-    columns = ["Claim (same images)", "Difference [95% CI]", "Verdict"]
     sigma = TABLES["7"][1]
-    return [
-        "## Table 7: certified accuracy of the smoothed network (sigma 0.25)",
-        "",
+    note = (
         f"CERTIFY with n0 = 100, n = {n:,}, alpha = {ALPHA}: no radius above "
         f"sigma Phi^-1(alpha^(1/n)) = {max_certifiable_radius(sigma, n):.3f} can be certified "
-        f"(paper: n = 100,000, up to {max_certifiable_radius(sigma, 100_000):.3f}).",
-        "",
-        markdown_table(pd.DataFrame(rows)),
+        f"(paper: n = 100,000, up to {max_certifiable_radius(sigma, 100_000):.3f})."
+    )
+    return _section(
+        "Table 7: certified accuracy of the smoothed network (sigma 0.25)",
+        [note, ""],
+        rows,
         "Published (paper 002, Table 7 left; the certified column at the threat model's eps = 0.5):",
-        "",
         PUBLISHED_7,
-        markdown_table(pd.DataFrame(claims, columns=columns)) if claims else "",
-    ]
+        claims,
+    )
 
 
 def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace) -> str:

@@ -119,3 +119,35 @@ def assert_same_run_files(one: Path, two: Path) -> None:
                     assert ja[key] == pytest.approx(jb[key], abs=1e-6), (name, key)
         else:
             assert a.read_bytes() == b.read_bytes(), name
+
+
+def write_checkpoints(run: Path, names: tuple[str, ...] = ("last.ckpt", "best-epoch007.ckpt")) -> None:
+    """Empty checkpoint files where a training run keeps them."""
+    (run / "checkpoints").mkdir(parents=True)
+    for name in names:
+        (run / "checkpoints" / name).touch()
+
+
+def fake_subprocess(
+    monkeypatch: pytest.MonkeyPatch,
+    evaluate: Callable[[list[str], Path], None],
+    train: Callable[[list[str], Path], None] | None = None,
+) -> list[list[str]]:
+    """Stand in for the commands a reproduction script runs (``safespot.reproduce.run_logged``): a
+    ``train.py`` command calls ``train(cmd, run_dir)`` (default: :func:`write_checkpoints`), any
+    other ``evaluate(cmd, run_dir)``, ``run_dir`` its ``hydra.run.dir``. Returns the list every
+    command line is appended to."""
+    import safespot.reproduce as helpers
+
+    commands: list[list[str]] = []
+
+    def run(cmd: list[str], **kwargs: object) -> None:
+        commands.append(cmd)
+        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        if cmd[1] == "train.py":
+            (train or (lambda _cmd, run_dir: write_checkpoints(run_dir)))(cmd, out)
+        else:
+            evaluate(cmd, out)
+
+    monkeypatch.setattr(helpers.subprocess, "run", run)
+    return commands

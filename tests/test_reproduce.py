@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import safespot.reproduce as helpers
+from conftest import fake_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce_cifar10_reduced.py")
@@ -74,20 +75,12 @@ def test_reused_evaluations_make_a_report_without_running_anything(tmp_path, mon
 
 def test_models_are_trained_as_presets_at_the_reduced_scale(tmp_path, monkeypatch):
     """Each run reduced_<preset> trains ``experiment=<preset> scale=reduced`` (no reduced_* preset)."""
-    commands = []
     labels = {"natural": "NaturalTraining", "adv_linf": "AdversarialTraining", "preemptive_linf": "PreemptiveTraining"}
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            (out / "checkpoints").mkdir(parents=True)
-            for name in ("last.ckpt", "best-epoch007.ckpt"):
-                (out / "checkpoints" / name).touch()
-        else:
-            _fake_eval(out.parent.parent, out.name, labels[out.name.removeprefix("reduced_cifar10_")], 0.4)
+    def evaluate(cmd, out):
+        _fake_eval(out.parent.parent, out.name, labels[out.name.removeprefix("reduced_cifar10_")], 0.4)
 
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    commands = fake_subprocess(monkeypatch, evaluate)
     assert reproduce.main(["--out", str(tmp_path / "new"), "--no-autoattack"]) == 0
     trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
     assert trained == [[f"experiment=cifar10_{p}", "scale=reduced"] for p in ("natural", "preemptive_linf", "adv_linf")]
@@ -127,20 +120,12 @@ def test_report_gives_intervals_and_paired_verdicts_from_the_records(tmp_path):
 
 def test_the_l2_table_trains_the_l2_presets_and_evaluates_under_the_l2_threat(tmp_path, monkeypatch):
     """``--norm l2 --models natural,adv,spgd_adv``: paper 002 Table 2 / paper 000 Table 1 right."""
-    commands = []
     methods = {"natural": "NaturalTraining", "adv_l2": "AdversarialTraining", "spgd_adv_l2": "SafeSpotAdversarial"}
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            (out / "checkpoints").mkdir(parents=True)
-            for name in ("last.ckpt", "best-epoch007.ckpt"):
-                (out / "checkpoints" / name).touch()
-        else:
-            _fake_eval(out.parent.parent, out.name, methods[out.name.removeprefix("reduced_cifar10_")], 0.4)
+    def evaluate(cmd, out):
+        _fake_eval(out.parent.parent, out.name, methods[out.name.removeprefix("reduced_cifar10_")], 0.4)
 
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    commands = fake_subprocess(monkeypatch, evaluate)
     out = tmp_path / "new"
     assert reproduce.main(["--out", str(out), "--norm", "l2", "--models", "natural,adv,spgd_adv"]) == 0
     trained = [cmd[2] for cmd in commands if cmd[1] == "train.py"]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import safespot.reproduce as helpers
+from conftest import fake_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce003", ROOT / "scripts" / "reproduce_paper003.py")
@@ -54,18 +54,9 @@ def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
 
 
 def test_models_train_at_the_reduced_resnet20_scale_and_share_the_test_images(tmp_path, monkeypatch):
-    commands = []
-
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            (out / "checkpoints").mkdir(parents=True)
-            (out / "checkpoints" / "best-epoch007.ckpt").touch()
-        else:
-            _fake_records(out, {1: 0.4, 4: 0.42, 8: 0.43, 16: 0.44, 32: 0.45}, 0)
-
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    commands = fake_subprocess(
+        monkeypatch, lambda cmd, out: _fake_records(out, {1: 0.4, 4: 0.42, 8: 0.43, 16: 0.44, 32: 0.45}, 0)
+    )
     assert reproduce.main(["--out", str(tmp_path / "new"), "--test-images", "200"]) == 0
     trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
     assert trained == [[f"experiment={p}", "scale=reduced_resnet20"] for p in reproduce.MODELS]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import safespot.reproduce as helpers
+from conftest import fake_subprocess
 from safespot.evaluation.rejection_metrics import load_row, rejection_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,21 +39,15 @@ def _fake_eval(run: Path, name: str, views: list[str], robust: float, n: int = 1
 
 
 def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, monkeypatch):
-    commands = []
     robust = {"pgd_at": 0.4, "trades": 0.42, "flss_sd1": 0.6, "flss_sd2": 0.62}
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            (out / "checkpoints").mkdir(parents=True)
-            (out / "checkpoints" / "best-epoch007.ckpt").touch()
-        elif "evaluation=[rejection_conf]" in cmd:
+    def evaluate(cmd, out):
+        if "evaluation=[rejection_conf]" in cmd:
             _fake_eval(out, "rejection_conf", ["ns"], robust[out.name])
         else:
             _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name])
 
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    commands = fake_subprocess(monkeypatch, evaluate)
     out = tmp_path / "new"
     args = ["--out", str(out), "--bootstrap", "200", "--train-override", "trainer.max_epochs=12"]
     assert paper004.main([*args, "--drop-attack", "apgd_ce_eot"]) == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-import safespot.reproduce as helpers
+from conftest import fake_subprocess, write_checkpoints
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics
 from safespot.stats import auroc, auroc_difference
 
@@ -38,25 +38,16 @@ def _fake_scores(run: Path, seed: int, safe_spot_edge: float) -> None:
 
 
 def _fake_training(run: Path, accuracies: list[float]) -> None:
-    (run / "checkpoints").mkdir(parents=True)
-    for name in ("last.ckpt", f"best-epoch{len(accuracies) - 1:03d}.ckpt"):
-        (run / "checkpoints" / name).touch()
+    write_checkpoints(run, ("last.ckpt", f"best-epoch{len(accuracies) - 1:03d}.ckpt"))
     (run / "csv").mkdir()
     pd.DataFrame({"epoch": range(len(accuracies)), "val/acc": accuracies}).to_csv(run / "csv" / "metrics.csv")
 
 
 def test_trainings_run_in_order_and_the_report_gives_the_verdict(tmp_path, monkeypatch):
-    commands = []
+    def evaluate(cmd, out):
+        _fake_scores(out, int(next(c for c in cmd if c.startswith("seed=")).split("=")[1]), 2.0)
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            _fake_training(out, [0.5, 0.7])
-        else:
-            _fake_scores(out, int(next(c for c in cmd if c.startswith("seed=")).split("=")[1]), 2.0)
-
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    commands = fake_subprocess(monkeypatch, evaluate, train=lambda cmd, out: _fake_training(out, [0.5, 0.7]))
     out = tmp_path / "new"
     assert table4.main(["--out", str(out), "--seeds", "0,1"]) == 0
     trained = [cmd for cmd in commands if cmd[1] == "train.py"]
@@ -78,11 +69,9 @@ def test_trainings_run_in_order_and_the_report_gives_the_verdict(tmp_path, monke
 
 
 def test_a_safe_spot_score_no_better_than_the_baselines_is_not_called_a_win(tmp_path, monkeypatch):
-    def fake_run(cmd, **kwargs):
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        _fake_training(out, [0.4]) if cmd[1] == "train.py" else _fake_scores(out, 0, -1.0)
-
-    monkeypatch.setattr(helpers.subprocess, "run", fake_run)
+    fake_subprocess(
+        monkeypatch, lambda cmd, out: _fake_scores(out, 0, -1.0), lambda cmd, out: _fake_training(out, [0.4])
+    )
     assert table4.main(["--out", str(tmp_path / "r"), "--seeds", "0", "--safe-spot-oe", "scratch"]) == 0
     report = (tmp_path / "r" / "report.md").read_text()
     assert "on near outliers: **does not hold**" in report and "trained from scratch" in report
