@@ -132,6 +132,13 @@ def test_the_l2_table_trains_the_l2_presets_and_evaluates_under_the_l2_threat(tm
     assert trained == ["experiment=cifar10_natural", "experiment=cifar10_adv_l2", "experiment=cifar10_spgd_adv_l2"]
     evaluations = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
     assert len(evaluations) == 3 and all("threat=l2_0.5" in c for c in evaluations)
+    no_white_aa = "~evaluation.preempt_sfull.white_box.attacks.autoattack"
+    assert all(no_white_aa in c for c in evaluations)  # off by default, and the report says so
+    assert "no white-box AutoAttack (paper 002's lowest l_2 column" in (out / "report.md").read_text()
+    commands.clear()
+    args = ["--out", str(tmp_path / "aa"), "--norm", "l2", "--models", "adv", "--white-autoattack"]
+    assert reproduce.main(args) == 0
+    assert not any(no_white_aa in c for c in commands)
     report = (out / "report.md").read_text()
     assert report.startswith("# CIFAR-10 reduced reproduction (l_2, eps = delta = 0.5)")
     assert "| ADV | Ours | 90.85 | 84.81 | 83.56 | 85.12 | 79.48 |" in report  # paper 002, Table 2
@@ -151,4 +158,5 @@ def test_safe_spot_aware_rows_are_compared_with_adv_on_the_same_images(tmp_path)
     text = reproduce.render([adv, spgd], [], argparse.Namespace(test_images=200, seed=0, no_autoattack=True))
     row = next(line for line in text.splitlines() if line.startswith("| S-PGD+ADV vs ADV | grey-box PGD"))
     assert "+25.0 pp" in row and row.endswith("| holds |")
-    assert "| S-PGD+ADV vs ADV | clean accuracy, S-PGD+ADV minus ADV" in text
+    assert "| S-PGD+ADV vs ADV | clean accuracy, S-PGD+ADV minus ADV (paper 000, Table 1: 91.32 vs 86.51)" in text
+    assert "(paper 000, Table 1: 89.84 vs 85.06)" in row  # the published gap next to the measured one

@@ -61,6 +61,8 @@ def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, mon
     row = next(line for line in report.splitlines() if line.startswith("| FLSS (SD=1) vs PGD-AT: Acc_adv,10%"))
     assert row.endswith("| holds |")
     assert "| PGD-AT | Confidence | 80.0 [" in report  # Acc_nat,NS with its interval
+    assert "| FLSS (SD=2) vs FLSS (SD=1): Acc_adv,10%: SD=2 higher |" in report
+    assert "(this report's tolerance)" in report
     assert "| FLSS (SD=2) | Maj. Vote |" in report and "83.80" in report  # the published rows
 
 

@@ -61,9 +61,13 @@ def test_each_table_evaluates_none_and_sfull_on_the_same_images(gaussian_run, tm
     assert any(word in report for word in ("| holds |", "| does not hold |", "| inconclusive at this scale |"))
     if table == "5":
         assert "92.14 | 56.02" in report and f"{sfull}_white_pgd/correct" in records
+        none_row = next(line for line in report.splitlines() if line.startswith("| None | ") and "[" in line)
+        cells = [c.strip() for c in none_row.strip("|").split("|")]
+        assert cells[2] == cells[4] and cells[3] == cells[5]  # None: white-box = grey-box (footnote 2)
     else:
         assert "82.84 | 55.58" in report and f"{sfull}_certify/cert_0.5" in records
         assert "n = 32, alpha = 0.001: no radius above sigma Phi^-1(alpha^(1/n)) = 0.216" in report
+        assert "not measurable at n = 32 (largest radius 0.216)" in report  # r = 0.5 is out of reach
 
 
 def test_the_largest_certifiable_radius_is_the_bound_with_every_draw_correct():
