@@ -126,6 +126,59 @@ def _records(evals: dict[str, Path]) -> dict[str, pd.DataFrame]:
     return records
 
 
+def noise_levels(ckpt_path: Path) -> list[float]:
+    """Per noisy convolution, the learned noise's standard deviation relative to its weights'
+    (``safespot.models.noise_injection``): PNI-W ``|alpha|``; CNI-W
+    ``sqrt(mean_j(|std(W) d_j| + ||F_j||^2)) / std(W)``. Read from the checkpoint's state dict."""
+    import torch
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    levels = []
+    for key, value in state.items():
+        if key.endswith(".alpha"):
+            levels.append(abs(float(value)))
+        elif key.endswith(".diag"):
+            prefix = key[: -len("diag")]
+            w_std = float(state[f"{prefix}weight"].std())
+            variance = (w_std * value).abs() + (state[f"{prefix}factor"] ** 2).sum(1)
+            levels.append(float(variance.mean().sqrt()) / w_std)
+    return levels
+
+
+def noise_section(evals: dict[str, Path]) -> list[str]:
+    """The learned noise levels of the noise-injected models (their checkpoints, as evaluated)."""
+    import json
+
+    rows = []
+    for preset in (p for p in NOISY if p in evals):
+        results = evals[preset] / "results.json"
+        ckpt = json.loads(results.read_text()).get("meta", {}).get("ckpt_path") if results.is_file() else None
+        if not ckpt or not Path(ckpt).is_file():
+            continue
+        levels = noise_levels(Path(ckpt))
+        if levels:
+            median = float(pd.Series(levels).median())
+            rows.append(
+                {
+                    "Model": MODELS[preset],
+                    "Noisy layers": len(levels),
+                    "Median": f"{median:.3f}",
+                    "Min": f"{min(levels):.3f}",
+                    "Max": f"{max(levels):.3f}",
+                }
+            )
+    if not rows:
+        return []
+    return [
+        "## Learned noise levels",
+        "",
+        "Standard deviation of each noisy convolution's weight noise relative to the standard deviation of its "
+        "weights, at the evaluated checkpoint (PNI-W: |alpha|, initially 0.25).",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+    ]
+
+
 def _flags(records: pd.DataFrame, kind: str, rule: str, n: int) -> pd.Series:
     return records[f"{kind}_{rule}_n{n}/correct"].astype(bool)
 
@@ -197,6 +250,7 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         "## Claims",
         "",
         markdown_table(claim_table),
+        *noise_section(evals),
         "## Published",
         "",
         PUBLISHED,

@@ -197,7 +197,9 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         word = verdict(interval, "greater", margin / 100)
         label = f"{ROWS[flss][0]} vs {ROWS[base][0]}: {text}"
         claims.append((label, f"{point:+.1f} pp [{low:+.1f}, {high:+.1f}]", word))
-    claim_table = pd.DataFrame(claims, columns=["Claim (same images)", "Difference, first minus second [95% CI]", "Verdict"])
+    claim_table = pd.DataFrame(
+        claims, columns=["Claim (same images)", "Difference, first minus second [95% CI]", "Verdict"]
+    )
     n = len(next(iter(rows.values())).records)
     lines = [
         "# Paper 004, Table 1 (reduced): worst-case accuracy with rejection",

@@ -73,3 +73,20 @@ def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no best checkpoint"):
         reproduce.main(["--reuse", f"cifar10_cni_w={tmp_path}"])
     assert not (tmp_path / "reproduce_paper003").exists()
+
+
+def test_learned_noise_levels_are_read_from_the_checkpoint(tmp_path):
+    """PNI-W: |alpha|; CNI-W: the root mean variance of the colored noise over std(W)."""
+    import torch
+
+    from safespot.models.noise_injection import NoisyConv2d
+
+    torch.manual_seed(0)
+    pni = NoisyConv2d(3, 4, 3, noise="pni_w", alpha=-0.1)
+    cni = NoisyConv2d(3, 4, 3, noise="cni_w", rank=2)
+    state = {f"a.{k}": v for k, v in pni.state_dict().items()} | {f"b.{k}": v for k, v in cni.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "m.ckpt")
+    levels = reproduce.noise_levels(tmp_path / "m.ckpt")
+    draws = cni.weight_noise(20000)  # the empirical spread of CNI-W's noise, relative to std(W)
+    empirical = float(draws.pow(2).mean().sqrt() / cni.weight.std())
+    assert levels[0] == pytest.approx(0.1) and levels[1] == pytest.approx(empirical, rel=0.02)
