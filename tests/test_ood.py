@@ -498,3 +498,83 @@ def test_sharded_tuning_runs_each_image_once_and_gathers_in_set_order():
     broken = ShardedBatches(batches(list(range(10))), batches(mine), mine, lambda obj: [obj, obj])
     with pytest.raises(RuntimeError, match="exactly once"):
         _gather(fn, None, broken)
+
+
+def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_process():
+    """Mahalanobis' class means / tied covariance and Gram's per-class ranges over ShardedBatches:
+    with 2 processes (threads here, gathering through a barrier) each batch of the fitting set is
+    computed by one process only, and both processes end with one process's statistics, bit for
+    bit (the per-batch sums are added in batch order)."""
+    import copy
+    import threading
+
+    from safespot.models import SmallCNN, build_classifier
+    from safespot.ood.detectors import GramDetector, ShardedBatches
+
+    torch.manual_seed(0)
+    net = build_classifier(SmallCNN(3, width=4), [0.5] * 3, [0.25] * 3, 3).eval()
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(70) % 3
+    x = (0.5 + 0.15 * torch.randn(70, 3, 16, 16, generator=g) + 0.1 * y[:, None, None, None]).clamp(0, 1)
+    size, world = 16, 2  # 5 batches, the last one short: 3 rounds, process 1 idle in the last
+
+    def over(rows, seen=None):
+        def generate():
+            for i in range(0, len(rows), size):
+                part = torch.tensor(rows[i : i + size])
+                if seen is not None:
+                    seen.extend(part.tolist())
+                yield x[part], y[part], part
+
+        return generate
+
+    def make(kind, model):
+        detector = (
+            Mahalanobis(layers=["stages"], noise=[0.0]) if kind == "m" else GramDetector(layers=["conv"], powers=3)
+        )
+        detector.prepare(model)
+        return detector
+
+    def statistics(d):
+        return [*d.means, *d.precisions] if isinstance(d, Mahalanobis) else [*d.mins, *d.maxs, d.expected]
+
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def gather(rank, obj):
+        slots[rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    everything = list(range(70))
+    for kind in ("m", "g"):
+        one = make(kind, net)
+        one.fit(net, over(everything), over(everything[:32]), over(everything[32:64]))
+        fitted, seen = [None] * world, [[] for _ in range(world)]
+
+        def run(rank, kind=kind, fitted=fitted, seen=seen):
+            model = copy.deepcopy(net)  # each process has its own model (the detectors hook into it)
+            mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
+            share = list(range(rank, 70, world))
+            batches = ShardedBatches(
+                over(everything),
+                over(share),
+                share,
+                partial(gather, rank),
+                batch_share=over(mine, seen[rank]),
+                rounds=3,
+            )
+            detector = make(kind, model)
+            detector.fit(model, batches, over(everything[:32]), over(everything[32:64]))
+            fitted[rank] = detector
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen[0] == list(range(0, 16)) + list(range(32, 48)) + list(range(64, 70))
+        assert seen[1] == list(range(16, 32)) + list(range(48, 64))
+        for detector in fitted:
+            assert all(torch.equal(a, b) for a, b in zip(statistics(detector), statistics(one), strict=True))

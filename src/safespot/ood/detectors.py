@@ -56,9 +56,27 @@ class ShardedBatches:
     local: Batches
     positions: Sequence[int]
     gather_objects: Callable[[Any], list[Any]]
+    #: this process's whole batches of ``every``: batches ``rank, rank + N, ...``, as batched there
+    batch_share: Batches | None = None
+    #: ``ceil(batches of every / N)``: rounds of :meth:`per_batch`, the same in every process
+    rounds: int = 0
 
     def __call__(self) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return self.every()
+
+    def per_batch(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> Iterator[Any]:
+        """``fn(x, y, seeds)`` of every batch of the whole set, in batch order, in every process;
+        batch ``b`` is computed by process ``b mod N`` only (round ``t`` computes batches ``tN``
+        to ``tN + N - 1`` and shares their results, moved to the CPU). A batch's result is that
+        of one process, so a fold over them in this order is too."""
+        if self.batch_share is None:
+            yield from (fn(*batch) for batch in self.every())
+            return
+        mine = iter(self.batch_share())
+        for _ in range(self.rounds):
+            batch = next(mine, None)
+            result = None if batch is None else _to_cpu(fn(*batch))
+            yield from (r for r in self.gather_objects(result) if r is not None)
 
     def gather(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every process's ``fields`` (per-image rows of its share), merged in set order."""
@@ -69,6 +87,33 @@ class ShardedBatches:
         if not torch.equal(positions[order], torch.arange(len(positions))):
             raise RuntimeError("the processes' shares do not cover the set exactly once")
         return {k: torch.cat([f[k] for _, f in shards if f])[order] for k in keys}
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def per_batch(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any], batches: Batches) -> Iterator[Any]:
+    """``fn(x, y, seeds)`` of every batch, in batch order; over a :class:`ShardedBatches`, each
+    batch is computed by one process and the results are shared (:meth:`ShardedBatches.per_batch`)."""
+    if isinstance(batches, ShardedBatches):
+        yield from batches.per_batch(fn)
+    else:
+        yield from (fn(*batch) for batch in batches())
+
+
+def _pad_rows(t: torch.Tensor, rows: int, value: float) -> torch.Tensor:
+    """``t`` with rows of ``value`` appended up to ``rows`` (per-class statistics of a batch whose
+    labels did not reach the last class)."""
+    if len(t) >= rows:
+        return t
+    return torch.cat([t, t.new_full((rows - len(t), *t.shape[1:]), value)])
 
 
 MU_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -366,31 +411,46 @@ class Mahalanobis(Detector):
         return torch.einsum("bkd,de,bke->bk", centered, self.precisions[layer], centered)
 
     def fit_gaussians(self, model: nn.Module, fit: Batches) -> None:
-        """Class means and the tied covariance of each layer (streamed, float64)."""
-        sums: list[torch.Tensor] = []
-        outer: list[torch.Tensor] = []
-        counts: torch.Tensor | None = None
+        """Class means and the tied covariance of each layer (float64): per batch, the class
+        counts, the per-class feature sums and ``f^T f``; added up in batch order
+        (:func:`per_batch`: each batch is computed by one process, the sums are the same in every
+        process and equal one process's)."""
+        k_model = int(getattr(model, "num_classes", 0) or 0)
+
+        def statistics(x: torch.Tensor, y: torch.Tensor, _: torch.Tensor) -> dict[str, Any]:
+            feats = self._features(model, x)
+            y = y.to(feats[0].device)
+            k = k_model or int(y.max()) + 1
+            counts = torch.bincount(y, minlength=k).double()
+            sums = [
+                torch.zeros(len(counts), f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, y, f) for f in feats
+            ]
+            return {"counts": counts, "sums": sums, "outer": [f.T @ f for f in feats]}
+
+        total: dict[str, Any] | None = None
         with attack_context(model, "eval", update_bn=False), torch.no_grad():
-            for x, y, _ in fit():
-                feats = self._features(model, x)
-                if not sums:
-                    k = int(getattr(model, "num_classes", 0) or 0) or int(y.max()) + 1
-                    sums = [torch.zeros(k, f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
-                    outer = [torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device) for f in feats]
-                    counts = torch.zeros(k, dtype=torch.float64, device=feats[0].device)
-                y = y.to(feats[0].device)
-                counts += torch.bincount(y, minlength=len(counts)).double()
-                for i, f in enumerate(feats):
-                    sums[i].index_add_(0, y, f)
-                    outer[i] += f.T @ f
+            for part in per_batch(statistics, fit):
+                if total is None:
+                    total = dict(part)  # a new dict: a gathered part may be shared
+                    continue
+                k = max(len(total["counts"]), len(part["counts"]))
+                total["counts"] = _pad_rows(total["counts"], k, 0) + _pad_rows(part["counts"], k, 0).to(total["counts"])
+                total["sums"] = [
+                    _pad_rows(s, k, 0) + _pad_rows(p, k, 0).to(s)
+                    for s, p in zip(total["sums"], part["sums"], strict=True)
+                ]
+                total["outer"] = [o + p.to(o) for o, p in zip(total["outer"], part["outer"], strict=True)]
+        counts = None if total is None else total["counts"]
         if counts is None or (counts == 0).any():
             missing = [] if counts is None else torch.nonzero(counts == 0).flatten().tolist()
             raise DetectorError(f"{self.name}: no fitting images for classes {missing or 'any'}")
+        device = next((p.device for p in model.parameters()), counts.device)
+        counts = counts.to(device)
         n = counts.sum()
         self.means, self.precisions = [], []
-        for s, o in zip(sums, outer, strict=True):
-            means = s / counts[:, None]
-            cov = (o - (means.T * counts) @ means) / n
+        for s, o in zip(total["sums"], total["outer"], strict=True):
+            means = s.to(device) / counts[:, None]
+            cov = (o.to(device) - (means.T * counts) @ means) / n
             self.means.append(means)
             self.precisions.append(torch.linalg.pinv(cov, hermitian=True))
 
@@ -427,6 +487,7 @@ class Mahalanobis(Detector):
             raise DetectorError(f"{self.name}: tuning the noise or layer weights needs D_out^train")
         candidates, in_scores, out_scores = [], [], []
         for noise in self.noise_grid:
+
             def confidences(model: nn.Module, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
                 return {"c": self.layer_confidences(model, x, noise)}  # noqa: B023 (called at once)
 
@@ -511,27 +572,39 @@ class GramDetector(Detector):
         return torch.stack(columns, 1)
 
     def fit(self, model: nn.Module, fit: Batches, tune_in: Batches, tune_out: Batches | None) -> dict[str, Any]:
-        k = int(getattr(model, "num_classes", 0) or 0)
+        k_model = int(getattr(model, "num_classes", 0) or 0)
+
+        def ranges(x: torch.Tensor, _y: torch.Tensor, _s: torch.Tensor) -> dict[str, Any]:
+            """Per predicted class, the batch's elementwise minimum and maximum (+-inf if unseen)."""
+            feats, pred = self.gram_features(model, x)
+            k = k_model or int(pred.max()) + 1
+            mins = [torch.full((k, *f.shape[1:]), torch.inf, dtype=f.dtype, device=f.device) for f in feats]
+            maxs = [torch.full_like(m, -torch.inf) for m in mins]
+            for c in pred.unique().tolist():
+                rows = pred == c
+                for f, lo, hi in zip(feats, mins, maxs, strict=True):
+                    lo[c], hi[c] = f[rows].amin(0), f[rows].amax(0)
+            return {"mins": mins, "maxs": maxs, "seen": torch.bincount(pred, minlength=k) > 0}
+
         with attack_context(model, "eval", update_bn=False):
-            self.mins, self.maxs = [], []
-            seen = None
-            for x, _, _ in fit():
-                feats, pred = self.gram_features(model, x)
-                if not self.mins:
-                    k = k or int(pred.max()) + 1
-                    self.mins = [
-                        torch.full((k, *f.shape[1:]), torch.inf, dtype=f.dtype, device=f.device) for f in feats
+            total: dict[str, Any] | None = None
+            for part in per_batch(ranges, fit):  # min and max: the same whatever the batch order
+                if total is None:
+                    total = dict(part)  # a new dict: a gathered part may be shared
+                    continue
+                k = max(len(total["seen"]), len(part["seen"]))
+                total["seen"] = _pad_rows(total["seen"], k, False) | _pad_rows(part["seen"], k, False).to(total["seen"])
+                for key, pick, fill in (("mins", torch.minimum, torch.inf), ("maxs", torch.maximum, -torch.inf)):
+                    total[key] = [
+                        pick(_pad_rows(t, k, fill), _pad_rows(q, k, fill).to(t))
+                        for t, q in zip(total[key], part[key], strict=True)
                     ]
-                    self.maxs = [torch.full_like(m, -torch.inf) for m in self.mins]
-                    seen = torch.zeros(k, dtype=torch.bool, device=pred.device)
-                for c in pred.unique().tolist():
-                    rows = pred == c
-                    seen[c] = True
-                    for f, mins, maxs in zip(feats, self.mins, self.maxs, strict=True):
-                        mins[c] = torch.minimum(mins[c], f[rows].amin(0))
-                        maxs[c] = torch.maximum(maxs[c], f[rows].amax(0))
-            if seen is None:
+            if total is None:
                 raise DetectorError(f"{self.name}: no fitting images")
+            device = next((p.device for p in model.parameters()), total["seen"].device)
+            seen = total["seen"].to(device)
+            self.mins = [t.to(device, copy=True) for t in total["mins"]]
+            self.maxs = [t.to(device, copy=True) for t in total["maxs"]]
             for mins, maxs in zip(self.mins, self.maxs, strict=True):  # classes never predicted: pooled ranges
                 mins[~seen] = mins[seen].amin(0)
                 maxs[~seen] = maxs[seen].amax(0)

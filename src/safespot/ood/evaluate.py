@@ -325,7 +325,9 @@ def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
 def _batches(plan: Plan, dataset: Dataset, salt: str, fabric: Fabric) -> ShardedBatches:
     """A :class:`~safespot.ood.detectors.ShardedBatches` source over ``dataset`` (in order) on
     the process's device, with per-image seeds from the dataset index and ``salt``; its local
-    share is this process's :func:`~safespot.runs.shard` of the positions."""
+    share is this process's :func:`~safespot.runs.shard` of the positions; its batch share (for
+    the fitting statistics, :func:`~safespot.ood.detectors.per_batch`) is the batches ``rank,
+    rank + N, ...`` of the set as one process batches it."""
     salt_value = zlib.crc32(salt.encode())
     seed, batch_size, workers = plan.settings.seed, plan.settings.batch_size, plan.inputs.workers
     device = fabric.device
@@ -338,7 +340,20 @@ def _batches(plan: Plan, dataset: Dataset, salt: str, fabric: Fabric) -> Sharded
 
         return generate
 
-    return ShardedBatches(over(dataset), over(Subset(dataset, positions)), positions, gather_objects)
+    n_batches = -(-len(dataset) // batch_size)
+    in_my_batches = [
+        i
+        for b in range(fabric.global_rank, n_batches, fabric.world_size)
+        for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))
+    ]
+    return ShardedBatches(
+        over(dataset),
+        over(Subset(dataset, positions)),
+        positions,
+        gather_objects,
+        batch_share=over(Subset(dataset, in_my_batches)),
+        rounds=-(-n_batches // fabric.world_size),
+    )
 
 
 def fit_detectors(fabric: Fabric, plan: Plan, nets: dict[str | None, nn.Module]) -> dict[str, Any]:
