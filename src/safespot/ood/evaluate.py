@@ -24,7 +24,7 @@ The command runs on a Lightning Fabric built from the ``runtime`` block
 :func:`make_plan` (:func:`build_runtime`, :func:`load_run`, :func:`check_settings`,
 :func:`load_detector_checkpoints`, :func:`collect_inputs`, :func:`prepare_detectors`), then in
 every process :func:`ood_process`: the models placed on the process's device,
-:func:`fit_detectors` (every process fits every detector on the same images, identically),
+:func:`fit_detectors` (every process ends with the same fitted detectors, the work split over them),
 :func:`score_shard` (process r of N scores the images at positions r, r+N, ... of each test set
 under ``fabric.autocast()``; per-image seeds come from the dataset index, so a score does not
 depend on the shard), :func:`gather_scores` (every row back in index order, in every process)
@@ -359,9 +359,11 @@ def _batches(plan: Plan, dataset: Dataset, salt: str, fabric: Fabric) -> Sharded
 def fit_detectors(fabric: Fabric, plan: Plan, nets: dict[str | None, nn.Module]) -> dict[str, Any]:
     """Fit and tune every detector on the whole fitting and tuning sets, identically in every
     process (their state holds hooks into this process's models, so it is not broadcast);
-    returns the tuned settings. Per-image tuning work that goes through
-    :class:`~safespot.ood.detectors.ShardedBatches` (the safe-spot score's search) runs on each
-    process's share and is gathered, so each image is searched once over all processes.
+    returns the tuned settings. Work that goes through
+    :class:`~safespot.ood.detectors.ShardedBatches` is split over the processes and gathered: the
+    per-image tuning work (the safe-spot score's search, Mahalanobis' preprocessed confidences,
+    Gram's deviations) by image, the fitting statistics of Mahalanobis and Gram by batch, so
+    each image is worked on once over all processes.
     Processes whose tuned settings differ from rank 0's (possible with non-deterministic GPU
     kernels) are reported."""
     inputs = plan.inputs
