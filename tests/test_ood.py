@@ -457,8 +457,8 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
 
 
 def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):
-    """The test images sharded over two ddp_spawn processes (every process fits the detectors on
-    the same images) give the scores.csv of one process, byte for byte, and the same metrics."""
+    """The test images sharded over two ddp_spawn processes (the detectors' fitting and tuning work
+    split over them) give the scores.csv of one process, byte for byte, and the same metrics."""
     fast = [o for o in FAST_OOD if not o.startswith("histograms=")]
     common = [f"ckpt_path={oe_checkpoint}", *fast, "histograms=false", "batch_size=8"]
     one = evaluate_ood(make_cfg(*common, name="ood", out=tmp_path / "one"))
@@ -538,7 +538,7 @@ def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_proces
     def statistics(d):
         return [*d.means, *d.precisions] if isinstance(d, Mahalanobis) else [*d.mins, *d.maxs, d.expected]
 
-    slots, barrier = [None] * world, threading.Barrier(world)
+    slots, barrier = [None] * world, threading.Barrier(world, timeout=120)
 
     def gather(rank, obj):
         slots[rank] = obj
@@ -573,8 +573,70 @@ def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_proces
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(timeout=300)
         assert seen[0] == list(range(0, 16)) + list(range(32, 48)) + list(range(64, 70))
         assert seen[1] == list(range(16, 32)) + list(range(48, 64))
         for detector in fitted:
             assert all(torch.equal(a, b) for a, b in zip(statistics(detector), statistics(one), strict=True))
+
+
+def test_per_batch_yields_every_batch_in_order_once_and_fails_in_every_process():
+    """ShardedBatches.per_batch over 2 processes (threads gathering through a barrier): 5 batches,
+    the last one short; each process computes its own batches only and both see all 5 results in
+    batch order. An error in one process's batch is raised in both (not a hang), and a batch share
+    longer than `rounds` is refused."""
+    import threading
+
+    from safespot.ood.detectors import ShardedBatches
+
+    x, size, world = torch.arange(70, dtype=torch.float32), 16, 2
+
+    def over(rows):
+        return lambda: [(x[rows[i : i + size]], None, None) for i in range(0, len(rows), size)]
+
+    def run_all(fn, rounds=3):
+        slots, barrier = [None] * world, threading.Barrier(world, timeout=60)
+        out, errors, computed = [None] * world, [None] * world, [[] for _ in range(world)]
+
+        def gather(rank, obj):
+            slots[rank] = obj
+            barrier.wait()
+            gathered = list(slots)
+            barrier.wait()
+            return gathered
+
+        def run(rank):
+            mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
+            batches = ShardedBatches(over(list(range(70))), over(mine), mine, partial(gather, rank),
+                                     batch_share=over(mine), rounds=rounds)  # fmt: skip
+
+            def traced(xb, y, seeds):
+                computed[rank].append(int(xb[0]) // size)
+                return fn(rank, xb)
+
+            try:
+                out[rank] = list(batches.per_batch(traced))
+            except Exception as error:
+                errors[rank] = error
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        return out, errors, computed
+
+    out, errors, computed = run_all(lambda rank, xb: (int(xb[0]) // size, len(xb)))
+    assert errors == [None, None] and computed == [[0, 2, 4], [1, 3]]
+    assert out[0] == out[1] == [(0, 16), (1, 16), (2, 16), (3, 16), (4, 6)]
+
+    def boom(rank, xb):
+        if int(xb[0]) // size == 3:
+            raise ValueError("bad label")
+        return 0
+
+    _, errors, _ = run_all(boom)
+    assert isinstance(errors[1], ValueError) and "process 1 failed: ValueError: bad label" in str(errors[0])
+    _, errors, _ = run_all(lambda rank, xb: 0, rounds=2)
+    assert isinstance(errors[0], RuntimeError) and "more than rounds=2" in str(errors[0])

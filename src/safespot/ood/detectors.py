@@ -44,13 +44,41 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class _Failed:
+    """What a process shares in place of its result when computing it raised."""
+
+    message: str
+
+
+def share(gather_objects: Callable[[Any], list[Any]], compute: Callable[[], Any]) -> list[Any]:
+    """``compute()`` of every process in rank order (through ``gather_objects``). If it raises in
+    one process, every process raises (the failing one its own error, the others a
+    ``RuntimeError`` naming it) instead of the others waiting for it in the next collective."""
+    try:
+        value = compute()
+    except Exception as error:
+        gather_objects(_Failed(f"{type(error).__name__}: {error}"))
+        raise
+    results = gather_objects(value)
+    failed = [(rank, r.message) for rank, r in enumerate(results) if isinstance(r, _Failed)]
+    if failed:
+        raise RuntimeError(f"process {failed[0][0]} failed: {failed[0][1]}")
+    return results
+
+
+@dataclass(frozen=True)
 class ShardedBatches:
     """A :data:`Batches` source over a whole set that also knows this process's share of it, so
-    per-image work in a detector's tuning runs once per image over all processes: ``local``
-    iterates over the positions ``positions`` of the set (this process's share, in order) and
-    :meth:`gather` puts per-image fields computed on them back in set order, in every process
-    (``gather_objects``: every process's object in rank order). Calling it iterates over the
-    whole set, as a plain :data:`Batches` does."""
+    work in a detector's fitting and tuning runs once per image over all processes (calling it
+    iterates over the whole set, as a plain :data:`Batches` does; ``gather_objects``: every
+    process's object in rank order).
+
+    - Per image: ``local`` iterates over the positions ``positions`` of the set (this process's
+      share, in order) and :meth:`gather` puts per-image fields computed on them back in set
+      order, in every process (tuning).
+    - Per batch: ``batch_share`` iterates over this process's whole batches of ``every`` and
+      :meth:`per_batch` yields every batch's result in batch order, in every process (fitting
+      statistics)."""
 
     every: Batches
     local: Batches
@@ -68,19 +96,29 @@ class ShardedBatches:
         """``fn(x, y, seeds)`` of every batch of the whole set, in batch order, in every process;
         batch ``b`` is computed by process ``b mod N`` only (round ``t`` computes batches ``tN``
         to ``tN + N - 1`` and shares their results, moved to the CPU). A batch's result is that
-        of one process, so a fold over them in this order is too."""
+        of one process, so a fold over them in this order is too. An error in one process is
+        raised in every process (:func:`share`)."""
         if self.batch_share is None:
             yield from (fn(*batch) for batch in self.every())
             return
         mine = iter(self.batch_share())
         for _ in range(self.rounds):
-            batch = next(mine, None)
-            result = None if batch is None else _to_cpu(fn(*batch))
-            yield from (r for r in self.gather_objects(result) if r is not None)
 
-    def gather(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every process's ``fields`` (per-image rows of its share), merged in set order."""
-        shards = self.gather_objects((list(self.positions), fields))
+            def compute(mine: Iterator[Any] = mine) -> Any:
+                batch = next(mine, None)
+                return None if batch is None else _to_cpu(fn(*batch))
+
+            yield from (r for r in share(self.gather_objects, compute) if r is not None)
+        if next(mine, None) is not None:
+            raise RuntimeError(f"this process has more than rounds={self.rounds} batches of the set")
+
+    def gather(
+        self, fields: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Every process's ``fields`` (per-image rows of its share, or a callable computing them,
+        whose error is then raised in every process: :func:`share`), merged in set order."""
+        compute = fields if callable(fields) else lambda: fields
+        shards = share(self.gather_objects, lambda: (list(self.positions), compute()))
         keys = next((list(f) for _, f in shards if f), [])
         positions = torch.tensor([p for pos, _ in shards for p in pos], dtype=torch.long)
         order = torch.argsort(positions)
@@ -575,30 +613,34 @@ class GramDetector(Detector):
         k_model = int(getattr(model, "num_classes", 0) or 0)
 
         def ranges(x: torch.Tensor, _y: torch.Tensor, _s: torch.Tensor) -> dict[str, Any]:
-            """Per predicted class, the batch's elementwise minimum and maximum (+-inf if unseen)."""
+            """The batch's predicted classes and, per class (rows in that order), the elementwise
+            minimum and maximum of each layer's features."""
             feats, pred = self.gram_features(model, x)
-            k = k_model or int(pred.max()) + 1
-            mins = [torch.full((k, *f.shape[1:]), torch.inf, dtype=f.dtype, device=f.device) for f in feats]
-            maxs = [torch.full_like(m, -torch.inf) for m in mins]
-            for c in pred.unique().tolist():
-                rows = pred == c
-                for f, lo, hi in zip(feats, mins, maxs, strict=True):
-                    lo[c], hi[c] = f[rows].amin(0), f[rows].amax(0)
-            return {"mins": mins, "maxs": maxs, "seen": torch.bincount(pred, minlength=k) > 0}
+            classes = pred.unique()
+            rows = [pred == c for c in classes]
+            return {
+                "classes": classes,
+                "mins": [torch.stack([f[r].amin(0) for r in rows]) for f in feats],
+                "maxs": [torch.stack([f[r].amax(0) for r in rows]) for f in feats],
+            }
 
         with attack_context(model, "eval", update_bn=False):
             total: dict[str, Any] | None = None
             for part in per_batch(ranges, fit):  # min and max: the same whatever the batch order
+                k = max(k_model, int(part["classes"].max()) + 1, 0 if total is None else len(total["seen"]))
                 if total is None:
-                    total = dict(part)  # a new dict: a gathered part may be shared
-                    continue
-                k = max(len(total["seen"]), len(part["seen"]))
-                total["seen"] = _pad_rows(total["seen"], k, False) | _pad_rows(part["seen"], k, False).to(total["seen"])
+                    total = {
+                        "seen": torch.zeros(k, dtype=torch.bool),
+                        "mins": [torch.full((k, *m.shape[1:]), torch.inf, dtype=m.dtype) for m in part["mins"]],
+                        "maxs": [torch.full((k, *m.shape[1:]), -torch.inf, dtype=m.dtype) for m in part["maxs"]],
+                    }
+                total["seen"] = _pad_rows(total["seen"], k, False)
+                classes = part["classes"].cpu()
+                total["seen"][classes] = True
                 for key, pick, fill in (("mins", torch.minimum, torch.inf), ("maxs", torch.maximum, -torch.inf)):
-                    total[key] = [
-                        pick(_pad_rows(t, k, fill), _pad_rows(q, k, fill).to(t))
-                        for t, q in zip(total[key], part[key], strict=True)
-                    ]
+                    for i, (t, q) in enumerate(zip(total[key], part[key], strict=True)):
+                        t = total[key][i] = _pad_rows(t, k, fill)
+                        t[classes] = pick(t[classes], q.cpu())
             if total is None:
                 raise DetectorError(f"{self.name}: no fitting images")
             device = next((p.device for p in model.parameters()), total["seen"].device)
@@ -705,7 +747,7 @@ def _gather(
     """``fn(model, x, seeds)`` over every batch, each field concatenated on the CPU; for
     :class:`ShardedBatches` only over this process's share, then gathered in set order."""
     if isinstance(batches, ShardedBatches):
-        return batches.gather(_gather(fn, model, batches.local))
+        return batches.gather(lambda: _gather(fn, model, batches.local))
     chunks: dict[str, list[torch.Tensor]] = {}
     for x, _, seeds in batches():
         for key, value in fn(model, x, seeds).items():
