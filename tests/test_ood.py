@@ -500,13 +500,34 @@ def test_sharded_tuning_runs_each_image_once_and_gathers_in_set_order():
         _gather(fn, None, broken)
 
 
+def in_threads(world: int, target) -> None:
+    """Run ``target(rank, gather)`` in ``world`` threads standing in for processes: ``gather(obj)``
+    returns every thread's ``obj`` in rank order (as ``all_gather_object``), through a barrier."""
+    import threading
+
+    slots, barrier = [None] * world, threading.Barrier(world, timeout=120)
+
+    def gather(rank, obj):
+        slots[rank] = obj
+        barrier.wait()
+        gathered = list(slots)
+        barrier.wait()
+        return gathered
+
+    threads = [threading.Thread(target=target, args=(r, partial(gather, r))) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_process():
     """Mahalanobis' class means / tied covariance and Gram's per-class ranges over ShardedBatches:
     with 2 processes (threads here, gathering through a barrier) each batch of the fitting set is
     computed by one process only, and both processes end with one process's statistics, bit for
     bit (the per-batch sums are added in batch order)."""
     import copy
-    import threading
 
     from safespot.models import SmallCNN, build_classifier
     from safespot.ood.detectors import GramDetector, ShardedBatches
@@ -538,22 +559,13 @@ def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_proces
     def statistics(d):
         return [*d.means, *d.precisions] if isinstance(d, Mahalanobis) else [*d.mins, *d.maxs, d.expected]
 
-    slots, barrier = [None] * world, threading.Barrier(world, timeout=120)
-
-    def gather(rank, obj):
-        slots[rank] = obj
-        barrier.wait()
-        out = list(slots)
-        barrier.wait()
-        return out
-
     everything = list(range(70))
     for kind in ("m", "g"):
         one = make(kind, net)
         one.fit(net, over(everything), over(everything[:32]), over(everything[32:64]))
         fitted, seen = [None] * world, [[] for _ in range(world)]
 
-        def run(rank, kind=kind, fitted=fitted, seen=seen):
+        def run(rank, gather, kind=kind, fitted=fitted, seen=seen):
             model = copy.deepcopy(net)  # each process has its own model (the detectors hook into it)
             mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
             share = list(range(rank, 70, world))
@@ -561,7 +573,7 @@ def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_proces
                 over(everything),
                 over(share),
                 share,
-                partial(gather, rank),
+                gather,
                 batch_share=over(mine, seen[rank]),
                 rounds=3,
             )
@@ -569,11 +581,7 @@ def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_proces
             detector.fit(model, batches, over(everything[:32]), over(everything[32:64]))
             fitted[rank] = detector
 
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        in_threads(world, run)
         assert seen[0] == list(range(0, 16)) + list(range(32, 48)) + list(range(64, 70))
         assert seen[1] == list(range(16, 32)) + list(range(48, 64))
         for detector in fitted:
@@ -585,7 +593,6 @@ def test_per_batch_yields_every_batch_in_order_once_and_fails_in_every_process()
     the last one short; each process computes its own batches only and both see all 5 results in
     batch order. An error in one process's batch is raised in both (not a hang), and a batch share
     longer than `rounds` is refused."""
-    import threading
 
     from safespot.ood.detectors import ShardedBatches
 
@@ -595,19 +602,11 @@ def test_per_batch_yields_every_batch_in_order_once_and_fails_in_every_process()
         return lambda: [(x[rows[i : i + size]], None, None) for i in range(0, len(rows), size)]
 
     def run_all(fn, rounds=3):
-        slots, barrier = [None] * world, threading.Barrier(world, timeout=60)
         out, errors, computed = [None] * world, [None] * world, [[] for _ in range(world)]
 
-        def gather(rank, obj):
-            slots[rank] = obj
-            barrier.wait()
-            gathered = list(slots)
-            barrier.wait()
-            return gathered
-
-        def run(rank):
+        def run(rank, gather):
             mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
-            batches = ShardedBatches(over(list(range(70))), over(mine), mine, partial(gather, rank),
+            batches = ShardedBatches(over(list(range(70))), over(mine), mine, gather,
                                      batch_share=over(mine), rounds=rounds)  # fmt: skip
 
             def traced(xb, y, seeds):
@@ -619,12 +618,7 @@ def test_per_batch_yields_every_batch_in_order_once_and_fails_in_every_process()
             except Exception as error:
                 errors[rank] = error
 
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads)
+        in_threads(world, run)
         return out, errors, computed
 
     out, errors, computed = run_all(lambda rank, xb: (int(xb[0]) // size, len(xb)))
