@@ -3,6 +3,11 @@
 Trains three ResNet-20 models at ``scale=reduced_resnet20`` (PGD-5 adversarial training with
 ``0.5 CE(x) + 0.5 CE(x_a)`` on a seeded CIFAR-10 subset): without injected noise
 (``cifar10_adv_resnet20``), with PNI-W (``cifar10_pni_w``) and with CNI-W (``cifar10_cni_w``).
+As paper 003, Section 4 ("we start from an adversarially pre-trained base model and fine-tune
+it"), the noise-injected models start from the plain model's best checkpoint (``init_from``; the
+noise parameters at their initial values) and are fine-tuned for ``--finetune-epochs`` at peak
+learning rate ``--finetune-lr``; ``--noisy-init scratch`` trains them from scratch for the 8 epochs
+of the scale instead.
 Each best checkpoint is evaluated on the same seeded test images with
 ``evaluation=[votes,votes_pgd]``: the smoothed classifier (input noise ``--sigma``, and for the
 noise-injected models their own noise) scores the clean images and PGD-20 examples (on the soft
@@ -19,6 +24,7 @@ The report holds, with a 95% interval per accuracy and a verdict per claim:
 Usage::
 
     python scripts/reproduce_paper003.py [--test-images 500] [--sigma 0.12] [--docs docs/FILE.md]
+        [--noisy-init adv|scratch] [--finetune-epochs 4] [--finetune-lr 0.02]
         [--reuse PRESET=RUN_DIR] [--reuse-eval PRESET=EVAL_DIR]
 """
 
@@ -48,6 +54,7 @@ from safespot.utils.tables import markdown_table  # noqa: E402
 
 MODELS = {"cifar10_adv_resnet20": "ResNet-20 ADV", "cifar10_pni_w": "PNI-W", "cifar10_cni_w": "CNI-W"}
 NOISY = ("cifar10_pni_w", "cifar10_cni_w")
+PLAIN = "cifar10_adv_resnet20"
 RULES = ("majority", "soft", "weighted")
 PUBLISHED = """Paper 003, Table 1 (CIFAR-10, ResNet-20; most cells were lost in the text extraction): TRADES
 75.62 / 47.18 and 75.47 / 47.75 (clean / PGD); the abstract: smoothed CNI-W reaches 60.4% PGD
@@ -62,13 +69,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.12, help="input noise of the smoothed classifier")
     parser.add_argument("--m-attack", type=int, default=8, help="draws per pass of the attack's soft smoothed loss")
     parser.add_argument("--ns", default="1,4,8,16,32", help="numbers of draws of the vote")
+    parser.add_argument(
+        "--noisy-init",
+        choices=("adv", "scratch"),
+        default="adv",
+        help="noise-injected models: fine-tuned from the plain model (paper 003, Section 4) or from scratch",
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser.add_argument("--finetune-lr", type=float, default=0.02, help="peak learning rate of the fine-tune")
     parser.add_argument("--out", type=Path, help="new output directory")
     parser.add_argument("--docs", type=Path, help="also copy the report to this markdown file")
     parser.add_argument("--reuse", action="append", default=[], metavar="PRESET=RUN_DIR")
     parser.add_argument("--reuse-eval", action="append", default=[], metavar="PRESET=EVAL_DIR")
     args = parser.parse_args(argv)
-    if args.test_images < 1 or args.m_attack < 1 or not args.sigma >= 0:
-        parser.error("--test-images and --m-attack must be >= 1, --sigma >= 0")
+    if min(args.test_images, args.m_attack, args.finetune_epochs) < 1 or not args.sigma >= 0:
+        parser.error("--test-images, --m-attack and --finetune-epochs must be >= 1, --sigma >= 0")
+    if not args.finetune_lr > 0:
+        parser.error("--finetune-lr must be > 0")
     try:
         args.ns = sorted({int(n) for n in args.ns.split(",")})
     except ValueError:
@@ -88,20 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     out = new_output_dir("reproduce_paper003", args.out)
     py, commands, evals = sys.executable, [], {}
     ns = "[" + ",".join(str(n) for n in args.ns) + "]"
+    base: Path | None = None  # the plain model's checkpoint, the start of the noisy models' fine-tune
     for preset in MODELS:
         if preset in args.reuse_eval:
             commands.append(f"# {preset}: reused evaluation {args.reuse_eval[preset]}")
             evals[preset] = Path(args.reuse_eval[preset])
+            if preset == PLAIN:
+                base = evaluated_checkpoint(evals[preset])
             continue
         train_dir = Path(args.reuse[preset]) if preset in args.reuse else out / "train" / preset
         if preset in args.reuse:
             commands.append(f"# {preset}: reused training run {train_dir}")
         else:
             train = [f"experiment={preset}", "scale=reduced_resnet20", f"seed={args.seed}"]
+            if preset in NOISY and args.noisy_init == "adv":
+                if base is None:
+                    raise SystemExit(f"error: fine-tuning {preset} needs the plain model's checkpoint")
+                train += [f"init_from={base}", f"trainer.max_epochs={args.finetune_epochs}"]
+                train.append(f"scheduler.max_lr={args.finetune_lr}")
             run_logged([py, "train.py", *train, f"hydra.run.dir={train_dir}"], commands)
+        ckpt = checkpoint_in(train_dir, "best")
+        if preset == PLAIN:
+            base = ckpt
         evals[preset] = out / "eval" / preset
         overrides = [
-            f"ckpt_path={checkpoint_in(train_dir, 'best')}",
+            f"ckpt_path={ckpt}",
             f"smoothing.sigma={args.sigma}",
             f"smoothing.m_attack={args.m_attack}",
             "evaluation=[votes,votes_pgd]",
@@ -124,6 +152,17 @@ def _records(evals: dict[str, Path]) -> dict[str, pd.DataFrame]:
     if len(set(indices.values())) != 1:
         raise SystemExit("error: the evaluations are not on the same test images; use the same --test-images and seed")
     return records
+
+
+def evaluated_checkpoint(eval_dir: Path) -> Path:
+    """The checkpoint an evaluation ran on (its ``results.json``)."""
+    import json
+
+    results = eval_dir / "results.json"
+    ckpt = json.loads(results.read_text()).get("meta", {}).get("ckpt_path") if results.is_file() else None
+    if not ckpt or not Path(ckpt).is_file():
+        raise SystemExit(f"error: {eval_dir} does not name an existing checkpoint in results.json")
+    return Path(ckpt)
 
 
 def noise_levels(ckpt_path: Path) -> list[float]:
@@ -213,7 +252,7 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
             diff = paired_difference(_flags(records[p], kind, "majority", hi), _flags(records[p], kind, "majority", lo))
             text = f"{MODELS[p]}: {label} accuracy, n = {hi} minus n = {lo}"
             claims.append(("(a)", text, diff.percent(), verdict(diff)))
-    plain = "cifar10_adv_resnet20"
+    plain = PLAIN
     if plain in records:
         base = records[plain]
         plain_gain = _flags(base, "votes_pgd", "majority", hi).astype(int) - _flags(base, "votes_pgd", "majority", lo)
@@ -237,7 +276,13 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         f"test images, seed {args.seed}; smoothed classifier with input noise sigma {args.sigma} (and each "
         f"noise-injected model's own noise), PGD-20 (step eps/4) on the soft smoothed loss with "
         f"{args.m_attack} draws per pass, run once and scored by every vote. Models: `scale=reduced_resnet20` "
-        "(ResNet-20, PGD-5 adversarial training with 0.5 CE(x) + 0.5 CE(x_a), 8 epochs on 10,000 images).",
+        "(ResNet-20, PGD-5 adversarial training with 0.5 CE(x) + 0.5 CE(x_a), 8 epochs on 10,000 images); "
+        + (
+            f"the noise-injected models fine-tuned from the plain model for {args.finetune_epochs} epochs "
+            f"(peak lr {args.finetune_lr}; paper 003, Section 4)."
+            if args.noisy_init == "adv"
+            else "the noise-injected models trained from scratch for the same 8 epochs."
+        ),
         "",
         "Accuracy in %, 95% Wilson intervals.",
         "",

@@ -205,3 +205,40 @@ def test_the_vote_sweep_scores_each_n_and_rule_as_the_vote_itself_would(make_cfg
     cfg = make_cfg(f"ckpt_path={ckpt}", *sweep, *small, name="evaluate", out=out)
     results = evaluate(cfg)
     assert {f"votes_pgd_{v}_n{n}/acc" for v in ("majority", "soft", "weighted") for n in (1, 4)} <= set(results)
+
+
+@pytest.mark.parametrize("noise", ["pni_w", "cni_w"])
+def test_a_noise_injected_model_fine_tunes_from_a_noise_free_checkpoint(tmp_path, noise):
+    """Paper 003, Section 4 starts the noise-injected models from an adversarially pre-trained
+    base model: ``init_from`` a noise-free ResNet-20 checkpoint loads every weight it has and
+    leaves only the noise parameters at their initial values; the reverse (a noisy checkpoint
+    into a noise-free model) and any other missing weight are refused."""
+    from safespot.models import build_classifier
+    from safespot.train import initialise_from
+    from safespot.utils.checkpoint import CheckpointError
+
+    def classifier(kind):
+        return build_classifier(ResNet20(noise=kind, blocks=1), [0.5] * 3, [0.25] * 3, 10)
+
+    torch.manual_seed(0)
+    plain, noisy = classifier("none"), classifier(noise)
+    path = tmp_path / "plain.ckpt"
+    def save(state, path):
+        torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "safespot_config": {}}, path)
+
+    save(plain.state_dict(), path)
+    initial = {k: v.clone() for k, v in noisy.state_dict().items()}
+    initialise_from(noisy, str(path))
+    loaded, fresh = noisy.state_dict(), set(initial) - set(plain.state_dict())
+    assert fresh and all(k.rsplit(".", 1)[1] in ("alpha", "diag", "factor") for k in fresh)
+    assert all(torch.equal(loaded[k], v) for k, v in plain.state_dict().items())
+    assert all(torch.equal(loaded[k], initial[k]) for k in fresh)
+    noisy_path = tmp_path / "noisy.ckpt"
+    save(noisy.state_dict(), noisy_path)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        initialise_from(classifier("none"), str(noisy_path))
+    headless = {k: v for k, v in plain.state_dict().items() if "head" not in k}
+    assert len(headless) < len(plain.state_dict())
+    save(headless, path)
+    with pytest.raises(CheckpointError, match="missing"):
+        initialise_from(classifier(noise), str(path))

@@ -40,7 +40,9 @@ def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
         "cifar10_pni_w": _fake_records(tmp_path / "pni", {1: 0.35, 32: 0.55}, 1),
         "cifar10_cni_w": _fake_records(tmp_path / "cni", {1: 0.45, 32: 0.45}, 2),
     }
-    args = argparse.Namespace(ns=NS, seed=0, sigma=0.12, m_attack=8)
+    args = argparse.Namespace(
+        ns=NS, seed=0, sigma=0.12, m_attack=8, noisy_init="adv", finetune_epochs=4, finetune_lr=0.02
+    )
     text = reproduce.render(evals, ["python train.py experiment=cifar10_cni_w"], args)
     lines = text.splitlines()
     row = next(line for line in lines if line.startswith("| (a) | PNI-W: PGD-20"))
@@ -58,16 +60,42 @@ def test_models_train_at_the_reduced_resnet20_scale_and_share_the_test_images(tm
         monkeypatch, lambda cmd, out: _fake_records(out, {1: 0.4, 4: 0.42, 8: 0.43, 16: 0.44, 32: 0.45}, 0)
     )
     assert reproduce.main(["--out", str(tmp_path / "new"), "--test-images", "200"]) == 0
-    trained = [cmd[2:4] for cmd in commands if cmd[1] == "train.py"]
-    assert trained == [[f"experiment={p}", "scale=reduced_resnet20"] for p in reproduce.MODELS]
+    trained = [cmd for cmd in commands if cmd[1] == "train.py"]
+    assert [cmd[2:4] for cmd in trained] == [[f"experiment={p}", "scale=reduced_resnet20"] for p in reproduce.MODELS]
+    # paper 003, Section 4: the noise-injected models are fine-tuned from the plain model's best checkpoint
+    plain = next(tmp_path.glob("new/train/cifar10_adv_resnet20/checkpoints/best-*.ckpt"))
+    assert not any(c.startswith("init_from=") for c in trained[0])
+    for cmd in trained[1:]:
+        assert f"init_from={plain}" in cmd and "trainer.max_epochs=4" in cmd and "scheduler.max_lr=0.02" in cmd
     evaluated = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
     assert all("evaluation=[votes,votes_pgd]" in cmd and "data.test_subset=200" in cmd for cmd in evaluated)
     assert (tmp_path / "new" / "report.md").is_file()
 
 
+def test_noisy_models_from_scratch_or_after_a_reused_plain_evaluation(tmp_path, monkeypatch):
+    """``--noisy-init scratch`` trains every model from scratch; with the plain model's evaluation
+    reused, the fine-tune starts from the checkpoint that evaluation ran on."""
+    import json
+
+    commands = fake_subprocess(monkeypatch, lambda cmd, out: _fake_records(out, {1: 0.4, 32: 0.45}, 0))
+    assert reproduce.main(["--out", str(tmp_path / "a"), "--ns", "1,32", "--noisy-init", "scratch"]) == 0
+    assert not any(c.startswith("init_from=") for cmd in commands for c in cmd)
+    reused = _fake_records(tmp_path / "adv_eval", {1: 0.4, 32: 0.45}, 0)
+    ckpt = tmp_path / "adv.ckpt"
+    ckpt.write_bytes(b"")
+    (reused / "results.json").write_text(json.dumps({"meta": {"ckpt_path": str(ckpt)}}))
+    commands.clear()
+    argv = ["--out", str(tmp_path / "b"), "--ns", "1,32", "--reuse-eval", f"cifar10_adv_resnet20={reused}"]
+    assert reproduce.main(argv) == 0
+    trained = [cmd for cmd in commands if cmd[1] == "train.py"]
+    assert len(trained) == 2 and all(f"init_from={ckpt}" in cmd for cmd in trained)
+
+
 def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("LOG_DIR", str(tmp_path))
-    for argv in (["--ns", "0,4"], ["--ns", "a"], ["--test-images", "0"], ["--reuse", "cifar10_unknown=/x"]):
+    bad = (["--ns", "0,4"], ["--ns", "a"], ["--test-images", "0"], ["--reuse", "cifar10_unknown=/x"],
+           ["--finetune-epochs", "0"], ["--finetune-lr", "0"], ["--noisy-init", "pni"])  # fmt: skip
+    for argv in bad:
         with pytest.raises(SystemExit):
             reproduce.main(argv)
     with pytest.raises(SystemExit, match="no best checkpoint"):

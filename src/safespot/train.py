@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from safespot.models.noise_injection import noise_parameter_names
 from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.checks import check_train_config
@@ -29,11 +30,24 @@ def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
 
 def initialise_from(net: Any, path: str) -> None:
     """Load the network weights of the checkpoint at ``path`` into ``net`` (fine-tuning), refusing
-    weights that do not fit the model config."""
+    weights that do not fit the model config. The one exception: the noise parameters of
+    noise-injected layers (:data:`~safespot.models.noise_injection.NOISE_PARAMETERS`) that the
+    checkpoint lacks keep their initial values, so a noise-injected model can start from a
+    noise-free adversarially trained one (paper 003, Section 4: "we start from an adversarially
+    pre-trained base model and fine-tune it")."""
     try:
-        net.load_state_dict(net_state_dict(load_checkpoint(path)))
+        result = net.load_state_dict(net_state_dict(load_checkpoint(path)), strict=False)
     except RuntimeError as err:
         raise CheckpointError(f"init_from={path}: its weights do not fit the model config: {err}") from None
+    fresh_noise = noise_parameter_names(net)
+    missing = [k for k in result.missing_keys if k not in fresh_noise]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"init_from={path}: its weights do not fit the model config: missing {missing}, "
+            f"unexpected {list(result.unexpected_keys)}"
+        )
+    if result.missing_keys:
+        log.info("noise parameters not in %s keep their initial values: %s", path, result.missing_keys)
     log.info("initialised the network from %s", path)
 
 

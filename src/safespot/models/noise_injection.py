@@ -43,6 +43,21 @@ NoiseKind = Literal["none", "pni_w", "pni_a", "cni_w"]
 NOISE_KINDS: tuple[str, ...] = ("none", "pni_w", "pni_a", "cni_w")
 
 
+#: the parameters a noise-injected layer adds to its convolution's (PNI's scale, CNI-W's covariance)
+NOISE_PARAMETERS: tuple[str, ...] = ("alpha", "diag", "factor")
+
+
+def noise_parameter_names(net: nn.Module) -> set[str]:
+    """The state-dict names of every noise parameter of the noise-injected layers of ``net``."""
+    return {
+        f"{name}.{p}" if name else p
+        for name, module in net.named_modules()
+        if isinstance(module, NoisyConv2d)
+        for p in NOISE_PARAMETERS
+        if getattr(module, p, None) is not None
+    }
+
+
 def check_noise_kind(kind: str) -> str:
     if kind not in NOISE_KINDS:
         raise ConfigError(f"noise must be one of {list(NOISE_KINDS)}, got {kind!r}")
