@@ -265,8 +265,9 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         for other in ("soft", "weighted"):
             diff = paired_difference(_flags(r, "votes_pgd", "majority", hi), _flags(r, "votes_pgd", other, hi))
             text = f"{MODELS[p]}: PGD-20, prediction minus {other} smoothing (n = {hi})"
-            # "at least as good": refuted only when the interval lies below 0
-            word = "holds" if diff.low > 0 else ("does not hold" if diff.high < 0 else "inconclusive at this scale")
+            # "at least as good": holds when the interval lies at or above 0 (the same vote on every
+            # image gives [0, 0]), refuted when it lies below 0
+            word = "holds" if diff.low >= 0 else ("does not hold" if diff.high < 0 else "inconclusive at this scale")
             claims.append(("(c)", text, diff.percent(), word))
     claim_table = pd.DataFrame(claims, columns=["Claim", "Comparison (same images)", "Difference [95% CI]", "Verdict"])
     lines = [

@@ -223,6 +223,7 @@ def test_a_noise_injected_model_fine_tunes_from_a_noise_free_checkpoint(tmp_path
     torch.manual_seed(0)
     plain, noisy = classifier("none"), classifier(noise)
     path = tmp_path / "plain.ckpt"
+
     def save(state, path):
         torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "safespot_config": {}}, path)
 

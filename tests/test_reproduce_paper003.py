@@ -51,6 +51,19 @@ def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
     assert row.endswith("| does not hold |")  # no change at all
     row = next(line for line in lines if line.startswith("| (b) | PGD gain of PNI-W"))
     assert row.endswith("| holds |")
+    row = next(line for line in lines if line.startswith("| (c) | PNI-W: PGD-20, prediction minus weighted"))
+    assert row.endswith("| holds |")  # 4 points better on a superset of images
+    same = {p: d for p, d in evals.items()}
+    table = pd.read_csv(evals["cifar10_cni_w"] / "records.csv")
+    for rule in ("soft", "weighted"):
+        for k in NS:
+            table[f"votes_pgd_{rule}_n{k}/correct"] = table[f"votes_pgd_majority_n{k}/correct"]
+    same["cifar10_cni_w"] = tmp_path / "cni_same"
+    same["cifar10_cni_w"].mkdir()
+    table.to_csv(same["cifar10_cni_w"] / "records.csv", index=False)
+    lines_same = reproduce.render(same, [], args).splitlines()
+    row = next(line for line in lines_same if line.startswith("| (c) | CNI-W: PGD-20, prediction minus soft"))
+    assert "+0.0 pp [+0.0, +0.0]" in row and row.endswith("| holds |")  # the same vote on every image
     assert "| PNI-W | 32 |" in text and "| CNI-W | weighted |" in text and "60.4%" in text
     assert "python train.py experiment=cifar10_cni_w" in text
 
