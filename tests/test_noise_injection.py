@@ -243,3 +243,17 @@ def test_a_noise_injected_model_fine_tunes_from_a_noise_free_checkpoint(tmp_path
     save(headless, path)
     with pytest.raises(CheckpointError, match="missing"):
         initialise_from(classifier(noise), str(path))
+
+
+def test_cni_w_initial_covariance_is_set_from_the_model_config(make_cfg):
+    """``model.backbone.diag_init`` / ``factor_init`` reach every CNI-W layer (the reference
+    code's 0.25^2 / 0.01 by default)."""
+    quiet = [o for o in SYNTHETIC if not o.startswith("model")]
+    default = hydra.utils.instantiate(
+        make_cfg(*quiet, "model=resnet20", "model.backbone.noise=cni_w", synthetic=False).model
+    )
+    custom = make_cfg(*quiet, "model=resnet20", "model.backbone.noise=cni_w", "model.backbone.diag_init=0.01",
+                      "model.backbone.factor_init=0.002", synthetic=False)  # fmt: skip
+    layers = [m for m in hydra.utils.instantiate(custom.model).modules() if isinstance(m, NoisyConv2d)]
+    assert len(layers) == 19 and all(bool((m.diag == 0.01).all() and (m.factor == 0.002).all()) for m in layers)
+    assert all(bool((m.diag == 0.0625).all()) for m in default.modules() if isinstance(m, NoisyConv2d))

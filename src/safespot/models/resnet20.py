@@ -43,7 +43,9 @@ class _Block(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """ResNet-20 (``blocks`` per stage: 3), optionally noise-injected (``noise``, ``alpha``)."""
+    """ResNet-20 (``blocks`` per stage: 3), optionally noise-injected (``noise``; PNI's initial
+    ``alpha``, CNI-W's ``rank`` and initial ``diag_init`` / ``factor_init``, see
+    :class:`~safespot.models.noise_injection.NoisyConv2d`)."""
 
     def __init__(
         self,
@@ -53,6 +55,8 @@ class ResNet20(nn.Module):
         noise: NoiseKind = "none",
         alpha: float = 0.25,
         rank: int = 5,
+        diag_init: float = 0.25**2,
+        factor_init: float = 0.01,
     ) -> None:
         super().__init__()
         check_noise_kind(noise)
@@ -62,6 +66,7 @@ class ResNet20(nn.Module):
         else:
             self.noise_seeding = NoiseSeeding()  # one source for every layer (seeded_noise finds it)
             options = {"noise": noise, "alpha": alpha, "rank": rank, "noise_seeding": self.noise_seeding}
+            options |= {"diag_init": diag_init, "factor_init": factor_init}
             conv = NoisyConv2d
         layers: list[nn.Module] = [conv(in_channels, 16, 3, 1, 1, bias=False, **options), nn.BatchNorm2d(16), nn.ReLU()]
         cin = 16
