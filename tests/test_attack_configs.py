@@ -6,7 +6,8 @@
    the evaluations call them uniformly and refuse what does not conform.
 2. The ``conf/attack/`` group: every option instantiates to an attack, and every evaluation preset
    and every method composes to exactly the attacks it had when they were written inline
-   (``tests/data/attack_presets_before.json``, dumped before the change).
+   (``tests/data/attack_presets_before.json``, dumped before the change; ``NoisyViewAttack`` has
+   since moved from ``safespot.smoothing`` to ``safespot.attacks``).
 3. Methods take ``_partial_: true`` attack configs, call them, and record plain configs.
 """
 
@@ -29,6 +30,7 @@ from safespot.attacks import (
     PGD,
     Attack,
     AutoAttack,
+    NoisyViewAttack,
     SafeSpotStep,
     TradesKL,
     attack_config,
@@ -51,12 +53,11 @@ from safespot.evaluation.rejection import RejectionEvaluation
 from safespot.methods import PreemptiveTraining
 from safespot.methods.base import build_eval_attack, build_train_attack
 from safespot.paths import CONFIG_DIR
-from safespot.smoothing import NoisyViewAttack
 from safespot.threat import ThreatConfigError
 from safespot.train import build_method
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "attack_presets_before.json").read_text())
-ATTACK_TARGETS = ("safespot.attacks.", "safespot.smoothing.NoisyViewAttack")
+ATTACK_TARGETS = ("safespot.attacks.", "safespot.attacks.NoisyViewAttack")
 
 
 # --- 1. the interfaces ------------------------------------------------------------------------

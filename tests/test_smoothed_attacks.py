@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from safespot.attacks import PGD, AutoAttack
+from safespot.attacks import PGD, AutoAttack, NoisyViewAttack
+from safespot.attacks.noisy_view import VotingNoisyView
 from safespot.smoothing import (
     NoisyClassifier,
-    NoisyViewAttack,
     SmoothedClassifier,
     SoftSmoothed,
     seeded_noise,
     smoothing_draws,
     unseeded_noise,
 )
-from safespot.smoothing.attacks import VotingNoisyView
 from safespot.smoothing.smoothed import check_rank_weights
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.instantiate import instantiate

@@ -16,12 +16,11 @@ from scipy import stats
 from torch import nn
 
 from conftest import SYNTHETIC, assert_same_run_files, compose_config
-from safespot.attacks import PGD
+from safespot.attacks import PGD, NoisyViewAttack
 from safespot.evaluate import evaluate
 from safespot.evaluation import CertifyEvaluation, Clean
 from safespot.smoothing import (
     NoisyClassifier,
-    NoisyViewAttack,
     SmoothedClassifier,
     SoftSmoothed,
     certified_accuracy,

@@ -14,6 +14,7 @@ from safespot.attacks.base import (
 from safespot.attacks.context import attack_context
 from safespot.attacks.losses import get_loss
 from safespot.attacks.nattack import NAttack
+from safespot.attacks.noisy_view import NoisyViewAttack, VotingNoisyView
 from safespot.attacks.pgd import PGD, fgsm, fgsm_rs
 from safespot.attacks.safe_spot import SafeSpotStep
 from safespot.attacks.trades import TradesKL, trades_kl
@@ -26,8 +27,10 @@ __all__ = [
     "AutoAttack",
     "CountsQueries",
     "NAttack",
+    "NoisyViewAttack",
     "SafeSpotStep",
     "TradesKL",
+    "VotingNoisyView",
     "attack_config",
     "attack_context",
     "build_attack",

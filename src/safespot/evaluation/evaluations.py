@@ -20,6 +20,7 @@ from safespot.attacks.base import Attack, CountsQueries, check_attack
 from safespot.defenses.quantize import round_trip_8bit
 from safespot.defenses.robustifier import Robustifier, check_robustifier, reconstruction
 from safespot.evaluation.records import sweep_name
+from safespot.smoothing.smoothed import SmoothedClassifier, check_alpha
 from safespot.threat import LpBall, check_positive_int, geometry, parse_budget
 from safespot.utils.prediction import predict_logits
 from safespot.utils.rng import derive
@@ -29,9 +30,13 @@ class Evaluation:
     """Base class. Subclasses implement :meth:`points`.
 
     ``requires_smoothing`` declares whether the evaluation needs a smoothed classifier
-    (``smoothing.sigma``); the entry point refuses to run it without one."""
+    (``smoothing.sigma``); the entry point refuses to run it without one. ``ball`` is the threat
+    ball of its points when it perturbs the images (scales the difference panels), ``certify``
+    the CERTIFY step it runs on its points when it has one (certified-accuracy files)."""
 
     requires_smoothing: bool = False
+    ball: LpBall | None = None
+    certify: CertifyEvaluation | None = None
 
     def __init__(self, name: str, norm: str = "linf") -> None:
         if not name or "/" in name:
@@ -164,8 +169,6 @@ class CertifyEvaluation(Evaluation):
         radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
         max_batch: int | None = None,
     ) -> None:
-        from safespot.smoothing.smoothed import check_alpha
-
         super().__init__(name, "l2")
         self.n0, self.n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
         self.alpha = check_alpha(alpha)
@@ -178,7 +181,7 @@ class CertifyEvaluation(Evaluation):
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if not callable(getattr(model, "certify", None)):
+        if not isinstance(model, SmoothedClassifier):
             raise ValueError(
                 f"evaluation {self.name!r} certifies a smoothed classifier: set smoothing.sigma (e.g. 0.25)"
             )

@@ -37,7 +37,7 @@ def write_certificates(records: pd.DataFrame, evaluations: Sequence[Evaluation],
     """Certified accuracy versus radius (``certified_accuracy.csv`` / ``.md`` / ``.png``) for the
     certify evaluations that ran, if any (Cohen et al.'s CERTIFY; paper 002, Table 7)."""
     certify = [e for e in evaluations if isinstance(e, CertifyEvaluation)]
-    certify += [e.certify for e in evaluations if getattr(e, "certify", None) is not None]
+    certify += [e.certify for e in evaluations if e.certify is not None]
     if certify and len(records):
         radii = sorted({r for e in certify for r in e.radii})
         write_certified_accuracy(records, [e.name for e in certify], radii, out, title)
@@ -151,7 +151,7 @@ class EvaluationModule(L.LightningModule):
                 continue
             index, x, x_eval = (torch.cat(t) for t in zip(*found, strict=True))
             order = index.argsort()[: self.panel_images]
-            eps = float(getattr(getattr(evaluation, "ball", None), "eps", 1.0))
+            eps = 1.0 if evaluation.ball is None else float(evaluation.ball.eps)
             panels[evaluation.name] = panel(x[order], x_eval[order], eps)
         return panels
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
 from safespot.attacks import attack_context
+from safespot.data.ood import OutlierDataMixin
 from safespot.methods.base import ClassifierModule, cross_entropy
 from safespot.methods.preemptive import PreemptiveTraining
 from safespot.utils.task import ConfigError
@@ -114,9 +115,14 @@ class OutlierMixin:
         (:meth:`safespot.data.ood.OutlierDataMixin.with_outliers`); a datamodule without that
         switch has no outliers, which :func:`split_batch` reports at the first step."""
         super().setup(stage)
-        with_outliers = getattr(getattr(self.trainer, "datamodule", None), "with_outliers", None)
-        if callable(with_outliers):
-            with_outliers(self.needs_outliers)
+        datamodule = self._datamodule()
+        if datamodule is not None:
+            datamodule.with_outliers(self.needs_outliers)
+
+    def _datamodule(self) -> OutlierDataMixin | None:
+        """The attached datamodule when it has outliers (:class:`OutlierDataMixin`), else ``None``."""
+        datamodule = self.trainer.datamodule
+        return datamodule if isinstance(datamodule, OutlierDataMixin) else None
 
     def outlier_training_loss(
         self, x: torch.Tensor, y: torch.Tensor, x_out: torch.Tensor
@@ -152,8 +158,8 @@ class OutlierMixin:
     def _validates_on_outliers(self) -> bool:
         """Whether the attached datamodule holds out training outliers for validation (the
         same answer on every process, so the AUROC's synchronisation never waits on one)."""
-        split = getattr(getattr(self.trainer, "datamodule", None), "outlier_split", None)
-        return callable(split) and split("val") is not None
+        datamodule = self._datamodule()
+        return datamodule is not None and datamodule.outlier_split("val") is not None
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

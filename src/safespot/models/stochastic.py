@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.models.normalize import Normalize
+from safespot.utils.prediction import VotingClassifier
 from safespot.utils.rng import seeded_normal
 
 SIGMA_PARAMETERISATIONS: tuple[str, ...] = ("softplus", "logvar")
@@ -88,7 +89,7 @@ def latent_noise(
     return seeded_normal(seeds, n * dim, stream=_LATENT_STREAM, device=device).view(batch, n, dim)
 
 
-class StochasticClassifier(nn.Module):
+class StochasticClassifier(VotingClassifier):
     """FLSS classifier ``C(x, e) = M(mu(x) + s * Sigma(x) ⊙ e)`` (paper 004, Section 3).
 
     Args:
@@ -242,8 +243,9 @@ def vote_shares(logits: torch.Tensor) -> torch.Tensor:
 
 
 def is_stochastic(model: nn.Module) -> bool:
-    """Whether ``model`` offers FLSS's ``encode`` / ``head`` / ``sample_logits`` views."""
-    return all(callable(getattr(model, name, None)) for name in ("encode", "head", "sample_logits", "no_sampling"))
+    """Whether ``model`` is FLSS's :class:`StochasticClassifier` (with its ``encode`` / ``head`` /
+    ``sample_logits`` views)."""
+    return isinstance(model, StochasticClassifier)
 
 
 def build_stochastic_classifier(

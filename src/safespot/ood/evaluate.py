@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from safespot.data.base import IndexedSubset, _seeded_choice
+from safespot.data.ood import OutlierDataMixin
 from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
 from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore, ShardedBatches
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
@@ -213,9 +214,12 @@ def load_detector_checkpoints(
 
 def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) -> Inputs:
     """Build the data (seeded): fitting images, tuning sets, the in-distribution test images and
-    every test outlier set."""
+    every test outlier set. Runs before the processes are launched (:func:`make_plan`), so
+    ``data.download=true`` downloads a missing copy once, in the launching process
+    (``prepare_data``), before any process reads it."""
     seed = settings.seed
     datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
     datamodule.setup("test")
     train_plain = datamodule.build_datasets()[1]
     fit_set = _subset(
@@ -228,7 +232,8 @@ def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) ->
     tune_in = _subset(tune_base, settings.tune_subset, seed + 2, "tune_subset")
     test_in = datamodule._datasets["test"]
     channels, size = int(test_in[0][0].shape[0]), int(test_in[0][0].shape[-1])
-    test_sets = dict(datamodule.test_outlier_sets()) if hasattr(datamodule, "test_outlier_sets") else {}
+    with_outliers = isinstance(datamodule, OutlierDataMixin)
+    test_sets = dict(datamodule.test_outlier_sets()) if with_outliers else {}
     for name, spec in settings.extra_specs.items():
         ds = build_outlier_dataset(spec, f"outliers.{name}", size, channels, seed + 2_000)
         test_sets[name] = IndexedSubset(ds, range(len(ds)))
@@ -245,7 +250,7 @@ def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) ->
     if settings.tune_spec is not None:
         tune_out: Dataset | None = build_outlier_dataset(settings.tune_spec, "tune_outliers", size, channels, seed)
     else:
-        tune_out = datamodule.outlier_split("val") if hasattr(datamodule, "outlier_split") else None
+        tune_out = datamodule.outlier_split("val") if with_outliers else None
     if tune_out is not None:
         tune_out = _subset(tune_out, settings.tune_subset, seed + 4, "tune_subset")
     workers = int(data_cfg.get("num_workers", 0) or 0) if cfg.get("num_workers") is None else int(cfg.num_workers)

@@ -3,7 +3,6 @@ classifier with its votes, Cohen et al.'s PREDICT / CERTIFY, and certified accur
 seeded noise (:func:`seeded_noise`) and the draws per forward pass by role
 (:func:`smoothing_draws`)."""
 
-from safespot.smoothing.attacks import NoisyViewAttack
 from safespot.smoothing.certified import (
     certified_accuracy,
     certified_curve,
@@ -33,7 +32,6 @@ __all__ = [
     "Certificate",
     "NoiseSeeding",
     "NoisyClassifier",
-    "NoisyViewAttack",
     "SmoothedClassifier",
     "SoftSmoothed",
     "certified_accuracy",

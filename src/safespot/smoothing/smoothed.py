@@ -64,6 +64,7 @@ from torch import nn
 
 from safespot.smoothing.soft import NOISE_MC, SoftSmoothed, noise_stream, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
+from safespot.utils.prediction import VotingClassifier
 from safespot.utils.rng import derive, seeded_normal_at
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
@@ -195,7 +196,7 @@ class Certificate:
     counts: torch.Tensor
 
 
-class SmoothedClassifier(SoftSmoothed):
+class SmoothedClassifier(SoftSmoothed, VotingClassifier):
     """A Gaussian-smoothed classifier around ``base`` (see the module docstring).
 
     Args:

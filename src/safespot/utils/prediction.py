@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 
+class VotingClassifier(nn.Module):
+    """A classifier that predicts by a vote over noise draws rather than by one forward pass
+    (:class:`safespot.smoothing.SmoothedClassifier`, the FLSS
+    :class:`safespot.models.stochastic.StochasticClassifier`): subclasses declare it by
+    inheriting from this class and implement :meth:`vote_logits`."""
+
+    def vote_logits(self, x: torch.Tensor, seed: Any = None) -> torch.Tensor:
+        """Scores whose ``argmax`` is the vote's prediction for ``x`` (``seed``: an integer or
+        one per image, seeding the vote's draws)."""
+        raise NotImplementedError
+
+
 def has_vote(model: object) -> bool:
-    """Whether ``model`` predicts by a vote over noise draws (a ``vote_logits`` method, as
-    :class:`safespot.smoothing.SmoothedClassifier` and the FLSS stochastic classifier have)
-    rather than by one forward pass."""
-    return callable(getattr(model, "vote_logits", None))
+    """Whether ``model`` predicts by a vote over noise draws (:class:`VotingClassifier`) rather
+    than by one forward pass."""
+    return isinstance(model, VotingClassifier)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,19 +18,18 @@ judge it by the vote that scores the final points, not by one noisy forward pass
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from safespot.smoothing.soft import NoisyClassifier
+from safespot.attacks.base import Attack, check_attack
+from safespot.smoothing.soft import NoisyClassifier, SoftSmoothed
 from safespot.threat import ThreatConfigError, check_positive_int, parse_budget
-
-if TYPE_CHECKING:
-    from safespot.attacks.base import Attack
+from safespot.utils.prediction import VotingClassifier, has_vote
 
 
-class VotingNoisyView(NoisyClassifier):
+class VotingNoisyView(NoisyClassifier, VotingClassifier):
     """``c(x + xi)`` with one fresh draw per forward pass (:class:`NoisyClassifier`) that
     predicts by the vote of the smoothed classifier it was taken from."""
 
@@ -47,8 +46,8 @@ class NoisyViewAttack:
     """Run ``attack`` on ``NoisyClassifier(base, sigma)`` instead of on the model it is given.
 
     ``base`` and ``sigma`` come from the attacked model when it is a smoothed classifier
-    (any module with ``base`` and ``sigma`` attributes, such as
-    :class:`~safespot.smoothing.SmoothedClassifier`); a ``sigma`` given here overrides the
+    (:class:`~safespot.smoothing.SoftSmoothed`, e.g. :class:`~safespot.smoothing.SmoothedClassifier`,
+    or :class:`~safespot.smoothing.NoisyClassifier`); a ``sigma`` given here overrides the
     model's, and for a plain classifier it is required (the model is then the base).
     The adversarial examples are returned as the inner attack returns them; the evaluation
     scores them on the full smoothed model. The view votes as the smoothed model does
@@ -67,8 +66,6 @@ class NoisyViewAttack:
     requires_smoothing: ClassVar[bool] = True
 
     def __init__(self, attack: Attack, sigma: float | str | None = None, eot: int | str | None = None) -> None:
-        from safespot.attacks.base import check_attack  # safespot.attacks imports this package
-
         self.sigma = None if sigma is None else parse_budget(sigma, "sigma")
         if eot is not None and eot != "model":
             eot = check_positive_int(eot, "eot")
@@ -90,12 +87,12 @@ class NoisyViewAttack:
         return self.attack.targeted
 
     def noisy_view(self, model: nn.Module) -> NoisyClassifier:
-        smoothed = hasattr(model, "base") and hasattr(model, "sigma")
+        smoothed = isinstance(model, (SoftSmoothed, NoisyClassifier))
         sigma = self.sigma if self.sigma is not None else (model.sigma if smoothed else None)
         if sigma is None:
             raise ValueError("NoisyViewAttack needs a smoothed model (with base and sigma) or an explicit sigma")
         base = model.base if smoothed else model
-        if callable(getattr(model, "vote_logits", None)):
+        if has_vote(model):
             return VotingNoisyView(base, sigma, model)
         return NoisyClassifier(base, sigma)
 
@@ -105,10 +102,9 @@ class NoisyViewAttack:
             return self.attack
         eot = self.eot
         if eot == "model":
-            draws = getattr(model, "m", None)
-            if draws is None:
+            if not isinstance(model, SoftSmoothed):
                 raise ValueError("eot='model' needs a smoothed model with m draws per forward pass")
-            eot = int(draws)
+            eot = model.m
         return self.attack if self.attack.eot == eot else dataclasses.replace(self.attack, eot=eot)
 
     def __call__(
