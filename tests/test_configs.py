@@ -8,10 +8,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from safespot.checks import check_train_config
 from safespot.errors import ConfigError
 from safespot.paths import CONFIG_DIR
 from safespot.train import build_method
-from safespot.utils.checks import check_train_config
 
 
 def _options(group: str) -> list[str]:

@@ -138,7 +138,7 @@ def test_training_that_attacks_refuses_float16_before_any_work(make_cfg, tmp_pat
         with pytest.raises(ConfigError, match=r"trainer\.precision=16-mixed .*training that runs attacks"):
             train(cfg)
         assert not (tmp_path / method / "splits.json").exists()
-    from safespot.utils.checks import check_train_config
+    from safespot.checks import check_train_config
 
     plain = make_cfg(
         "method=natural", "trainer.precision=16-mixed", "method.val_attack=null", "method.test_attack=null"

@@ -18,11 +18,11 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from safespot.checks import check_batch_size
 from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import display_callbacks
-from safespot.utils.checks import check_batch_size
 from safespot.utils.instantiate import instantiate, instantiate_loggers
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net, refuse_float16

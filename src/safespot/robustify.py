@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from safespot.attacks import PGD
+from safespot.checks import check_threat
 from safespot.data.images import decode_image, resize_and_crop
 from safespot.runs import (
     build_fabric,
@@ -61,7 +62,6 @@ from safespot.runs import (
     shard,
 )
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
-from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain

@@ -18,11 +18,11 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from safespot.checks import check_threat
 from safespot.errors import ConfigError
 from safespot.models.zoo import is_zoo_model, zoo_run_config
 from safespot.paths import CONFIG_DIR
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
-from safespot.utils.checks import check_threat
 from safespot.utils.instantiate import instantiate
 from safespot.utils.performance import prepare_net, refuse_float16
 

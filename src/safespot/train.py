@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from safespot.checks import check_train_config
 from safespot.models.noise_injection import noise_parameter_names
 from safespot.utils.callbacks import display_callbacks
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
-from safespot.utils.checks import check_train_config
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net

@@ -22,6 +22,7 @@ from safespot.evaluation.evaluations import CertifyEvaluation, Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
 from safespot.smoothing.certified import write_certified_accuracy
 from safespot.utils.rng import streams
+from safespot.utils.wandb_report import log_evaluation
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -170,9 +171,7 @@ class EvaluationModule(L.LightningModule):
         for logger in self.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            import wandb
-
-            from safespot.utils.wandb_report import log_evaluation
+            import wandb  # optional at import time: only runs that log to wandb load it
 
             log_evaluation(
                 logger.experiment, self.records, self.summary, self._panels, self.names, self.panel_images, wandb

@@ -32,6 +32,7 @@ from torch import nn
 from safespot.attacks import attack_context
 from safespot.errors import ConfigError
 from safespot.ood.metrics import ood_metrics
+from safespot.threat import LpBall
 from safespot.utils.rng import derive
 
 if TYPE_CHECKING:
@@ -502,7 +503,7 @@ class Mahalanobis(Detector):
                     x_in = x.detach().clone().requires_grad_(True)
                     d = self._distances(self._features(model, x_in)[layer], layer)
                     (grad,) = torch.autograd.grad(d.min(1).values.sum(), x_in)
-                    x_hat = (x - noise * grad.sign()).clamp(0, 1)
+                    x_hat = LpBall("linf", noise).step(x, -grad, noise, x)  # Lee et al.'s FGSM-style step
                 with torch.no_grad():
                     columns.append(-self._distances(self._features(model, x_hat)[layer], layer).min(1).values)
         return torch.stack(columns, 1)
@@ -594,7 +595,7 @@ class GramDetector(Detector):
             for p in range(1, self.powers + 1):
                 fp = f.pow(p)
                 g = torch.bmm(fp, fp.sum(1, keepdim=True).transpose(1, 2)).squeeze(2)
-                rows.append(g.sign() * g.abs().pow(1.0 / p))
+                rows.append(torch.copysign(g.abs().pow(1.0 / p), g))  # signed p-th root
             feats.append(torch.stack(rows, 1))
         return feats, pred
 

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import safespot  # noqa: F401  (registers config resolvers)
+import safespot.utils.resolvers  # noqa: F401  (the package registers the config resolvers on import)
 from safespot.paths import CONFIG_DIR
 
 
