@@ -324,6 +324,33 @@ def test_local_settings_are_optional(make_cfg):
     assert HydraConfig.get().runtime.choices.local == "slurm_example"
 
 
+@pytest.mark.parametrize(
+    "task, example, key",
+    [
+        ("evaluate", "slurm_example", "trainer"),
+        ("robustify", "slurm_fabric_example", "runtime"),
+        ("ood", "slurm_fabric_example", "runtime"),
+    ],
+)
+def test_every_command_takes_optional_local_settings(make_cfg, task, example, key):
+    """evaluate.py, robustify.py and ood.py load conf/local/<command>.yaml when present (none is
+    in the repository) and any conf/local file by name, like train.py's conf/local/default.yaml."""
+    from hydra.core.hydra_config import HydraConfig
+
+    required = {
+        "evaluate": ["ckpt_path=x.ckpt"],
+        "robustify": ["ckpt_path=x.ckpt", "input=in", "output=out"],
+        "ood": ["ckpt_path=x.ckpt"],
+    }[task]
+    make_cfg(*required, name=task)
+    if not (CONFIG_DIR / "local" / f"{task}.yaml").exists():
+        assert HydraConfig.get().launcher._target_.endswith("BasicLauncher")
+    cfg = make_cfg(*required, f"local={example}", name=task)
+    assert HydraConfig.get().launcher._target_.endswith("SlurmLauncher")
+    assert HydraConfig.get().runtime.choices.local == example
+    assert cfg[key].devices == 4 and cfg.paths.log_dir.startswith("/scratch/")
+
+
 def test_papers_schedule_in_cifar_presets(make_cfg, monkeypatch, data_root):
     monkeypatch.setenv("DATA_DIR", str(data_root))
     cfg = make_cfg("experiment=cifar10_adv_linf", synthetic=False)

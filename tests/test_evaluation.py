@@ -248,6 +248,8 @@ def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_
     assert run["summary"]["eval/loss_hist/pgd/_type"] == "histogram"
     assert list(run_dir.glob("files/media/images/**/*.png")) and list(run_dir.glob("files/media/table/**/*.json"))
     assert run["config"]["evaluation"]["pgd"]["attack"]["steps"] == 20
+    # the training run's preset joins the evaluation's tags, so wandb filters evaluations by it
+    assert run["config"]["tags"] == ["evaluate", results["meta"]["train_run"]]
 
 
 def test_multirun_jobs_share_a_wandb_group(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from safespot.checks import check_batch_size
@@ -48,6 +48,12 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
     probe = OmegaConf.merge(cfg, {"sigma": 1.0}) if cfg.get("sigma") == 0 else cfg
     instantiate(probe, base=nn.Identity())
     return cfg
+
+
+def evaluation_tags(tags: Any, train_run: str | None) -> list[str]:
+    """The evaluation's tags followed by the preset of the run it evaluates (once)."""
+    tags = [str(t) for t in (tags or [])]
+    return tags + [str(train_run)] if train_run and str(train_run) not in tags else tags
 
 
 @task_wrapper
@@ -84,6 +90,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(cfg.trainer.get("precision", "32-true")),
     }
     module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
+    with open_dict(cfg):  # the training preset joins the tags (wandb filters runs by it)
+        cfg.tags = evaluation_tags(cfg.get("tags"), meta["train_run"])
     loggers = instantiate_loggers(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams({**to_plain(OmegaConf.to_container(cfg, resolve=True)), "meta": meta})
