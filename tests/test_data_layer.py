@@ -23,7 +23,7 @@ from safespot import robustify
 from safespot.data import CIFAR10DataModule, CIFAR100DataModule, DataConfigError, SVHNDataModule, folders
 from safespot.data.images import decode_image, read_image, resize_and_crop
 from safespot.data.ood import SyntheticOODDataModule
-from safespot.data.outliers import NumpyImages, build_outlier_dataset, load_image
+from safespot.data.outliers import FileImages, NumpyImages, build_outlier_dataset, load_image
 from safespot.data.samplers import CyclingSampler, EpochSeededSampler, ShardSampler
 from safespot.methods import OutlierExposure
 
@@ -120,6 +120,22 @@ def test_decode_reads_8bit_rgb_or_grey_upright_by_exif(tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", exif=exif, quality=100)
     assert decode_image(buffer.getvalue()).shape == (3, 9, 6)
+
+
+def test_file_images_decode_by_the_one_decoder_with_or_without_a_pipeline(tmp_path):
+    """Outlier files read through a torchvision pipeline (the class-split datamodule) are
+    decoded as everywhere else: upright by EXIF, the same pixels as :func:`decode_image`."""
+    from torchvision.transforms import PILToTensor
+
+    array = np.random.default_rng(2).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", format="JPEG", exif=exif, quality=100)
+    expected = decode_image(tmp_path / "rotated.jpg")
+    piped, label = FileImages([(tmp_path / "rotated.jpg", 7)], transform=PILToTensor())[0]
+    assert label == 7 and expected.shape == (3, 6, 4) and torch.equal(piped, expected)
+    plain, _ = FileImages([(tmp_path / "rotated.jpg", 7)], image_size=4)[0]
+    assert plain.shape == (3, 4, 4) and torch.equal(plain, load_image(tmp_path / "rotated.jpg", 4))
 
 
 def test_resize_is_shorter_side_bilinear_antialiased_then_centre_crop():

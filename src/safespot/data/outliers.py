@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_pil_image
 
 from safespot.data.errors import DataConfigError
-from safespot.data.images import IMAGE_EXTENSIONS, read_image, resize_and_crop
+from safespot.data.images import IMAGE_EXTENSIONS, decode_image, read_image, resize_and_crop
 from safespot.utils.rng import host_seed
 
 __all__ = [
@@ -110,8 +110,12 @@ def load_image(path: Path, size: int, channels: int = 3) -> torch.Tensor:
 
 
 class FileImages(Dataset):
-    """``(image, label)`` for a list of ``(path, label)``; ``transform`` (a torchvision
-    pipeline on PIL images) or, without one, :func:`load_image` at ``image_size``."""
+    """``(image, label)`` for a list of ``(path, label)``, decoded by the one image decoder
+    (:func:`safespot.data.images.decode_image`: EXIF-upright, RGB or greyscale); then
+    ``transform`` (a torchvision pipeline on PIL images: the in-distribution images' pipeline, so
+    that outliers drawn from the same data set are preprocessed exactly as the in-distribution
+    images and a detector cannot tell them apart by preprocessing) or, without one, the one
+    resize of :func:`load_image` at ``image_size``."""
 
     def __init__(
         self, items: Sequence[tuple[Path, int]], image_size: int = 32, channels: int = 3, transform: Any = None
@@ -126,8 +130,7 @@ class FileImages(Dataset):
         path, label = self.items[i]
         if self.transform is None:
             return load_image(path, self.image_size, self.channels), label
-        with Image.open(path) as img:
-            return self.transform(img.convert("L" if self.channels == 1 else "RGB")), label
+        return self.transform(to_pil_image(decode_image(path, self.channels))), label
 
 
 def folder_items(
