@@ -116,3 +116,23 @@ def test_attack_under_inference_mode_fails_clearly(tiny_net, images):
 def test_invalid_attack_settings(kwargs, match):
     with pytest.raises((ThreatConfigError, ValueError), match=match):
         PGD("linf", 0.1, **kwargs)
+
+
+def test_trades_kl_start_follows_the_per_image_seeds(tiny_net, images):
+    """TRADES' KL attack draws its start from the images' own seeds when given: an image's
+    adversarial example does not depend on the images it is batched with; it stays in the ball
+    and raises the KL to the clean prediction."""
+    from safespot.attacks import TradesKL, trades_kl
+
+    x, y = images
+    seeds = torch.arange(100, 100 + len(x))
+    attack = TradesKL("linf", 8 / 255, steps=3, start_scale=0.01)
+    whole = attack(tiny_net, x, y, seeds=seeds)
+    halves = torch.cat([attack(tiny_net, x[i::2], y[i::2], seeds=seeds[i::2]) for i in (0, 1)])
+    order = torch.cat([torch.arange(0, len(x), 2), torch.arange(1, len(x), 2)])
+    torch.testing.assert_close(halves, whole[order], rtol=0, atol=1e-6)
+    assert torch.equal(attack(tiny_net, x, y, seeds=seeds), whole)
+    assert not torch.equal(attack(tiny_net, x, y, seeds=seeds + 1), whole)
+    assert bool(LpBall("linf", 8 / 255).contains(whole, x).all())
+    with torch.no_grad():
+        assert trades_kl(tiny_net(x), tiny_net(whole), "sum") > trades_kl(tiny_net(x), tiny_net(x), "sum")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.threat import LpBall, check_positive_int, parse_budget
+from safespot.utils.rng import derive, seeded_normal
 
 
 def trades_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -67,7 +68,12 @@ class TradesKL:
         x = x.detach()
         with torch.no_grad():
             clean_logits = model(x)
-        x_adv = self.ball.project(x + self.start_scale * torch.randn_like(x), x)
+        if seeds is None:  # no per-image seeds: the global generator
+            start = torch.randn_like(x)
+        else:  # image i's start from its own stream: independent of its batch and process
+            own = derive(seeds.to(x.device), "trades_start")
+            start = seeded_normal(own, x[0].numel(), device=x.device, dtype=x.dtype).view_as(x)
+        x_adv = self.ball.project(x + self.start_scale * start, x)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             (grad,) = torch.autograd.grad(trades_kl(clean_logits, model(x_adv), "sum"), x_adv)

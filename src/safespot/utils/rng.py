@@ -179,6 +179,7 @@ PURPOSES: dict[str, int] = {
             "file",  # robustify.py: a file's seed from its content
             "nattack",  # NAttack's initial mean and population draws, per iteration
             "smoothing_draw",  # a noise-injected base's own noise in draw j of a smoothed vote
+            "trades_start",  # TRADES' KL attack: its start x + 0.001 N(0, I)
         ),
         start=1,
     )
