@@ -187,6 +187,34 @@ def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
 
 
+def test_two_process_preemptive_evaluation_equals_one_process(checkpoints, tmp_path):
+    """The test split robustified (S-FGSM, S-Full with its white-box reconstruction attack and the
+    8-bit round trip) on two processes: each image once, every file as with one process."""
+    args = (
+        "evaluation=[preempt_sfgsm,preempt_sfull]",
+        "~evaluation.preempt_sfgsm.attacks.autoattack",
+        "~evaluation.preempt_sfull.attacks.autoattack",
+        "~evaluation.preempt_sfull.white_box.attacks.autoattack",
+        "evaluation.preempt_sfull.robustifier.max_iter=3",
+        "evaluation.preempt_sfull.robustifier.inner_steps=2",
+        "evaluation.preempt_sfull.attacks.pgd.steps=3",
+        "evaluation.preempt_sfull.white_box.attacks.pgd.steps=3",
+        "evaluation.preempt_sfull.white_box.eps_fractions=[0.5,1.0]",
+        "evaluation.preempt_sfgsm.attacks.pgd.steps=3",
+        "data.test_subset=13",
+        "data.eval_batch_size=4",
+    )
+    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    two, records_two = _evaluate(
+        checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
+    )
+    assert len(records_two) == 13 and records_two["index"].is_unique
+    assert {"preempt_sfull_white_pgd/correct", "preempt_sfull_8bit/correct"} <= set(records_one.columns)
+    pd.testing.assert_frame_equal(records_one, records_two, check_exact=False, atol=1e-5)
+    assert one["preempt_sfull_pgd/acc"] == pytest.approx(two["preempt_sfull_pgd/acc"])
+    assert_same_run_files(tmp_path / "one", tmp_path / "two")
+
+
 def test_merge_refuses_duplicated_images():
     frame = pd.DataFrame({"index": [0, 1], "clean/correct": [True, False]})
     with pytest.raises(RuntimeError, match="more than once"):

@@ -53,7 +53,7 @@ def smoothing_config(cfg: DictConfig | None) -> DictConfig | None:
 def evaluation_tags(tags: Any, train_run: str | None) -> list[str]:
     """The evaluation's tags followed by the preset of the run it evaluates (once)."""
     tags = [str(t) for t in (tags or [])]
-    return tags + [str(train_run)] if train_run and str(train_run) not in tags else tags
+    return [*tags, str(train_run)] if train_run and str(train_run) not in tags else tags
 
 
 @task_wrapper
