@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -27,7 +28,6 @@ from safespot.smoothing import (
     certified_curve,
     clopper_pearson_lower,
 )
-from safespot.smoothing.smoothed import chunks
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.plain import to_plain
 from safespot.utils.task import ConfigError
@@ -136,13 +136,6 @@ def test_votes_follow_their_definitions():
     assert top2.vote_logits(x, seed=0).exp()[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0], abs=1e-6)
     top3 = SmoothedClassifier(FixedRanking(), 0.1, vote="weighted", rank_weights=[1, 1, 1]).vote_logits(x, seed=0)
     assert top3.exp()[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0], abs=1e-6)
-
-
-def test_chunks_cover_every_draw_once_within_the_budget():
-    parts = list(chunks(3, 10, 4))
-    assert all(sum(b - a for _, a, b in c) <= 4 for c in parts)
-    drawn = sorted((i, j) for c in parts for i, a, b in c for j in range(a, b))
-    assert drawn == [(i, j) for i in range(3) for j in range(10)]
 
 
 def test_sampling_is_seeded_and_independent_of_chunking_and_batching(tiny_net, images):
@@ -400,3 +393,25 @@ def test_smoothed_evaluation_files_are_the_same_with_two_processes(small_checkpo
     two = _evaluate(small_checkpoint, tmp_path / "two", *args, "trainer=ddp_sim")
     assert (tmp_path / "two" / "certified_accuracy.csv").is_file() and one["n_images"] == two["n_images"] == 11
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
+
+
+def test_vectorised_binomial_test_equals_scipy_binomtest():
+    """PREDICT's abstention test for a whole batch at once equals scipy's per-image binomtest."""
+    from scipy import stats
+
+    from safespot.smoothing.smoothed import binomial_pvalue_half
+
+    pairs = [(a, b) for a in range(0, 40) for b in range(0, a + 1) if a + b > 0] + [(600, 400), (9000, 1000)]
+    n_a, n_b = np.array(pairs).T
+    expected = np.array([stats.binomtest(int(a), int(a + b), 0.5).pvalue for a, b in pairs])
+    np.testing.assert_allclose(binomial_pvalue_half(n_a, n_b), expected, rtol=1e-9, atol=1e-300)
+
+
+def test_draw_rows_cover_each_draw_of_each_image_once_in_order():
+    """The noisy samples of a vote: image-then-draw order, chunks of at most max_batch rows."""
+    from safespot.smoothing.smoothed import draw_rows
+
+    parts = list(draw_rows(3, 7, 5, torch.device("cpu")))
+    assert [len(owner) for owner, _ in parts] == [5, 5, 5, 5, 1]
+    owner, draw = (torch.cat(t) for t in zip(*parts, strict=True))
+    assert torch.equal(owner, torch.arange(3).repeat_interleave(7)) and torch.equal(draw, torch.arange(7).repeat(3))

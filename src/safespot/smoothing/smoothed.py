@@ -144,41 +144,32 @@ def image_seed_tensor(
             raise ValueError(f"expected {batch} per-image seeds, got {seed.numel()}")
         return seed.reshape(-1).to(device=device, dtype=torch.int64)
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
-        values = [int(s) for s in np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)]
-    else:
-        values = [int(s) for s in seed]
-        if len(values) != batch:
-            raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
+        words = np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)
+        return torch.from_numpy(words.view(np.int64)).to(device)  # the same bits, as signed 64-bit
+    values = [int(s) for s in seed]
+    if len(values) != batch:
+        raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
     return torch.tensor([(v + 2**63) % 2**64 - 2**63 for v in values], dtype=torch.int64, device=device)
 
 
-def chunks(batch: int, n: int, max_batch: int) -> Iterator[list[tuple[int, int, int]]]:
-    """Split ``n`` draws for each of ``batch`` images into chunks of at most ``max_batch``
-    draws, in image-then-draw order; each chunk is a list of ``(image, start, stop)``."""
-    chunk: list[tuple[int, int, int]] = []
-    filled = 0
-    for image in range(batch):
-        start = 0
-        while start < n:
-            take = min(n - start, max_batch - filled)
-            chunk.append((image, start, start + take))
-            filled, start = filled + take, start + take
-            if filled == max_batch:
-                yield chunk
-                chunk, filled = [], 0
-    if chunk:
-        yield chunk
+def binomial_pvalue_half(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """The two-sided binomial test of ``n_a`` successes in ``n_a + n_b`` trials against
+    ``p = 1/2`` (``scipy.stats.binomtest(n_a, n_a + n_b, 0.5).pvalue``), for whole arrays: the
+    distribution is symmetric, so the outcomes at most as likely as ``n_a`` are the two tails
+    beyond ``min(n_a, n_b)``, and the p-value is ``min(1, 2 * P(X <= min(n_a, n_b)))``."""
+    n_a, n_b = np.asarray(n_a, dtype=np.int64), np.asarray(n_b, dtype=np.int64)
+    return np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(n_a, n_b), n_a + n_b, 0.5))
 
 
-def _rows(chunk: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(owner, draw)`` of every row of a chunk of ``(image, start, stop)`` ranges: the image
-    and the draw number each noisy sample stands for."""
-    images, starts, stops = (torch.tensor(column, dtype=torch.long) for column in zip(*chunk, strict=True))
-    lengths = stops - starts
-    owner = torch.repeat_interleave(images, lengths)
-    first_row = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    draw = torch.arange(int(lengths.sum())) - first_row + torch.repeat_interleave(starts, lengths)
-    return owner.to(device), draw.to(device)
+def draw_rows(batch: int, n: int, max_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(owner, draw)`` of the ``n`` noisy samples of each of ``batch`` images, in chunks of at
+    most ``max_batch`` rows, image-then-draw order: row ``r`` of the ``batch * n`` rows is draw
+    ``r % n`` of image ``r // n``. Made on ``device`` by arithmetic: one loop step per chunk,
+    none per image."""
+    total = batch * n
+    for lo in range(0, total, max_batch):
+        rows = torch.arange(lo, min(lo + max_batch, total), device=device)
+        yield rows // n, rows % n
 
 
 @dataclass
@@ -286,8 +277,7 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
             return torch.zeros((0, self.num_classes or 0), dtype=torch.float64, device=x.device)
         seed_words = seeds.to(x.device)
         totals: torch.Tensor | None = None
-        for chunk in chunks(len(x), n, self.max_batch):
-            owner, draw = _rows(chunk, x.device)
+        for owner, draw in draw_rows(len(x), n, self.max_batch, x.device):
             noise = self._noise(x, seed_words, owner, draw, purpose)
             # a noise-injected base (PNI, CNI) draws its own noise per row: draw j of image i from
             # (seed_i, purpose, j), whatever the chunk (no-op for a deterministic base)
@@ -357,8 +347,7 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         seeds = image_seed_tensor(len(x), seed, generator, x.device).to(x.device)
         n_max = ns[-1]
         logits: torch.Tensor | None = None
-        for chunk in chunks(len(x), n_max, self.max_batch):
-            owner, draw = _rows(chunk, x.device)
+        for owner, draw in draw_rows(len(x), n_max, self.max_batch, x.device):
             noise = self._noise(x, seeds, owner, draw, _VOTE)
             with seeded_noise(self.base, derive(seeds[owner], "smoothing_draw", _VOTE, draw)):
                 out = self.base(x[owner] + noise).float()
@@ -394,11 +383,9 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         if counts.shape[1] < 2:
             return counts.argmax(1)
         top = counts.topk(2, dim=1)
-        pred = top.indices[:, 0].clone()
-        for i, (n_a, n_b) in enumerate(top.values.tolist()):
-            if stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue > alpha:
-                pred[i] = -1
-        return pred
+        n_a, n_b = top.values.cpu().numpy().T
+        abstain = torch.from_numpy(binomial_pvalue_half(n_a, n_b) > alpha).to(counts.device)
+        return torch.where(abstain, -1, top.indices[:, 0])
 
     def certify(
         self,
