@@ -96,9 +96,56 @@ def test_shards_cover_every_image():
 
 def test_batched_augmentation_keeps_shapes_and_values():
     x = torch.rand(8, 3, 6, 6)
-    out = BatchAugment(2, True)(x, torch.Generator().manual_seed(0))
+    seeds = torch.arange(8)
+    out = BatchAugment(2, True)(x, seeds)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= x.max()
-    assert torch.equal(BatchAugment(0, False)(x, torch.Generator()), x)
+    assert torch.equal(BatchAugment(0, False)(x, seeds), x)
+    # every crop offset and both flips occur, each image by its own seed
+    many = torch.rand(400, 1, 6, 6)
+    crops = BatchAugment(2, False)(many, torch.arange(400))
+    found = {
+        (dy, dx)
+        for i in range(400)
+        for dy in range(5)
+        for dx in range(5)
+        if torch.equal(crops[i], F.pad(many[i], (2, 2, 2, 2))[:, dy : dy + 6, dx : dx + 6])
+    }
+    assert len(found) == 25
+    flipped = BatchAugment(0, True)(many, torch.arange(400))
+    share = (flipped != many).flatten(1).any(1).float().mean()
+    assert 0.4 < share < 0.6
+
+
+def test_an_images_augmentation_depends_on_its_index_not_its_batch_or_process():
+    """Training from memory: image i's crop and flip at an epoch are the same whatever batch
+    size and number of processes load it (the per-image augmentation stream)."""
+    images, labels = torch.rand(10, 3, 6, 6), torch.arange(10)
+    augment = BatchAugment(2, True)
+
+    def seen(batch_size, world_size, epoch):
+        out = {}
+        for rank in range(world_size):
+            loader = InMemoryLoader(
+                images,
+                labels,
+                labels + 50,
+                batch_size,
+                train=True,
+                seed=3,
+                augment=augment,
+                rank=rank,
+                world_size=world_size,
+            )
+            loader.sampler.set_epoch(epoch)
+            for x, _, index in loader:
+                out.update({int(i): xi for i, xi in zip(index, x, strict=True)})
+        return out
+
+    one, other = seen(4, 1, 0), seen(3, 2, 0)
+    assert set(one) == set(other) == set(range(50, 60))
+    assert all(torch.equal(one[i], other[i]) for i in one)
+    later = seen(4, 1, 1)
+    assert any(not torch.equal(one[i], later[i]) for i in one)  # a new epoch draws anew
 
 
 def test_in_memory_is_refused_where_the_augmentation_has_no_batched_form(tmp_path):

@@ -180,21 +180,19 @@ class LpBall:
         center: torch.Tensor,
         generator: torch.Generator | None = None,
         seeds: torch.Tensor | None = None,
-        stream: int = 0,
     ) -> torch.Tensor:
         """A point drawn uniformly from the ball around each centre, then clamped to [0, 1].
 
         A ``generator`` must live on the centre's device. With ``seeds`` (one integer per image)
         each image's start depends only on its own seed, whatever batch it is in (counter-based
-        draws on the centre's device, :mod:`safespot.utils.rng`); ``stream`` selects an
-        independent start for the same seeds (e.g. the safe-spot search's own random start,
-        which must not reuse its first inner attack's offsets): stream ``s`` uses the rng
-        streams ``2 s`` and ``2 s + 1``.
+        draws on the centre's device, :mod:`safespot.utils.rng`; a caller that needs a start
+        independent of another one made from the same seeds derives its own seeds for its
+        purpose, :func:`safespot.utils.rng.derive`).
         """
         opts = {"device": center.device, "dtype": center.dtype}
         if seeds is not None:
-            uniform = lambda count, k: seeded_uniform(seeds, count, stream=2 * stream + k, **opts)  # noqa: E731
-            normal = lambda count, k: seeded_normal(seeds, count, stream=2 * stream + k, **opts)  # noqa: E731
+            uniform = lambda count, k: seeded_uniform(seeds, count, stream=k, **opts)  # noqa: E731
+            normal = lambda count, k: seeded_normal(seeds, count, stream=k, **opts)  # noqa: E731
         else:
             batch = center.shape[0]
             uniform = lambda count, k: torch.rand((batch, count), generator=generator, **opts)  # noqa: E731

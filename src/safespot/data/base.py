@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from safespot.data.errors import DataConfigError
 from safespot.data.memory import BatchAugment, InMemoryLoader, decode_all
 from safespot.data.samplers import EpochSeededSampler, ShardSampler
+from safespot.utils.rng import host_seed
 
 __all__ = [
     "DataConfigError",
@@ -144,12 +145,20 @@ class ImageDataModule(L.LightningDataModule):
         n_train = len(train_plain)
         if self.val_size >= n_train:
             raise DataConfigError(f"data.val_size={self.val_size} leaves no training images (of {n_train})")
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        order = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(host_seed(self.seed, "validation_split"))
+        ).tolist()
         val_pool, train_pool = sorted(order[: self.val_size]), sorted(order[self.val_size :])
         self.splits = {
-            "train": _seeded_choice(train_pool, self.train_subset, self.seed + 1, "data.train_subset"),
-            "val": _seeded_choice(val_pool, self.val_subset, self.seed + 2, "data.val_subset") if val_pool else [],
-            "test": _seeded_choice(list(range(len(test))), self.test_subset, self.seed + 3, "data.test_subset"),
+            "train": _seeded_choice(
+                train_pool, self.train_subset, host_seed(self.seed, "train_subset"), "data.train_subset"
+            ),
+            "val": _seeded_choice(val_pool, self.val_subset, host_seed(self.seed, "val_subset"), "data.val_subset")
+            if val_pool
+            else [],
+            "test": _seeded_choice(
+                list(range(len(test))), self.test_subset, host_seed(self.seed, "test_subset"), "data.test_subset"
+            ),
         }
         self._datasets = {
             "train": IndexedSubset(train_aug, self.splits["train"]),

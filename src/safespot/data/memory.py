@@ -10,8 +10,11 @@ file-based pipeline.
 
 Batches are ``(images in [0, 1], labels, dataset indices)`` like the file-based loaders; the
 order of a training epoch depends only on ``(seed, epoch)`` (the same permutation as
-:class:`~safespot.data.samplers.EpochSeededSampler`), and so do the crops and flips, so a resumed
-run sees what an uninterrupted one would.
+:class:`~safespot.data.samplers.EpochSeededSampler`), and an image's crop and flip only on
+``(seed, its dataset index, epoch)`` (the ``"augmentation"`` stream of
+:func:`safespot.utils.rng.streams`, drawn on the images' device): not on its batch, the
+process that loads it or the number of processes, and a resumed run sees what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -24,31 +27,33 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from safespot.data.samplers import EpochSeededSampler
-from safespot.utils.rng import host_seed
+from safespot.utils.rng import seeded_uniform, streams
 
 
 @dataclass(frozen=True)
 class BatchAugment:
     """Random crop after zero padding by ``padding`` pixels, then a horizontal flip with
-    probability 1/2, drawn independently per image."""
+    probability 1/2, drawn independently per image from its own seed (one int64 per image, on
+    the images' device: offsets and flip are three uniform draws of that seed's stream)."""
 
     padding: int = 4
     flip: bool = True
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.padding
+        u = seeded_uniform(seeds, 3, device=x.device, dtype=torch.float64)  # (B, 3): dy, dx, flip
         if p > 0:
             padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=x.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=x.device)
+            dy = (u[:, 0] * (2 * p + 1)).long()
+            dx = (u[:, 1] * (2 * p + 1)).long()
             rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
             batch = torch.arange(b, device=x.device)[:, None, None, None]
             channel = torch.arange(c, device=x.device)[None, :, None, None]
             x = padded[batch, channel, rows, cols]
         if self.flip:
-            flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+            flip = u[:, 2] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
@@ -124,14 +129,12 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._to_device()
         positions = self._positions()
-        generator = None
-        if self.train and self.augment is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(host_seed(self.seed, "augmentation", self.sampler.epoch, self.rank))
+        augment = self.augment if self.train else None
         for batch in positions.split(self.batch_size):
             rows = batch.to(self.device)
             x = self.images[rows]
             x = x.float() / 255 if x.dtype == torch.uint8 else x.clone()
-            if generator is not None:
-                x = self.augment(x, generator)
+            if augment is not None:
+                index = self.indices[batch].to(self.device)
+                x = augment(x, streams(self.seed, index, "augmentation", self.sampler.epoch))
             yield x, self.labels[rows], self.indices[batch]

@@ -60,6 +60,7 @@ from safespot.data.outliers import (
 from safespot.data.samplers import CyclingSampler
 from safespot.data.synthetic import SyntheticDataModule, make_synthetic
 from safespot.data.transforms import build_transforms
+from safespot.utils.rng import host_seed
 
 # the outlier sources and CyclingSampler lived here; these names stay importable from this module
 __all__ = [
@@ -154,7 +155,11 @@ class OutlierDataMixin:
         sets = dict(self.default_test_outliers())
         for name, spec in self.test_outlier_specs.items():
             sets[name] = build_outlier_dataset(
-                spec, f"data.test_outliers.{name}", self.image_size, self.channels, self.seed + 1_000
+                spec,
+                f"data.test_outliers.{name}",
+                self.image_size,
+                self.channels,
+                host_seed(self.seed, "test_outliers"),
             )
         return {name: IndexedSubset(ds, range(len(ds))) for name, ds in sets.items()}
 
@@ -173,9 +178,13 @@ class OutlierDataMixin:
         n = len(pool)
         if self.val_outlier_size >= n:
             raise DataConfigError(f"data.val_outlier_size={self.val_outlier_size} leaves no training outliers (of {n})")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 11)).tolist()
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(host_seed(self.seed, "outlier_validation_split"))
+        ).tolist()
         val, train = sorted(order[: self.val_outlier_size]), sorted(order[self.val_outlier_size :])
-        train = _seeded_choice(train, self.outlier_subset, self.seed + 12, "data.outlier_subset")
+        train = _seeded_choice(
+            train, self.outlier_subset, host_seed(self.seed, "outlier_subset"), "data.outlier_subset"
+        )
         self.splits["train_outliers"], self.splits["val_outliers"] = train, val
         self._datasets["train_outliers"] = IndexedSubset(pool, train)
         if val:
@@ -210,7 +219,9 @@ class OutlierDataMixin:
         n_in = len(self._datasets["train"])
         batches = math.ceil(math.ceil(n_in / world) / in_per_process)
         rank = self.trainer.global_rank if world > 1 else 0
-        sampler = CyclingSampler(len(outliers), batches * per_process, self.seed + 13, world, rank)
+        sampler = CyclingSampler(
+            len(outliers), batches * per_process, host_seed(self.seed, "outlier_pairing"), world, rank
+        )
         out = DataLoader(
             outliers,
             batch_size=per_process,

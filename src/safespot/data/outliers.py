@@ -189,7 +189,7 @@ class NumpyImages(Dataset):
 
 class NoiseImages(Dataset):
     """``n`` noise images of shape ``(channels, size, size)``, each drawn from its own seed
-    (``seed * 1_000_003 + index``) and clipped to [0, 1]: ``gaussian`` N(mean, std^2) per pixel
+    (``host_seed(seed, "outlier_noise", index)``) and clipped to [0, 1]: ``gaussian`` N(mean, std^2) per pixel
     or ``uniform`` U[0, 1] per pixel."""
 
     def __init__(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from safespot.data.base import ImageDataModule
+from safespot.utils.rng import host_seed
 
 
 def make_synthetic(
@@ -24,7 +25,7 @@ def make_synthetic(
     templates_gen = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, channels, 4, 4, generator=templates_gen) * 2 - 1
     templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed * 7919 + split_seed)
+    g = torch.Generator().manual_seed(host_seed(seed, "synthetic_split", split_seed))
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     images = 0.5 + amplitude * templates[labels] + noise * torch.randn(n, channels, image_size, image_size, generator=g)

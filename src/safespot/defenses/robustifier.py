@@ -40,7 +40,6 @@ from safespot.threat import LpBall, SearchVariables, ThreatConfigError, check_po
 from safespot.utils.prediction import predict_logits
 from safespot.utils.rng import derive
 
-_INIT_STREAM = 1  # the random start's own stream (the inner attacks use stream 0 of their seeds)
 _OUTER_NOISE = 1  # a smoothed model's noise outside the inner PGD: not the PGD's own draws (salt 0)
 OUTPUTS: tuple[str, ...] = ("last", "best")
 
@@ -437,7 +436,9 @@ class SafeSpotSearch(RobustifierBase):
         ball = LpBall(self.norm, self.delta)
         row_seeds = _at(seeds, rows)
         x_r = (
-            ball.random_init(origin, seeds=row_seeds, stream=_INIT_STREAM) if self.init == "random" else origin.clone()
+            ball.random_init(origin, seeds=None if row_seeds is None else derive(row_seeds, "search_start"))
+            if self.init == "random"
+            else origin.clone()
         )
         zeros = torch.zeros(len(rows), dtype=torch.long, device=x_o.device)
         return _Pool(

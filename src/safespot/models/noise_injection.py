@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.errors import ConfigError
-from safespot.smoothing.soft import NOISE_INJECTED, NoiseSeeding
+from safespot.smoothing.soft import NoiseSeeding
 
 NoiseKind = Literal["none", "pni_w", "pni_a", "cni_w"]
 NOISE_KINDS: tuple[str, ...] = ("none", "pni_w", "pni_a", "cni_w")
@@ -105,7 +105,7 @@ class NoisyConv2d(nn.Conv2d):
         ``seeded_noise``, else from the global RNG."""
         if self.noise_seeding.active:
             count = int(torch.Size(shape).numel())
-            return self.noise_seeding.normal(rows, count, NOISE_INJECTED, like.device, like.dtype).view(rows, *shape)
+            return self.noise_seeding.normal(rows, count, "injected_noise", like.device, like.dtype).view(rows, *shape)
         return torch.randn((rows, *shape), device=like.device, dtype=like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,12 @@ from torch import nn
 
 from safespot.models.normalize import Normalize
 from safespot.utils.prediction import VotingClassifier
-from safespot.utils.rng import seeded_normal
+from safespot.utils.rng import derive, image_seeds, seeded_normal
 
 SIGMA_PARAMETERISATIONS: tuple[str, ...] = ("softplus", "logvar")
 _LOGVAR_RANGE = (-20.0, 10.0)
 
 SeedLike = int | Sequence[int] | torch.Tensor | None
-_LATENT_STREAM = 11  # the FLSS latent draws' own rng stream
 
 
 def strip_linear_head(backbone: nn.Module) -> tuple[nn.Module, int]:
@@ -76,17 +75,18 @@ def latent_noise(
     With per-image ``seed`` (one integer per image, e.g. the evaluation engine's image seeds),
     image ``i``'s draws come from the counter-based stream of ``seed[i]`` alone
     (:func:`safespot.utils.rng.seeded_normal`, all images at once on the device), so they do
-    not depend on which other images share the batch; with an integer seed, from the streams of
-    ``seed, seed + 1, ...``; with ``None``, from the global RNG of ``device``.
+    not depend on which other images share the batch; with an integer seed, image ``i`` of the
+    batch gets ``image_seeds(seed, i)``; with ``None``, from the global RNG of ``device``. The
+    draws of a seed are its ``"latent"`` stream (:func:`safespot.utils.rng.derive`).
     """
     if seed is None:
         return torch.randn(batch, n, dim, device=device)
     if isinstance(seed, int) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
-        seed = torch.arange(batch, device=device) + int(seed)
+        seed = image_seeds(int(seed), torch.arange(batch, device=device))
     seeds = torch.as_tensor(seed, dtype=torch.long).to(device).reshape(-1)
     if len(seeds) != batch:
         raise ValueError(f"expected {batch} per-image seeds, got {len(seeds)}")
-    return seeded_normal(seeds, n * dim, stream=_LATENT_STREAM, device=device).view(batch, n, dim)
+    return seeded_normal(derive(seeds, "latent"), n * dim, device=device).view(batch, n, dim)
 
 
 class StochasticClassifier(VotingClassifier):

@@ -70,7 +70,7 @@ from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import refuse_float16
 from safespot.utils.plain import to_plain
-from safespot.utils.rng import image_seeds
+from safespot.utils.rng import host_seed, image_seeds
 from safespot.utils.task import ConfigError, task_wrapper
 
 log = get_logger("safespot.ood")
@@ -223,19 +223,22 @@ def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) ->
     datamodule.setup("test")
     train_plain = datamodule.build_datasets()[1]
     fit_set = _subset(
-        IndexedSubset(train_plain, datamodule.splits["train"]), settings.fit_subset, seed + 1, "fit_subset"
+        IndexedSubset(train_plain, datamodule.splits["train"]),
+        settings.fit_subset,
+        host_seed(seed, "ood_fit_subset"),
+        "fit_subset",
     )
     val = datamodule.splits["val"]
     if not val:
         log.warning("the data has no validation split (val_size=0): tuning on training images")
     tune_base = IndexedSubset(train_plain, val) if val else fit_set
-    tune_in = _subset(tune_base, settings.tune_subset, seed + 2, "tune_subset")
+    tune_in = _subset(tune_base, settings.tune_subset, host_seed(seed, "ood_tune_subset", 0), "tune_subset")
     test_in = datamodule._datasets["test"]
     channels, size = int(test_in[0][0].shape[0]), int(test_in[0][0].shape[-1])
     with_outliers = isinstance(datamodule, OutlierDataMixin)
     test_sets = dict(datamodule.test_outlier_sets()) if with_outliers else {}
     for name, spec in settings.extra_specs.items():
-        ds = build_outlier_dataset(spec, f"outliers.{name}", size, channels, seed + 2_000)
+        ds = build_outlier_dataset(spec, f"outliers.{name}", size, channels, host_seed(seed, "ood_extra_outliers"))
         test_sets[name] = IndexedSubset(ds, range(len(ds)))
     if IN_DISTRIBUTION in test_sets:
         raise ConfigError(f"'{IN_DISTRIBUTION}' is reserved for the in-distribution test images; rename that set")
@@ -244,15 +247,17 @@ def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) ->
             "no test outlier sets: the data defines none; add one, e.g. +outliers.noise={kind: uniform, n: 1000}"
         )
     test_sets = {
-        name: _subset(ds, settings.outlier_subset, seed + 3 + i, f"outlier_subset ({name})")
+        name: _subset(ds, settings.outlier_subset, host_seed(seed, "ood_outlier_subset", i), f"outlier_subset ({name})")
         for i, (name, ds) in enumerate(test_sets.items())
     }
     if settings.tune_spec is not None:
-        tune_out: Dataset | None = build_outlier_dataset(settings.tune_spec, "tune_outliers", size, channels, seed)
+        tune_out: Dataset | None = build_outlier_dataset(
+            settings.tune_spec, "tune_outliers", size, channels, host_seed(seed, "ood_tune_outliers")
+        )
     else:
         tune_out = datamodule.outlier_split("val") if with_outliers else None
     if tune_out is not None:
-        tune_out = _subset(tune_out, settings.tune_subset, seed + 4, "tune_subset")
+        tune_out = _subset(tune_out, settings.tune_subset, host_seed(seed, "ood_tune_subset", 1), "tune_subset")
     workers = int(data_cfg.get("num_workers", 0) or 0) if cfg.get("num_workers") is None else int(cfg.num_workers)
     return Inputs(
         fit=fit_set,

@@ -62,7 +62,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import NOISE_MC, SoftSmoothed, noise_stream, seeded_noise
+from safespot.smoothing.soft import SoftSmoothed, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
 from safespot.utils.prediction import VotingClassifier
 from safespot.utils.rng import derive, seeded_normal_at
@@ -247,14 +247,14 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         ``(rows, *x.shape[1:])``: element ``draw * d .. (draw + 1) * d - 1`` of the image's stream
         for ``purpose``, in pieces of at most ``_MAX_WORDS`` numbers."""
         d = x[0].numel()
-        stream = noise_stream(NOISE_MC, purpose)
+        keys = derive(seeds, "monte_carlo_noise", purpose)
         rows_at_once = max(1, _MAX_WORDS // d)
         pieces = [
             seeded_normal_at(
-                seeds[owner[k : k + rows_at_once]],
+                keys[owner[k : k + rows_at_once]],
                 draw[k : k + rows_at_once] * d,
                 d,
-                stream=stream,
+                stream=0,
                 device=x.device,
                 dtype=x.dtype,
             )

@@ -29,24 +29,11 @@ import torch
 from torch import nn
 
 from safespot.threat import ThreatConfigError, check_positive_int, parse_budget
-from safespot.utils.rng import seeded_normal_at
+from safespot.utils.rng import derive, seeded_normal_at
 
-#: Stream tags of the per-image noise streams (distinct tags never share draws for one seed).
-NOISE_SOFT, NOISE_NOISY = 1, 2  # the soft smoothed forward; the noisy classifier's input noise
-NOISE_MC = 3  # the Monte Carlo estimates of a smoothed classifier (votes, PREDICT, CERTIFY)
-NOISE_INJECTED = 4  # a noise-injected network's own noise (PNI, CNI: safespot.models.noise_injection)
-_COUNTER_BITS, _SALT_BITS = 32, 16
 _MAX_WORDS = 2**25  # numbers hashed at once by NoiseSeeding.normal (256 MiB per int64 temporary)
 DrawRole = Literal["robustify", "attack"]
 DRAW_ROLES: tuple[str, ...] = ("robustify", "attack")
-
-
-def noise_stream(tag: int, counter: int = 0, salt: int = 0) -> int:
-    """The :mod:`safespot.utils.rng` stream number of purpose ``tag``, forward pass ``counter``
-    and context ``salt`` (``tag < 2^8``, ``salt < 2^16``; the counter wraps at ``2^32``)."""
-    if not 0 <= tag < 2**8 or not 0 <= salt < 2**_SALT_BITS:
-        raise ValueError(f"noise stream: tag {tag} or salt {salt} out of range")
-    return (((tag << _SALT_BITS) | salt) << _COUNTER_BITS) | (counter % 2**_COUNTER_BITS)
 
 
 class NoiseSeeding:
@@ -72,11 +59,13 @@ class NoiseSeeding:
     def restore(self, state: tuple[torch.Tensor | None, int, int]) -> None:
         self.seeds, self.calls, self.salt = state
 
-    def normal(self, rows: int, count: int, tag: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def normal(self, rows: int, count: int, purpose: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(rows, count)`` standard normal draws for the next forward pass (counter ``t``).
 
         With ``S`` seeds, ``rows`` must be a multiple ``k * S``; row ``r`` belongs to image
-        ``r % S`` and takes elements ``(r // S) * count ..`` of that image's stream ``(tag, t)``
+        ``r % S`` and takes elements ``(r // S) * count ..`` of that image's stream
+        ``derive(seed, purpose, salt, t)`` (:func:`safespot.utils.rng.derive`; ``purpose`` names
+        the noise source, e.g. ``"soft_noise"``)
         (a batch repeated ``k`` times, as a smoothed classifier's ``m * B`` noisy copies, gives
         each copy its own draws). Not valid outside :func:`seeded_noise`.
         """
@@ -90,19 +79,19 @@ class NoiseSeeding:
                 f"seeded noise: a batch of {rows} rows for {n_seeds} per-image seeds "
                 "(the batch must be the seeded images, or whole copies of them)"
             )
-        stream = noise_stream(tag, self.calls, self.salt)
+        keys = derive(self.seeds, purpose, self.salt, self.calls)
         self.calls += 1
         copies = rows // n_seeds
-        seeds = self.seeds if copies == 1 else self.seeds.repeat(copies)
+        seeds = keys if copies == 1 else keys.repeat(copies)
         starts = torch.arange(copies, device=device).repeat_interleave(n_seeds) * count
         # the 64-bit hash needs a few int64 temporaries per number: bound them to ~_MAX_WORDS each
         step = max(1, _MAX_WORDS // max(count, 1))
         if rows <= step:
-            return seeded_normal_at(seeds, starts, count, stream, device, dtype)
+            return seeded_normal_at(seeds, starts, count, 0, device, dtype)
         out = torch.empty((rows, count), device=device, dtype=dtype)
         for lo in range(0, rows, step):
             out[lo : lo + step] = seeded_normal_at(
-                seeds[lo : lo + step], starts[lo : lo + step], count, stream, device, dtype
+                seeds[lo : lo + step], starts[lo : lo + step], count, 0, device, dtype
             )
         return out
 
@@ -136,7 +125,8 @@ def seeded_noise(model: nn.Module, seeds: torch.Tensor | None, salt: int = 0) ->
         yield model
         return
     seeds = torch.as_tensor(seeds).reshape(-1)
-    noise_stream(0, 0, salt)  # validates the salt
+    if not isinstance(salt, int) or salt < 0:
+        raise ValueError(f"seeded noise: salt must be an integer >= 0, got {salt!r}")
     sources = _noise_sources(model)
     saved = [source.state() for source in sources]
     for source in sources:
@@ -177,7 +167,7 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.noise_seeding.active:
-            z = self.noise_seeding.normal(len(x), x[0].numel(), NOISE_NOISY, x.device, x.dtype).view_as(x)
+            z = self.noise_seeding.normal(len(x), x[0].numel(), "noisy_noise", x.device, x.dtype).view_as(x)
             return self.base(x + self.sigma * z)
         return self.base(x + self.sigma * torch.randn_like(x))
 
@@ -210,7 +200,7 @@ class SoftSmoothed(nn.Module):
         if self._fixing and self._fixed is not None and self._fixed.shape[1:] == x.shape:
             return self._fixed
         if self.noise_seeding.active:
-            z = self.noise_seeding.normal(len(x), self.m * x[0].numel(), NOISE_SOFT, x.device, x.dtype)
+            z = self.noise_seeding.normal(len(x), self.m * x[0].numel(), "soft_noise", x.device, x.dtype)
             draws = self.sigma * z.view(len(x), self.m, *x.shape[1:]).transpose(0, 1)
         else:
             draws = self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)

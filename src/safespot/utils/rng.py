@@ -180,6 +180,26 @@ PURPOSES: dict[str, int] = {
             "nattack",  # NAttack's initial mean and population draws, per iteration
             "smoothing_draw",  # a noise-injected base's own noise in draw j of a smoothed vote
             "trades_start",  # TRADES' KL attack: its start x + 0.001 N(0, I)
+            "validation_split",  # data: the training images held out for validation
+            "train_subset",  # data.train_subset: the training images kept
+            "val_subset",  # data.val_subset
+            "test_subset",  # data.test_subset: the test images evaluated
+            "outlier_validation_split",  # D_out^train: the outliers held out for validation
+            "outlier_subset",  # data.outlier_subset: the training outliers kept
+            "outlier_pairing",  # the outlier batches paired with in-distribution batches
+            "test_outliers",  # the data's D_out^test sources (noise images, file subsets)
+            "ood_fit_subset",  # ood.py: the images the detectors are fitted on
+            "ood_tune_subset",  # ood.py: the tuning images (in-distribution and outliers)
+            "ood_outlier_subset",  # ood.py: each test outlier set's subset (counter: its position)
+            "ood_extra_outliers",  # ood.py: outliers.<name> sources given on the command line
+            "ood_tune_outliers",  # ood.py: the tune_outliers source
+            "synthetic_split",  # synthetic data: a split's labels and noise (counter: the split)
+            "latent",  # FLSS: the latent draws e ~ N(0, I) of a stochastic classifier
+            "search_start",  # the safe-spot search's random start in B_delta(x_o)
+            "soft_noise",  # the soft smoothed forward's draws (counters: salt, forward pass)
+            "noisy_noise",  # the noisy classifier's input noise (counters: salt, forward pass)
+            "injected_noise",  # a noise-injected network's own noise (counters: salt, forward pass)
+            "monte_carlo_noise",  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
         ),
         start=1,
     )
