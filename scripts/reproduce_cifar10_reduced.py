@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -260,10 +261,15 @@ def interval_section(eval_dirs: list[Path], norm: str = "linf") -> list[str]:
 
 
 def render(eval_dirs: list[Path], commands: list[str], args: argparse.Namespace) -> str:
-    runs = [load_run(d) for d in eval_dirs]
+    labels = {str(d): label_of(d.name) for d in eval_dirs}
+    # each run is named by its row label: two rows may share model and method (S-FGSM+ADV and
+    # S-PGD+ADV are both PreemptiveTraining of the same network)
+    runs = [
+        dataclasses.replace(r, meta={**r.meta, "model": labels[str(r.path)], "method": ""})
+        for r in map(load_run, eval_dirs)
+    ]
     norm = getattr(args, "norm", "linf")
     name, eps, _ = NORMS[norm]
-    labels = {str(d): label_of(d.name) for d in eval_dirs}
     by_model = {f"{r.key[0]} / {r.key[1]}": labels[str(r.path)] for r in runs}  # as the tables name them
     grey_white = preemptive_table(runs)
     safe = safe_spot_table(runs)

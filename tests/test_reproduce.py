@@ -160,3 +160,16 @@ def test_safe_spot_aware_rows_are_compared_with_adv_on_the_same_images(tmp_path)
     assert "+25.0 pp" in row and row.endswith("| holds |")
     assert "| S-PGD+ADV vs ADV | clean accuracy, S-PGD+ADV minus ADV (paper 000, Table 1: 91.32 vs 86.51)" in text
     assert "(paper 000, Table 1: 89.84 vs 85.06)" in row  # the published gap next to the measured one
+
+
+def test_rows_sharing_model_and_method_keep_their_own_labels(tmp_path):
+    """S-FGSM+ADV and S-PGD+ADV are both PreemptiveTraining of the same network: each grid row is
+    named by its run (both used to be labelled S-PGD+ADV)."""
+    runs = [
+        _fake_eval(tmp_path, "reduced_cifar10_sfgsm_adv_linf", "PreemptiveTraining", 0.30),
+        _fake_eval(tmp_path, "reduced_cifar10_spgd_adv_linf", "PreemptiveTraining", 0.40),
+    ]
+    text = reproduce.render(runs, [], argparse.Namespace(test_images=10, seed=0, no_autoattack=True))
+    assert "| S-FGSM+ADV | linf | 8/255 | S-Full | 50.0 | 30.0 |" in text
+    assert "| S-PGD+ADV | linf | 8/255 | S-Full | 50.0 | 40.0 |" in text
+    assert "| S-FGSM+ADV | 8/255 | 50.0 / 20.0 |" in text and "| S-PGD+ADV | 8/255 | 50.0 / 20.0 |" in text
