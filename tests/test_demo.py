@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safespot.demo import ROBUSTIFIED, main, run_demo
+from safespot.demo import ROBUSTIFIED, main, new_directory, run_demo
 from safespot.stats import accuracy, paired_difference, verdict
 
 QUICK = [
@@ -96,3 +96,11 @@ def test_the_demo_without_data_stops_with_one_error_naming_the_fix(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data\.download=true"):
         main(["--log-dir", str(tmp_path), f"data.root={tmp_path / 'nowhere'}", "logger=none"])
+
+
+def test_two_demo_directories_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    # one process, one frozen clock: the second directory must not collide with the first
+    monkeypatch.setattr("safespot.demo.time.strftime", lambda fmt: "2026-01-01_00-00-00")
+    first, second = new_directory(tmp_path), new_directory(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert sorted(p.name for p in (tmp_path / "demo" / "runs").iterdir()) == sorted([first.name, second.name])

@@ -173,3 +173,19 @@ def test_rows_sharing_model_and_method_keep_their_own_labels(tmp_path):
     assert "| S-FGSM+ADV | linf | 8/255 | S-Full | 50.0 | 30.0 |" in text
     assert "| S-PGD+ADV | linf | 8/255 | S-Full | 50.0 | 40.0 |" in text
     assert "| S-FGSM+ADV | 8/255 | 50.0 / 20.0 |" in text and "| S-PGD+ADV | 8/255 | 50.0 / 20.0 |" in text
+
+
+def test_default_output_directories_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    class FrozenClock:
+        @staticmethod
+        def now():
+            import datetime
+
+            return datetime.datetime(2026, 1, 1)
+
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    monkeypatch.setattr(helpers, "datetime", FrozenClock)
+    first, second = helpers.new_output_dir("x", None), helpers.new_output_dir("x", None)
+    assert first != second and first.is_dir() and second.is_dir()
+    with pytest.raises(FileExistsError):  # an explicit --out that exists is still refused
+        helpers.new_output_dir("x", first)

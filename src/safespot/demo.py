@@ -60,9 +60,17 @@ class DemoRun:
 def new_directory(log_dir: str | Path) -> Path:
     """A fresh ``<log_dir>/demo/runs/<time>_<id>`` (never an existing one)."""
     root = Path(log_dir) / "demo" / "runs"
-    path = root / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
+    # two demos of one process may start within one second: number the later ones
+    for attempt in range(1000):
+        path = root / (stem if attempt == 0 else f"{stem}-{attempt}")
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run directory name in {root}")
 
 
 def headline(records: pd.DataFrame, results: dict[str, Any]) -> tuple[pd.DataFrame, str]:

@@ -49,10 +49,21 @@ def parse_pairs(parser: argparse.ArgumentParser, items: list[str], flag: str, al
 def new_output_dir(name: str, out: Path | None) -> Path:
     """``out``, or ``$LOG_DIR/<name>/<time>`` (default log dir ``./logs``), created; an existing
     directory is refused, so no earlier report is overwritten."""
-    log_dir = Path(os.environ.get("LOG_DIR", ROOT / "logs"))
-    path = out or log_dir / name / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=False)
+        return out
+    root = Path(os.environ.get("LOG_DIR", ROOT / "logs")) / name
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    # two reproductions started within one second get numbered directories, never a shared one
+    for attempt in range(1000):
+        path = root / (stem if attempt == 0 else f"{stem}-{attempt}")
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free output directory name in {root}")
 
 
 def write_report(out: Path, report: str, docs: Path | None) -> None:
