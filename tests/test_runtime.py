@@ -1,6 +1,9 @@
 """The runtime of robustify.py and ood.py (safespot.runs): the ``runtime`` block and its
 aliases, the Fabric built from it, and the sharding helpers."""
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,6 +15,7 @@ from safespot.runs import (
     describe_runtime,
     device_alias,
     gather_objects,
+    leave_together,
     merge_shards,
     runtime_settings,
     shard,
@@ -110,3 +114,23 @@ def test_robustify_and_ood_compose_the_runtime_group(make_cfg):
         assert dict(cfg.runtime) == expected and cfg.device is None and cfg.precision is None
         sim = make_cfg("ckpt_path=x.ckpt", *extra, "runtime=ddp_sim", name=name)
         assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")
+
+
+def _slow_writer(fabric, out: Path) -> str:
+    """Rank 0 writes its file late; every rank then leaves together and records what it saw."""
+    if fabric.is_global_zero:
+        time.sleep(1.0)
+        (out / "report.csv").write_text("done")
+    leave_together(fabric, "test: report written")
+    seen = (out / "report.csv").is_file() and not torch.distributed.is_initialized()
+    (out / f"rank{fabric.global_rank}.txt").write_text(str(seen))
+    return "ok"
+
+
+def test_no_process_leaves_before_rank_zero_has_written_and_each_leaves_the_group(tmp_path):
+    two = {"runtime": {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}}
+    fabric = build_fabric(OmegaConf.create(two), "x")
+    assert fabric.launch(_slow_writer, tmp_path) == "ok"
+    # rank 1 returned only after rank 0's file existed, and neither process kept its process group
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+    leave_together(build_fabric(OmegaConf.create({"runtime": {"accelerator": "cpu"}}), "x"), "one process: no-op")

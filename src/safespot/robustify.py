@@ -53,6 +53,7 @@ from safespot.runs import (
     describe_model,
     describe_runtime,
     gather_objects,
+    leave_together,
     load_model,
     load_training_run,
     merge_shards,
@@ -564,6 +565,7 @@ def robustify_process(fabric: Fabric, plan: Plan) -> list[dict[str, Any]]:
         meta["finished"] = datetime.now().isoformat(timespec="seconds")
         meta["seconds"] = round(time.perf_counter() - clock, 3)
         write_outputs(plan, records, meta)
+    leave_together(fabric, "robustify: report written")
     return records
 
 

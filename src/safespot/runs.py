@@ -259,3 +259,14 @@ def merge_shards(shards: list[list[tuple[int, Any]]], n: int) -> list[Any]:
     if missing:
         raise RuntimeError(f"positions {missing[:10]} were worked on by no process")
     return items
+
+
+def leave_together(fabric: Fabric, why: str) -> None:
+    """The last step of every process of a Fabric run: wait until every process arrives (so no
+    process returns while rank 0 still writes the outputs), then leave the process group. Without
+    it a process that finished early exits while its peers still talk to it, and gloo may abort
+    a peer whose connection was closed mid-operation (an intermittent SIGABRT of spawned workers)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    fabric.barrier(why)
+    torch.distributed.destroy_process_group()

@@ -58,6 +58,7 @@ from safespot.runs import (
     describe_model,
     describe_runtime,
     gather_objects,
+    leave_together,
     load_model,
     load_run_settings,
     place_model,
@@ -488,6 +489,7 @@ def ood_process(fabric: Fabric, plan: Plan) -> dict[str, Any]:
     }
     if fabric.is_global_zero:
         write_outputs(plan, scores, results, meta)
+    leave_together(fabric, "ood: outputs written")
     return {"metrics": results, **meta}
 
 
