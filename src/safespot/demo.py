@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from safespot.evaluate import evaluate
+from safespot.paths import fresh_directory
 from safespot.report import format_eps
 from safespot.stats import accuracy, paired_difference, verdict
 from safespot.train import train
@@ -60,17 +61,8 @@ class DemoRun:
 def new_directory(log_dir: str | Path) -> Path:
     """A fresh ``<log_dir>/demo/runs/<time>_<id>`` (never an existing one)."""
     root = Path(log_dir) / "demo" / "runs"
-    root.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}"
-    # two demos of one process may start within one second: number the later ones
-    for attempt in range(1000):
-        path = root / (stem if attempt == 0 else f"{stem}-{attempt}")
-        try:
-            path.mkdir(exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free run directory name in {root}")
+    # two demos of one process may start within one second: the later ones are numbered
+    return fresh_directory(root, f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{unique_suffix()}")
 
 
 def headline(records: pd.DataFrame, results: dict[str, Any]) -> tuple[pd.DataFrame, str]:

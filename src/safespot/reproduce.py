@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
+from safespot.paths import fresh_directory
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,18 +54,8 @@ def new_output_dir(name: str, out: Path | None) -> Path:
     if out is not None:
         out.mkdir(parents=True, exist_ok=False)
         return out
-    root = Path(os.environ.get("LOG_DIR", ROOT / "logs")) / name
-    root.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     # two reproductions started within one second get numbered directories, never a shared one
-    for attempt in range(1000):
-        path = root / (stem if attempt == 0 else f"{stem}-{attempt}")
-        try:
-            path.mkdir(exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free output directory name in {root}")
+    return fresh_directory(Path(os.environ.get("LOG_DIR", ROOT / "logs")) / name, f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
 
 
 def write_report(out: Path, report: str, docs: Path | None) -> None:
