@@ -35,8 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from safespot.reproduce import (  # noqa: E402
     check_evaluations,
     commands_section,
+    evaluation_parts,
     new_output_dir,
     parse_pairs,
+    read_records,
     run_logged,
     write_report,
 )
@@ -105,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(evals: dict[str, Path]) -> tuple[dict[str, pd.DataFrame], dict]:
-    records = {i: pd.read_csv(d / "records.csv").set_index("index").sort_index() for i, d in evals.items()}
+    records = {i: read_records(d) for i, d in evals.items()}
     if len({tuple(r.index) for r in records.values()}) != 1:
         raise SystemExit("error: the two evaluations are not on the same test images")
-    return records, json.loads((evals["original"] / "results.json").read_text())["meta"]
+    meta_dir = evaluation_parts(evals["original"])[0]  # the pieces of one run share its settings
+    return records, json.loads((meta_dir / "results.json").read_text())["meta"]
 
 
 def _linf_context(records: dict[str, pd.DataFrame], meta: dict) -> list[str]:

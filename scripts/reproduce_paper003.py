@@ -46,6 +46,7 @@ from safespot.reproduce import (  # noqa: E402
     commands_section,
     new_output_dir,
     parse_pairs,
+    read_records,
     run_logged,
     write_report,
 )
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _records(evals: dict[str, Path]) -> dict[str, pd.DataFrame]:
     """Each model's records, indexed by the dataset index (the same seeded test images)."""
-    records = {p: pd.read_csv(d / "records.csv").set_index("index").sort_index() for p, d in evals.items()}
+    records = {p: read_records(d) for p, d in evals.items()}
     indices = {p: tuple(r.index) for p, r in records.items()}
     if len(set(indices.values())) != 1:
         raise SystemExit("error: the evaluations are not on the same test images; use the same --test-images and seed")

@@ -18,10 +18,14 @@ the published rows, a verdict per claim, every command and its wall time. ``--ro
 sfull_fast`` (early exit with compaction) replaces the paper's fixed schedule where it would
 not fit; the report says which.
 
+A table too long for one sitting runs in pieces of its test images: ``--override
+data.test_part=[k,K]`` for k = 0..K-1 (each piece reusing the trained model with ``--reuse``), then
+``--reuse-eval TABLE=DIR0,DIR1,...`` joins the pieces' records into one report.
+
 Usage::
 
     python scripts/reproduce_smoothed.py [--tables 5,7] [--test-images 200] [--n-certify 10000]
-        [--robustifier sfull|sfull_fast] [--docs docs/FILE.md] [--reuse RUN=DIR] [--reuse-eval TABLE=DIR]
+        [--robustifier sfull|sfull_fast] [--docs docs/FILE.md] [--reuse RUN=DIR] [--reuse-eval TABLE=DIR[,DIR...]]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from safespot.reproduce import (  # noqa: E402
     commands_section,
     new_output_dir,
     parse_pairs,
+    read_records,
     run_logged,
     write_report,
 )
@@ -241,7 +246,7 @@ def table7(records: pd.DataFrame, n: int) -> list[str]:
 
 
 def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace) -> str:
-    records = {t: pd.read_csv(d / "records.csv").set_index("index").sort_index() for t, d in evals.items()}
+    records = {t: read_records(d) for t, d in evals.items()}
     schedule = (
         "the paper's fixed schedule (MAXITER 100, T 20)"
         if args.robustifier in PAPER_SCHEDULES

@@ -58,6 +58,23 @@ def test_splits_are_seeded_and_saved(tmp_path):
     assert saved["val"] == a.splits["val"] and saved["seed"] == 0
 
 
+def test_test_parts_are_contiguous_pieces_that_together_are_the_test_split():
+    def test_split(part=None, n=10):
+        dm = SyntheticDataModule(n_train=100, n_test=40, val_size=20, test_subset=n, test_part=part, seed=3)
+        dm.setup()
+        return dm.splits["test"]
+
+    whole = test_split()
+    pieces = [test_split([k, 3]) for k in range(3)]
+    assert [len(p) for p in pieces] == [3, 3, 4] and [i for p in pieces for i in p] == whole
+    assert test_split([1, 3]) == pieces[1]  # the same piece whenever it is asked for
+    for bad in ([3, 3], [-1, 2], [0], [0.5, 2], [True, 2]):
+        with pytest.raises(DataConfigError, match=r"data\.test_part"):
+            SyntheticDataModule(n_test=40, test_part=bad)
+    with pytest.raises(DataConfigError, match="some would be empty"):
+        test_split([0, 4], n=3)
+
+
 def test_batches_carry_dataset_indices():
     dm = SyntheticDataModule(n_train=64, n_test=32, val_size=8, test_subset=10, eval_batch_size=4)
     dm.setup()

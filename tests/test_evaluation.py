@@ -16,6 +16,7 @@ from safespot.attacks import PGD, fgsm
 from safespot.attacks.losses import cw_margin, dlr
 from safespot.evaluate import evaluate
 from safespot.evaluation import merge_shards
+from safespot.reproduce import read_records
 from safespot.threat import LpBall
 from safespot.train import train
 from safespot.utils.task import ConfigError
@@ -213,6 +214,21 @@ def test_two_process_preemptive_evaluation_equals_one_process(checkpoints, tmp_p
     pd.testing.assert_frame_equal(records_one, records_two, check_exact=False, atol=1e-5)
     assert one["preempt_sfull_pgd/acc"] == pytest.approx(two["preempt_sfull_pgd/acc"])
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
+def test_evaluation_run_in_test_parts_equals_one_run(checkpoints, tmp_path, smoothed):
+    """``data.test_part=[k,K]`` jobs (e.g. a SLURM array): their records joined are one run's."""
+    args = ["evaluation=[clean,pgd]", "data.test_subset=11", "data.eval_batch_size=4"]
+    if smoothed:
+        args += ["smoothing.sigma=0.05", "smoothing.m=2", "smoothing.n_vote=8"]
+    _, whole = _evaluate(checkpoints["adversarial"], tmp_path / "whole", *args)
+    parts = [tmp_path / f"part{k}" for k in range(3)]
+    for k, part in enumerate(parts):
+        _, records = _evaluate(checkpoints["adversarial"], part, *args, f"data.test_part=[{k},3]")
+        assert 3 <= len(records) <= 4
+    joined = read_records(",".join(str(part) for part in parts))
+    pd.testing.assert_frame_equal(joined, whole.set_index("index").sort_index(), check_exact=False, atol=1e-6)
 
 
 def test_merge_refuses_duplicated_images():

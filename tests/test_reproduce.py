@@ -189,3 +189,21 @@ def test_default_output_directories_started_in_the_same_second_differ(tmp_path, 
     assert first != second and first.is_dir() and second.is_dir()
     with pytest.raises(FileExistsError):  # an explicit --out that exists is still refused
         helpers.new_output_dir("x", first)
+
+
+def test_records_of_an_evaluation_in_pieces_are_joined_and_overlaps_refused(tmp_path):
+    import pandas as pd
+
+    for name, index in (("a", [4, 0]), ("b", [2]), ("c", [2, 9])):
+        (tmp_path / name).mkdir()
+        frame = pd.DataFrame({"index": index, "clean/correct": [True] * len(index)})
+        frame.to_csv(tmp_path / name / "records.csv", index=False)
+    joined = helpers.read_records(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert joined.index.tolist() == [0, 2, 4]
+    assert helpers.read_records(tmp_path / "a").index.tolist() == [0, 4]
+    with pytest.raises(ValueError, match="share images"):
+        helpers.read_records(f"{tmp_path / 'b'},{tmp_path / 'c'}")
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):  # a missing piece is a usage error before any work
+        pieces = {"5": f"{tmp_path / 'a'},{tmp_path / 'missing'}"}
+        helpers.check_evaluations(parser, pieces, "--reuse-eval", "records.csv")

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+
 from safespot.paths import fresh_directory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,12 +68,36 @@ def write_report(out: Path, report: str, docs: Path | None) -> None:
     print(f"report: {out / 'report.md'}")
 
 
+def evaluation_parts(spec: str | Path) -> list[Path]:
+    """The run directories of one evaluation: ``DIR``, or ``DIR1,DIR2,...`` when it ran in pieces
+    (``data.test_part=[k,K]``, one directory per piece)."""
+    return [Path(part) for part in str(spec).split(",") if part]
+
+
 def check_evaluations(parser: argparse.ArgumentParser, pairs: dict[str, str], flag: str, needed: str) -> None:
-    """Every reused evaluation directory of ``flag`` holds ``needed`` (``records.csv``,
-    ``results.json``); else a usage error before any work."""
-    for key, folder in pairs.items():
-        if not (Path(folder) / needed).is_file():
-            parser.error(f"{flag} {key}: no {needed} in {folder}")
+    """Every reused evaluation directory of ``flag`` (each piece of a ``DIR1,DIR2`` one) holds
+    ``needed`` (``records.csv``, ``results.json``); else a usage error before any work."""
+    for key, spec in pairs.items():
+        for folder in evaluation_parts(spec) or [Path(spec)]:
+            if not (folder / needed).is_file():
+                parser.error(f"{flag} {key}: no {needed} in {folder}")
+
+
+def read_records(spec: str | Path) -> pd.DataFrame:
+    """An evaluation's ``records.csv`` indexed by image, sorted; ``DIR1,DIR2,...`` joins the pieces
+    of one evaluation run as ``data.test_part`` jobs (records are keyed and seeded by image, so the
+    pieces together are the whole run's). An image in two pieces, or pieces whose fields differ,
+    is an error."""
+    frames = [pd.read_csv(folder / "records.csv") for folder in evaluation_parts(spec)]
+    if not frames:
+        raise ValueError(f"no evaluation directory in {spec!r}")
+    if any(set(frame.columns) != set(frames[0].columns) for frame in frames):
+        raise ValueError(f"the pieces of {spec} hold different fields: not one evaluation")
+    records = pd.concat(frames, ignore_index=True)
+    shared = sorted(records["index"][records["index"].duplicated()])
+    if shared:
+        raise ValueError(f"the pieces of {spec} share images: {shared[:5]}")
+    return records.set_index("index").sort_index()
 
 
 def commands_section(commands: list[str]) -> list[str]:

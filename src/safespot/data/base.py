@@ -67,13 +67,39 @@ def _seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> 
     return sorted(pool[i] for i in chosen.tolist())
 
 
+def _check_part(part: Sequence[int] | None) -> tuple[int, int] | None:
+    """``data.test_part`` as ``(k, K)``, refused unless ``0 <= k < K``."""
+    if part is None:
+        return None
+    values = list(part)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise DataConfigError(f"data.test_part takes two integers [k, K] (part k of K), got {part!r}")
+    k, parts = values
+    if not 0 <= k < parts:
+        raise DataConfigError(f"data.test_part=[k, K] needs 0 <= k < K, got [{k}, {parts}]")
+    return k, parts
+
+
+def part_of(indices: Sequence[int], k: int, parts: int) -> list[int]:
+    """Part ``k`` of ``parts`` contiguous, near-equal pieces of ``indices`` (sizes differ by at most
+    one; the pieces, in order, are ``indices``). Every record is keyed and seeded by its image's
+    index, so the parts' records together are the whole split's."""
+    n = len(indices)
+    if parts > n:
+        raise DataConfigError(f"data.test_part splits {n} test images into {parts} parts: some would be empty")
+    start, stop = (k * n) // parts, ((k + 1) * n) // parts
+    return list(indices[start:stop])
+
+
 class ImageDataModule(L.LightningDataModule):
     """Common logic of every image datamodule.
 
     Subclasses implement :meth:`build_datasets` returning ``(train_augmented,
     train_plain, test)`` datasets of ``(image, label)`` pairs over the same training images.
     The validation split (``val_size`` images) is held out of the training set with
-    ``seed``; ``*_subset`` options pick seeded subsets. ``batch_size`` is global: each of N
+    ``seed``; ``*_subset`` options pick seeded subsets; ``test_part=(k, K)`` keeps the k-th of K
+    contiguous pieces of the test split, so a long evaluation runs as K jobs (e.g. a SLURM array)
+    whose records together equal one run's. ``batch_size`` is global: each of N
     processes loads ``batch_size / N``. ``mean``/``std`` are the channel statistics the
     model's first layer normalises with. ``in_memory`` decodes every split once and serves
     batches from one tensor on the training device with batched augmentation
@@ -95,6 +121,7 @@ class ImageDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         val_subset: int | None = None,
         test_subset: int | None = None,
+        test_part: Sequence[int] | None = None,
         seed: int = 0,
         augment: bool = True,
         pin_memory: bool = False,
@@ -125,6 +152,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_size = val_size
         self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
+        self.test_part = _check_part(test_part)
         self.seed = seed
         self.augment = augment
         self.pin_memory = pin_memory
@@ -160,6 +188,8 @@ class ImageDataModule(L.LightningDataModule):
                 list(range(len(test))), self.test_subset, host_seed(self.seed, "test_subset"), "data.test_subset"
             ),
         }
+        if self.test_part is not None:
+            self.splits["test"] = part_of(self.splits["test"], *self.test_part)
         self._datasets = {
             "train": IndexedSubset(train_aug, self.splits["train"]),
             "val": IndexedSubset(train_plain, self.splits["val"]),
