@@ -45,9 +45,11 @@ from safespot.reproduce import (  # noqa: E402
     check_evaluations,
     checkpoint_in,
     commands_section,
+    evaluation_parts,
     new_output_dir,
     parse_pairs,
     read_records,
+    reused_command,
     run_logged,
     write_report,
 )
@@ -127,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     for table in args.tables:
         run, sigma, _ = TABLES[table]
         if table in args.reuse_eval:
-            commands.append(f"# Table {table}: reused evaluation {args.reuse_eval[table]}")
+            commands += [reused_command(d, "evaluate.py") for d in evaluation_parts(args.reuse_eval[table])]
             evals[table] = Path(args.reuse_eval[table])
             continue
         train_dir = Path(args.reuse[run]) if run in args.reuse else out / "train" / run
         if run in args.reuse:
-            commands.append(f"# {run}: reused training run {train_dir}")
+            commands.append(reused_command(train_dir, "train.py"))
         else:
             train = ["experiment=cifar10_gaussian", "scale=reduced", f"method.sigma={sigma}", f"seed={args.seed}"]
             run_logged([py, "train.py", *train, f"hydra.run.dir={train_dir}"], commands)

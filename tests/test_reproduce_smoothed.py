@@ -70,6 +70,30 @@ def test_each_table_evaluates_none_and_sfull_on_the_same_images(gaussian_run, tm
         assert "not measurable at n = 32 (largest radius 0.216)" in report  # r = 0.5 is out of reach
 
 
+def test_a_table_run_in_pieces_reports_what_one_run_reports(gaussian_run, tmp_path):
+    """``--override data.test_part=[k,K]`` pieces joined by ``--reuse-eval 7=DIR0,DIR1``: the same
+    tables as one run on all the images, and the pieces' commands listed as reused."""
+    run = smoothed.TABLES["7"][0]
+    common = ["--tables", "7", "--test-images", "5", "--n-certify", "32", f"--reuse={run}={gaussian_run}"]
+    common += [f"--override={o}" for o in TABLE7]
+    assert smoothed.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    pieces = []
+    for k in range(2):
+        assert smoothed.main([*common, "--out", str(tmp_path / f"p{k}"), f"--override=data.test_part=[{k},2]"]) == 0
+        pieces.append(str(tmp_path / f"p{k}" / "eval" / "table7"))
+    joined = ["--reuse-eval", "7=" + ",".join(pieces), "--out", str(tmp_path / "j")]
+    assert smoothed.main(["--tables", "7", "--n-certify", "32", *joined]) == 0
+
+    def tables(report: Path) -> list[str]:
+        body = report.read_text().split("## Commands")
+        return [line for line in body[0].splitlines() if line.startswith("|")]
+
+    assert tables(tmp_path / "j" / "report.md") == tables(tmp_path / "whole" / "report.md")
+    commands = (tmp_path / "j" / "report.md").read_text().split("## Commands")[1]
+    assert commands.count("python evaluate.py") == 2 and commands.count("# reused") == 2
+    assert "data.test_part=[1,2]" in commands
+
+
 def test_the_largest_certifiable_radius_is_the_bound_with_every_draw_correct():
     # n = 5,000 at sigma 0.25: 0.748 (docs/evaluation.md); n = 100,000: 0.951
     assert smoothed.max_certifiable_radius(0.25, 5000) == pytest.approx(0.748, abs=1e-3)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from safespot.paths import fresh_directory
 
@@ -98,6 +99,17 @@ def read_records(spec: str | Path) -> pd.DataFrame:
     if shared:
         raise ValueError(f"the pieces of {spec} share images: {shared[:5]}")
     return records.set_index("index").sort_index()
+
+
+def reused_command(run_dir: Path, script: str) -> str:
+    """The command line that made a reused Hydra run, from its ``.hydra/overrides.yaml`` (marked
+    as reused; its wall time is in that run's own report), or a comment naming the directory when
+    the run has no stored overrides."""
+    stored = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not stored.is_file():
+        return f"# reused {run_dir}"
+    overrides = [*OmegaConf.load(stored), f"hydra.run.dir={run_dir}"]
+    return " ".join(["python", script, *(shlex.quote(str(o)) for o in overrides)]) + "    # reused"
 
 
 def commands_section(commands: list[str]) -> list[str]:
