@@ -15,7 +15,7 @@ from conftest import SYNTHETIC, assert_same_run_files, compose_config, cpu_train
 from safespot.attacks import PGD, fgsm
 from safespot.attacks.losses import cw_margin, dlr
 from safespot.evaluate import evaluate
-from safespot.evaluation import merge_shards
+from safespot.evaluation import merge_shards, summarize
 from safespot.reproduce import read_records
 from safespot.threat import LpBall
 from safespot.train import train
@@ -229,6 +229,20 @@ def test_evaluation_run_in_test_parts_equals_one_run(checkpoints, tmp_path, smoo
         assert 3 <= len(records) <= 4
     joined = read_records(",".join(str(part) for part in parts))
     pd.testing.assert_frame_equal(joined, whole.set_index("index").sort_index(), check_exact=False, atol=1e-6)
+
+
+def test_safe_spot_rate_only_for_groups_whose_images_were_attacked():
+    records = pd.DataFrame(
+        {
+            "index": [0, 1, 2],
+            "clean/correct": [True, True, False],
+            "r/correct": [True, True, True],
+            "r_pgd/correct": [True, False, False],
+            "c/correct": [True, True, True],
+        }
+    )
+    summary = summarize(records, ["clean", "r", "r_pgd", "c"], {"r": ["r_pgd"], "c": []})
+    assert summary["r/safe_spot_rate"] == 0.5 and "c/safe_spot_rate" not in summary
 
 
 def test_merge_refuses_duplicated_images():

@@ -94,7 +94,8 @@ def summarize(
     """Accuracy per evaluation, ``worst_case/acc`` (correct under every evaluation), mean /
     max distances of the evaluated points and, for each grey-box group (robustified images
     and the attacks run on them), ``<name>/safe_spot_rate``: the share of correctly
-    classified originals whose robustified image stays correct under every attack. For a
+    classified originals whose robustified image stays correct under every attack (a group
+    without attacks has none). For a
     certify evaluation, ``<name>/cert_<r>`` is the certified accuracy at l_2 radius r
     (Cohen et al., 2019) and ``<name>/radius_mean`` the mean certified radius.
 
@@ -121,6 +122,8 @@ def summarize(
             summary[column] = float(records[column].mean())
     clean_ok = records["clean/correct"].astype(bool) if "clean/correct" in records else None
     for name, attacks in (groups or {}).items():
+        if not attacks:  # nothing attacked these images (e.g. a certify-only group): no safe-spot rate
+            continue
         survives = records[[f"{n}/correct" for n in (name, *attacks)]].all(axis=1)
         if clean_ok is not None and clean_ok.any():
             summary[f"{name}/safe_spot_rate"] = float(survives[clean_ok].mean())
