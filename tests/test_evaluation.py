@@ -231,6 +231,19 @@ def test_evaluation_run_in_test_parts_equals_one_run(checkpoints, tmp_path, smoo
     pd.testing.assert_frame_equal(joined, whole.set_index("index").sort_index(), check_exact=False, atol=1e-6)
 
 
+def test_a_test_part_on_two_processes_equals_one_process(checkpoints, tmp_path):
+    """The piece is cut before Lightning shards it over processes: a ``data.test_part`` run with
+    two processes writes the same files as one process (each image of the piece once)."""
+    args = ("evaluation=[clean,pgd]", "data.test_subset=11", "data.eval_batch_size=2", "data.test_part=[1,2]")
+    _, one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    _, two = _evaluate(
+        checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
+    )
+    assert len(two) == len(one) == 6 and two["index"].is_unique
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-5)
+    assert_same_run_files(tmp_path / "one", tmp_path / "two")
+
+
 def test_safe_spot_rate_only_for_groups_whose_images_were_attacked():
     records = pd.DataFrame(
         {
