@@ -312,3 +312,20 @@ def test_rejection_evaluation_runs_in_the_engine_with_one_record_per_image(image
         == records["rej_pgd_vote/correct"].mean()
     )
     assert math.isfinite(rejection_metrics(records, "rej", "vote")["fc"])
+
+
+@pytest.mark.parametrize("width,features", [(64, 512), (16, 128)])
+def test_preact_resnet18_width_scales_every_stage_and_the_flss_latent(make_cfg, width, features):
+    """``model.backbone.width`` of PreActResNet-18 (64: the published network and paper 004's
+    512-d latent); the FLSS latent defaults to the encoder's feature size."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=cifar10_flss", f"model.backbone.width={width}", synthetic=False)
+    net = instantiate(cfg.model)
+    assert net.latent_dim == features and net.to_mu.in_features == features
+    convs = [m.out_channels for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0] == width and max(convs) == 8 * width
+    mu, sigma = net.encode(torch.rand(2, 3, 32, 32))
+    assert mu.shape == sigma.shape == (2, features)
+    with pytest.raises(Exception, match="width must be >= 1"):  # hydra wraps the ValueError
+        instantiate(cfg.model.backbone, width=0)

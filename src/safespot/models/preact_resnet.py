@@ -24,11 +24,17 @@ class _PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    """Four stages of two pre-activation blocks with ``width``, 2x, 4x and 8x channels (``width``
+    64: the published network, 512 features; a smaller ``width`` scales every stage, e.g. 16 for
+    CPU-sized runs with 128 features)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)]
-        cin = 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        if width < 1:
+            raise ValueError(f"PreActResNet18 width must be >= 1, got {width}")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)]
+        cin = width
+        for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers += [_PreActBlock(cin, cout, stride), _PreActBlock(cout, cout, 1)]
             cin = cout
         layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
