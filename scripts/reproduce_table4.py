@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,8 @@ BASELINES = {"msp": "natural", "energy": "natural", "mahalanobis": "natural", "g
 # the baselines paper 000 (Section 4.4, Table 4) claims to beat; MSP and energy are shown for information
 CLAIMED = ("mahalanobis", "oe", "gram")
 DETECTORS = [*BASELINES, "safe_spot"]
+CURVES = "training_curves.png"
+FIGURE = "{training-curves-figure}"  # replaced by the figure's path relative to each copy of the report
 PUBLISHED = """Paper 000, Table 4 (D_in = CIFAR-10, WRN-40-2, averaged over 10 runs; near outliers CIFAR-100 /
 TinyImageNet / LSUN): AUROC Mahalanobis 72.43 / 74.26 / 81.40, OE 94.34 / 94.04 / 97.99, Gram 93.73 /
 93.56 / 97.56, Ours 95.06 / 94.55 / 98.33; Gaussian noise 100.00 / 99.78 / 99.99 / 99.91."""
@@ -145,7 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         evals[seed] = out / "eval" / f"seed{seed}"
         overrides = ood_overrides(ckpts, seed, args)
         run_logged([py, "ood.py", *overrides, f"hydra.run.dir={evals[seed]}"], commands)
-    write_report(out, render(evals, trained, commands, args), args.docs)
+    report = render(evals, trained, commands, args)
+    curves = training_curves(trained)
+    if len(curves):
+        plot_curves(curves, out / CURVES, args.safe_spot_oe == "finetune")
+    write_report(out, report.replace(FIGURE, CURVES), None)
+    if args.docs:  # the docs copy points to its figure under docs/figures
+        figure = Path("figures") / f"{args.docs.stem}_training_curves.png"
+        if len(curves):
+            (args.docs.parent / figure).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / CURVES, args.docs.parent / figure)
+        args.docs.write_text(report.replace(FIGURE, figure.as_posix()))
     return 0
 
 
@@ -166,6 +179,73 @@ def selected_accuracy(train_dir: Path) -> float | None:
     ]
     rows = frame[frame["epoch"] == max(best)] if best else frame.tail(1)
     return float(rows["val/acc"].iloc[-1]) if len(rows) else None
+
+
+def training_curves(trained: dict[str, Path]) -> pd.DataFrame:
+    """Per run and seed, the last logged ``val/acc`` and ``val/auroc`` (the outlier models' held-out
+    frog/horse AUROC) of every epoch, from the run's CSV log: columns run, seed, metric, epoch, value."""
+    rows = []
+    for name, train_dir in sorted(trained.items()):
+        run, seed = name.split("@")
+        logs = sorted(train_dir.glob("csv/**/metrics.csv"))
+        if not logs:
+            continue
+        frame = pd.read_csv(logs[-1])
+        for metric in ("val/acc", "val/auroc"):
+            if metric in frame:
+                per_epoch = frame.dropna(subset=[metric]).groupby("epoch")[metric].last()
+                rows += [
+                    {"run": run, "seed": int(seed), "metric": metric, "epoch": int(e), "value": float(v)}
+                    for e, v in per_epoch.items()
+                ]
+    return pd.DataFrame(rows, columns=["run", "seed", "metric", "epoch", "value"])
+
+
+def plot_curves(curves: pd.DataFrame, path: Path, finetune: bool) -> Path:
+    """``val/acc`` and ``val/auroc`` against epoch, one colour per run, one line per seed; a
+    fine-tuned safe-spot OE run is drawn after the preemptive run it starts from."""
+    from matplotlib.figure import Figure  # object-oriented API: renders with Agg, no global pyplot state
+
+    fig = Figure(figsize=(10, 3.4))
+    axes = fig.subplots(1, 2)
+    colours = dict(zip(RUNS, ("tab:grey", "tab:blue", "tab:orange", "tab:green"), strict=True))
+    for ax, metric in zip(axes, ("val/acc", "val/auroc"), strict=True):
+        part = curves[curves["metric"] == metric]
+        for (run, seed), line in part.groupby(["run", "seed"]):
+            start = 0
+            if finetune and run == "safe_spot_oe":
+                before = curves[(curves["run"] == "preemptive") & (curves["seed"] == seed)]
+                start = int(before["epoch"].max()) + 1 if len(before) else 0
+            ax.plot(line["epoch"] + start + 1, 100 * line["value"], marker="o", color=colours[run],
+                    label=run if seed == part["seed"].min() else None)  # fmt: skip
+        ax.set_xlabel("epoch" + (" (the fine-tune continues the preemptive run)" if finetune else ""))
+        ax.set_ylabel(f"{metric} (%)")
+        if len(part):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def curves_section(curves: pd.DataFrame, figure: str) -> list[str]:
+    if not len(curves):
+        return []
+    table = curves.assign(value=100 * curves["value"]).pivot_table(
+        index=["run", "seed", "metric"], columns="epoch", values="value", sort=False
+    )
+    table.columns = [f"epoch {c + 1}" for c in table.columns]
+    table = table.reset_index().rename(columns={"run": "Model", "seed": "Seed", "metric": "Metric"})
+    return [
+        "## Training curves",
+        "",
+        "Validation metrics per epoch from each run's CSV log (percent): `val/acc` on 500 held-out training images of "
+        "classes 0-5; `val/auroc`, logged by the two outlier-trained models, the MSP AUROC of held-out frog/horse "
+        "images against those validation images (the safe-spot OE model keeps its best `val/auroc` epoch).",
+        "",
+        markdown_table(table, fmt=".1f"),
+        f"![validation accuracy and AUROC per epoch]({figure})",
+        "",
+    ]
 
 
 def accuracy_section(trained: dict[str, Path]) -> list[str]:
@@ -255,6 +335,7 @@ def render(evals: dict[int, Path], trained: dict[str, Path], commands: list[str]
         "over seeds.",
         "",
         *accuracy_section(trained),
+        *curves_section(training_curves(trained), FIGURE),
         "## Table 4 layout",
         "",
         to_markdown(table4(summary)),

@@ -69,6 +69,22 @@ def test_trainings_run_in_order_and_the_report_gives_the_verdict(tmp_path, monke
     row = next(line for line in report.splitlines() if "(near) | oe |" in line)
     assert len(row.split("|")[4].split(",")) == 2 and row.endswith("| holds |")
     assert "beats Mahalanobis, OE and Gram on near outliers: **holds**" in report
+    # the training curves: a table of every epoch and the figure next to the report
+    assert "| safe_spot_oe | 0 | val/acc | 50.0 | 70.0 |" in report
+    assert "![validation accuracy and AUROC per epoch](training_curves.png)" in report
+    assert (out / "training_curves.png").stat().st_size > 0
+
+
+def test_the_docs_copy_points_to_its_curves_under_docs_figures(tmp_path, monkeypatch):
+    fake_subprocess(
+        monkeypatch, lambda cmd, out: _fake_scores(out, 0, 1.0), lambda cmd, out: _fake_training(out, [0.4, 0.6])
+    )
+    docs = tmp_path / "docs" / "table4.md"
+    docs.parent.mkdir()
+    assert table4.main(["--out", str(tmp_path / "r"), "--seeds", "0", "--docs", str(docs)]) == 0
+    assert "](figures/table4_training_curves.png)" in docs.read_text()
+    assert (docs.parent / "figures" / "table4_training_curves.png").is_file()
+    assert "](training_curves.png)" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_a_safe_spot_score_no_better_than_the_baselines_is_not_called_a_win(tmp_path, monkeypatch):
