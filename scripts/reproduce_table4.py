@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         evals[seed] = out / "eval" / f"seed{seed}"
         overrides = ood_overrides(ckpts, seed, args)
         run_logged([py, "ood.py", *overrides, f"hydra.run.dir={evals[seed]}"], commands)
-    report = render(evals, trained, commands, args)
     curves = training_curves(trained)
+    report = render(evals, trained, curves, commands, args)
     if len(curves):
         plot_curves(curves, out / CURVES, args.safe_spot_oe == "finetune")
     write_report(out, report.replace(FIGURE, CURVES), None)
@@ -304,7 +304,13 @@ def claims(evals: dict[int, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render(evals: dict[int, Path], trained: dict[str, Path], commands: list[str], args: argparse.Namespace) -> str:
+def render(
+    evals: dict[int, Path],
+    trained: dict[str, Path],
+    curves: pd.DataFrame,
+    commands: list[str],
+    args: argparse.Namespace,
+) -> str:
     summary = aggregate([str(d) for d in evals.values()])
     table = claims(evals)
     near = (
@@ -335,7 +341,7 @@ def render(evals: dict[int, Path], trained: dict[str, Path], commands: list[str]
         "over seeds.",
         "",
         *accuracy_section(trained),
-        *curves_section(training_curves(trained), FIGURE),
+        *curves_section(curves, FIGURE),
         "## Table 4 layout",
         "",
         to_markdown(table4(summary)),
