@@ -104,6 +104,21 @@ def test_reduced_flss_is_its_own_preset_and_scale_reduced_refuses_it(make_cfg, m
     assert type(net).__name__ == "StochasticClassifier" and reduced.scale == "reduced"
 
 
+def test_flss_kl_weights_are_the_texts_unless_the_authors_option_is_named(make_cfg, monkeypatch, data_root):
+    """``method/kl_weights``: the text's softmax weights (1, 1) by default, the authors' script's
+    (0.01, 0.1) only when named; both keep KL1 at 0.01 and KL2's warm-up, and reach the module."""
+    monkeypatch.setenv("DATA_DIR", str(data_root))
+    expected = {"text": (1.0, 1.0), "authors": (0.01, 0.1)}
+    for option, (kl3, kl4) in expected.items():
+        extra = [] if option == "text" else [f"method/kl_weights={option}"]
+        cfg = make_cfg("experiment=reduced_cifar10_flss", *extra, synthetic=False)
+        _, _, method, _ = _instantiate_all(cfg)
+        assert method.kl_weights == {"kl1": 0.01, "kl2": 1.0, "kl3": kl3, "kl4": kl4}, option
+        assert method.kl_warmup_weights == {"kl2": 0.01} and method.kl_warmup_epochs == 5
+    cfg = make_cfg("experiment=cifar10_flss", synthetic=False)  # the paper preset keeps the text's weights
+    assert (cfg.method.kl_weights.kl3, cfg.method.kl_weights.kl4) == (1.0, 1.0)
+
+
 @pytest.mark.parametrize("experiment,scale", _preset_scales())
 def test_experiment_preset_composes_and_instantiates(make_cfg, monkeypatch, data_root, experiment, scale):
     monkeypatch.setenv("DATA_DIR", str(data_root))

@@ -50,10 +50,13 @@ def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, mon
     commands = fake_subprocess(monkeypatch, evaluate)
     out = tmp_path / "new"
     args = ["--out", str(out), "--bootstrap", "200", "--train-override", "trainer.max_epochs=12"]
+    args += ["--flss-override", "method/kl_weights=authors"]
     assert paper004.main([*args, "--drop-attack", "apgd_ce_eot"]) == 0
     trained = [c for c in commands if c[1] == "train.py"]
     assert [c[2] for c in trained] == [f"experiment=reduced_cifar10_{m}" for m in ("adv_linf", "trades_linf", "flss")]
     assert all("trainer.max_epochs=12" in c for c in trained)
+    # the FLSS-only override reaches the FLSS training alone, and the report names the departure
+    assert ["method/kl_weights=authors" in c for c in trained] == [False, False, True]
     flss = [c for c in commands if "evaluation=[rejection_flss]" in c]
     assert len(flss) == 2 and all("~evaluation.rejection_flss.attacks.apgd_ce_eot" in c for c in flss)
     assert "evaluation.rejection_flss.sd_scale=2" in flss[1]
@@ -63,6 +66,7 @@ def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, mon
     assert "| PGD-AT | Confidence | 80.0 [" in report  # Acc_nat,NS with its interval
     assert "| FLSS (SD=2) vs FLSS (SD=1): Acc_adv,10%: SD=2 higher |" in report
     assert "(this report's tolerance)" in report
+    assert "FLSS also with method/kl_weights=authors (the softmax KL weights of the authors'" in report
     assert "| FLSS (SD=2) | Maj. Vote |" in report and "83.80" in report  # the published rows
 
 
@@ -82,7 +86,13 @@ def test_the_bootstrap_is_paired_and_brackets_the_point_estimate(tmp_path):
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
-    for bad in (["--test-images", "0"], ["--bootstrap", "3"], ["--train-override", "nokey"], ["--reuse", "gan=/x"]):
+    for bad in (
+        ["--test-images", "0"],
+        ["--bootstrap", "3"],
+        ["--train-override", "nokey"],
+        ["--flss-override", "x"],
+        ["--reuse", "gan=/x"],
+    ):
         with pytest.raises(SystemExit):
             paper004.main([*bad, "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no best checkpoint"):

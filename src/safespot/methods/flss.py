@@ -31,7 +31,9 @@ Weights. Eqs. 1-2 add the terms with weight 1, which ``kl_weights`` defaults to.
 (summed) KL1 at weight 1 the encoder collapses onto the prior (``mu = 0``, ``Sigma = 1``) before the
 classifier learns anything, and the cross-entropy stays at ``log K``; ``conf/method/flss.yaml``
 therefore weights KL1 by 0.01 and KL2 by 0.01 during the first 5 epochs (``kl_warmup``), the
-values of the authors' released training script (docs/flss.md lists the other differences).
+values of the authors' released training script (docs/flss.md lists the other differences). That
+script's smaller softmax weights (KL3 0.01, KL4 0.1 in these units) are the config option
+``method/kl_weights=authors``, a named departure from the text.
 
 Adversarial weight perturbation (AWP; Wu et al., 2020, "Adversarial Weight Perturbation Helps
 Robust Generalization"), the 11th iteration of the paper's attack, is optional (``awp``): the
