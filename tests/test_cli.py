@@ -32,3 +32,49 @@ def test_console_script_reports_a_setting_error_with_status_2(name, tmp_path):
     done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def _run(name: str, *args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / f"safespot-{name}"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_run_directory_holding_an_earlier_run_is_refused_and_left_as_it_was(name, tmp_path):
+    """An explicit ``hydra.run.dir`` naming an earlier run's directory (e.g. a report's command
+    pasted again) is refused with one line and status 2 before Hydra rewrites anything."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("earlier: run\n")
+    (run / "records.csv").write_text("index,clean/correct\n0,1\n")
+    before = _snapshot(run)
+    done = _run(name, f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={run}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: hydra.run.dir={run} already holds an earlier run")
+    assert _snapshot(run) == before
+
+
+def test_the_same_command_twice_into_one_directory_stops_at_the_second(tmp_path):
+    """The first run fails on its setting after Hydra made its directory; the second call into the
+    same directory is refused for the directory, and the first run's files stay as they were."""
+    args = ["data=synthetic", "threat.eps=-1", f"hydra.run.dir={tmp_path / 'run'}"]
+    first = _run("train", *args)
+    assert first.returncode == 2 and "eps" in first.stderr.strip().splitlines()[-1]
+    before = _snapshot(tmp_path / "run")
+    assert ".hydra/config.yaml" in before
+    second = _run("train", *args)
+    assert second.returncode == 2 and "already holds an earlier run" in second.stderr
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_a_sweep_directory_holding_an_earlier_sweep_is_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("earlier: sweep\n")
+    done = _run("train", "-m", "data=synthetic", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 2 and "hydra.sweep.dir" in done.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]
