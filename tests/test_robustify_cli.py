@@ -73,6 +73,19 @@ def original(path: Path) -> np.ndarray:
     return x.permute(1, 2, 0).numpy().astype(np.int16)
 
 
+def test_every_format_the_outlier_folders_read_is_robustified_too(ckpt, tmp_path):
+    """One list of image extensions (safespot.data.images): TIFF and PPM files are robustified,
+    not skipped as "not an image" (robustify.py kept a shorter list of its own)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("scan.tif", "frame.ppm"):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / name)
+    records = run(ckpt, str(folder), tmp_path / "out", *FAST)
+    assert {Path(r["input"]).name: r["status"] for r in records} == {"frame.ppm": "ok", "scan.tif": "ok"}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["frame.png", "scan.png"]
+
+
 def test_robustify_folder_writes_pngs_within_delta_and_never_overwrites(ckpt, inputs, tmp_path):
     before = hashes(inputs)
     out = tmp_path / "out"

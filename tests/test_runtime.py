@@ -14,12 +14,12 @@ from safespot.runs import (
     build_fabric,
     describe_runtime,
     device_alias,
-    gather_objects,
     leave_together,
-    merge_shards,
+    merge_positions,
     runtime_settings,
     shard,
 )
+from safespot.utils.distributed import gather_objects
 
 
 def settings(**cfg):
@@ -97,12 +97,12 @@ def test_shards_cover_every_position_once_and_merge_back_in_order():
     shards = [list(shard(n, _Rank(r, world))) for r in range(world)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
     gathered = [[(i, f"item{i}") for i in part] for part in shards]
-    assert merge_shards(gathered, n) == [f"item{i}" for i in range(n)]
+    assert merge_positions(gathered, n) == [f"item{i}" for i in range(n)]
     assert list(shard(2, _Rank(2, 3))) == []  # more processes than items: an empty share
     with pytest.raises(RuntimeError, match="two processes"):
-        merge_shards([[(0, "a")], [(0, "b")]], 1)
+        merge_positions([[(0, "a")], [(0, "b")]], 1)
     with pytest.raises(RuntimeError, match="no process"):
-        merge_shards([[(0, "a")]], 2)
+        merge_positions([[(0, "a")]], 2)
     assert gather_objects({"a": 1}) == [{"a": 1}]  # no process group: this process's object
 
 

@@ -47,22 +47,22 @@ from tqdm import tqdm
 
 from safespot.attacks import PGD
 from safespot.checks import check_threat
-from safespot.data.images import decode_image, resize_and_crop
+from safespot.data.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
 from safespot.runs import (
     build_fabric,
     describe_model,
     describe_runtime,
-    gather_objects,
     leave_together,
     load_model,
     load_training_run,
-    merge_shards,
+    merge_positions,
     model_input,
     place_model,
     run_source,
     shard,
 )
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
+from safespot.utils.distributed import gather_objects
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain
@@ -71,7 +71,6 @@ from safespot.utils.task import ConfigError, task_wrapper
 
 log = get_logger("safespot.robustify")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 RESIZE_POLICIES = ("crop", "refuse")
 CIFAR10_CLASSES = (
     "airplane",
@@ -528,7 +527,7 @@ def gather_records(fabric: Fabric, records: list[dict[str, Any]], todo: list[int
     """Every process's robustified records put back in input order, in every process."""
     fabric.barrier("robustify: every shard done")
     mine = [(i, records[todo[i]]) for i in shard(len(todo), fabric)]
-    for i, record in enumerate(merge_shards(gather_objects(mine), len(todo))):
+    for i, record in enumerate(merge_positions(gather_objects(mine), len(todo))):
         records[todo[i]] = record
     return records
 

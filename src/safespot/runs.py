@@ -6,7 +6,8 @@ The runtime of ``robustify.py`` and ``ood.py`` is a Lightning Fabric
 (:class:`lightning.fabric.Fabric`) built from the ``runtime`` block (:func:`build_fabric`):
 accelerator, devices, strategy and precision as the Trainer of ``train.py``/``evaluate.py``
 takes them. Their work is sharded over the Fabric's processes by position (:func:`shard`),
-the per-item results gathered to every process (:func:`gather_objects`) and written by rank 0."""
+the per-item results gathered to every process
+(:func:`safespot.utils.distributed.gather_objects`) and written by rank 0 (:func:`merge_positions`)."""
 
 from __future__ import annotations
 
@@ -235,17 +236,7 @@ def shard(n: int, fabric: Fabric) -> range:
     return range(fabric.global_rank, n, fabric.world_size)
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """``obj`` of every process in rank order (:func:`torch.distributed.all_gather_object`),
-    in every process; ``[obj]`` without a process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
-
-
-def merge_shards(shards: list[list[tuple[int, Any]]], n: int) -> list[Any]:
+def merge_positions(shards: list[list[tuple[int, Any]]], n: int) -> list[Any]:
     """Items of :func:`shard`-ed work, ``(position, item)`` per process, in position order;
     every position must come exactly once."""
     items: list[Any] = [None] * n

@@ -15,23 +15,14 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from safespot.evaluation.evaluations import CertifyEvaluation, Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
 from safespot.smoothing.certified import write_certified_accuracy
+from safespot.utils.distributed import gather_objects
 from safespot.utils.rng import streams
 from safespot.utils.wandb_report import log_evaluation
-
-
-def _gather(obj: Any) -> list[Any]:
-    """``obj`` of every process, in rank order (``[obj]`` in one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        objs: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(objs, obj)
-        return objs
-    return [obj]
 
 
 def write_certificates(records: pd.DataFrame, evaluations: Sequence[Evaluation], out: Path, title: str | None) -> None:
@@ -127,8 +118,8 @@ class EvaluationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Gather -> records -> results.json -> certificates -> panels -> wandb, on rank 0 after
         one collective; every process ends with the same records and summary."""
-        records = merge_shards(_gather(to_frame(self._parts)))
-        panel_rows = _gather(self._panel_rows)
+        records = merge_shards(gather_objects(to_frame(self._parts)))
+        panel_rows = gather_objects(self._panel_rows)
         self._parts, self._panel_rows = [], {}
         self.records = records
         self.summary = summarize(records, self.names, self.groups) if len(records) else {}

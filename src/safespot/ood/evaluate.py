@@ -57,7 +57,6 @@ from safespot.runs import (
     build_fabric,
     describe_model,
     describe_runtime,
-    gather_objects,
     leave_together,
     load_model,
     load_run_settings,
@@ -67,6 +66,7 @@ from safespot.runs import (
 )
 from safespot.threat import parse_budget
 from safespot.utils.checkpoint import load_checkpoint
+from safespot.utils.distributed import gather_objects
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import refuse_float16

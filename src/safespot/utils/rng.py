@@ -87,10 +87,15 @@ def seeded_normal(
     seeds: Seeds, count: int, stream: int = 0, device: Device = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Standard normal draws by the Box-Muller transform of two 24-bit halves of each word."""
-    words = seeded_words(seeds, count, stream, device)
-    u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1]
+    return _box_muller(seeded_words(seeds, count, stream, device)).to(dtype)
+
+
+def _box_muller(words: torch.Tensor) -> torch.Tensor:
+    """One standard normal float32 per 64-bit word: the Box-Muller transform of its two top
+    24-bit halves (``u1`` in (0, 1], ``u2`` in [0, 1))."""
+    u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24
     u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
 def _mix64_int(z: int) -> int:
@@ -128,10 +133,7 @@ def seeded_normal_at(
     else:
         steps = torch.arange(int(start) + 1, int(start) + count + 1, dtype=torch.int64, device=device)
         counter = (steps * _GAMMA)[None, :]
-    words = _mix64(keys[:, None] + counter)
-    u1 = 1.0 - _shr(words, 40).to(torch.float32) * 2.0**-24  # in (0, 1], as seeded_normal
-    u2 = (_shr(words, 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+    return _box_muller(_mix64(keys[:, None] + counter)).to(dtype)
 
 
 # --- Per-image seeds ---------------------------------------------------------------------------
