@@ -118,3 +118,18 @@ def test_the_checks_catch_an_upward_import_and_a_lazy_one():
     assert layer("safespot.ood.evaluate") > layer("safespot.ood.detectors")
     source = "import torch\nfrom safespot.attacks import PGD\n\ndef f():\n    import safespot.runs\n"
     assert imports_in(source) == [(2, "safespot.attacks", False), (5, "safespot.runs", True)]
+
+
+def test_config_error_is_imported_from_its_own_module_only():
+    """``ConfigError`` has one home, ``safespot.errors``; no module takes it from a re-export
+    (e.g. ``safespot.utils.task``), so a reader finds the base of every setting error in one place."""
+    elsewhere = [
+        f"{module_name(path)}:{node.lineno} imports ConfigError from {node.module}"
+        for path in MODULES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("safespot")
+        and node.module != "safespot.errors"
+        and any(alias.name == "ConfigError" for alias in node.names)
+    ]
+    assert elsewhere == []

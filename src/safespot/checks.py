@@ -8,9 +8,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from safespot.data.base import per_process_batch_size
+from safespot.errors import ConfigError
 from safespot.threat import LpBall, ThreatConfigError, parse_budget
 from safespot.utils.performance import refuse_float16
-from safespot.utils.task import ConfigError
 
 
 def check_threat(threat: Any, prefix: str = "threat") -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from safespot.checks import check_batch_size
+from safespot.errors import ConfigError
 from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source
 from safespot.threat import parse_budget
@@ -27,7 +28,7 @@ from safespot.utils.instantiate import instantiate, instantiate_loggers
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
-from safespot.utils.task import ConfigError, task_wrapper
+from safespot.utils.task import task_wrapper
 
 log = get_logger("safespot.evaluate")
 

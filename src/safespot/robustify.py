@@ -48,6 +48,7 @@ from tqdm import tqdm
 from safespot.attacks import PGD
 from safespot.checks import check_threat
 from safespot.data.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
+from safespot.errors import ConfigError
 from safespot.runs import (
     build_fabric,
     describe_model,
@@ -67,7 +68,7 @@ from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import derive, host_seed
-from safespot.utils.task import ConfigError, task_wrapper
+from safespot.utils.task import task_wrapper
 
 log = get_logger("safespot.robustify")
 

@@ -58,9 +58,9 @@ from torchmetrics.classification import BinaryAUROC
 
 from safespot.attacks import attack_context
 from safespot.data.ood import OutlierDataMixin
+from safespot.errors import ConfigError
 from safespot.methods.base import ClassifierModule, cross_entropy
 from safespot.methods.preemptive import PreemptiveTraining
-from safespot.utils.task import ConfigError
 
 Batch = tuple[torch.Tensor, ...]
 

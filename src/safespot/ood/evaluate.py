@@ -51,6 +51,7 @@ from tqdm import tqdm
 from safespot.data.base import IndexedSubset, _seeded_choice
 from safespot.data.ood import OutlierDataMixin
 from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
+from safespot.errors import ConfigError
 from safespot.ood.detectors import Batches, Detector, DetectorError, SafeSpotScore, ShardedBatches
 from safespot.ood.report import IN_DISTRIBUTION, detector_metrics, plot_figure3, plot_histograms, write_tables
 from safespot.runs import (
@@ -72,7 +73,7 @@ from safespot.utils.logging import get_logger
 from safespot.utils.performance import refuse_float16
 from safespot.utils.plain import to_plain
 from safespot.utils.rng import host_seed, image_seeds
-from safespot.utils.task import ConfigError, task_wrapper
+from safespot.utils.task import task_wrapper
 
 log = get_logger("safespot.ood")
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safespot.utils.task import ConfigError
+from safespot.errors import ConfigError
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 # Lightning's float16 settings ("16" is its alias of "16-mixed"); see the module docstring.
