@@ -94,6 +94,10 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
+#: keys of a results.json meta that name where a run wrote (they differ between two runs)
+OUTPUT_PATH_KEYS = frozenset({"output_dir", "run_dir", "out"})
+
+
 def assert_same_run_files(one: Path, two: Path) -> None:
     """Every file of two evaluation runs (records, results, certificates, panels) is the same:
     tables equal up to float noise, images and text byte for byte; ``results.json`` equal but
@@ -115,7 +119,10 @@ def assert_same_run_files(one: Path, two: Path) -> None:
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
             assert ja.keys() == jb.keys(), name
             for key in ja:
-                if key != "meta":
+                if key == "meta":  # the run's settings, equal but for where each run wrote
+                    ma, mb = ({k: v for k, v in m.items() if k not in OUTPUT_PATH_KEYS} for m in (ja[key], jb[key]))
+                    assert ma == mb, (name, key)
+                else:
                     assert ja[key] == pytest.approx(jb[key], abs=1e-6), (name, key)
         else:
             assert a.read_bytes() == b.read_bytes(), name

@@ -14,12 +14,12 @@ from hydra.errors import ConfigCompositionException
 from conftest import SYNTHETIC, assert_same_run_files, compose_config, cpu_trainer
 from safespot.attacks import PGD, fgsm
 from safespot.attacks.losses import cw_margin, dlr
+from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.evaluation import merge_shards, summarize
 from safespot.reproduce import read_records
 from safespot.threat import LpBall
 from safespot.train import train
-from safespot.utils.task import ConfigError
 
 EPS = "threat.eps=0.05"
 

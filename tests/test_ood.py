@@ -18,6 +18,7 @@ from PIL import Image
 from safespot.data.base import DataConfigError
 from safespot.data.ood import ClassSplitOODDataModule, NoiseImages, NumpyImages, SyntheticOODDataModule
 from safespot.defenses import RobustifyResult, SafeSpotSearch
+from safespot.errors import ConfigError
 from safespot.methods import OutlierExposure, SafeSpotOE
 from safespot.methods.ood import kl_from_uniform, uniform_cross_entropy
 from safespot.ood import MSP, Mahalanobis, SafeSpotScore, fpr_at_tpr, mean_std, ood_metrics
@@ -26,7 +27,6 @@ from safespot.ood.evaluate import build_detectors, evaluate_ood
 from safespot.ood.metrics import labelled
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
-from safespot.utils.task import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 
@@ -458,9 +458,9 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
 
 def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):
     """The test images sharded over two ddp_spawn processes (the detectors' fitting and tuning work
-    split over them) give the scores.csv of one process, byte for byte, and the same metrics."""
-    fast = [o for o in FAST_OOD if not o.startswith("histograms=")]
-    common = [f"ckpt_path={oe_checkpoint}", *fast, "histograms=false", "batch_size=8"]
+    split over them) give every output file of one process: scores.csv, the tables, the histograms
+    and figure3.png byte for byte, results.json equal but for its runtime."""
+    common = [f"ckpt_path={oe_checkpoint}", *FAST_OOD, "batch_size=8"]
     one = evaluate_ood(make_cfg(*common, name="ood", out=tmp_path / "one"))
     two = evaluate_ood(make_cfg(*common, "runtime=ddp_sim", name="ood", out=tmp_path / "two"))
     assert (one["runtime"]["world_size"], two["runtime"]["world_size"]) == (1, 2)
@@ -471,6 +471,19 @@ def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_
     }  # fmt: skip
     assert two["metrics"] == one["metrics"] and two["tuned"] == one["tuned"]
     assert (tmp_path / "two" / "table.md").read_text() == (tmp_path / "one" / "table.md").read_text()
+    files = {}
+    for run in ("one", "two"):
+        root = tmp_path / run
+        found = (p for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log")
+        files[run] = {str(p.relative_to(root)): p for p in found}
+    assert sorted(files["one"]) == sorted(files["two"]) and "figure3.png" in files["one"]
+    assert sum(name.startswith("histograms/") for name in files["one"]) >= 4
+    for name, path in files["one"].items():
+        if name == "results.json":
+            a, b = (json.loads(f.read_text()) for f in (path, files["two"][name]))
+            assert {k: v for k, v in a.items() if k != "runtime"} == {k: v for k, v in b.items() if k != "runtime"}
+        else:
+            assert path.read_bytes() == files["two"][name].read_bytes(), name
 
 
 def test_sharded_tuning_runs_each_image_once_and_gathers_in_set_order():

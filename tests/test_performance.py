@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SYNTHETIC, TinyNet, compose_config
+from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.ood.evaluate import evaluate_ood
 from safespot.robustify import robustify_files
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
 from safespot.utils.performance import autocast, check_precision, prepare_net, refuse_float16
-from safespot.utils.task import ConfigError
 
 
 def test_autocast_runs_the_forward_pass_in_bf16_and_32_true_does_not():

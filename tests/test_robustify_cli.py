@@ -17,10 +17,10 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import SYNTHETIC, compose_config
+from safespot.errors import ConfigError
 from safespot.robustify import class_names, robustify_files
 from safespot.runs import model_input
 from safespot.train import train
-from safespot.utils.task import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # the synthetic data's image size

@@ -18,6 +18,7 @@ from torch import nn
 
 from conftest import SYNTHETIC, assert_same_run_files, compose_config
 from safespot.attacks import PGD, NoisyViewAttack
+from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.evaluation import CertifyEvaluation, Clean
 from safespot.smoothing import (
@@ -30,7 +31,6 @@ from safespot.smoothing import (
 )
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.plain import to_plain
-from safespot.utils.task import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.train import train
-from safespot.utils.task import ConfigError
 from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
