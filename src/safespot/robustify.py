@@ -40,13 +40,12 @@ from typing import Any
 import torch
 import torchvision
 from lightning.fabric import Fabric
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
 from safespot.attacks import PGD
-from safespot.checks import check_threat
 from safespot.data.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
 from safespot.errors import ConfigError
 from safespot.runs import (
@@ -60,6 +59,7 @@ from safespot.runs import (
     model_input,
     place_model,
     run_source,
+    run_threat,
     shard,
 )
 from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
@@ -269,16 +269,25 @@ class _Job:
         before = self.survives(x_o, pred, derive(seed, "check_before"))
         result = self.robustifier(self.net, x_o, seeds=derive(seed, "robustify"))
         x_r = torch.round(result.x_r.detach().clamp(0, 1) * 255).to(torch.uint8).cpu()
+        # the per-file fields moved to the host once per batch (not one transfer per value)
+        fields = zip(
+            pred.tolist(),
+            result.protected.tolist(),
+            before.tolist(),
+            result.worst_loss.tolist(),
+            result.iterations.tolist(),
+            strict=True,
+        )
         written = []
-        for i, record in enumerate(batch):
+        for i, (record, (p, protected, survives, loss, iterations)) in enumerate(zip(batch, fields, strict=True)):
             record.update(
-                pred=int(pred[i]),
-                pred_name=self.name(int(pred[i])),
-                protected=int(result.protected[i]),
-                protected_name=self.name(int(result.protected[i])),
-                pgd_survives_before=bool(before[i]),
-                worst_loss=float(result.worst_loss[i]),
-                iterations=int(result.iterations[i]),
+                pred=int(p),
+                pred_name=self.name(int(p)),
+                protected=int(protected),
+                protected_name=self.name(int(protected)),
+                pgd_survives_before=bool(survives),
+                worst_loss=float(loss),
+                iterations=int(iterations),
             )
             out = Path(record["output"])
             try:
@@ -303,13 +312,9 @@ class _Job:
             pred_r = self.net(x_saved).argmax(1)
         after = self.survives(x_saved, protected, derive(seed[index], "check_after"))
         distance = self.ball.distance(x_saved, x_o[index])
-        for k, (_, record, _) in enumerate(written):
-            record.update(
-                status="ok",
-                pred_robustified=int(pred_r[k]),
-                distance=float(distance[k]),
-                pgd_survives_after=bool(after[k]),
-            )
+        checked = zip(pred_r.tolist(), distance.tolist(), after.tolist(), strict=True)
+        for (_, record, _), (p, d, survives) in zip(written, checked, strict=True):
+            record.update(status="ok", pred_robustified=int(p), distance=float(d), pgd_survives_after=bool(survives))
 
 
 def _record(path: Path, output: Path, status: str | None) -> dict[str, Any]:
@@ -399,13 +404,7 @@ def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictCon
     non-null ``threat.*`` written over it; checked), the robustifier and the grey-box PGD check,
     all validated before a model is built."""
     checkpoint, run_cfg = load_training_run(cfg, "robustify.py")
-    threat = OmegaConf.create(OmegaConf.to_container(run_cfg.threat, resolve=True))
-    for key, value in (cfg.get("threat") or {}).items():
-        if value is not None:
-            threat[key] = value
-    check_threat(threat)
-    with open_dict(cfg):
-        cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
+    threat = run_threat(cfg, run_cfg)
     if cfg.robustifier.get("protect", "prediction") != "prediction":
         raise ConfigError("robustifier.protect must be 'prediction': image files come without labels")
     robustifier = instantiate(cfg.robustifier)

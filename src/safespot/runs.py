@@ -74,11 +74,18 @@ def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Dict
     ``cfg.threat`` completed from the run's threat model (checked), all before any data is read."""
     checkpoint, run_cfg = load_training_run(cfg)
     data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
+    run_threat(cfg, run_cfg)
+    return checkpoint, run_cfg, data_cfg
+
+
+def run_threat(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """The threat model of a command on a trained run: the run's, with the non-null ``cfg.threat``
+    entries written over it, checked; its norm and eps are written back into ``cfg.threat``."""
     threat = _merge_set(run_cfg.threat, cfg.get("threat"))
     check_threat(threat)
     with open_dict(cfg):
         cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
-    return checkpoint, run_cfg, data_cfg
+    return threat
 
 
 def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int) -> Any:
