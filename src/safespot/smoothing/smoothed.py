@@ -62,7 +62,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from safespot.smoothing.soft import SoftSmoothed, seeded_noise
+from safespot.smoothing.soft import DrawRole, SoftSmoothed, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
 from safespot.utils.prediction import VotingClassifier
 from safespot.utils.rng import derive, seeded_normal_at
@@ -231,6 +231,10 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         self.vote = check_vote(vote)
         self.max_batch = check_positive_int(max_batch, "max_batch")
         self.rank_weights = check_rank_weights(rank_weights)
+
+    def draws_for(self, role: DrawRole) -> int:
+        """``m_robustify`` or ``m_attack``: the draws per forward pass of the role's block."""
+        return self.m_robustify if role == "robustify" else self.m_attack
 
     def extra_repr(self) -> str:
         weights = "geometric" if self.rank_weights is None else list(self.rank_weights)

@@ -216,6 +216,11 @@ class SoftSmoothed(nn.Module):
         finally:
             self._fixing, self._fixed = False, None
 
+    def draws_for(self, role: DrawRole) -> int | None:
+        """The draws per forward pass this classifier declares for ``role`` (:data:`DRAW_ROLES`)
+        in :func:`smoothing_draws`; ``None``: it keeps its ``m`` (a plain soft smoothed classifier)."""
+        return None
+
     @contextmanager
     def draws(self, m: int) -> Iterator[SoftSmoothed]:
         """Within the block each forward pass averages ``m`` draws (restored on exit)."""
@@ -233,8 +238,8 @@ class SoftSmoothed(nn.Module):
 
 @contextmanager
 def smoothing_draws(model: nn.Module, role: DrawRole) -> Iterator[nn.Module]:
-    """Within the block every smoothed classifier in ``model`` (any module with ``m_<role>``
-    and :meth:`SoftSmoothed.draws`, i.e. :class:`safespot.smoothing.SmoothedClassifier`)
+    """Within the block every smoothed classifier in ``model`` that declares draws for ``role``
+    (:meth:`SoftSmoothed.draws_for`, i.e. :class:`safespot.smoothing.SmoothedClassifier`)
     averages ``m_robustify`` or ``m_attack`` draws per forward pass: paper 002 (Appendix C.2)
     robustifies with 5 draws and attacks with 50. A plain model is left alone, so callers need
     not know whether the model is smoothed. The robustifier wraps its search in
@@ -242,8 +247,8 @@ def smoothing_draws(model: nn.Module, role: DrawRole) -> Iterator[nn.Module]:
     """
     if role not in DRAW_ROLES:
         raise ThreatConfigError(f"draw role must be one of {list(DRAW_ROLES)}, got {role!r}")
-    modules = list(model.modules()) if isinstance(model, nn.Module) else []
-    targets = [(mod, getattr(mod, f"m_{role}")) for mod in modules if hasattr(mod, f"m_{role}")]
+    modules = [mod for mod in model.modules() if isinstance(mod, SoftSmoothed)] if isinstance(model, nn.Module) else []
+    targets = [(mod, m) for mod in modules if (m := mod.draws_for(role)) is not None]
     saved = [(mod, mod.m) for mod, _ in targets]
     for mod, m in targets:
         mod.m = check_positive_int(m, f"m_{role}")
