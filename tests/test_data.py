@@ -80,7 +80,7 @@ def test_batches_carry_dataset_indices():
     dm.setup()
     seen = torch.cat([batch[2] for batch in dm.test_dataloader()]).tolist()
     assert seen == dm.splits["test"]
-    full = dm._datasets["test"].dataset
+    full = dm.dataset("test").dataset
     x, y, idx = next(iter(dm.test_dataloader()))
     assert torch.equal(x[0], full[int(idx[0])][0])
 

@@ -78,7 +78,7 @@ def test_training_batches_are_crops_and_flips_of_the_images_in_the_seeded_order(
 def _loader_without_shuffle(dm):
     from torch.utils.data import DataLoader
 
-    return DataLoader(dm._datasets["train"], batch_size=8)
+    return DataLoader(dm.dataset("train"), batch_size=8)
 
 
 def test_shards_cover_every_image():

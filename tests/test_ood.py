@@ -140,7 +140,7 @@ def test_class_split_keeps_in_training_and_test_outlier_classes_disjoint(folder_
     )
     dm.setup()
     assert dm.num_classes == 6
-    train_in = {(_red(dm._datasets["train"][i][0]) // 10, dm._datasets["train"][i][1]) for i in range(10)}
+    train_in = {(_red(dm.dataset("train")[i][0]) // 10, dm.dataset("train")[i][1]) for i in range(10)}
     assert all(c == label and c < 6 for c, label in train_in)  # relabelled 0..5 in order
     train_out = {_red(x) for x, label, _ in [*dm.outlier_split("train"), *dm.outlier_split("val")] if label == -1}
     assert {v // 10 for v in train_out} == {6, 7} and all(v < 100 for v in train_out)  # from train/

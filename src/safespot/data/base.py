@@ -56,7 +56,7 @@ class IndexedSubset(Dataset):
         return image, int(label), index
 
 
-def _seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> list[int]:
+def seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> list[int]:
     """``n`` items of ``pool`` chosen with a fixed seed, kept in ascending order."""
     if n is None:
         return list(pool)
@@ -178,13 +178,13 @@ class ImageDataModule(L.LightningDataModule):
         ).tolist()
         val_pool, train_pool = sorted(order[: self.val_size]), sorted(order[self.val_size :])
         self.splits = {
-            "train": _seeded_choice(
+            "train": seeded_choice(
                 train_pool, self.train_subset, host_seed(self.seed, "train_subset"), "data.train_subset"
             ),
-            "val": _seeded_choice(val_pool, self.val_subset, host_seed(self.seed, "val_subset"), "data.val_subset")
+            "val": seeded_choice(val_pool, self.val_subset, host_seed(self.seed, "val_subset"), "data.val_subset")
             if val_pool
             else [],
-            "test": _seeded_choice(
+            "test": seeded_choice(
                 list(range(len(test))), self.test_subset, host_seed(self.seed, "test_subset"), "data.test_subset"
             ),
         }
@@ -207,6 +207,13 @@ class ImageDataModule(L.LightningDataModule):
         payload = {"seed": self.seed, **self.splits}
         path.write_text(json.dumps(payload))
         return path
+
+    def dataset(self, split: str) -> Dataset:
+        """The ``train``, ``val`` or ``test`` split after :meth:`setup`: items ``(image, label,
+        dataset index)``, transformed as its loader's."""
+        if split not in self._datasets:
+            raise KeyError(f"no {split!r} split (setup() makes {sorted(self._datasets)})")
+        return self._datasets[split]
 
     # --- loaders ------------------------------------------------------------------------
     @property

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from safespot.data.base import ImageDataModule, IndexedSubset, _seeded_choice, per_process_batch_size
+from safespot.data.base import ImageDataModule, IndexedSubset, per_process_batch_size, seeded_choice
 from safespot.data.errors import DataConfigError
 from safespot.data.folders import CIFAR10DataModule, require_dir
 from safespot.data.outliers import (
@@ -182,9 +182,7 @@ class OutlierDataMixin:
             n, generator=torch.Generator().manual_seed(host_seed(self.seed, "outlier_validation_split"))
         ).tolist()
         val, train = sorted(order[: self.val_outlier_size]), sorted(order[self.val_outlier_size :])
-        train = _seeded_choice(
-            train, self.outlier_subset, host_seed(self.seed, "outlier_subset"), "data.outlier_subset"
-        )
+        train = seeded_choice(train, self.outlier_subset, host_seed(self.seed, "outlier_subset"), "data.outlier_subset")
         self.splits["train_outliers"], self.splits["val_outliers"] = train, val
         self._datasets["train_outliers"] = IndexedSubset(pool, train)
         if val:

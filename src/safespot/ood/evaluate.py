@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from safespot.data.base import IndexedSubset, _seeded_choice
+from safespot.data.base import IndexedSubset, seeded_choice
 from safespot.data.ood import OutlierDataMixin
 from safespot.data.outliers import build_outlier_dataset, check_outlier_spec
 from safespot.errors import ConfigError
@@ -116,7 +116,7 @@ def _subset(dataset: Dataset, n: int | None, seed: int, name: str) -> IndexedSub
     base_indices = dataset.indices if isinstance(dataset, IndexedSubset) else list(range(len(dataset)))
     base = dataset.dataset if isinstance(dataset, IndexedSubset) else dataset
     if n is not None and n < len(base_indices):
-        base_indices = _seeded_choice(base_indices, n, seed, name)
+        base_indices = seeded_choice(base_indices, n, seed, name)
     return IndexedSubset(base, base_indices)
 
 
@@ -235,7 +235,7 @@ def collect_inputs(cfg: DictConfig, settings: Settings, data_cfg: DictConfig) ->
         log.warning("the data has no validation split (val_size=0): tuning on training images")
     tune_base = IndexedSubset(train_plain, val) if val else fit_set
     tune_in = _subset(tune_base, settings.tune_subset, host_seed(seed, "ood_tune_subset", 0), "tune_subset")
-    test_in = datamodule._datasets["test"]
+    test_in = datamodule.dataset("test")
     channels, size = int(test_in[0][0].shape[0]), int(test_in[0][0].shape[-1])
     with_outliers = isinstance(datamodule, OutlierDataMixin)
     test_sets = dict(datamodule.test_outlier_sets()) if with_outliers else {}
