@@ -323,6 +323,23 @@ def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_
     assert run["config"]["tags"] == ["evaluate", results["meta"]["train_run"]]
 
 
+def test_wandb_offline_evaluation_on_two_processes_logs_one_run_of_every_image(checkpoints, tmp_path, monkeypatch):
+    """Under ``trainer=ddp_sim`` rank 0 logs once, after the gather: one offline run whose
+    records table holds every image (not rank 0's share) and whose summary is the whole run's."""
+    from wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ("evaluation=[clean,pgd]", "logger=wandb", "data.test_subset=16", "data.eval_batch_size=4")
+    results, _ = _evaluate(
+        checkpoints["adversarial"], tmp_path / "wb", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
+    )
+    (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run["complete"], "the run file has no exit record"
+    assert run["summary"]["pgd/acc"] == pytest.approx(results["pgd/acc"])
+    assert run["summary"]["eval/records/nrows"] == 16 and run["summary"]["eval/panel/pgd/_type"] == "image-file"
+
+
 def test_multirun_jobs_share_a_wandb_group(tmp_path):
     single = compose_config("train", [*SYNTHETIC, "logger=wandb"], tmp_path)
     assert single.logger.wandb.group is None  # a single run has no group
