@@ -154,7 +154,7 @@ def test_the_new_evaluations_write_the_same_files_with_two_processes(runs, tmp_p
     for name, overrides in cases.items():
         one, two = tmp_path / f"{name}_one", tmp_path / f"{name}_two"
         common = [f"ckpt_path={runs['target']}", *small, *overrides]
-        evaluate(compose_config("evaluate", common, one))
+        evaluate(compose_config("evaluate", [*common, "trainer=cpu"], one))
         evaluate(compose_config("evaluate", [*common, "trainer=ddp_sim"], two))
         assert_same_run_files(one, two)
     assert "nattack/queries" in pd.read_csv(tmp_path / "plain_two" / "records.csv")

@@ -175,7 +175,7 @@ def test_fixed_seed_gives_identical_records_and_subset_is_recorded(checkpoints, 
 
 def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
     args = ("evaluation=[clean,pgd,pgd_cw]", "data.test_subset=37", "data.eval_batch_size=8")
-    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args, "trainer=cpu")
     two, records_two = _evaluate(
         checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
     )
@@ -205,7 +205,7 @@ def test_two_process_preemptive_evaluation_equals_one_process(checkpoints, tmp_p
         "data.test_subset=13",
         "data.eval_batch_size=4",
     )
-    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    one, records_one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args, "trainer=cpu")
     two, records_two = _evaluate(
         checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
     )
@@ -235,7 +235,7 @@ def test_a_test_part_on_two_processes_equals_one_process(checkpoints, tmp_path):
     """The piece is cut before Lightning shards it over processes: a ``data.test_part`` run with
     two processes writes the same files as one process (each image of the piece once)."""
     args = ("evaluation=[clean,pgd]", "data.test_subset=11", "data.eval_batch_size=2", "data.test_part=[1,2]")
-    _, one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args)
+    _, one = _evaluate(checkpoints["adversarial"], tmp_path / "one", *args, "trainer=cpu")
     _, two = _evaluate(
         checkpoints["adversarial"], tmp_path / "two", *args, "trainer=ddp_sim", "trainer.enable_progress_bar=false"
     )

@@ -461,7 +461,7 @@ def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_
     split over them) give every output file of one process: scores.csv, the tables, the histograms
     and figure3.png byte for byte, results.json equal but for its runtime."""
     common = [f"ckpt_path={oe_checkpoint}", *FAST_OOD, "batch_size=8"]
-    one = evaluate_ood(make_cfg(*common, name="ood", out=tmp_path / "one"))
+    one = evaluate_ood(make_cfg(*common, "runtime=cpu", name="ood", out=tmp_path / "one"))
     two = evaluate_ood(make_cfg(*common, "runtime=ddp_sim", name="ood", out=tmp_path / "two"))
     assert (one["runtime"]["world_size"], two["runtime"]["world_size"]) == (1, 2)
     scores = (tmp_path / "one" / "scores.csv").read_bytes()

@@ -201,7 +201,7 @@ def test_bf16_robustification_writes_images_inside_the_ball(ckpt, inputs, tmp_pa
     assert not (tmp_path / "bad").exists()
 
 
-TWO_CPU_PROCESSES = ["runtime.devices=2", "runtime.strategy=ddp_spawn", "runtime.accelerator=cpu"]
+TWO_CPU_PROCESSES = ["runtime=ddp_sim"]
 
 
 def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
@@ -213,7 +213,7 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     rng = np.random.default_rng(1)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    one = run(ckpt, str(folder), tmp_path / "one", *FAST)
+    one = run(ckpt, str(folder), tmp_path / "one", *FAST, "runtime=cpu")
     two = run(ckpt, str(folder), tmp_path / "two", *FAST, *TWO_CPU_PROCESSES)
 
     assert [r["status"] for r in one] == ["ok"] * 6

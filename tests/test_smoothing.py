@@ -389,7 +389,7 @@ def test_smoothed_evaluation_files_are_the_same_with_two_processes(small_checkpo
     PGD) are written by the worker holding the gathered records: with ``ddp_spawn`` the parent
     process used to write no certified_accuracy.* at all."""
     args = (*SMOOTH_RUN, "data.test_subset=11", "data.eval_batch_size=4")
-    one = _evaluate(small_checkpoint, tmp_path / "one", *args)
+    one = _evaluate(small_checkpoint, tmp_path / "one", *args, "trainer=cpu")
     two = _evaluate(small_checkpoint, tmp_path / "two", *args, "trainer=ddp_sim")
     assert (tmp_path / "two" / "certified_accuracy.csv").is_file() and one["n_images"] == two["n_images"] == 11
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
