@@ -398,7 +398,7 @@ def oe_checkpoint(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("oe")
     overrides = [*SYNTHETIC, "data=synthetic_ood", "method=outlier_exposure", "trainer.max_epochs=1", "test=false"]
-    cfg = compose_config("train", [*overrides, *SMALL_DATA], out)
+    cfg = compose_config("train", [*overrides, *SMALL_DATA, "tags=[synthetic_oe,ood]"], out)
     _, objs = train(cfg)
     return Path(objs["trainer"].checkpoint_callback.last_model_path)
 
@@ -432,6 +432,7 @@ def test_ood_entry_point_writes_scores_table_and_histograms(make_cfg, oe_checkpo
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["metrics"]) == set(detectors) and saved["tuned"]["safe_spot"]["mu"] in [i / 10 for i in range(11)]
     assert saved["tuned"]["mahalanobis"]["noise"] in (0.0, 0.01) and saved["method"] == "OutlierExposure"
+    assert saved["train_run"] == "synthetic_oe"  # the training preset (first tag), as evaluate.py records it
     # the default: Lee et al.'s ensemble over the small CNN's three conv blocks (`stages`)
     stages = ["backbone.features.0", "backbone.features.1", "backbone.features.2"]
     assert saved["tuned"]["mahalanobis"]["resolved_layers"] == stages
@@ -444,6 +445,8 @@ def test_ood_entry_point_writes_scores_table_and_histograms(make_cfg, oe_checkpo
 
 
 def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path is required: python ood\.py ckpt_path=PATH"):
+        evaluate_ood(make_cfg(name="ood"))
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate_ood(make_cfg(f"ckpt_path={tmp_path / 'missing.ckpt'}", name="ood"))
     missing_root = f"+outliers.lsun={{kind: folder, root: {tmp_path / 'LSUN'}}}"

@@ -21,7 +21,7 @@ from torch import nn
 from safespot.checks import check_batch_size
 from safespot.errors import ConfigError
 from safespot.evaluation import Evaluation, EvaluationModule
-from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source
+from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source, training_preset
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import display_callbacks
 from safespot.utils.instantiate import instantiate, instantiate_loggers
@@ -81,7 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "title": f"{describe_model(run_cfg)} {sigma}".strip(),
         "model": describe_model(run_cfg),
         "method": checkpoint.get("hyper_parameters", {}).get("method"),
-        "train_run": (list(run_cfg.get("tags") or []) or [run_cfg.get("task_name")])[0],  # the preset
+        "train_run": training_preset(run_cfg),
         "norm": str(cfg.threat.norm),
         "eps": parse_budget(cfg.threat.eps, "threat.eps"),
         "ckpt_path": run_source(cfg, checkpoint),

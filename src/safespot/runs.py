@@ -59,8 +59,20 @@ def load_training_run(cfg: DictConfig, command: str = "evaluate.py") -> tuple[di
         raise ConfigError(
             f"ckpt_path is required: python {command} ckpt_path=PATH (or a zoo model: model=robustbench model.name=X)"
         )
+    return load_run_checkpoint(ckpt_path)
+
+
+def load_run_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, Any], DictConfig]:
+    """``(checkpoint, run_cfg)``: a training run's checkpoint (loaded safely) and the training
+    config stored in it."""
     checkpoint = load_checkpoint(ckpt_path)
     return checkpoint, OmegaConf.create(checkpoint["safespot_config"])
+
+
+def training_preset(run_cfg: DictConfig) -> str | None:
+    """The preset a run was trained with (the first of its ``tags``; ``task_name`` is only
+    ``train``), for reports and wandb tags."""
+    return (list(run_cfg.get("tags") or []) or [run_cfg.get("task_name")])[0]
 
 
 def run_source(cfg: DictConfig, checkpoint: dict[str, Any]) -> str:
@@ -68,11 +80,11 @@ def run_source(cfg: DictConfig, checkpoint: dict[str, Any]) -> str:
     return str(checkpoint["zoo"]) if "zoo" in checkpoint else str(Path(cfg.ckpt_path).resolve())
 
 
-def load_run_settings(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
+def load_run_settings(cfg: DictConfig, command: str = "evaluate.py") -> tuple[dict[str, Any], DictConfig, DictConfig]:
     """Return ``(checkpoint, run_cfg, data_cfg)`` (:func:`load_training_run`): the training
     run's config, its data config with the non-null ``cfg.data`` entries written over it, and
     ``cfg.threat`` completed from the run's threat model (checked), all before any data is read."""
-    checkpoint, run_cfg = load_training_run(cfg)
+    checkpoint, run_cfg = load_training_run(cfg, command)
     data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
     run_threat(cfg, run_cfg)
     return checkpoint, run_cfg, data_cfg
@@ -117,8 +129,7 @@ def model_input(run_cfg: DictConfig) -> tuple[int, int]:
 def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, DictConfig]:
     """A trained run's classifier (eval mode, on the CPU) and its training config, e.g. the source
     model of a transfer attack."""
-    checkpoint = load_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint["safespot_config"])
+    checkpoint, run_cfg = load_run_checkpoint(ckpt_path)
     return load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)), run_cfg
 
 

@@ -92,10 +92,10 @@ class PGD:
         ``target`` holds the classes a targeted attack moves towards. Random starts come from
         ``generator``, or, with ``seeds`` (one integer per image), from per-image streams, and
         the model's noise too (:func:`safespot.smoothing.seeded_noise`; restart ``r`` uses the
-        seeds ``seeds + r * 1_000_003``), so that each image's result does not depend on the
-        batch it is in. ``vote_seeds`` seed the vote that judges restarts on a voting model
-        (default ``seeds``): pass the seeds the caller will score the points with when they
-        differ from the attack's.
+        seeds ``derive(seeds, "restart", r)``, :mod:`safespot.utils.rng`), so that each image's
+        result does not depend on the batch it is in. ``vote_seeds`` seed the vote that judges
+        restarts on a voting model (default ``seeds``): pass the seeds the caller will score the
+        points with when they differ from the attack's.
         """
         if self.targeted and target is None:
             raise ValueError("a targeted attack needs target labels")

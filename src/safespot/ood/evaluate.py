@@ -60,13 +60,14 @@ from safespot.runs import (
     describe_runtime,
     leave_together,
     load_model,
+    load_run_checkpoint,
     load_run_settings,
     place_model,
     run_source,
     shard,
+    training_preset,
 )
 from safespot.threat import parse_budget
-from safespot.utils.checkpoint import load_checkpoint
 from safespot.utils.distributed import gather_objects
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
@@ -199,7 +200,7 @@ def load_run(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, DictConfig]:
     """``(checkpoint, run_cfg, data_cfg)`` (:func:`safespot.runs.load_run_settings`): the
     checkpoint, its training config and data config with the overrides; ``cfg.threat`` is
     completed from the checkpoint's threat model."""
-    return load_run_settings(cfg)
+    return load_run_settings(cfg, "ood.py")
 
 
 def load_detector_checkpoints(
@@ -209,8 +210,7 @@ def load_detector_checkpoints(
     checkpoints = {None: (checkpoint, run_cfg)}
     for _, path in settings.detectors:
         if path is not None and path not in checkpoints:
-            other = load_checkpoint(path)
-            checkpoints[path] = (other, OmegaConf.create(other["safespot_config"]))
+            checkpoints[path] = load_run_checkpoint(path)
     return checkpoints
 
 
@@ -308,7 +308,7 @@ def make_plan(cfg: DictConfig) -> tuple[Plan, Fabric]:
         "model": describe_model(run_cfg),
         "method": checkpoints[None][0].get("hyper_parameters", {}).get("method"),
         "data": str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1],
-        "train_run": run_cfg.get("task_name"),
+        "train_run": training_preset(run_cfg),
         "ckpt_path": ckpt_path,
         "detector_checkpoints": {
             d.name: {
