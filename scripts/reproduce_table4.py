@@ -24,11 +24,18 @@ Usage::
 
     python scripts/reproduce_table4.py [--seeds 0,1,2] [--test-images 600] [--outliers 300]
         [--safe-spot-oe finetune|scratch] [--docs docs/FILE.md] [--reuse RUN@SEED=DIR] [--reuse-eval SEED=DIR]
+        [--reuse-logs SEED=DIR]
+
+A seed whose ``ood.py`` run is reused (``--reuse-eval``) trains nothing; ``--reuse-logs SEED=DIR``
+adds its models' training logs to the report (``DIR/<run>_seed<SEED>/csv/metrics.csv``, as kept in
+``docs/records/table4/seed<SEED>/train``), each model's selected epoch read from the checkpoint
+paths the reused ``results.json`` names.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path)
     parser.add_argument("--reuse", action="append", default=[], metavar="RUN@SEED=DIR")
     parser.add_argument("--reuse-eval", action="append", default=[], metavar="SEED=OOD_DIR")
+    parser.add_argument("--reuse-logs", action="append", default=[], metavar="SEED=TRAIN_DIR")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="ood.py override")
     args = parser.parse_args(argv)
     try:
@@ -102,7 +110,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         checkpoint_in(Path(run_dir), TRAIN[name.split("@")[0]][1])
     for needed in ("scores.csv", "results.json"):
         check_evaluations(parser, args.reuse_eval, "--reuse-eval", needed)
+    args.reuse_logs = parse_pairs(parser, args.reuse_logs, "--reuse-logs", list(args.reuse_eval))
+    for seed, logs in args.reuse_logs.items():
+        if not any(Path(logs).glob(f"*_seed{seed}/csv/**/metrics.csv")):
+            parser.error(f"--reuse-logs {seed}={logs}: no <run>_seed{seed}/csv/metrics.csv there")
     return args
+
+
+def reused_logs(seed: int, logs: Path, eval_dir: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """The kept training logs of a reused seed and each model's selected epoch, read from the
+    ``best-epochNNN`` checkpoint paths its ``ood.py`` results name (none for ``last.ckpt``)."""
+    results = json.loads((eval_dir / "results.json").read_text())
+    ckpts = {"safe_spot_oe": results.get("ckpt_path")}
+    named = results.get("detector_checkpoints", {})
+    ckpts |= {run: named[d].get("ckpt_path") for d, run in BASELINES.items() if d in named}
+    trained, epochs = {}, {}
+    for run in RUNS:
+        train_dir = logs / f"{run}_seed{seed}"
+        if not any(train_dir.glob("csv/**/metrics.csv")):
+            continue
+        trained[f"{run}@{seed}"] = train_dir
+        if m := re.search(r"best-epoch(\d+)", str(ckpts.get(run) or "")):
+            epochs[f"{run}@{seed}"] = int(m.group(1))
+    return trained, epochs
 
 
 def training_overrides(run: str, seed: int, args: argparse.Namespace, preemptive: Path | None) -> list[str]:
@@ -126,11 +156,16 @@ def ood_overrides(ckpts: dict[str, Path], seed: int, args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = new_output_dir("reproduce_table4", args.out)
-    py, commands, evals, trained = sys.executable, [], {}, {}
+    py, commands, evals, trained, epochs = sys.executable, [], {}, {}, {}
     for seed in args.seeds:
         if str(seed) in args.reuse_eval:
             commands.append(f"# seed {seed}: reused ood.py run {args.reuse_eval[str(seed)]}")
             evals[seed] = Path(args.reuse_eval[str(seed)])
+            if str(seed) in args.reuse_logs:
+                kept, selected = reused_logs(seed, Path(args.reuse_logs[str(seed)]), evals[seed])
+                trained |= kept
+                epochs |= selected
+                commands.append(f"# seed {seed}: training logs from {args.reuse_logs[str(seed)]}")
             continue
         ckpts: dict[str, Path] = {}
         for run in RUNS:
@@ -149,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = ood_overrides(ckpts, seed, args)
         run_logged([py, "ood.py", *overrides, f"hydra.run.dir={evals[seed]}"], commands)
     curves = training_curves(trained)
-    report = render(evals, trained, curves, commands, args)
+    report = render(evals, trained, curves, commands, args, epochs)
     if len(curves):
         plot_curves(curves, out / CURVES, args.safe_spot_oe == "finetune")
     write_report(out, report.replace(FIGURE, CURVES), None)
@@ -162,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def selected_accuracy(train_dir: Path) -> float | None:
-    """``val/acc`` at the epoch of the run's ``best-epochNNN`` checkpoint (the last epoch when
-    there is none), from its CSV log."""
+def selected_accuracy(train_dir: Path, epoch: int | None = None) -> float | None:
+    """``val/acc`` at ``epoch``, else at the epoch of the run's ``best-epochNNN`` checkpoint (the
+    last epoch when there is none), from its CSV log."""
     logs = sorted(train_dir.glob("csv/**/metrics.csv"))
     if not logs:
         return None
@@ -177,6 +212,8 @@ def selected_accuracy(train_dir: Path) -> float | None:
         for p in (train_dir / "checkpoints").glob("best-epoch*.ckpt")
         if (m := re.search(r"epoch(\d+)", p.name))
     ]
+    if epoch is not None:
+        best = [epoch]
     rows = frame[frame["epoch"] == max(best)] if best else frame.tail(1)
     return float(rows["val/acc"].iloc[-1]) if len(rows) else None
 
@@ -248,11 +285,11 @@ def curves_section(curves: pd.DataFrame, figure: str) -> list[str]:
     ]
 
 
-def accuracy_section(trained: dict[str, Path]) -> list[str]:
+def accuracy_section(trained: dict[str, Path], epochs: dict[str, int]) -> list[str]:
     rows = []
     for name, train_dir in sorted(trained.items()):
         run, seed = name.split("@")
-        acc = selected_accuracy(train_dir)
+        acc = selected_accuracy(train_dir, epochs.get(name))
         rows.append(
             {
                 "Model": run,
@@ -310,6 +347,7 @@ def render(
     curves: pd.DataFrame,
     commands: list[str],
     args: argparse.Namespace,
+    epochs: dict[str, int] | None = None,
 ) -> str:
     summary = aggregate([str(d) for d in evals.values()])
     table = claims(evals)
@@ -340,7 +378,7 @@ def render(
         f"images per outlier set; the safe-spot OE model {start}. Percentages, outliers positive, mean ± std "
         "over seeds.",
         "",
-        *accuracy_section(trained),
+        *accuracy_section(trained, epochs or {}),
         *curves_section(curves, FIGURE),
         "## Table 4 layout",
         "",

@@ -87,6 +87,65 @@ def test_the_docs_copy_points_to_its_curves_under_docs_figures(tmp_path, monkeyp
     assert "](training_curves.png)" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_a_reused_seed_reports_its_kept_logs_at_the_epochs_its_ood_run_used(tmp_path, monkeypatch, capsys):
+    """A seed whose ood.py run is reused trains nothing; with ``--reuse-logs`` its models' kept
+    CSV logs (no checkpoints, as in docs/records) give the accuracy table and the curves, each at
+    the epoch of the checkpoint the reused results.json names, not the last one."""
+    commands = fake_subprocess(
+        monkeypatch,
+        lambda cmd, out: _fake_scores(out, int(next(c for c in cmd if c.startswith("seed=")).split("=")[1]), 2.0),
+        lambda cmd, out: _fake_training(out, [0.5, 0.7]),
+    )
+    kept, reused = tmp_path / "kept" / "train", tmp_path / "kept" / "eval"
+    _fake_scores(reused, 0, 2.0)
+    results = json.loads((reused / "results.json").read_text())
+    results["ckpt_path"] = "/gone/safe_spot_oe_seed0/checkpoints/best-epoch001.ckpt"
+    results["detector_checkpoints"] = {
+        "msp": {"ckpt_path": "/gone/natural_seed0/checkpoints/best-epoch002.ckpt"},
+        "oe": {"ckpt_path": "/gone/oe_seed0/checkpoints/best-epoch000.ckpt"},
+        "safe_spot": {"ckpt_path": results["ckpt_path"]},  # ood.py names the main model too
+    }
+    (reused / "results.json").write_text(json.dumps(results))
+    curves = {"natural": [0.3, 0.4, 0.9, 0.5], "oe": [0.61, 0.2], "safe_spot_oe": [0.1, 0.65, 0.3]}
+    for run, accuracies in curves.items():
+        (kept / f"{run}_seed0" / "csv").mkdir(parents=True)
+        frame = pd.DataFrame({"epoch": range(len(accuracies)), "val/acc": accuracies})
+        frame.to_csv(kept / f"{run}_seed0" / "csv" / "metrics.csv")
+    (kept / "preemptive_seed0" / "csv").mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 1], "val/acc": [0.2, 0.45]}).to_csv(kept / "preemptive_seed0" / "csv" / "metrics.csv")
+    out = tmp_path / "r"
+    argv = ["--out", str(out), "--seeds", "0,1", "--reuse-eval", f"0={reused}", "--reuse-logs", f"0={kept}"]
+    assert table4.main(argv) == 0
+    assert not any("seed=0" in cmd for cmd in commands)  # seed 0 trains and scores nothing
+    report = (out / "report.md").read_text()
+    selected = (
+        "| natural | 0 | 90.0 |",
+        "| oe | 0 | 61.0 |",
+        "| safe_spot_oe | 0 | 65.0 |",
+        "| preemptive | 0 | 45.0 |",
+    )
+    assert all(row in report for row in selected)
+    assert "| safe_spot_oe | 1 | 70.0 |" in report  # the seed trained here as before
+    assert "| natural | 0 | val/acc | 30.0 | 40.0 | 90.0 | 50.0 |" in report  # its curve, every epoch
+    with pytest.raises(SystemExit):
+        table4.main(
+            [
+                "--out",
+                str(tmp_path / "o"),
+                "--seeds",
+                "0",
+                "--reuse-eval",
+                f"0={reused}",
+                "--reuse-logs",
+                f"0={tmp_path}",
+            ]
+        )
+    assert "no <run>_seed0/csv/metrics.csv there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # logs only for a seed whose evaluation is reused
+        table4.main(["--out", str(tmp_path / "o"), "--seeds", "0", "--reuse-logs", f"0={kept}"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_safe_spot_score_no_better_than_the_baselines_is_not_called_a_win(tmp_path, monkeypatch):
     fake_subprocess(
         monkeypatch, lambda cmd, out: _fake_scores(out, 0, -1.0), lambda cmd, out: _fake_training(out, [0.4])
