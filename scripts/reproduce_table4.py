@@ -110,7 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         checkpoint_in(Path(run_dir), TRAIN[name.split("@")[0]][1])
     for needed in ("scores.csv", "results.json"):
         check_evaluations(parser, args.reuse_eval, "--reuse-eval", needed)
-    args.reuse_logs = parse_pairs(parser, args.reuse_logs, "--reuse-logs", list(args.reuse_eval))
+    args.reuse_logs = parse_pairs(parser, args.reuse_logs, "--reuse-logs", [str(s) for s in args.seeds])
+    if unscored := sorted(set(args.reuse_logs) - set(args.reuse_eval)):
+        parser.error(f"--reuse-logs {','.join(unscored)}: only for a seed whose ood.py run is reused (--reuse-eval)")
     for seed, logs in args.reuse_logs.items():
         if not any(Path(logs).glob(f"*_seed{seed}/csv/**/metrics.csv")):
             parser.error(f"--reuse-logs {seed}={logs}: no <run>_seed{seed}/csv/metrics.csv there")
@@ -207,13 +209,15 @@ def selected_accuracy(train_dir: Path, epoch: int | None = None) -> float | None
     if "val/acc" not in frame:
         return None
     frame = frame.dropna(subset=["val/acc"])
-    best = [
-        int(m.group(1))
-        for p in (train_dir / "checkpoints").glob("best-epoch*.ckpt")
-        if (m := re.search(r"epoch(\d+)", p.name))
-    ]
-    if epoch is not None:
-        best = [epoch]
+    best = (
+        [epoch]
+        if epoch is not None
+        else [
+            int(m.group(1))
+            for p in (train_dir / "checkpoints").glob("best-epoch*.ckpt")
+            if (m := re.search(r"epoch(\d+)", p.name))
+        ]
+    )
     rows = frame[frame["epoch"] == max(best)] if best else frame.tail(1)
     return float(rows["val/acc"].iloc[-1]) if len(rows) else None
 
@@ -347,7 +351,7 @@ def render(
     curves: pd.DataFrame,
     commands: list[str],
     args: argparse.Namespace,
-    epochs: dict[str, int] | None = None,
+    epochs: dict[str, int],
 ) -> str:
     summary = aggregate([str(d) for d in evals.values()])
     table = claims(evals)
@@ -378,7 +382,7 @@ def render(
         f"images per outlier set; the safe-spot OE model {start}. Percentages, outliers positive, mean ± std "
         "over seeds.",
         "",
-        *accuracy_section(trained, epochs or {}),
+        *accuracy_section(trained, epochs),
         *curves_section(curves, FIGURE),
         "## Table 4 layout",
         "",

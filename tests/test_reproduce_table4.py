@@ -143,6 +143,7 @@ def test_a_reused_seed_reports_its_kept_logs_at_the_epochs_its_ood_run_used(tmp_
     assert "no <run>_seed0/csv/metrics.csv there" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # logs only for a seed whose evaluation is reused
         table4.main(["--out", str(tmp_path / "o"), "--seeds", "0", "--reuse-logs", f"0={kept}"])
+    assert "only for a seed whose ood.py run is reused" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
