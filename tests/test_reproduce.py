@@ -207,3 +207,19 @@ def test_records_of_an_evaluation_in_pieces_are_joined_and_overlaps_refused(tmp_
     with pytest.raises(SystemExit):  # a missing piece is a usage error before any work
         pieces = {"5": f"{tmp_path / 'a'},{tmp_path / 'missing'}"}
         helpers.check_evaluations(parser, pieces, "--reuse-eval", "records.csv")
+
+
+def test_logged_commands_name_paths_inside_the_checkout_relative_to_it(tmp_path, monkeypatch):
+    """A report's commands are copied into docs: a run directory under the checkout appears as
+    ``logs/...``, not as this machine's absolute path; paths elsewhere stay as they are."""
+    import safespot.reproduce as helpers
+
+    ran = []
+    monkeypatch.setattr(helpers.subprocess, "run", lambda cmd, **kw: ran.append((cmd, kw["cwd"])))
+    log: list[str] = []
+    checkout = tmp_path / "checkout"
+    cmd = ["/venv/bin/python", "train.py", f"hydra.run.dir={checkout}/logs/run", f"init_from={tmp_path}/elsewhere.ckpt"]
+    helpers.run_logged(cmd, log, cwd=checkout)
+    assert ran == [(cmd, checkout)]  # the command itself runs unchanged
+    line = log[0].split("    # ")[0]
+    assert line == f"python train.py hydra.run.dir=logs/run init_from={tmp_path}/elsewhere.ckpt"

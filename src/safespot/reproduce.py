@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_logged(cmd: list[str], log: list[str], cwd: Path = ROOT) -> float:
     """Run ``cmd`` (``[python, script, overrides...]``) in the checkout, failing on a non-zero exit;
-    append the command line (the interpreter shown as ``python``) and its minutes to ``log``."""
-    line = " ".join(["python", *(shlex.quote(c) for c in cmd[1:])])
+    append the command line (the interpreter shown as ``python``, paths inside ``cwd`` relative to
+    it, so a report's commands run from any checkout) and its minutes to ``log``."""
+    inside = f"{cwd}{os.sep}"
+    line = " ".join(["python", *(shlex.quote(c.replace(inside, "")) for c in cmd[1:])])
     print(f"$ {line}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, check=True)
