@@ -370,6 +370,8 @@ def test_mahalanobis_ensemble_over_the_stages_of_a_tiny_cnn():
     assert len(tuned["weights"]) == 3 and tuned["noise"] in (0.0, 0.01) and len(detector.means) == 3
     scores = detector.score(net, torch.cat([x[64:], noise]))
     assert scores.shape == (64,) and torch.isfinite(scores).all()
+    # the ensemble's sign: tuned against noise (labels: in-distribution 1), noise scores as anomalous
+    assert (scores[32:, None] > scores[None, :32]).float().mean() > 0.9
     with pytest.raises(DetectorError, match="stages"):
         resolve_layers(net, ["stages"])  # needs a forward pass: only the Mahalanobis fit makes one
     with pytest.raises(DetectorError, match="stages"):
