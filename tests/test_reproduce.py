@@ -212,8 +212,6 @@ def test_records_of_an_evaluation_in_pieces_are_joined_and_overlaps_refused(tmp_
 def test_logged_commands_name_paths_inside_the_checkout_relative_to_it(tmp_path, monkeypatch):
     """A report's commands are copied into docs: a run directory under the checkout appears as
     ``logs/...``, not as this machine's absolute path; paths elsewhere stay as they are."""
-    import safespot.reproduce as helpers
-
     ran = []
     monkeypatch.setattr(helpers.subprocess, "run", lambda cmd, **kw: ran.append((cmd, kw["cwd"])))
     log: list[str] = []
