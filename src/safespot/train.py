@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safespot.checks import check_train_config
 from safespot.models.noise_injection import noise_parameter_names
-from safespot.utils.callbacks import display_callbacks
+from safespot.utils.callbacks import runtime_callbacks
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.logging import get_logger
@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     net = prepare_net(net, cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), *display_callbacks(cfg.trainer)]
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), *runtime_callbacks(cfg.trainer)]
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
