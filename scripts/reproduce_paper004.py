@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -40,8 +41,10 @@ from safespot.reproduce import (  # noqa: E402
     check_evaluations,
     checkpoint_in,
     commands_section,
+    effective_overrides,
     new_output_dir,
     parse_pairs,
+    reused_command,
     run_logged,
     write_report,
 )
@@ -130,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     py, commands, ckpts, evals = sys.executable, [], {}, {}
     for row, (_label, model, evaluation, extra, _view) in ROWS.items():
         if row in args.reuse_eval:
-            commands.append(f"# {row}: reused evaluation {args.reuse_eval[row]}")
+            commands.append(reused_command(Path(args.reuse_eval[row]), "evaluate.py"))
             evals[row] = Path(args.reuse_eval[row])
             continue
         if model not in ckpts:
             train_dir = Path(args.reuse[model]) if model in args.reuse else out / "train" / MODELS[model]
             if model in args.reuse:
-                commands.append(f"# {model}: reused training run {train_dir}")
+                commands.append(reused_command(train_dir, "train.py"))
             else:
                 train = [f"experiment={MODELS[model]}", f"seed={args.seed}", *args.train_override]
                 train += args.flss_override if model == "flss" else []
@@ -189,6 +192,34 @@ def _interval(point: float, samples: np.ndarray) -> str:
     return f"{point:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def training_of(eval_dir: Path) -> list[str] | None:
+    """The training overrides (besides the experiment) of the model an evaluation scored, from the
+    checkpoint its ``results.json`` names (``<train run>/checkpoints/*.ckpt``); ``None`` when that
+    run is not here. Reused runs report what they were trained with, not this call's flags."""
+    stored = json.loads((Path(eval_dir) / "results.json").read_text()).get("meta", {}).get("ckpt_path")
+    if not stored:
+        return None
+    ckpt = Path(stored)
+    if not ckpt.is_absolute():
+        ckpt = ROOT / ckpt
+    overrides = effective_overrides(ckpt.parent.parent)
+    return None if overrides is None else [o for o in overrides if not o.startswith("experiment=")]
+
+
+def _trainings(evals: dict[str, Path]) -> str:
+    """The header's phrase on how each model was trained, e.g. ``PGD-AT `seed=0 trainer.max_epochs=16```."""
+    parts, seen = [], set()
+    for row, path in evals.items():
+        label, model = ROWS[row][0], ROWS[row][1]
+        if model in seen:
+            continue
+        seen.add(model)
+        overrides = training_of(path)
+        name = label.split(" (")[0]
+        parts.append(f"{name} `{' '.join(overrides)}`" if overrides is not None else f"{name} (training run not found)")
+    return "; ".join(parts)
+
+
 def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace) -> str:
     rows = _rows(evals)
     table = rejection_table(list(rows.values()))
@@ -217,14 +248,14 @@ def render(evals: dict[str, Path], commands: list[str], args: argparse.Namespace
         claims, columns=["Claim (same images)", "Difference, first minus second [95% CI]", "Verdict"]
     )
     n = len(next(iter(rows.values())).records)
+    trainings = _trainings(evals)
     lines = [
         "# Paper 004, Table 1 (reduced): worst-case accuracy with rejection",
         "",
         f"Generated {datetime.now():%Y-%m-%d %H:%M} by `python scripts/reproduce_paper004.py`; {n} seeded CIFAR-10 "
-        f"test images, seed {args.seed}; models `experiment=reduced_cifar10_{{adv_linf,trades_linf,flss}}`"
-        + (f" with {' '.join(args.train_override)}" if args.train_override else "")
-        + (f", FLSS also with {' '.join(args.flss_override)}" if args.flss_override else "")
-        + (f" ({AUTHORS_WEIGHTS})" if "method/kl_weights=authors" in args.flss_override else "")
+        f"test images, seed {args.seed}; models `experiment=reduced_cifar10_{{adv_linf,trades_linf,flss}}` "
+        f"trained with: {trainings}"
+        + (f" (`method/kl_weights=authors`: {AUTHORS_WEIGHTS})" if "method/kl_weights=authors" in trainings else "")
         + "; the attack sets hold the clean image and every attack of the evaluation config"
         + (f" except {', '.join(args.drop_attack)}" if args.drop_attack else "")
         + ". Thresholds: at most 10% of the test set correctly classified and rejected (Section 4.4). "

@@ -155,6 +155,10 @@ def fake_subprocess(
             (train or (lambda _cmd, run_dir: write_checkpoints(run_dir)))(cmd, out)
         else:
             evaluate(cmd, out)
+        if out.is_dir():  # what Hydra stores of the command line
+            (out / ".hydra").mkdir(exist_ok=True)
+            task = [c for c in cmd[2:] if not c.startswith("hydra.")]
+            (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {c}\n" for c in task))
 
     monkeypatch.setattr(helpers.subprocess, "run", run)
     return commands

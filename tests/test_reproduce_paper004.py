@@ -20,7 +20,9 @@ spec.loader.exec_module(paper004)
 ATTACKS = ["pgd", "apgd_ce"]
 
 
-def _fake_eval(run: Path, name: str, views: list[str], robust: float, n: int = 120, seed: int = 0) -> None:
+def _fake_eval(
+    run: Path, name: str, views: list[str], robust: float, n: int = 120, seed: int = 0, ckpt: str = ""
+) -> None:
     """records.csv / results.json as a rejection evaluation writes them: clean correct on 80% of the
     images, every attack correct on the first ``robust`` share, confidence scores in (0, 1)."""
     rng = np.random.default_rng(seed)
@@ -35,17 +37,19 @@ def _fake_eval(run: Path, name: str, views: list[str], robust: float, n: int = 1
     pd.DataFrame(table).to_csv(run / "records.csv", index=False)
     config = {"_target_": "safespot.evaluation.rejection.RejectionEvaluation", "name": name, "views": views}
     config["attacks"] = {a: {} for a in ATTACKS}
-    (run / "results.json").write_text(json.dumps({"meta": {"evaluation_config": {name: config}}}))
+    meta = {"evaluation_config": {name: config}, **({"ckpt_path": ckpt} if ckpt else {})}
+    (run / "results.json").write_text(json.dumps({"meta": meta}))
 
 
 def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, monkeypatch):
     robust = {"pgd_at": 0.4, "trades": 0.42, "flss_sd1": 0.6, "flss_sd2": 0.62}
 
     def evaluate(cmd, out):
+        ckpt = next(c for c in cmd if c.startswith("ckpt_path=")).split("=", 1)[1]
         if "evaluation=[rejection_conf]" in cmd:
-            _fake_eval(out, "rejection_conf", ["ns"], robust[out.name])
+            _fake_eval(out, "rejection_conf", ["ns"], robust[out.name], ckpt=ckpt)
         else:
-            _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name])
+            _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name], ckpt=ckpt)
 
     commands = fake_subprocess(monkeypatch, evaluate)
     out = tmp_path / "new"
@@ -66,7 +70,14 @@ def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, mon
     assert "| PGD-AT | Confidence | 80.0 [" in report  # Acc_nat,NS with its interval
     assert "| FLSS (SD=2) vs FLSS (SD=1): Acc_adv,10%: SD=2 higher |" in report
     assert "(this report's tolerance)" in report
-    assert "FLSS also with method/kl_weights=authors (the softmax KL weights of the authors'" in report
+    # each model's training as its run stored it; FLSS alone with the authors' weights, named
+    assert "trained with: PGD-AT `seed=0 trainer.max_epochs=12`; TRADES `seed=0 trainer.max_epochs=12`; " in report
+    assert "FLSS `seed=0 trainer.max_epochs=12 method/kl_weights=authors` (`method/kl_weights=authors`: " in report
+    # a reused evaluation reports the training its checkpoint came from, not this call's flags
+    again = tmp_path / "again"
+    reuse = [f"--reuse-eval={r}={out / 'eval' / r}" for r in robust]
+    assert paper004.main(["--out", str(again), "--bootstrap", "20", *reuse]) == 0
+    assert "FLSS `seed=0 trainer.max_epochs=12 method/kl_weights=authors`" in (again / "report.md").read_text()
     assert "| FLSS (SD=2) | Maj. Vote |" in report and "83.80" in report  # the published rows
 
 

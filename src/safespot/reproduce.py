@@ -114,6 +114,20 @@ def reused_command(run_dir: Path, script: str) -> str:
     return " ".join(["python", script, *(shlex.quote(str(o)) for o in overrides)]) + "    # reused"
 
 
+def effective_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides a Hydra run was made with, from its ``.hydra/overrides.yaml``, one per key
+    (a repeated key keeps its last value, as Hydra does), or ``None`` when the run stores none."""
+    stored = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not stored.is_file():
+        return None
+    last: dict[str, str] = {}
+    for override in OmegaConf.load(stored):
+        key = str(override).split("=", 1)[0]
+        last.pop(key, None)
+        last[key] = str(override)
+    return list(last.values())
+
+
 def commands_section(commands: list[str]) -> list[str]:
     """The report's closing section: every command that ran (or the runs it reused), in order."""
     return ["## Commands", "", "```bash", *commands, "```", ""]
