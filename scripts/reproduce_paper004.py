@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -193,16 +192,16 @@ def _interval(point: float, samples: np.ndarray) -> str:
 
 
 def training_of(eval_dir: Path) -> list[str] | None:
-    """The training overrides (besides the experiment) of the model an evaluation scored, from the
-    checkpoint its ``results.json`` names (``<train run>/checkpoints/*.ckpt``); ``None`` when that
-    run is not here. Reused runs report what they were trained with, not this call's flags."""
-    stored = json.loads((Path(eval_dir) / "results.json").read_text()).get("meta", {}).get("ckpt_path")
-    if not stored:
+    """The training overrides (besides the experiment) of the model an evaluation scored: the
+    ``ckpt_path`` of the evaluation's command line (``<train run>/checkpoints/*.ckpt``, relative to
+    the checkout as the script passes it) leads to the training run's stored overrides; ``None``
+    when either run stores none. Reused runs report what they were trained with, not this call's
+    flags."""
+    ckpt = next((o.split("=", 1)[1] for o in effective_overrides(eval_dir) or [] if o.startswith("ckpt_path=")), None)
+    if ckpt is None:
         return None
-    ckpt = Path(stored)
-    if not ckpt.is_absolute():
-        ckpt = ROOT / ckpt
-    overrides = effective_overrides(ckpt.parent.parent)
+    train_dir = (ROOT / ckpt).parent.parent  # an absolute ckpt_path stays absolute
+    overrides = effective_overrides(train_dir)
     return None if overrides is None else [o for o in overrides if not o.startswith("experiment=")]
 
 

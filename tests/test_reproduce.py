@@ -221,3 +221,16 @@ def test_logged_commands_name_paths_inside_the_checkout_relative_to_it(tmp_path,
     assert ran == [(cmd, checkout)]  # the command itself runs unchanged
     line = log[0].split("    # ")[0]
     assert line == f"python train.py hydra.run.dir=logs/run init_from={tmp_path}/elsewhere.ckpt"
+
+
+def test_effective_overrides_keep_the_last_value_of_a_repeated_key(tmp_path):
+    """A run made with ``trainer.max_epochs=16 ... trainer.max_epochs=24`` trained 24 epochs (Hydra's
+    last value wins); the stored command line keeps both, the effective overrides one."""
+    from safespot.reproduce import effective_overrides, stored_overrides
+
+    assert effective_overrides(tmp_path) is None
+    (tmp_path / ".hydra").mkdir()
+    lines = ["experiment=x", "trainer.max_epochs=16", "method/kl_weights=authors", "trainer.max_epochs=24"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in lines))
+    assert stored_overrides(tmp_path) == lines
+    assert effective_overrides(tmp_path) == ["experiment=x", "method/kl_weights=authors", "trainer.max_epochs=24"]

@@ -20,9 +20,7 @@ spec.loader.exec_module(paper004)
 ATTACKS = ["pgd", "apgd_ce"]
 
 
-def _fake_eval(
-    run: Path, name: str, views: list[str], robust: float, n: int = 120, seed: int = 0, ckpt: str = ""
-) -> None:
+def _fake_eval(run: Path, name: str, views: list[str], robust: float, n: int = 120, seed: int = 0) -> None:
     """records.csv / results.json as a rejection evaluation writes them: clean correct on 80% of the
     images, every attack correct on the first ``robust`` share, confidence scores in (0, 1)."""
     rng = np.random.default_rng(seed)
@@ -37,19 +35,17 @@ def _fake_eval(
     pd.DataFrame(table).to_csv(run / "records.csv", index=False)
     config = {"_target_": "safespot.evaluation.rejection.RejectionEvaluation", "name": name, "views": views}
     config["attacks"] = {a: {} for a in ATTACKS}
-    meta = {"evaluation_config": {name: config}, **({"ckpt_path": ckpt} if ckpt else {})}
-    (run / "results.json").write_text(json.dumps({"meta": meta}))
+    (run / "results.json").write_text(json.dumps({"meta": {"evaluation_config": {name: config}}}))
 
 
 def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, monkeypatch):
     robust = {"pgd_at": 0.4, "trades": 0.42, "flss_sd1": 0.6, "flss_sd2": 0.62}
 
     def evaluate(cmd, out):
-        ckpt = next(c for c in cmd if c.startswith("ckpt_path=")).split("=", 1)[1]
         if "evaluation=[rejection_conf]" in cmd:
-            _fake_eval(out, "rejection_conf", ["ns"], robust[out.name], ckpt=ckpt)
+            _fake_eval(out, "rejection_conf", ["ns"], robust[out.name])
         else:
-            _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name], ckpt=ckpt)
+            _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name])
 
     commands = fake_subprocess(monkeypatch, evaluate)
     out = tmp_path / "new"

@@ -103,28 +103,34 @@ def read_records(spec: str | Path) -> pd.DataFrame:
     return records.set_index("index").sort_index()
 
 
+def stored_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides of a Hydra run as its ``.hydra/overrides.yaml`` stores them (in order, repeats
+    kept), or ``None`` when the run stores none."""
+    stored = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(stored)] if stored.is_file() else None
+
+
 def reused_command(run_dir: Path, script: str) -> str:
     """The command line that made a reused Hydra run, from its ``.hydra/overrides.yaml`` (marked
     as reused; its wall time is in that run's own report), or a comment naming the directory when
     the run has no stored overrides."""
-    stored = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not stored.is_file():
+    overrides = stored_overrides(run_dir)
+    if overrides is None:
         return f"# reused {run_dir}"
-    overrides = [*OmegaConf.load(stored), f"hydra.run.dir={run_dir}"]
-    return " ".join(["python", script, *(shlex.quote(str(o)) for o in overrides)]) + "    # reused"
+    overrides.append(f"hydra.run.dir={run_dir}")
+    return " ".join(["python", script, *(shlex.quote(o) for o in overrides)]) + "    # reused"
 
 
 def effective_overrides(run_dir: Path) -> list[str] | None:
-    """The overrides a Hydra run was made with, from its ``.hydra/overrides.yaml``, one per key
-    (a repeated key keeps its last value, as Hydra does), or ``None`` when the run stores none."""
-    stored = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not stored.is_file():
+    """:func:`stored_overrides` one per key (a repeated key keeps its last value, as Hydra does)."""
+    overrides = stored_overrides(run_dir)
+    if overrides is None:
         return None
     last: dict[str, str] = {}
-    for override in OmegaConf.load(stored):
-        key = str(override).split("=", 1)[0]
+    for override in overrides:
+        key = override.split("=", 1)[0]
         last.pop(key, None)
-        last[key] = str(override)
+        last[key] = override
     return list(last.values())
 
 
