@@ -78,3 +78,36 @@ def test_a_sweep_directory_holding_an_earlier_sweep_is_refused(tmp_path):
     done = _run("train", "-m", "data=synthetic", "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 2 and "hydra.sweep.dir" in done.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]
+
+
+def test_a_directory_holding_outputs_but_no_hydra_configs_is_refused_and_left_as_it_was(tmp_path):
+    """A copied results folder (records and results, no ``.hydra/``) named as the run directory:
+    the evaluation would rewrite both files; it is refused before Hydra writes anything."""
+    run = tmp_path / "copied_results"
+    run.mkdir()
+    (run / "records.csv").write_text("index,clean/correct\n0,1\n")
+    (run / "results.json").write_text('{"clean/acc": 1.0}\n')
+    before = _snapshot(run)
+    done = _run("evaluate", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={run}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: hydra.run.dir={run} already holds files (records.csv, results.json)")
+    assert _snapshot(run) == before
+
+
+def test_only_a_directory_holding_nothing_but_logs_is_taken_as_unused(tmp_path):
+    from safespot.utils.run_dirs import RunDirectoryInUse, check_unused
+
+    check_unused(tmp_path / "new", "hydra.run.dir", ".hydra")  # not there yet
+    (tmp_path / "logs_only").mkdir()
+    (tmp_path / "logs_only" / "train.log").write_text("a rank's log\n")  # another rank of the same run
+    check_unused(tmp_path / "logs_only", "hydra.run.dir", ".hydra")
+    for name in ("splits.json", "checkpoints", "old.log.d"):
+        held = tmp_path / f"holds_{name}"
+        held.mkdir()
+        (held / name).mkdir() if name != "splits.json" else (held / name).write_text("{}")
+        with pytest.raises(RunDirectoryInUse, match=f"already holds files \\({name}\\)"):
+            check_unused(held, "hydra.run.dir", ".hydra")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RunDirectoryInUse, match="is a file"):
+        check_unused(tmp_path / "a_file", "hydra.run.dir", ".hydra")

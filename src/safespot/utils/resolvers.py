@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime
 
 from omegaconf import OmegaConf
+
+from safespot.utils.launch import launch_id
 
 # One value per process: every job of a multirun (and every re-resolution of the run
 # directory) sees the same suffix, while two runs started in the same second differ.
@@ -15,6 +18,13 @@ _RUN_SUFFIX = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 def unique_suffix() -> str:
     """This process's run suffix (the ``${unique:}`` of run directory names)."""
     return _RUN_SUFFIX
+
+
+def run_id() -> str:
+    """The name of this run's (or sweep's) directory: the start time and this process's suffix, or
+    under a launcher that starts every rank as the same command (``srun``, ``torchrun``) the name
+    of the launch, which every rank computes alike (:func:`safespot.utils.launch.launch_id`)."""
+    return launch_id() or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{_RUN_SUFFIX}"
 
 
 def sweep_name() -> str | None:
@@ -56,6 +66,8 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique"):
         OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
     if not OmegaConf.has_resolver("sweep_name"):
         OmegaConf.register_new_resolver("sweep_name", sweep_name)
     if not OmegaConf.has_resolver("wandb_offline"):
