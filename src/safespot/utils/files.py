@@ -56,10 +56,11 @@ def read_regular(path: Path) -> bytes:
     before reading, so a FIFO or device put in its place raises :class:`NotRegularFile` instead
     of blocking or reading without end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(f"not a regular file ({file_kind(mode)})")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(f"not a regular file ({file_kind(mode)})")
         return f.read()
 
 
@@ -96,7 +97,11 @@ def publish(tmp: Path, path: Path) -> None:
         raise
     except OSError:  # no hard links on this file system
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            discard(path)  # the empty file that held the name
+            raise
 
 
 def discard(tmp: Path) -> None:
@@ -180,6 +185,8 @@ class JsonLines:
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         data = b"".join(json_line(row) for row in rows)
+        if not data:
+            return
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
