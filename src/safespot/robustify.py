@@ -6,8 +6,17 @@ policy), moved by a robustifier (the safe-spot search by default) to a point x_r
 ``<output>/<stem>.png``: into a temporary file in the output directory first, then linked
 into place, so a file is never half-written and an existing file is never overwritten. A
 grey-box PGD check (``check_steps`` steps, step eps/4, random start seeded per file) runs on
-x_o and on x_r as read back from the written PNG. ``report.csv`` and ``report.json`` hold one
-row per input file with its status: ``ok``, ``failed: <reason>`` or ``skipped: <reason>``.
+x_o and on x_r as decoded from the PNG, whose written bytes are read back and compared.
+``report.csv`` and ``report.json`` (``report-1.*``, ... when taken) hold one row per input
+with its status: ``ok``, ``failed: <reason>`` or ``skipped: <reason>`` (duplicates, FIFOs,
+devices, directories and broken links included: :func:`collect_inputs`).
+
+Every process appends each file's row to its own journal in the output directory
+(``journal-<run>-rank<r>.jsonl``, flushed to disk before the file's PNG gets its name), so a
+killed run loses nothing: ``skip_existing=true`` keeps the row of every file whose PNG exists
+and whose journal row (same settings, same input and PNG bytes) says it finished, and
+robustifies the others (:func:`finished_rows`, :func:`resumed_record`). Temporary files of
+killed runs are removed at the start (:func:`safespot.utils.files.remove_stale_temporaries`).
 
 Inputs are only ever read. Every setting is checked (checkpoint, inputs, output, runtime,
 threat, robustifier) before a model is placed or a file written.
@@ -16,11 +25,14 @@ The command runs on a Lightning Fabric built from the ``runtime`` block
 (:func:`safespot.runs.build_fabric`; ``device=``/``precision=`` are its aliases), in named steps:
 :func:`make_plan` (:func:`check_settings`, the runtime, :func:`collect_inputs`,
 :func:`check_output`, :func:`load_run`, the model), then in every process
-:func:`robustify_process`: the model placed on the process's device, :func:`plan_records` (rank 0
-decides, before anything is written, which files exist; broadcast), :func:`run_shard` (process r
-of N robustifies the files at positions r, r+N, ... under ``fabric.autocast()``; a file's seeds
-come from its bytes, so its PNG does not depend on the shard), :func:`gather_records` (every
-record back in input order, in every process) and :func:`write_outputs` (rank 0: the report).
+:func:`robustify_process`: the model placed on the process's device, :func:`prepare_output` (rank
+0 decides, before anything is written, which files exist or are resumed, and names the journals;
+broadcast), :func:`run_shard` (process r of N robustifies the files at positions r, r+N, ...
+under ``fabric.autocast()`` and :func:`publish_batch` writes each batch's PNGs and journal rows;
+a file's seeds come from its bytes, so its PNG does not depend on the shard),
+:func:`gather_records` (every record back in input order, in every process) and
+:func:`write_outputs` (rank 0: the report). The input, journal, resume and report functions take
+no Fabric.
 """
 
 from __future__ import annotations
