@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+import safespot.robustify as robustify_module
 from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
 from safespot.robustify import _Job, any_failed, class_names, robustify_files
@@ -413,3 +414,28 @@ def test_report_names_never_follow_a_link_nor_fail_after_the_work(ckpt, inputs, 
     assert (out / "report-2.csv").is_file() and (out / "report-2.json").is_file()
     assert victim.read_text() == "keep" and not (out / "report.csv").exists() and (out / "report.csv").is_symlink()
     assert not os.path.lexists(out / "report-1.csv") and not os.path.lexists(stale)
+
+
+def test_a_png_name_taken_while_writing_is_refused_and_superseded_in_the_journal(ckpt, inputs, tmp_path, monkeypatch):
+    """Rows go to the journal before the PNGs get their names; a name another run takes in
+    between makes the file ``failed: exists`` (the other file kept), with a second journal row
+    that supersedes the first, so a resumed run does not take the other file for this one."""
+    link = robustify_module.publish
+
+    def racing(tmp, path):
+        path.write_bytes(b"another run's")
+        link(tmp, path)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(robustify_module, "publish", racing)
+    quick = ["robustifier=none", "check_steps=1", "progress=false"]
+    records = run(ckpt, str(inputs / "cat.png"), out, *quick)
+    assert [(r["status"], r["pred_robustified"]) for r in records] == [("failed: exists", None)]
+    assert [(row["status"], row["output_sha256"] is None) for row in journal_rows(out)] == [
+        ("ok", False),
+        ("failed: exists", True),
+    ]
+    assert (out / "cat.png").read_bytes() == b"another run's" and not list(out.glob(".*"))
+    monkeypatch.undo()
+    again = run(ckpt, str(inputs / "cat.png"), out, *quick, "skip_existing=true")
+    assert [r["status"] for r in again] == ["failed: exists (no earlier run with these settings finished it)"]

@@ -341,6 +341,11 @@ class _Job:
         return pngs
 
 
+def _unwritten(record: dict[str, Any], status: str) -> None:
+    """A record whose PNG was not written: its status, and no check of an image that is not there."""
+    record.update(status=status, pred_robustified=None, distance=None, pgd_survives_after=None)
+
+
 def publish_batch(
     records: list[dict[str, Any]], pngs: list[bytes | None], digests: list[str | None], journal: JsonLines
 ) -> None:
@@ -356,7 +361,7 @@ def publish_batch(
                 try:
                     staged[i] = stage(Path(record["output"]), png)
                 except OSError as err:
-                    record["status"] = f"failed: write: {err.strerror or err}"
+                    _unwritten(record, f"failed: write: {err.strerror or err}")
         journal.append(journal_row(r, png, d) for r, png, d in zip(records, pngs, digests, strict=True))
         failed = []
         for i, tmp in staged.items():
@@ -364,13 +369,12 @@ def publish_batch(
             try:
                 publish(tmp, out)
                 if read_regular(out) != pngs[i]:
-                    record["status"] = "failed: write: the PNG read back differs from the image written"
+                    _unwritten(record, "failed: write: the PNG read back differs from the image written")
             except FileExistsError:
-                record["status"] = "failed: exists"
+                _unwritten(record, "failed: exists")
             except OSError as err:
-                record["status"] = f"failed: write: {err.strerror or err}"
+                _unwritten(record, f"failed: write: {err.strerror or err}")
             if record["status"] != "ok":
-                record.update(pred_robustified=None, distance=None, pgd_survives_after=None)
                 failed.append(record)
         if failed:
             journal.append(journal_row(r, None, None) for r in failed)
