@@ -16,11 +16,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+import safespot.robustify as robustify_module
 from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
-from safespot.robustify import class_names, robustify_files
+from safespot.robustify import _Job, any_failed, class_names, robustify_files
 from safespot.runs import model_input
 from safespot.train import train
+from safespot.utils.files import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # the synthetic data's image size
@@ -157,6 +159,12 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
         "output is required": [f"ckpt_path={ckpt}", f"input={inputs}"],
         "threat.eps must be > 0": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'o'}", "threat.eps=0"],
         "resize must be one of": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'o'}", "resize=pad"],
+        "skip_existing must be true or false": [
+            f"ckpt_path={ckpt}",
+            f"input={inputs}",
+            f"output={tmp_path / 'o'}",
+            "skip_existing=maybe",
+        ],
     }
     for message, overrides in cases.items():
         cfg = compose_config("robustify", overrides, tmp_path / "run")
@@ -207,7 +215,8 @@ TWO_CPU_PROCESSES = ["runtime=ddp_sim"]
 def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     """The files sharded over two ddp_spawn processes (each file robustified once, by position)
     give the same PNG bytes and report rows as one process: the per-file seeds come from the
-    file's bytes, and rank 0 writes the gathered report in input order."""
+    file's bytes, and rank 0 writes the gathered report in input order. Each process journals its
+    own files; a one-process rerun with skip_existing=true reads both journals and keeps every row."""
     folder = tmp_path / "six"
     folder.mkdir()
     rng = np.random.default_rng(1)
@@ -217,7 +226,9 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     two = run(ckpt, str(folder), tmp_path / "two", *FAST, *TWO_CPU_PROCESSES)
 
     assert [r["status"] for r in one] == ["ok"] * 6
-    assert hashes(tmp_path / "two").keys() == hashes(tmp_path / "one").keys()
+    journals = ["journal-1-rank0.jsonl", "journal-1-rank1.jsonl"]
+    assert sorted(hashes(tmp_path / "two")) == sorted([*hashes(tmp_path / "one"), journals[1]])
+    assert [len(journal_rows(tmp_path / "two" / j)) for j in journals] == [3, 3]  # positions 0, 2, 4 and 1, 3, 5
     pngs = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
     assert pngs == [f"img{i}.png" for i in range(6)]
     assert {n: hashes(tmp_path / "two")[n] for n in pngs} == {n: hashes(tmp_path / "one")[n] for n in pngs}
@@ -241,11 +252,18 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     meta_one = json.loads((tmp_path / "one" / "report.json").read_text())["meta"]
     meta_two = json.loads((tmp_path / "two" / "report.json").read_text())["meta"]
     assert (meta_one["world_size"], meta_two["world_size"]) == (1, 2)
-    differ = {"world_size", "strategy", "started", "finished", "seconds"}
+    differ = {"world_size", "strategy", "started", "finished", "seconds", "journal"}
     assert {k: v for k, v in meta_two.items() if k not in differ} == {
         k: v for k, v in meta_one.items() if k not in differ
     }
     assert not list((tmp_path / "two").glob(".*")) and not list((tmp_path / "two").glob("report-*"))
+
+    written = hashes(tmp_path / "two")
+    again = run(ckpt, str(folder), tmp_path / "two", *FAST, "runtime=cpu", "skip_existing=true")
+    assert [r["status"] for r in again] == ["ok"] * 6
+    assert report_rows(tmp_path / "two" / "report-1.csv") == rows_two
+    assert {n: hashes(tmp_path / "two")[n] for n in written} == written
+    assert json.loads((tmp_path / "two" / "report-1.json").read_text())["meta"]["resumed"] == 6
 
 
 def test_the_command_defaults_to_the_fast_search_and_names_the_paper_schedule(tmp_path):
@@ -262,3 +280,162 @@ def test_the_command_defaults_to_the_fast_search_and_names_the_paper_schedule(tm
     assert paper.robustifier.early_exit is None and paper.robustifier.max_iter == 100
     assert paper.robustifier.inner_steps == 20 and paper.robustifier.quantize is True
     assert fast.runtime.precision == "auto" and auto_precision("cpu") == "32-true"
+
+
+def noise_folder(folder: Path, n: int, seed: int = 2) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def report_rows(path: Path) -> list[dict]:
+    """The rows of a report.csv with the output column reduced to its file name."""
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    for row in table:
+        row["output"] = Path(row["output"]).name if row["output"] else ""
+    return table
+
+
+def journal_rows(where: Path) -> list[dict]:
+    """The rows (after the header) of a journal file, or of every journal file in a directory."""
+    paths = sorted(where.glob("journal-*.jsonl")) if where.is_dir() else [where]
+    return [json.loads(line) for p in paths for line in p.read_text().splitlines()[1:]]
+
+
+def test_an_interrupted_run_resumes_with_skip_existing(ckpt, tmp_path, monkeypatch):
+    """A run interrupted at its 3rd file has journalled the 2 files it finished; the rerun with
+    skip_existing=true keeps their rows, robustifies only the other 2 and writes a report with
+    every file: the rows and PNG bytes of an uninterrupted run."""
+    folder = noise_folder(tmp_path / "in", 4)
+    one_by_one = [*FAST, "batch_size=1"]
+    run(ckpt, str(folder), tmp_path / "full", *one_by_one)
+
+    calls, interrupt = [], [3]  # the batch (of one file) to interrupt at, once
+    robustify = _Job.run
+
+    def interrupted_at_the_third(self, batch, images, seeds):
+        calls.append(len(batch))
+        if len(calls) in interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt
+        return robustify(self, batch, images, seeds)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(_Job, "run", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, str(folder), out, *one_by_one)
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png"]
+    assert not list(out.glob("report*")) and not list(out.glob(".*"))
+    earlier = {row["input"]: row for row in journal_rows(out)}
+    assert [Path(i).name for i in earlier] == ["img0.png", "img1.png"]
+
+    calls.clear()
+    records = run(ckpt, str(folder), out, *one_by_one, "skip_existing=true")
+    assert calls == [1, 1]  # only the 2 unfinished files are robustified again
+    assert not any_failed(records) and [r["status"] for r in records] == ["ok"] * 4
+    rows = report_rows(out / "report.csv")
+    assert rows == report_rows(tmp_path / "full" / "report.csv")
+    for row in rows[:2]:  # the earlier rows' values, as journalled
+        journalled = earlier[row["input"]]
+        assert {k: str(journalled[k]) for k in ("distance", "worst_loss", "pred", "pgd_survives_after")} == {
+            k: row[k] for k in ("distance", "worst_loss", "pred", "pgd_survives_after")
+        }
+    pngs = [f"img{i}.png" for i in range(4)]
+    assert {n: hashes(out)[n] for n in pngs} == {n: hashes(tmp_path / "full")[n] for n in pngs}
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["resumed"] == 2 and report["summary"]["ok"] == 4
+    assert not list(out.glob(".*"))
+
+
+def test_skip_existing_keeps_only_files_an_earlier_run_finished_with_these_settings(ckpt, tmp_path):
+    """A PNG changed after its run, or one made with other settings, is not taken for done: it
+    stays ``failed: exists`` (never overwritten); without skip_existing every PNG is refused."""
+    folder = noise_folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    quick = ["robustifier=none", "check_steps=1", "progress=false"]
+    run(ckpt, str(folder), out, *quick)
+    (out / "img1.png").write_bytes((out / "img2.png").read_bytes())
+    refused = "failed: exists (no earlier run with these settings finished it)"
+
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick)] == ["failed: exists"] * 3
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick, "skip_existing=true")] == ["ok", refused, "ok"]
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick, "seed=1", "skip_existing=true")] == [refused] * 3
+    assert (out / "img1.png").read_bytes() == (out / "img2.png").read_bytes()
+
+
+def test_every_input_gets_a_row(ckpt, tmp_path):
+    """Duplicates (a file given twice, a link to it: the first name in input order is robustified),
+    FIFOs (never opened), devices, directories, links to directories and broken links each get a
+    row saying why they were skipped."""
+    folder = noise_folder(tmp_path / "in", 1)
+    (folder / "link.png").symlink_to(folder / "img0.png")
+    (folder / "broken.png").symlink_to(folder / "missing.png")
+    (folder / "sub").mkdir()
+    (folder / "sub-link").symlink_to(folder / "sub")
+    os.mkfifo(folder / "pipe.png")
+    fifo = tmp_path / "lone.png"
+    os.mkfifo(fifo)
+    inputs = f"[{folder},{folder / 'img0.png'},/dev/null,{fifo}]"
+    records = run(ckpt, inputs, tmp_path / "out", "robustifier=none", "check_steps=1", "progress=false")
+    first = folder / "img0.png"
+    assert [(r["input"], r["status"]) for r in records] == [
+        (str(folder / "broken.png"), "skipped: broken symbolic link"),
+        (str(first), "ok"),
+        (str(folder / "link.png"), f"skipped: duplicate of {first}"),
+        (str(folder / "pipe.png"), "skipped: not a regular file (fifo)"),
+        (str(folder / "sub"), "skipped: a directory (input directories are not read recursively)"),
+        (str(folder / "sub-link"), "skipped: a link to a directory (input directories are not read recursively)"),
+        (str(first), f"skipped: duplicate of {first}"),
+        ("/dev/null", "skipped: not a regular file (character device)"),
+        (str(fifo), "skipped: not a regular file (fifo)"),
+    ]
+    assert len(report_rows(tmp_path / "out" / "report.csv")) == 9
+
+
+def test_report_names_never_follow_a_link_nor_fail_after_the_work(ckpt, inputs, tmp_path):
+    """A dangling ``report.csv`` link and a ``report-1.json`` link to a file: the report goes to
+    ``report-2.*``, the links and their target untouched; a temporary file a killed run left
+    behind is removed at the start."""
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.json"
+    victim.write_text("keep")
+    (out / "report.csv").symlink_to(tmp_path / "nowhere.csv")
+    (out / "report-1.json").symlink_to(victim)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    left = stage(out / "cat.png", b"half a PNG")
+    stale = left.rename(out / left.name.replace(f".{os.getpid()}.", f".{child.pid}."))
+    records = run(ckpt, str(inputs / "cat.png"), out, "robustifier=none", "check_steps=1", "progress=false")
+    assert [r["status"] for r in records] == ["ok"]
+    assert (out / "report-2.csv").is_file() and (out / "report-2.json").is_file()
+    assert victim.read_text() == "keep" and not (out / "report.csv").exists() and (out / "report.csv").is_symlink()
+    assert not os.path.lexists(out / "report-1.csv") and not os.path.lexists(stale)
+
+
+def test_a_png_name_taken_while_writing_is_refused_and_superseded_in_the_journal(ckpt, inputs, tmp_path, monkeypatch):
+    """Rows go to the journal before the PNGs get their names; a name another run takes in
+    between makes the file ``failed: exists`` (the other file kept), with a second journal row
+    that supersedes the first, so a resumed run does not take the other file for this one."""
+    link = robustify_module.publish
+
+    def racing(tmp, path):
+        path.write_bytes(b"another run's")
+        link(tmp, path)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(robustify_module, "publish", racing)
+    quick = ["robustifier=none", "check_steps=1", "progress=false"]
+    records = run(ckpt, str(inputs / "cat.png"), out, *quick)
+    assert [(r["status"], r["pred_robustified"]) for r in records] == [("failed: exists", None)]
+    assert [(row["status"], row["output_sha256"] is None) for row in journal_rows(out)] == [
+        ("ok", False),
+        ("failed: exists", True),
+    ]
+    assert (out / "cat.png").read_bytes() == b"another run's" and not list(out.glob(".*"))
+    monkeypatch.undo()
+    again = run(ckpt, str(inputs / "cat.png"), out, *quick, "skip_existing=true")
+    assert [r["status"] for r in again] == ["failed: exists (no earlier run with these settings finished it)"]
