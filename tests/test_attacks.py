@@ -1,8 +1,9 @@
+import hydra
 import pytest
 import torch
 import torch.nn.functional as F
 
-from safespot.attacks import PGD, attack_context, fgsm, fgsm_rs
+from safespot.attacks import PGD, NoisyViewAttack, attack_context, fgsm, fgsm_rs
 from safespot.threat import LpBall, ThreatConfigError
 
 
@@ -136,3 +137,56 @@ def test_trades_kl_start_follows_the_per_image_seeds(tiny_net, images):
     assert bool(LpBall("linf", 8 / 255).contains(whole, x).all())
     with torch.no_grad():
         assert trades_kl(tiny_net(x), tiny_net(whole), "sum") > trades_kl(tiny_net(x), tiny_net(x), "sum")
+
+
+# --- the default step size: eps / 4 (paper 000, Section 4; paper 002, Appendix C) --------------
+def _linear_net(w: torch.Tensor) -> torch.nn.Module:
+    """Two-class logits ``[0, <w, x>]``: the input gradient of CE at label 0 has the sign of ``w``."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(w.numel(), 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.stack([torch.zeros_like(w), w]))
+    return net
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_one_pgd_step_from_the_input_moves_exactly_eps_over_four(norm, eps):
+    """The default step is eps/4, whatever the number of steps (not 2.5 eps / steps, not eps/5):
+    one step from a non-random start on a linear model is that long, along the gradient's sign."""
+    w = torch.tensor([1.0, -2.0, 0.5, -0.25, 3.0, -1.0])
+    net, x, y = _linear_net(w), torch.full((1, 1, 2, 3), 0.5), torch.zeros(1, dtype=torch.long)
+    for steps in (1, 3, 20):
+        attack = PGD(norm, eps, steps=steps, random_start=False)
+        assert attack.step_size == pytest.approx(eps / 4, rel=1e-12)
+        taken = PGD(norm, eps, steps=1, random_start=False, step_size=attack.step_size)(net, x, y) - x
+        direction = w.sign() if norm == "linf" else w / w.norm()
+        assert torch.allclose(taken.flatten(), eps / 4 * direction, atol=1e-7)
+    once = PGD(norm, eps, steps=1, random_start=False)(net, x, y) - x
+    assert LpBall(norm, eps).size(once).item() == pytest.approx(eps / 4, rel=1e-6)
+
+
+PGD_PRESETS = [
+    "pgd10",
+    "pgd100",
+    "pgd100_cw",
+    "pgd100_eot",
+    "pgd20",
+    "pgd20_restarts10",
+    "pgd_cw",
+    "pgd_dlr",
+    "pgd_eot",
+    "pgd_noisy",
+    "epgd",
+]
+PRESET_CASES = [(o, t) for o in PGD_PRESETS for t in ("linf_8", "l2_0.5")]
+PRESET_CASES += [("pgd_train", t) for t in ("linf_8", "linf_4", "l2_0.5", "l2_3.0")]  # threat.step_size
+
+
+@pytest.mark.parametrize("option,threat", PRESET_CASES, ids=[f"{o}-{t}" for o, t in PRESET_CASES])
+def test_every_pgd_preset_and_threat_steps_eps_over_four(make_cfg, option, threat):
+    """Each PGD preset of conf/attack (and the training attack of each threat preset, Rice et al.
+    2020 / paper 002 Appendix C: PGD-10 with step eps/4) steps eps/4."""
+    cfg = make_cfg("ckpt_path=x", f"threat={threat}", f"+attack@preset={option}", name="evaluate")
+    attack = hydra.utils.instantiate(cfg.preset)
+    pgd = attack.attack if isinstance(attack, NoisyViewAttack) else attack
+    assert isinstance(pgd, PGD), option
+    assert pgd.step_size == pytest.approx(pgd.eps / 4, rel=1e-9), (option, threat, pgd.step_size, pgd.eps)

@@ -24,7 +24,7 @@ from safespot.methods.ood import kl_from_uniform, uniform_cross_entropy
 from safespot.ood import MSP, Mahalanobis, SafeSpotScore, fpr_at_tpr, mean_std, ood_metrics
 from safespot.ood.detectors import DetectorError, resolve_layers, stage_modules
 from safespot.ood.evaluate import build_detectors, evaluate_ood
-from safespot.ood.metrics import labelled
+from safespot.ood.metrics import labelled, threshold_at_tpr
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
 
@@ -58,6 +58,32 @@ def test_metrics_match_a_hand_computed_example_with_ties():
     scores, targets = labelled(inliers, outliers)
     assert fpr_at_tpr(scores, targets, 0.6) == pytest.approx(0.4)
     assert fpr_at_tpr(scores, targets, 0.4) == pytest.approx(0.2)
+
+
+def test_fpr95_is_read_at_95_percent_tpr_with_outliers_positive_and_ties_moving_together():
+    """20 outliers (positive, higher = more anomalous), 10 in-distribution images. By hand:
+    score >= 9 flags 18 outliers (TPR 0.90) and the inlier 9.5 (FPR 0.1); score >= 5 flags the
+    19th outlier (TPR 0.95) and, tied with it, the inliers 5 and 5 (FPR 0.3); score >= 2 flags
+    all 20 (TPR 1, needed for any level above 0.95) and 7 inliers (FPR 0.7). FPR95 is 0.3: not
+    the FPR at 90% (0.1) or 96% (0.7), and not 0.1 as it would be if the tied outlier were
+    counted before the tied inliers."""
+    inliers = [9.5, 5.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.0, 0.5, 0.0]
+    outliers = [float(s) for s in range(10, 27)] + [9.0, 5.0, 2.0]
+    scores, targets = labelled(inliers, outliers)
+    levels = {0.90: 0.1, 0.95: 0.3, 0.96: 0.7, 1.0: 0.7, 0.85: 0.0}
+    assert {level: fpr_at_tpr(scores, targets, level) for level in levels} == pytest.approx(levels)
+    m = ood_metrics(inliers, outliers)
+    assert m["fpr95"] == pytest.approx(0.3)
+    # AUROC: 17 outliers beat all 10 inliers, 9 beats 9, 5 beats 7 and ties 2, 2 beats 3 and ties 1
+    assert m["auroc"] == pytest.approx((170 + 9 + 7 + 1 + 3 + 0.5) / 200)
+    # AUPR-Out (average precision): recall 17/20 at precision 1, then one outlier each at 18/19,
+    # 19/22 (the two tied inliers flagged with it) and 20/27
+    assert m["aupr"] == pytest.approx(17 / 20 + (18 / 19 + 19 / 22 + 20 / 27) / 20, rel=1e-6)
+    # the operating point's score threshold (flag score >= t): the 19th highest outlier score
+    assert threshold_at_tpr(inliers, outliers) == 5.0
+    assert threshold_at_tpr(inliers, outliers, 0.90) == 9.0 and threshold_at_tpr(inliers, outliers, 0.96) == 2.0
+    # the positive class is the outliers': swapping the roles gives another number
+    assert ood_metrics(outliers, inliers)["fpr95"] == pytest.approx(1.0)
 
 
 def test_a_detector_that_outputs_the_label_is_perfect_and_its_negation_worst():

@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safespot.evaluation.rejection_metrics import point_sets, rejection_metrics, with_clean, worst_case
+from safespot.evaluation.rejection_metrics import (
+    calibrate_threshold,
+    point_sets,
+    rejection_metrics,
+    with_clean,
+    worst_case,
+)
 
 N_DRAWS = 400
 
@@ -128,3 +134,24 @@ def test_point_sets_put_the_clean_image_first():
     assert with_clean(["a", "clean", "a", "b"]) == ["clean", "a", "b"]
     with pytest.raises(ValueError, match="no attacks"):
         rejection_metrics(_records(correct[:1], scores[:1], ["clean"]), "r", "vote")
+
+
+def test_threshold_at_ten_percent_rejection_on_hand_built_scores_with_a_tie():
+    """25 clean images, 19 correct with scores 0.1, 0.2, 0.3, 0.3, 0.5, ..., 6 wrong (scores 0.05
+    and 0.9: rejecting wrong images costs nothing). ``test_set``: floor(0.1 * 25) = 2 correct images
+    may be rejected, the threshold is the third-lowest correct score 0.3 and rejects 0.1 and 0.2
+    (the tied 0.3s are accepted together, the score 0.3 itself is accepted). ``correct``:
+    floor(0.1 * 19) = 1, threshold 0.2."""
+    correct_scores = [0.1, 0.2, 0.3, 0.3] + [0.5 + 0.02 * i for i in range(15)]
+    scores = np.array(correct_scores + [0.05] * 3 + [0.9] * 3)
+    correct = np.arange(25) < 19
+    assert calibrate_threshold(scores, correct, 0.10) == 0.3
+    assert calibrate_threshold(scores, correct, 0.10, "correct") == 0.2
+    points = ["clean", "a"]
+    records = _records(np.stack([correct, correct]), np.stack([scores, np.full(25, 0.3)]), points)
+    m = rejection_metrics(records, "r", "vote", budget=0.10)
+    assert m["threshold"] == 0.3
+    assert m["clean_correct_rejected"] == pytest.approx(100 * 2 / 25)
+    assert m["clean_rejected"] == pytest.approx(100 * 5 / 25)  # and the three wrong images at 0.05
+    assert m["acc_nat_rej"] == pytest.approx(100 * 17 / 20)  # 17 correct of the 20 accepted
+    assert m["mpr"] == pytest.approx(100 * 5 / 25)  # attack a's points score 0.3: accepted

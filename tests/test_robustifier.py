@@ -1,7 +1,11 @@
 """The safe-spot search (paper 002, Algorithm 1) and its baselines."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SYNTHETIC, compose_config
 from safespot.attacks import PGD
@@ -122,6 +126,20 @@ def test_8bit_projection_stays_in_ball_on_the_grid(norm, delta):
     assert torch.equal(q, round_trip_8bit(q))
     assert ball.contains(q, x_o, tol=1e-6).all()
     assert (q - x_r).abs().max() <= 1 / 255 + 1e-6 if norm == "linf" else ball.distance(q, x_r).max() < delta
+
+
+def test_8bit_projection_rounds_to_the_nearest_grid_point_inside_the_ball():
+    """Hand values (in units of 1/255) around x_o = 100 with delta = 8.6: l_inf rounds each pixel
+    (103.4 -> 103, 103.6 -> 104) and clamps to the grid points of [91.4, 108.6] (108.6 -> 108,
+    91.2 -> 92); l_2 on one pixel keeps the largest rounding inside the ball (108.6 -> 108)."""
+    from safespot.defenses.quantize import project_to_8bit
+
+    x_o = torch.full((4, 1, 1, 1), 100 / 255)
+    x_r = torch.tensor([103.4, 103.6, 108.6, 91.2]).view(4, 1, 1, 1) / 255
+    q = project_to_8bit(x_r, x_o, LpBall("linf", 8.6 / 255))
+    assert (q.flatten() * 255).round().tolist() == [103, 104, 108, 92]
+    q = project_to_8bit(x_r, x_o, LpBall("l2", 8.6 / 255))
+    assert (q.flatten() * 255).round().tolist() == [103, 104, 108, 92]
 
 
 def test_quantized_search_returns_8bit_images(tiny_net, images):
@@ -344,3 +362,68 @@ def test_search_on_a_smoothed_model_does_not_depend_on_its_batch(tiny_net, image
     assert torch.allclose(alone.x_r[0], whole.x_r[5], atol=1e-5)
     assert torch.allclose(reversed_batch.x_r.flip(0), whole.x_r, atol=1e-5)
     assert torch.allclose(pooled.x_r, whole.x_r, atol=1e-5)
+
+
+# --- 8-bit output: the reported loss and success are those of the quantised image ------------
+class _Threshold(torch.nn.Module):
+    """One-pixel images: logits ``[-z/2, z/2]``, ``z = k (x - b)`` per image: class 1 above the
+    boundary ``b``, and an input gradient that never vanishes in float32 (both logits move)."""
+
+    def __init__(self, boundary: torch.Tensor, k: float = 255.0) -> None:
+        super().__init__()
+        self.boundary, self.k = boundary, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.k * (x.flatten(1)[:, :1] - self.boundary[: len(x), None])
+        return torch.cat([-z / 2, z / 2], 1)
+
+
+QUANTIZED_CASES = [
+    ("search", {"early_exit": None, "output": "last"}),
+    ("search", {"early_exit": 1, "output": "last"}),
+    ("search", {"early_exit": 1, "output": "best"}),
+    ("fgsm", {}),
+    ("pgd", {}),
+]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind,options", QUANTIZED_CASES, ids=[f"{k}-{o}" for k, o in QUANTIZED_CASES])
+def test_quantized_robustification_reports_the_loss_and_success_of_the_8bit_image(kind, options):
+    """l_2 on one-pixel images, delta = eps = 8.6/255, x_o = 100/255: every robustifier moves x_r
+    to x_o + delta = 108.6/255 (the protected class lies above), whose 8-bit projection inside
+    B_delta(x_o) is 108/255. The worst case of the inner attack is x_r - eps: 100/255 before
+    quantisation, 99.4/255 after. Image 0's boundary (99.7/255) lies between the two: only the
+    quantised image is broken, and the report must say so (loss at 99.4/255, attack succeeded,
+    no early exit). Image 1's boundary (95/255) lies below both: unbroken either way."""
+    delta = 8.6 / 255
+    x_o = torch.full((2, 1, 1, 1), 100 / 255)
+    boundary = torch.tensor([99.7 / 255, 95 / 255])
+    model = _Threshold(boundary)
+    common = {"eps": delta, "quantize": True}
+    robustifier = {
+        "search": lambda: SafeSpotSearch(
+            "l2",
+            delta,
+            max_iter=1 if options["early_exit"] is None else 5,
+            beta=10.0,
+            inner_steps=10,  # 8 steps of eps/4 reach x_r - eps from any start
+            init="original",
+            **options,
+            **common,
+        ),
+        "fgsm": lambda: SafeSpotFGSM("l2", delta, **common),
+        "pgd": lambda: SafeSpotPGD("l2", delta, **common),
+    }[kind]()
+    result = robustifier(model, x_o, seeds=torch.arange(2))
+    assert result.protected.tolist() == [1, 1]
+    assert torch.allclose(result.x_r.flatten(), torch.full((2,), 108 / 255), atol=1e-7)
+    worst = result.x_r.flatten() - delta  # 99.4/255: the end of the inner attack at the 8-bit image
+    expected = F.softplus(-model.k * (worst - boundary))  # CE of class 1: softplus(-z)
+    assert result.attack_succeeded.tolist() == [True, False]
+    assert torch.allclose(result.worst_loss, expected, rtol=1e-4)
+    assert result.worst_loss[0] > math.log(2)  # on the wrong side of the boundary: > CE at a tie
+    if kind == "search" and options["early_exit"] is not None:
+        assert result.early_exit.tolist() == [False, True]  # left early, but broken once quantised
+    unquantized = replace(robustifier, quantize=False)(model, x_o, seeds=torch.arange(2))
+    assert not unquantized.attack_succeeded.any()  # the case depends on the quantisation

@@ -29,6 +29,8 @@ from safespot.smoothing import (
     certified_curve,
     clopper_pearson_lower,
 )
+from safespot.smoothing.certified import certified_table
+from safespot.smoothing.smoothed import Certificate
 from safespot.threat import LpBall, ThreatConfigError
 from safespot.utils.plain import to_plain
 
@@ -249,6 +251,30 @@ def test_certify_evaluation_fields_and_certified_accuracy():
         assert torch.equal(torch.cat([h[key] for h in halves]), value)
     with pytest.raises(ValueError, match="smoothed classifier"):
         evaluation(base, x, y, torch.arange(4))
+
+
+def test_a_radius_equal_to_the_query_radius_counts_as_certified(monkeypatch):
+    """Cohen et al. (2019): certified accuracy at r counts the correct images with radius >= r,
+    so a radius exactly r is certified at r. Radii on the papers' grid (exact in float32), one
+    just below 0.25 and one correct only at radius 0 (pA_lower = 1/2 exactly certifies a radius 0)."""
+    radius = [0.25, 0.5, 0.0, 0.2499, 0.75, 1.0]
+    correct = [True, True, True, True, False, True]
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    expected = [5 / 6, 3 / 6, 2 / 6, 1 / 6, 1 / 6]  # by hand: images {0,1,2,3,5}, {0,1,5}, {1,5}, {5}, {5}
+    assert certified_accuracy(radius, correct, grid).tolist() == pytest.approx(expected)
+    assert certified_accuracy(radius, correct, 0.5) == pytest.approx(2 / 6)
+    records = pd.DataFrame({"c/radius": radius, "c/correct": correct})
+    assert certified_table(records, ["c"], grid)["c"].tolist() == pytest.approx(expected)
+    # the evaluation's per-image fields (whose means are the summary's cert_<r>) agree
+    model = SmoothedClassifier(LinearTwoClass(torch.ones(1), 0.0), 0.25)
+    y = torch.tensor([1, 1, 1, 1, 0, 1])
+    pred = torch.tensor([1, 1, 1, 1, 1, 1])
+    certificate = Certificate(pred, torch.tensor(radius), torch.full((6,), 0.9), torch.zeros(6, 2))
+    monkeypatch.setattr(model, "certify", lambda *args, **kwargs: certificate)
+    fields, _ = CertifyEvaluation("c", radii=grid)(model, torch.zeros(6, 1), y, torch.arange(6))
+    assert fields["c/correct"].tolist() == correct
+    means = [fields[f"c/cert_{r:g}"].float().mean().item() for r in grid]
+    assert means == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

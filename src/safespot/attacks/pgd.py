@@ -41,7 +41,9 @@ class PGD:
     Args:
         norm, eps: the threat model (see :class:`safespot.threat.LpBall`).
         steps: number of gradient steps (>= 1).
-        step_size: step length; defaults to ``eps / 4`` (the papers' evaluation setting).
+        step_size: step length; defaults to ``eps / 4`` whatever ``steps`` is (paper 000, Section 4:
+            20-step PGD with step eps/4; paper 002, Appendix C: the inner PGD's alpha = eps/4 and
+            the 10-step training attack with step eps/4).
         random_start: start uniformly inside the ball instead of at the input.
         restarts: independent runs; per image the first successful one is kept, else the
             one with the highest loss (for a voting model: success and loss of its vote).
