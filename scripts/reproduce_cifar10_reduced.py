@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 
 from safespot.report import PREEMPTIONS, load_run, preemptive_table, safe_spot_table, to_markdown  # noqa: E402
 from safespot.reproduce import check_evaluations, checkpoint_in, new_output_dir, parse_pairs, run_logged, write_report  # noqa: E402
-from safespot.stats import accuracy, paired_difference, verdict  # noqa: E402
+from safespot.stats import SMALLEST_EFFECT, accuracy, paired_difference, verdict  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
 # model -> (checkpoint the papers evaluate, row label); run name reduced_cifar10_<model>[_<norm>]
@@ -49,6 +49,11 @@ KINDS = {
 }
 NORMS = {"linf": ("l_inf", "8/255", []), "l2": ("l_2", "0.5", ["threat=l2_0.5"])}
 DEFAULT_MODELS = "natural,preemptive,adv"
+
+
+def _verdict(diff):
+    """The claim's verdict with the smallest effect of interest (1 pp)."""
+    return verdict(diff, smallest=SMALLEST_EFFECT)
 
 
 def run_name(kind: str, norm: str) -> str:
@@ -221,7 +226,14 @@ def interval_section(eval_dirs: list[Path], norm: str = "linf") -> list[str]:
             other = flags(r, f"{key}_pgd/correct")
             if full is not None and other is not None:
                 diff = paired_difference(full.to_numpy(), other.to_numpy())
-                claims.append((label, f"grey-box PGD accuracy, S-Full minus {name}", diff.percent(), verdict(diff)))
+                claims.append(
+                    (
+                        label,
+                        f"grey-box PGD accuracy, S-Full minus {name}",
+                        diff.percent(),
+                        _verdict(diff),
+                    )
+                )
     adv = records.get("ADV")
     for label in ("Ours (preemptive)", "S-FGSM+ADV", "S-PGD+ADV"):
         ours = records.get(label)
@@ -236,7 +248,12 @@ def interval_section(eval_dirs: list[Path], norm: str = "linf") -> list[str]:
                 source = f"paper 000, Table 1: {PAPER_000_ROWS[norm][label][1]} vs {PAPER_000_ROWS[norm]['ADV'][1]}"
             text = f"grey-box PGD accuracy under S-Full, {label} minus ADV ({source})"
             claims.append(
-                ("both" if label.startswith("Ours") else f"{label} vs ADV", text, diff.percent(), verdict(diff))
+                (
+                    "both" if label.startswith("Ours") else f"{label} vs ADV",
+                    text,
+                    diff.percent(),
+                    _verdict(diff),
+                )
             )
         if not label.startswith("Ours"):  # paper 000: safe-spot-aware training keeps a higher clean accuracy
             a, b = flags(ours, "preempt_none/correct"), flags(adv, "preempt_none/correct")
@@ -248,7 +265,7 @@ def interval_section(eval_dirs: list[Path], norm: str = "linf") -> list[str]:
                         f"clean accuracy, {label} minus ADV (paper 000, Table 1: "
                         f"{PAPER_000_ROWS[norm][label][0]} vs {PAPER_000_ROWS[norm]['ADV'][0]})",
                         diff.percent(),
-                        verdict(diff),
+                        _verdict(diff),
                     )
                 )
     columns = ["Model", "Claim (same images)", "Difference [95% CI]", "Verdict"]

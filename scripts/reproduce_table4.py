@@ -57,7 +57,7 @@ from safespot.reproduce import (  # noqa: E402
     run_logged,
     write_report,
 )
-from safespot.stats import auroc_difference, verdict  # noqa: E402
+from safespot.stats import SMALLEST_EFFECT, auroc_difference, verdict  # noqa: E402
 from safespot.utils.tables import markdown_table  # noqa: E402
 
 NEAR = "cifar10_ship_truck"
@@ -78,6 +78,11 @@ FIGURE = "{training-curves-figure}"  # replaced by the figure's path relative to
 PUBLISHED = """Paper 000, Table 4 (D_in = CIFAR-10, WRN-40-2, averaged over 10 runs; near outliers CIFAR-100 /
 TinyImageNet / LSUN): AUROC Mahalanobis 72.43 / 74.26 / 81.40, OE 94.34 / 94.04 / 97.99, Gram 93.73 /
 93.56 / 97.56, Ours 95.06 / 94.55 / 98.33; Gaussian noise 100.00 / 99.78 / 99.99 / 99.91."""
+
+
+def _verdict(diff):
+    """The claim's verdict with the smallest effect of interest (1 pp)."""
+    return verdict(diff, smallest=SMALLEST_EFFECT)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -330,7 +335,7 @@ def claims(evals: dict[int, Path]) -> pd.DataFrame:
                 continue
             diff = auroc_difference(groups)
             per_seed = [auroc_difference([g], n_boot=10).value for g in groups]
-            word = verdict(diff)
+            word = _verdict(diff)
             if word == "holds" and min(per_seed) <= 0:  # the image-level interval is conditional on the models
                 word = "inconclusive at this scale"
             rows.append(

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from safespot.demo import ROBUSTIFIED, main, new_directory, run_demo
-from safespot.stats import accuracy, paired_difference, verdict
+from safespot.stats import SMALLEST_EFFECT, accuracy, paired_difference, verdict
 
 QUICK = [
     "data=synthetic",
@@ -59,7 +59,9 @@ def test_paired_difference_counts_discordant_images_and_gives_a_verdict():
     assert diff.low < diff.value < diff.high and diff.p_value < 1e-6
     assert verdict(diff) == "holds" and verdict(paired_difference(original, robustified)) == "does not hold"
     same = paired_difference(original, original)
-    assert same.value == 0 and same.p_value == 1.0 and verdict(same) == "does not hold"
+    assert same.value == 0 and same.p_value == 1.0 and same.low < 0 < same.high  # no collapse to [0, 0]
+    assert verdict(same) == "inconclusive at this scale"  # no smallest effect declared: an interval around 0
+    assert verdict(same, smallest=SMALLEST_EFFECT) == "does not hold"  # excludes every gain of 1 pp
     noisy = paired_difference([True, False, True, False], [False, True, True, False])
     assert verdict(noisy) == "inconclusive at this scale"
     assert verdict(same, "equal", margin=0.05) == "holds"

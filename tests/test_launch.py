@@ -52,7 +52,7 @@ def _env(log_dir: Path, **extra: str) -> dict[str, str]:
 
 def _command(script: str, *args: str, log_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
     """``python <script> args`` from ``cwd`` (not the checkout), as a user runs it."""
-    cmd = [sys.executable, str(ROOT / script), *QUIET, *args]
+    cmd = [sys.executable, str(ROOT / script), *args, *QUIET]
     return subprocess.run(cmd, cwd=cwd, env=_env(log_dir), capture_output=True, text=True, timeout=TIMEOUT)
 
 

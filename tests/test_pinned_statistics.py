@@ -43,26 +43,53 @@ def test_mcnemar_is_the_exact_two_sided_binomial_test(a_only, b_only, p):
 
 
 def test_mcnemar_p_is_printed_with_two_significant_digits():
-    """n = 20, b = 1, c = 8: difference -0.35, sample variance (1.35^2 + 8 * 0.65^2 + 11 * 0.35^2) / 19,
-    standard error 0.1313, interval -0.35 -+ 0.2573."""
+    """n = 20, b = 1, c = 8: difference -0.35 with Newcombe's paired interval, McNemar p 20/512."""
     diff = paired_difference(*_pairs(1, 8, both=5, neither=6))
-    assert diff.percent() == "-35.0 pp [-60.7, -9.3], McNemar p = 0.039"
+    assert diff.percent() == "-35.0 pp [-56.3, -6.4], McNemar p = 0.039"
 
 
-# --- the paired difference: Wald interval of the per-image differences ------------------------
-def test_paired_difference_interval_is_the_wald_interval_with_the_sample_deviation():
-    """n = 10, 3 images correct under a only, 1 under b only: differences (1, 1, 1, -1, 0 x 6),
-    mean 0.2, sample variance (3 * 0.8^2 + 1.2^2 + 6 * 0.2^2) / 9 = 0.4, standard error 0.2."""
+# --- the paired difference: Newcombe's hybrid score interval (1998, method 10) -----------------
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval in closed form."""
+    p = k / n
+    centre, spread = p + Z**2 / (2 * n), Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2))
+    return (centre - spread) / (1 + Z**2 / n), (centre + spread) / (1 + Z**2 / n)
+
+
+def test_paired_difference_interval_is_newcombes_published_example():
+    """The paired table (59, 6 / 16, 80) of the textbook example (Fagerland, Lydersen and Laake,
+    "Statistical Analysis of Contingency Tables", chapter 8): -0.0621 (95% CI -0.1186 to -0.0046)."""
+    diff = paired_difference(*_pairs(6, 16, both=59, neither=80))
+    assert round(diff.value, 4) == -0.0621
+    assert (round(diff.low, 4), round(diff.high, 4)) == (-0.1186, -0.0046)
+
+
+def test_paired_difference_interval_combines_the_wilson_intervals_with_the_pairs_correlation():
+    """10 images, 7 correct under both and 3 under neither: no discordant pair, yet the interval
+    is not the point [0, 0]: the Wilson half-widths of 0.7 combined with the continuity-corrected
+    correlation (ad - bc - n/2) / sqrt(7 * 3 * 7 * 3) = 16/21."""
+    low, high = _wilson(7, 10)
+    phi = 16 / 21
+    half_below = math.sqrt((0.7 - low) ** 2 - 2 * phi * (0.7 - low) * (high - 0.7) + (high - 0.7) ** 2)
+    half_above = math.sqrt((high - 0.7) ** 2 - 2 * phi * (high - 0.7) * (0.7 - low) + (0.7 - low) ** 2)
+    diff = paired_difference(*_pairs(0, 0, both=7, neither=3))
+    assert diff.value == 0 and diff.p_value == 1.0
+    assert (diff.low, diff.high) == pytest.approx((-half_below, half_above), abs=1e-12)
+    assert diff.high > 0.19  # a Wald interval would be [0, 0]
+
+
+def test_paired_difference_correlation_is_zero_inside_the_continuity_band_and_clipped_to_one():
+    """n = 10, (4 both, 3 / 1 discordant, 2 neither): ad - bc = 5 = n/2, so the correlation term is
+    0 and the interval is the square-and-add of the two Wilson intervals; n = 3 with (0, 2, 0, 1):
+    a margin is empty, the correlation 0, and the interval stays inside [-1, 1]."""
+    (l1, u1), (l2, u2) = _wilson(7, 10), _wilson(5, 10)
     diff = paired_difference(*_pairs(3, 1, both=4, neither=2))
-    assert diff.value == pytest.approx(0.2)
-    assert (diff.low, diff.high) == pytest.approx((0.2 - Z * 0.2, 0.2 + Z * 0.2), abs=1e-12)
-
-
-def test_paired_difference_interval_is_clipped_to_minus_one_one():
-    """n = 3 with differences (1, 1, 0): mean 2/3, standard error sqrt(1/3) / sqrt(3) = 1/3; the
-    upper end 2/3 + Z/3 > 1 is clipped, the lower one is not."""
-    diff = paired_difference(*_pairs(2, 0, neither=1))
-    assert diff.low == pytest.approx(2 / 3 - Z / 3, abs=1e-12) and diff.high == 1.0
+    expected = (0.2 - math.hypot(0.7 - l1, u2 - 0.5), 0.2 + math.hypot(u1 - 0.7, 0.5 - l2))
+    assert (diff.low, diff.high) == pytest.approx(expected, abs=1e-12)
+    small = paired_difference(*_pairs(2, 0, neither=1))
+    (l1, u1), (l2, u2) = _wilson(2, 3), _wilson(0, 3)
+    assert (small.low, small.high) == pytest.approx((2 / 3 - math.hypot(2 / 3 - l1, u2), 2 / 3 + u1 - 2 / 3), abs=1e-12)
+    assert small.low >= -1 and small.high <= 1
 
 
 def test_mean_interval_is_the_wald_interval_with_the_sample_deviation():

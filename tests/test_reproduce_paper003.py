@@ -48,7 +48,7 @@ def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
     row = next(line for line in lines if line.startswith("| (a) | PNI-W: PGD-20"))
     assert row.endswith("| holds |") and re.search(r"\| \+(1[5-9]|2\d)\.\d pp", row)  # about +20 points
     row = next(line for line in lines if line.startswith("| (a) | CNI-W: PGD-20"))
-    assert row.endswith("| does not hold |")  # no change at all
+    assert row.endswith("| inconclusive at this scale |")  # no change, but too few images to exclude a 1 pp gain
     row = next(line for line in lines if line.startswith("| (b) | PGD gain of PNI-W"))
     assert row.endswith("| holds |")
     row = next(line for line in lines if line.startswith("| (c) | PNI-W: PGD-20, prediction minus weighted"))
@@ -63,7 +63,8 @@ def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
     table.to_csv(same["cifar10_cni_w"] / "records.csv", index=False)
     lines_same = reproduce.render(same, [], args).splitlines()
     row = next(line for line in lines_same if line.startswith("| (c) | CNI-W: PGD-20, prediction minus soft"))
-    assert "+0.0 pp [+0.0, +0.0]" in row and row.endswith("| holds |")  # the same vote on every image
+    # the same vote on every image: the interval reaches just past the -1 pp non-inferiority margin
+    assert "+0.0 pp [-1.0, +1.0]" in row and row.endswith("| inconclusive at this scale |")
     assert "| PNI-W | 32 |" in text and "| CNI-W | weighted |" in text and "60.4%" in text
     assert "python train.py experiment=cifar10_cni_w" in text
 

@@ -4,10 +4,10 @@ Every accuracy a report prints comes with a 95% interval: Wilson's score interva
 proportion (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``), which stays inside
 [0, 1] and keeps its coverage for small samples and accuracies near 0 or 1. Two accuracies
 measured on the *same* images (a robustified image against its original, one model against
-another) are compared per image: the difference of the two accuracies with a 95% interval from
-the paired differences (Wald, on the discordant pairs) and McNemar's exact test (a two-sided
-binomial test on the discordant pairs), from which :func:`verdict` reads a plain
-"holds / does not hold / inconclusive at this scale".
+another) are compared per image: the difference of the two accuracies with Newcombe's paired
+score interval (which, unlike a Wald interval, stays informative with few discordant pairs) and
+McNemar's exact test (a two-sided binomial test on the discordant pairs), from which
+:func:`verdict` reads a plain "holds / does not hold / inconclusive at this scale".
 """
 
 from __future__ import annotations
@@ -88,12 +88,39 @@ class PairedDifference:
         return f"{v:+.{digits}f} pp [{lo:+.{digits}f}, {hi:+.{digits}f}], McNemar p = {self.p_value:.2g}"
 
 
+def newcombe_interval(both: int, a_only: int, b_only: int, neither: int, level: float = LEVEL) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for the difference of two proportions measured on the same
+    units (Newcombe 1998, "Improved confidence intervals for the difference between binomial
+    proportions based on paired data", Stat. Med. 17, method 10): the Wilson intervals of the two
+    accuracies combined with the estimated correlation of the pairs (its continuity-corrected
+    form, 0 for ``0 <= ad - bc <= n/2``). Unlike the Wald interval it does not collapse to a point
+    when the discordant pairs are few or none, and stays inside [-1, 1]."""
+    n = both + a_only + b_only + neither
+    p1, p2 = (both + a_only) / n, (both + b_only) / n
+    l1, u1 = _wilson(both + a_only, n, level)
+    l2, u2 = _wilson(both + b_only, n, level)
+    margins = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    cross = both * neither - a_only * b_only
+    if margins == 0 or 0 <= cross <= n / 2:
+        phi = 0.0
+    else:
+        phi = (cross - n / 2 if cross > n / 2 else cross) / math.sqrt(margins)
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, p1 - p2 - below), min(1.0, p1 - p2 + above)
+
+
+def _wilson(k: int, n: int, level: float) -> tuple[float, float]:
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def paired_difference(
     a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray, level: float = LEVEL
 ) -> PairedDifference:
     """Compare two accuracies measured on the same images (image ``i`` in both ``a[i]`` and
-    ``b[i]``). The interval is the Wald interval of the mean per-image difference (in {-1, 0,
-    1}); the p-value McNemar's exact test, ``binomtest(a_only, a_only + b_only, 0.5)``."""
+    ``b[i]``): the difference with Newcombe's paired score interval (:func:`newcombe_interval`)
+    and McNemar's exact two-sided test, ``binomtest(a_only, a_only + b_only, 0.5)``."""
     fa, fb = _as_bool(a), _as_bool(b)
     if fa.shape != fb.shape:
         raise ValueError(f"paired comparison needs the same images: {fa.size} vs {fb.size} flags")
@@ -101,11 +128,8 @@ def paired_difference(
     a_only, b_only = int((fa & ~fb).sum()), int((fb & ~fa).sum())
     if n == 0:
         return PairedDifference(0, 0, 0, float("nan"), float("nan"), float("nan"))
-    diff = fa.astype(float) - fb.astype(float)
-    mean = float(diff.mean())
-    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    low, high = max(-1.0, mean - z * se), min(1.0, mean + z * se)
+    both = int((fa & fb).sum())
+    low, high = newcombe_interval(both, a_only, b_only, n - both - a_only - b_only, level)
     discordant = a_only + b_only
     p = float(stats.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
     return PairedDifference(n, a_only, b_only, low, high, p)
@@ -135,17 +159,30 @@ def mean_interval(values: Sequence[float] | np.ndarray, level: float = LEVEL) ->
     return MeanInterval(int(v.size), float(v.mean()), float(v.mean() - z * se), float(v.mean() + z * se))
 
 
-def verdict(difference: PairedDifference | MeanInterval, claim: str = "greater", margin: float = 0.0) -> str:
-    """A plain verdict on a claim about ``acc(a) - acc(b)`` from its 95% interval:
-    ``claim="greater"``: a beats b by more than ``margin``; ``"equal"``: the two agree within
-    ``margin`` (a reproduction's "matches the published number up to margin")."""
+#: the smallest difference of accuracies a reproduction's claim is about (1 percentage point): a
+#: claim "a beats b" does not hold when its interval excludes every difference of that size
+SMALLEST_EFFECT = 0.01
+
+
+def verdict(
+    difference: PairedDifference | MeanInterval, claim: str = "greater", margin: float = 0.0, smallest: float = 0.0
+) -> str:
+    """A plain verdict on a claim about ``acc(a) - acc(b)`` from its 95% interval.
+
+    ``claim="greater"``: a beats b by more than ``margin`` (a negative margin: a non-inferiority
+    claim, "at most -margin worse"): holds when the interval lies above ``margin``, does not hold
+    when it lies below ``margin + smallest`` (``smallest``: the smallest effect the claim is about,
+    declared before the data, e.g. :data:`SMALLEST_EFFECT`; with 0, only an interval entirely at
+    or below ``margin``), else inconclusive. ``"equal"``: the two agree within ``margin`` (a
+    reproduction's "matches the published number up to margin")."""
     lo, hi = difference.low, difference.high
     if not difference.n or not (math.isfinite(lo) and math.isfinite(hi)):
         return "inconclusive at this scale"
     if claim == "greater":
         if lo > margin:
             return "holds"
-        return "does not hold" if hi <= margin else "inconclusive at this scale"
+        below = hi < margin + smallest if smallest > 0 else hi <= margin
+        return "does not hold" if below else "inconclusive at this scale"
     if claim == "equal":
         if -margin <= lo and hi <= margin:
             return "holds"
