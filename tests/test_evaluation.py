@@ -17,7 +17,7 @@ from safespot.attacks.losses import cw_margin, dlr
 from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.evaluation import merge_shards, summarize
-from safespot.reproduce import read_records
+from safespot.evaluation.records import groups_of, join_pieces
 from safespot.threat import LpBall
 from safespot.train import train
 
@@ -222,13 +222,17 @@ def test_evaluation_run_in_test_parts_equals_one_run(checkpoints, tmp_path, smoo
     args = ["evaluation=[clean,pgd]", "data.test_subset=11", "data.eval_batch_size=4"]
     if smoothed:
         args += ["smoothing.sigma=0.05", "smoothing.m=2", "smoothing.n_vote=8"]
-    _, whole = _evaluate(checkpoints["adversarial"], tmp_path / "whole", *args)
+    summary, whole = _evaluate(checkpoints["adversarial"], tmp_path / "whole", *args)
     parts = [tmp_path / f"part{k}" for k in range(3)]
+    pieces = []
     for k, part in enumerate(parts):
         _, records = _evaluate(checkpoints["adversarial"], part, *args, f"data.test_part=[{k},3]")
         assert 3 <= len(records) <= 4
-    joined = read_records(",".join(str(part) for part in parts))
-    pd.testing.assert_frame_equal(joined, whole.set_index("index").sort_index(), check_exact=False, atol=1e-6)
+        pieces.append(records)
+    meta = json.loads((parts[0] / "results.json").read_text())["meta"]
+    joined, joined_summary = join_pieces(pieces, meta["evaluations"], groups_of(meta))
+    pd.testing.assert_frame_equal(joined, whole, check_exact=False, atol=1e-6)
+    assert joined_summary == pytest.approx({k: v for k, v in summary.items() if k != "meta"})
 
 
 def test_a_test_part_on_two_processes_equals_one_process(checkpoints, tmp_path):
@@ -242,6 +246,52 @@ def test_a_test_part_on_two_processes_equals_one_process(checkpoints, tmp_path):
     assert len(two) == len(one) == 6 and two["index"].is_unique
     pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-5)
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
+
+
+def _sweep_piece(index: list[int], f05: list[int], f1: list[int]) -> pd.DataFrame:
+    """One piece of a white-box budget sweep as its run writes it: the member of lowest accuracy
+    copied into ``w/...`` by the run's own summary."""
+    piece = pd.DataFrame({"index": index, "clean/correct": [True] * len(index)})
+    piece["w_f0.5/correct"], piece["w_f1/correct"] = [bool(v) for v in f05], [bool(v) for v in f1]
+    piece["w_f0.5/dist"], piece["w_f1/dist"] = [0.1] * len(index), [0.2] * len(index)
+    summarize(piece, WHITE_NAMES)
+    return piece
+
+
+WHITE_NAMES = ["clean", "w", "w_f0.5", "w_f1"]
+
+
+def test_joined_pieces_take_one_budget_minimum_over_all_images_as_one_run():
+    """Paper 002's white-box score is the accuracy over all images per eps', then the lowest: piece
+    A's worst budget is 0.5 eps (50% vs 75%), piece B's is eps (100% vs 75%); over all 8 images
+    both budgets give 75%, so the one run reports 75% at 0.5 eps, where a minimum of the pieces'
+    minimums would give 62.5%."""
+    a = _sweep_piece([0, 1, 2, 3], f05=[0, 0, 1, 1], f1=[1, 1, 1, 0])
+    b = _sweep_piece([4, 5, 6, 7], f05=[1, 1, 1, 1], f1=[0, 1, 1, 1])
+    assert a["w/dist"].iloc[0] == 0.1 and b["w/dist"].iloc[0] == 0.2  # each piece chose its own budget
+    one_run = pd.concat([a, b], ignore_index=True)[["index", "clean/correct", "w_f0.5/correct", "w_f1/correct",
+                                                     "w_f0.5/dist", "w_f1/dist"]]  # fmt: skip
+    expected = summarize(one_run, WHITE_NAMES)
+    records, summary = join_pieces([b, a], WHITE_NAMES)  # in any order
+    assert summary == expected
+    assert summary["w/acc"] == 0.75 and summary["w/fraction"] == 0.5
+    assert records["index"].tolist() == list(range(8)) and (records["w/dist"] == 0.1).all()
+    pd.testing.assert_frame_equal(records, one_run)
+    assert pd.concat([a, b])["w/correct"].mean() == 0.625  # what joining the pieces' own choices gives
+
+
+def test_joining_refuses_pieces_that_share_images_or_differ_in_fields():
+    a = _sweep_piece([0, 1], f05=[1, 0], f1=[1, 1])
+    with pytest.raises(ValueError, match="share images"):
+        join_pieces([a, a], WHITE_NAMES)
+    with pytest.raises(ValueError, match="different fields"):
+        join_pieces([a, a.drop(columns=["w_f1/dist"]).assign(index=[2, 3])], WHITE_NAMES)
+
+
+def test_groups_come_from_the_meta_or_from_the_evaluation_config():
+    assert groups_of({"groups": {"r": ["r_pgd"]}}) == {"r": ["r_pgd"]}
+    config = {"r": {"robustifier": {}, "attacks": {"pgd": {}, "aa": {}}}, "clean": {}, "r2": {"robustifier": {}}}
+    assert groups_of({"evaluation_config": config}) == {"r": ["r_pgd", "r_aa"]}
 
 
 def test_safe_spot_rate_only_for_groups_whose_images_were_attacked():

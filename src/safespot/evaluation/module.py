@@ -128,7 +128,8 @@ class EvaluationModule(L.LightningModule):
             self.log(key, float(value), rank_zero_only=True)
         if self.global_rank == 0:
             if self.output_dir is not None:
-                write_results(self.output_dir, records, self.summary, {**self.meta, "evaluations": self.names})
+                meta = {**self.meta, "evaluations": self.names, "groups": self.groups}
+                write_results(self.output_dir, records, self.summary, meta)
                 write_certificates(records, self.evaluations, self.output_dir, self.meta.get("title"))
                 self._save_panels()
             self._log_to_wandb()

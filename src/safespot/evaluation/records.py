@@ -146,3 +146,46 @@ def write_results(out: Path, records: pd.DataFrame, summary: dict[str, Any], met
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({**{k: _plain(v) for k, v in summary.items()}, "meta": meta}, indent=2))
     tmp.replace(out / "results.json")
+
+
+def _without_sweep_choices(records: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """``records`` without the ``<N>/...`` columns :func:`resolve_budget_sweeps` copied from the
+    member it chose: a choice made on one piece's images, not the whole run's."""
+    derived = [c for base in budget_sweeps(names) for c in records.columns if c.startswith(f"{base}/")]
+    return records.drop(columns=derived)
+
+
+def groups_of(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """The grey-box groups (robustified images and the attacks run on them) of an evaluation run,
+    as its ``results.json`` meta names them, or as its evaluation config implies them (runs that
+    stored no ``groups``: each preemptive evaluation with its attacks)."""
+    if "groups" in meta:
+        return {k: list(v) for k, v in meta["groups"].items()}
+    groups: dict[str, list[str]] = {}
+    for name, config in (meta.get("evaluation_config") or {}).items():
+        if "robustifier" in config and config.get("attacks"):
+            groups[name] = [f"{name}_{attack}" for attack in config["attacks"]]
+    return groups
+
+
+def join_pieces(
+    pieces: Sequence[pd.DataFrame], names: Sequence[str], groups: dict[str, list[str]] | None = None
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One evaluation run over all images from the records of its pieces (``data.test_part``
+    jobs, each over a contiguous part of the test split): the records concatenated in index order,
+    every choice made over the images re-made over all of them (the white-box budget of lowest
+    accuracy, :func:`resolve_budget_sweeps`: one minimum for the whole run, not a minimum of the
+    pieces' minimums), and the summary computed as one run computes it (:func:`summarize`).
+    Images are seeded by their index, so the joined records are the one run's; an image in two
+    pieces, or pieces with different fields, is refused."""
+    frames = [_without_sweep_choices(piece, names) for piece in pieces if len(piece)]
+    if not frames:
+        raise ValueError("no records to join")
+    if any(set(frame.columns) != set(frames[0].columns) for frame in frames):
+        raise ValueError("the pieces hold different fields: not pieces of one evaluation")
+    records = pd.concat(frames, ignore_index=True).sort_values("index", kind="stable").reset_index(drop=True)
+    shared = records["index"][records["index"].duplicated()]
+    if len(shared):
+        raise ValueError(f"the pieces share images: {sorted(shared)[:5]}")
+    summary = summarize(records, names, groups)
+    return records, summary
