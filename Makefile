@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
+.PHONY: install demo train test check-reports reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -62,8 +62,11 @@ reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced n
 reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf)
 	$(PY) scripts/reproduce_cifar10_reduced.py --models adv,sfgsm_adv,spgd_adv --docs docs/reproduction_safe_spot_aware.md $(ARGS)
 
-reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced)
-	$(PY) scripts/reproduce_smoothed.py --docs docs/reproduction_smoothed.md $(ARGS)
+reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced; conf/reproduce/smoothed.yaml)
+	$(PY) -m safespot.reproduce run smoothed $(ARGS)
+
+check-reports:  ## every kept report (and generated block of the docs) equals what its kept records render
+	$(PY) -m safespot.reproduce check
 
 reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC verdict (reduced)
 	$(PY) scripts/reproduce_table4.py --docs docs/reproduction_table4.md $(ARGS)

@@ -144,7 +144,7 @@ def fake_subprocess(
     ``train.py`` command calls ``train(cmd, run_dir)`` (default: :func:`write_checkpoints`), any
     other ``evaluate(cmd, run_dir)``, ``run_dir`` its ``hydra.run.dir``. Returns the list every
     command line is appended to."""
-    import safespot.reproduce as helpers
+    import safespot.reproduce.legacy as helpers
 
     commands: list[list[str]] = []
 
@@ -162,3 +162,26 @@ def fake_subprocess(
 
     monkeypatch.setattr(helpers.subprocess, "run", run)
     return commands
+
+
+class InProcessCommands:
+    """A runner for :func:`safespot.reproduce.engine.run_spec` that runs ``train.py`` /
+    ``evaluate.py`` / ``ood.py`` in this process (the same configs and code as the commands, without
+    a Python start per command); ``calls`` keeps every command line."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, cmd: list[str], cwd: Path) -> None:
+        from safespot.evaluate import evaluate
+        from safespot.ood.evaluate import evaluate_ood
+        from safespot.train import train
+
+        self.calls.append(cmd)
+        run_dir = next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]
+        overrides = [c for c in cmd[2:] if not c.startswith("hydra.")]
+        name = cmd[1].removesuffix(".py")
+        command = {"train": train, "evaluate": evaluate, "ood": evaluate_ood}[name]
+        command(compose_config(name, overrides, run_dir))
+        Path(run_dir, ".hydra").mkdir(exist_ok=True)
+        Path(run_dir, ".hydra", "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))

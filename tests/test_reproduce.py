@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import safespot.reproduce as helpers
+import safespot.reproduce.legacy as helpers
 from conftest import fake_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]

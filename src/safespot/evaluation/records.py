@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,10 @@ def resolve_budget_sweeps(records: pd.DataFrame, names: Sequence[str]) -> dict[s
         accuracy = {m: float(records[f"{m}/correct"].mean()) for m in members}
         best = min(members, key=lambda m: (accuracy[m], members[m]))
         prefix = f"{best}/"
-        for column in [c for c in records.columns if c.startswith(prefix)]:
-            records[f"{name}/{column[len(prefix) :]}"] = records[column]
+        columns = [c for c in records.columns if c.startswith(prefix)]
+        with warnings.catch_warnings():  # many columns added in place: pandas warns of fragmentation
+            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+            records[[f"{name}/{column[len(prefix) :]}" for column in columns]] = records[columns].to_numpy()
         chosen[name] = members[best]
     return chosen
 

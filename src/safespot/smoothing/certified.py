@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from safespot.utils import tables
 
@@ -103,3 +104,10 @@ def write_certified_accuracy(
     curves = {name: certified_curve(records[f"{name}/radius"], records[f"{name}/correct"]) for name in names}
     plot_certified_accuracy(curves, out / "certified_accuracy.png", title)
     return table
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float = 0.001) -> float:
+    """The largest l_2 radius CERTIFY (Cohen et al., 2019) can return with ``n`` draws: when every
+    draw votes for the class, the one-sided Clopper-Pearson lower bound is ``alpha^(1/n)``, and the
+    radius ``sigma * PhiInverse(alpha^(1/n))``."""
+    return float(sigma * norm.ppf(alpha ** (1 / n)))

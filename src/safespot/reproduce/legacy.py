@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from safespot.paths import fresh_directory
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_logged(cmd: list[str], log: list[str], cwd: Path = ROOT) -> float:

@@ -1,0 +1,7 @@
+"""Section kinds of particular reproductions, registered with :func:`safespot.reproduce.sections.section`
+when imported (:mod:`safespot.reproduce.engine` imports them all): certified accuracy (randomised
+smoothing)."""
+
+from safespot.reproduce.tables import certified
+
+SECTION_MODULES = (certified,)

@@ -1,0 +1,234 @@
+"""The reproduction engine: specs run (resuming what a stopped run left), pieces joined as one run,
+records kept, reports rendered from records alone and checked against the kept ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from safespot.reproduce import blocks
+from safespot.reproduce.claims import evaluate_claim, size_verdict
+from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.evidence import Evidence
+from safespot.reproduce.sections import SECTIONS
+from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
+from safespot.stats import paired_difference
+
+N = 40
+
+
+def _spec(tmp_path: Path, **changes) -> dict:
+    spec = {
+        "title": "A toy reproduction",
+        "report": str(tmp_path / "docs" / "report.md"),
+        "records": str(tmp_path / "docs" / "records"),
+        "runs": {"model": {"overrides": ["experiment=toy", "seed=0"], "keep_checkpoint": True}},
+        "evaluations": {
+            "grid": {"run": "model", "overrides": ["evaluation=[none,sfull]"], "pieces": 2},
+        },
+        "sections": [
+            {"kind": "text", "text": "Measured {measured}; {n.grid} images."},
+            {
+                "kind": "table",
+                "columns": ["Preempt.", "PGD"],
+                "rows": [["None", "acc:grid/none_pgd/correct"], ["S-Full", "acc:grid/sfull_pgd/correct"]],
+            },
+            {
+                "kind": "claims",
+                "claims": [
+                    {
+                        "text": "S-Full minus None",
+                        "a": "grid/sfull_pgd/correct",
+                        "b": "grid/none_pgd/correct",
+                        "paper": 30.0,
+                    }
+                ],
+            },
+            {"kind": "commands"},
+        ],
+        "blocks": {
+            "summary": [
+                {
+                    "kind": "claims",
+                    "claims": [{"text": "gain", "a": "grid/sfull_pgd/correct", "b": "grid/none_pgd/correct"}],
+                }
+            ]
+        },
+    }
+    spec.update(changes)
+    return spec
+
+
+def _records(run_dir: Path, k: int, pieces: int) -> None:
+    """What evaluate.py writes for piece k of ``pieces`` of the toy grid: records with a white-box
+    style sweep whose worst budget differs between the pieces."""
+    index = np.arange(N)[k * N // pieces : (k + 1) * N // pieces]
+    rng = np.random.default_rng(k)
+    records = pd.DataFrame({"index": index, "label": index % 3})
+    records["clean/correct"] = True
+    records["none_pgd/correct"] = index % 4 == 0
+    records["sfull_pgd/correct"] = index % 4 != 1
+    records["w_f0.5/correct"] = rng.random(len(index)) < 0.5
+    records["w_f1/correct"] = rng.random(len(index)) < 0.5
+    from safespot.evaluation.records import summarize
+
+    names = ["clean", "none_pgd", "sfull_pgd", "w", "w_f0.5", "w_f1"]
+    summary = summarize(records, names)
+    run_dir.mkdir(parents=True)
+    records.to_csv(run_dir / "records.csv", index=False)
+    (run_dir / "results.json").write_text(json.dumps({**summary, "meta": {"evaluations": names, "groups": {}}}))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- evaluation=[none,sfull]\n")
+
+
+class FakeCommands:
+    """Stands in for train.py / evaluate.py: writes what they write into ``hydra.run.dir``."""
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, cmd: list[str], cwd: Path) -> None:
+        self.calls.append(cmd)
+        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        if self.fail_at and self.fail_at in " ".join(cmd):
+            run_dir.mkdir(parents=True)  # a run killed half-way
+            (run_dir / "records.csv").write_text("index\n0\n")
+            raise KeyboardInterrupt
+        if cmd[1] == "train.py":
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"weights")
+            (run_dir / "csv").mkdir()
+            (run_dir / "csv" / "metrics.csv").write_text("epoch,val/acc\n0,0.5\n")
+            return
+        part = next((c for c in cmd if c.startswith("data.test_part=")), "data.test_part=[0,1]")
+        k, pieces = (int(v) for v in part.split("=", 1)[1].strip("[]").split(","))
+        _records(run_dir, k, pieces)
+
+
+def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
+    spec = parse_spec("toy", _spec(tmp_path))
+    out = tmp_path / "out"
+    interrupted = FakeCommands(fail_at="data.test_part=[1,2]")
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, out, runner=interrupted)
+    assert [c[1] for c in interrupted.calls] == ["train.py", "evaluate.py", "evaluate.py"]
+    # a second call resumes: the training run and piece 0 are reused, piece 1 runs again aside of the stub
+    resumed = FakeCommands()
+    report = run_spec(spec, out, runner=resumed)
+    assert len(resumed.calls) == 1 and "data.test_part=[1,2]" in resumed.calls[0]
+    assert (out / "eval" / "grid" / "part1_of_2.interrupted" / "records.csv").is_file()
+    ckpt = [c for c in resumed.calls[0] if c.startswith("ckpt_path=")]
+    assert ckpt == [f"ckpt_path={out}/train/model/checkpoints/best-epoch003.ckpt"]
+    text = report.read_text()
+    assert "40 images" in text and "| None | 25.0 [14.2, 40.2] |" in text and "| S-Full | 75.0 [59.8, 85.8] |" in text
+    assert "python evaluate.py ckpt_path=train/model/checkpoints/best-epoch003.ckpt" in text  # relative, no run dir
+    assert "hydra.run.dir" not in text and str(tmp_path) not in text
+
+    kept = keep(spec, out)
+    assert (kept / "eval" / "grid" / "part0_of_2" / "records.csv").is_file()
+    assert (kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt").is_file()
+    assert (kept / "train" / "model" / "metrics.csv").is_file()
+    assert spec.report.read_text() == text  # the kept report is rendered from the kept records
+    assert check_spec(spec) == []
+    spec.report.write_text(text.replace("75.0 [59.8, 85.8]", "78.0 [59.8, 85.8]"))  # a hand edit
+    (problem,) = check_spec(spec)
+    assert "differs from its records" in problem and "-| S-Full | 78.0" in problem
+    with pytest.raises(SpecError, match="already holds kept records"):
+        keep(spec, out)
+    # with the checkpoint kept, a later sitting evaluates it without training again
+    later = FakeCommands()
+    run_spec(spec, tmp_path / "later", runner=later)
+    assert [c[1] for c in later.calls] == ["evaluate.py", "evaluate.py"]
+    assert f"ckpt_path={kept}/train/model/checkpoints/best-epoch003.ckpt" in later.calls[0]
+
+
+def test_pieces_render_as_one_run(tmp_path):
+    """The evidence of an evaluation in pieces is the one run's: the budget sweep's minimum taken
+    over all images, not per piece."""
+    spec = parse_spec("toy", _spec(tmp_path))
+    run_spec(spec, tmp_path / "out", runner=FakeCommands())
+    evidence = Evidence(spec, tmp_path / "out")
+    records = evidence.records("grid")
+    accuracy = {f: records[f"w_f{f}/correct"].mean() for f in ("0.5", "1")}
+    assert evidence.summary("grid")["w/acc"] == min(accuracy.values())
+    assert records["w/correct"].mean() == min(accuracy.values())
+
+
+def test_only_one_piece_runs_and_no_report_until_all_are_there(tmp_path, capsys):
+    spec = parse_spec("toy", _spec(tmp_path))
+    calls = FakeCommands()
+    run_spec(spec, tmp_path / "out", only=["grid/1"], runner=calls)
+    assert [c[1] for c in calls.calls] == ["train.py", "evaluate.py"] and "data.test_part=[1,2]" in calls.calls[1]
+    assert "no report" in capsys.readouterr().out and not (tmp_path / "out" / "report.md").exists()
+    with pytest.raises(SpecError, match=r"piece must be 0\.\.1"):
+        run_spec(spec, tmp_path / "out", only=["grid/2"], runner=calls)
+
+
+def test_generated_blocks_in_docs_are_rendered_and_checked(tmp_path, monkeypatch):
+    spec = parse_spec("toy", _spec(tmp_path))
+    out = tmp_path / "out"
+    run_spec(spec, out, runner=FakeCommands())
+    keep(spec, out)
+    doc = tmp_path / "docs" / "guide.md"
+    doc.write_text("Intro.\n<!-- safespot-reproduce toy summary -->\nstale\n<!-- end safespot-reproduce -->\nEnd.\n")
+    monkeypatch.setattr(blocks, "documents", lambda: [doc])
+    monkeypatch.setattr(blocks, "load_spec", lambda name: spec)
+    monkeypatch.setattr(blocks, "PROJECT_ROOT", tmp_path)
+    assert blocks.check_blocks() == ["docs/guide.md: a generated block differs from its records"]
+    assert blocks.write_blocks() == [doc]
+    text = doc.read_text()
+    assert text.startswith("Intro.\n<!-- safespot-reproduce toy summary -->\n| Claim (same images) |")
+    assert "| gain | +50.0 pp" in text and text.endswith("<!-- end safespot-reproduce -->\nEnd.\n")
+    assert blocks.check_blocks() == []
+
+
+def test_claims_kinds_sizes_and_restriction(tmp_path):
+    spec = parse_spec("toy", _spec(tmp_path, smallest_effect=0.01))
+    run_spec(spec, tmp_path / "out", runner=FakeCommands())
+    evidence = Evidence(spec, tmp_path / "out")
+    claim = {"text": "t", "a": "grid/sfull_pgd/correct", "b": "grid/none_pgd/correct"}
+    assert evaluate_claim(evidence, claim).verdict == "holds"
+    assert evaluate_claim(evidence, {**claim, "a": claim["b"], "b": claim["a"]}).verdict == "does not hold"
+    same = evaluate_claim(evidence, {**claim, "a": claim["b"]})
+    assert same.difference.low < 0 < same.difference.high and same.verdict == "inconclusive at this scale"
+    assert evaluate_claim(evidence, {**claim, "a": claim["b"], "kind": "non_inferiority", "margin": 0.2}).verdict == (
+        "holds"
+    )
+    # only the images where none_pgd is wrong: S-Full's accuracy there is 2/3, None's 0
+    restricted = evaluate_claim(evidence, {**claim, "restrict": ["grid/clean/correct", "grid/sfull_pgd/correct"]})
+    assert restricted.difference.n == 30 and restricted.difference.b_only == 0
+    diff = paired_difference(np.r_[np.ones(60, bool), np.zeros(40, bool)], np.zeros(100, bool))
+    assert diff.low > 0.49 and size_verdict(diff, 50.0) == "of the paper's size"
+    assert (
+        size_verdict(diff, 20.0) == "larger than the paper's" and size_verdict(diff, 90.0) == "smaller than the paper's"
+    )
+
+
+def test_spec_errors_are_one_line_before_any_run(tmp_path):
+    with pytest.raises(SpecError, match="not a run of the spec"):
+        parse_spec("toy", _spec(tmp_path, evaluations={"e": {"run": "nope"}}))
+    with pytest.raises(SpecError, match="command must be one of"):
+        parse_spec("toy", _spec(tmp_path, evaluations={"e": {"run": "model", "command": "train"}}))
+    with pytest.raises(SpecError, match="no reproduction named 'nope'"):
+        load_spec("nope")
+    spec = parse_spec("toy", _spec(tmp_path, sections=[{"kind": "pie_chart"}]))
+    run_spec_out = tmp_path / "out"
+    with pytest.raises(SpecError, match="no section kind 'pie_chart'"):
+        run_spec(spec, run_spec_out, runner=FakeCommands())
+    spec = parse_spec("toy", _spec(tmp_path, sections=[{"kind": "table", "columns": ["a"], "rows": [["acc:grid/x"]]}]))
+    with pytest.raises(SpecError, match="has no field 'x'"):
+        render(spec, run_spec_out)
+
+
+def test_every_spec_of_the_project_loads():
+    names = spec_names()
+    assert "smoothed" in names
+    for name in names:
+        spec = load_spec(name)
+        assert spec.report is not None and spec.records is not None, name
+        assert spec.sections and {s["kind"] for s in spec.sections} <= set(SECTIONS), name
