@@ -24,7 +24,7 @@ from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source, training_preset
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import runtime_callbacks
-from safespot.utils.instantiate import instantiate, instantiate_loggers
+from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net, refuse_float16
 from safespot.utils.plain import to_plain
@@ -96,7 +96,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams({**to_plain(OmegaConf.to_container(cfg, resolve=True)), "meta": meta})
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=runtime_callbacks(cfg.trainer))
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks"), cfg.trainer), *runtime_callbacks(cfg.trainer)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainer.test(module, datamodule=datamodule, verbose=False)
 
     # written by the module on rank 0 before every rank returned from test (one barrier); under

@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     net = prepare_net(net, cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), *runtime_callbacks(cfg.trainer)]
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks"), cfg.trainer), *runtime_callbacks(cfg.trainer)]
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

@@ -21,6 +21,7 @@ from safespot.evaluation.evaluations import CertifyEvaluation, Clean, Evaluation
 from safespot.evaluation.records import merge_shards, summarize, to_frame, write_results
 from safespot.smoothing.certified import write_certified_accuracy
 from safespot.utils.distributed import gather_objects
+from safespot.utils.progress import note_progress
 from safespot.utils.rng import streams
 from safespot.utils.wandb_report import log_evaluation
 
@@ -100,6 +101,7 @@ class EvaluationModule(L.LightningModule):
             fields.update(out)
             if self.panel_images:
                 self._keep_panel_rows(evaluation.name, index, x, x_eval)
+            note_progress(self._trainer, (salt + 1) / len(self.evaluations))
         self._parts.append({k: v.detach().cpu() for k, v in fields.items()})
 
     def _keep_panel_rows(self, name: str, index: torch.Tensor, x: torch.Tensor, x_eval: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Callbacks of the default training and evaluation runs (what users of Lightning + Hydra
-templates expect): Rich progress bar and model summary, a learning-rate monitor, and the last
-step of every spawned DDP worker."""
+templates expect): a learning-rate monitor and the last step of every spawned DDP worker. The
+progress bar is :mod:`safespot.utils.progress`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
-from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 
@@ -49,19 +48,7 @@ class LeaveTogether(L.Callback):
         torch.distributed.destroy_process_group()
 
 
-def runtime_callbacks(trainer_cfg: Any) -> list[L.Callback]:
-    """The callbacks every Trainer of the commands gets whatever ``callbacks`` says: the display
-    ones (:func:`display_callbacks`) and :class:`LeaveTogether`."""
-    return [*display_callbacks(trainer_cfg), LeaveTogether()]
-
-
-def display_callbacks(trainer_cfg: Any) -> list[L.Callback]:
-    """Rich progress bar and model summary, as far as the trainer config switches them on
-    (``trainer.enable_progress_bar`` / ``enable_model_summary``: Lightning refuses the
-    callbacks when the switch is off)."""
-    callbacks: list[L.Callback] = []
-    if trainer_cfg.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar())
-    if trainer_cfg.get("enable_model_summary", True):
-        callbacks.append(RichModelSummary(max_depth=2))
-    return callbacks
+def runtime_callbacks(trainer_cfg: Any = None) -> list[L.Callback]:
+    """The callbacks every Trainer of the commands gets whatever ``callbacks`` says:
+    :class:`LeaveTogether`. (Progress bar and model summary are entries of the ``callbacks`` group.)"""
+    return [LeaveTogether()]

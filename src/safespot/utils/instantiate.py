@@ -7,6 +7,8 @@ from typing import Any
 import hydra
 from hydra.errors import InstantiationException
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
@@ -33,8 +35,17 @@ def _entries(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
-    return _entries(cfg)
+def instantiate_callbacks(cfg: DictConfig | None, trainer_cfg: Any = None) -> list[Callback]:
+    """The ``callbacks`` group's callbacks, without a progress bar when ``trainer.enable_progress_bar``
+    is false and without a model summary when ``trainer.enable_model_summary`` is (Lightning refuses
+    them then)."""
+    callbacks = _entries(cfg)
+    switches = trainer_cfg or {}
+    if not switches.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not switches.get("enable_model_summary", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    return callbacks
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:

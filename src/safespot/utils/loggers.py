@@ -1,4 +1,4 @@
-"""Loggers that work with every strategy.
+"""Loggers that work with every strategy, without noise a user cannot act on.
 
 Lightning's CSV logger keeps the columns of ``metrics.csv`` in its writer object. Under
 ``ddp_spawn`` every stage (fit, then test) runs in freshly spawned workers that receive a copy of
@@ -12,10 +12,12 @@ directories are never reused (:mod:`safespot.utils.run_dirs`), so a file there i
 from __future__ import annotations
 
 import csv
+from typing import Any
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _ExperimentWriterWithHparams
 
 
@@ -44,3 +46,13 @@ class CSVLogger(_CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's wandb logger (same arguments), without passing wandb the ``anonymous`` setting it
+    no longer has: wandb warns "The anonymous setting has no effect" at every run otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

@@ -4,6 +4,7 @@ lightning-hydra-template's ``RankedLogger``), so messages are not printed N time
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -27,3 +28,27 @@ class RankedLogger(logging.LoggerAdapter):
 
 def get_logger(name: str) -> RankedLogger:
     return RankedLogger(name)
+
+
+#: messages of the dependencies a user can do nothing about: advertisements for other products and
+#: notes on the framework's own callback choices
+UNACTIONABLE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+#: deprecation warnings raised inside the dependencies (not by the user's code or settings)
+DEPENDENCY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*",)
+
+
+class _DropUnactionable(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(text) for text in UNACTIONABLE)
+
+
+def quiet_dependencies() -> None:
+    """Drop the dependencies' messages a user cannot act on (:data:`UNACTIONABLE`,
+    :data:`DEPENDENCY_WARNINGS`); every warning about the user's own settings stays."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropUnactionable) for f in logger.filters):
+            logger.addFilter(_DropUnactionable())
+    for message in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
