@@ -208,9 +208,9 @@ def load_detector_checkpoints(
 ) -> dict[str | None, tuple[dict[str, Any], DictConfig]]:
     """``{detector checkpoint (None: ckpt_path): (checkpoint, its run config)}``."""
     checkpoints = {None: (checkpoint, run_cfg)}
-    for _, path in settings.detectors:
+    for detector, path in settings.detectors:
         if path is not None and path not in checkpoints:
-            checkpoints[path] = load_run_checkpoint(path)
+            checkpoints[path] = load_run_checkpoint(path, f"detector.{detector.name}.ckpt_path")
     return checkpoints
 
 
