@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from safespot.data.base import per_process_batch_size
 from safespot.errors import ConfigError
-from safespot.threat import LpBall, ThreatConfigError, check_budget, parse_budget
+from safespot.threat import ThreatConfigError, check_budget, check_norm, parse_budget
 from safespot.utils.performance import refuse_float16
 
 
@@ -25,10 +25,10 @@ def check_threat(threat: Any, prefix: str = "threat", image_shape: tuple[int, in
     most the largest distance of two images (:func:`safespot.threat.check_budget`: 1 for l_inf,
     ``sqrt(C H W)`` of ``image_shape`` for l_2)."""
     try:
-        ball = LpBall(threat.get("norm"), threat.get("eps"))
-        check_budget(threat.get("eps"), ball.norm, "eps", image_shape)
+        norm = check_norm(threat.get("norm"))
     except ThreatConfigError as err:
         raise ConfigError(f"{prefix}.{err}") from None
+    check_budget(threat.get("eps"), norm, f"{prefix}.eps", image_shape)
     if threat.get("step_size") is not None:
         try:
             parse_budget(threat.get("step_size"), "step_size")

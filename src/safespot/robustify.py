@@ -410,9 +410,10 @@ def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictCon
         raise ConfigError("robustifier.protect must be 'prediction': image files come without labels")
     try:
         robustifier = instantiate(cfg.robustifier)
-        check_budget(robustifier.delta, robustifier.norm, "delta", input_shape(run_cfg.data))
     except ThreatConfigError as err:
         raise ConfigError(f"robustifier.{err}") from None
+    delta = cfg.robustifier.get("delta", robustifier.delta)  # as given, for the message
+    check_budget(delta, robustifier.norm, "robustifier.delta", input_shape(run_cfg.data))
     try:
         check = PGD(threat.norm, threat.eps, steps=check_steps, step_size=None, random_start=True, mode="eval")
     except ThreatConfigError as err:
