@@ -1,7 +1,8 @@
 """Loading checkpoints safely: every checkpoint a command reads (``train.py``'s resume
 ``ckpt_path`` and ``init_from``, the checkpoint of ``evaluate.py``, ``robustify.py`` and
 ``ood.py``, a transfer attack's source, an OOD detector's own checkpoint, and the checkpoints
-Lightning itself restores, through :class:`SafeCheckpointIO`) is read by :func:`load_checkpoint`.
+Lightning itself restores, through :class:`SafeCheckpointIO`) is read by :func:`read_checkpoint`
+and, where it must be a checkpoint of ``train.py``, checked by :func:`load_checkpoint`.
 
 It calls ``torch.load(weights_only=True)`` with the argument given explicitly, so that neither
 an old torch default nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` can turn it into a full
@@ -95,8 +96,11 @@ def unsafe_globals(path: Path) -> list[str]:
     return sorted({name for name in names if name not in allowed})
 
 
-def _read(path: Path, setting: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, each failure a :class:`CheckpointError`."""
+def read_checkpoint(path: str | Path, setting: str = "ckpt_path") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, each failure a :class:`CheckpointError`
+    naming ``setting`` and the reason (the safe read of :func:`load_checkpoint`, without its
+    checks of the content)."""
+    path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{_named(path, setting)} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -149,7 +153,7 @@ def load_checkpoint(path: str | Path, setting: str = "ckpt_path") -> dict[str, A
     checkpoint (``state_dict``) written by ``train.py`` (``safespot_config``) whose head fits
     its stored class count. ``setting`` names the option the path came from in errors."""
     path = Path(path)
-    checkpoint = _read(path, setting)
+    checkpoint = read_checkpoint(path, setting)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{_named(path, setting)} has no 'state_dict'; is it a Lightning checkpoint?")
     if not isinstance(checkpoint.get("safespot_config"), dict):
@@ -199,11 +203,13 @@ def net_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint plugin with every load through :func:`load_checkpoint` (weights
-    only, checked): the restore of ``trainer.fit(ckpt_path=...)`` and of
-    ``trainer.test(ckpt_path=...)``. Saving is Lightning's."""
+    """Lightning's checkpoint plugin with every load read by :func:`read_checkpoint` (weights
+    only, whatever torch's default): the restore of ``trainer.fit(ckpt_path=...)``, of
+    ``trainer.test(ckpt_path=...)``, and the weights ``ddp_spawn`` hands from its workers to the
+    main process (a bare state dict, hence no check of the content here; ``train.py`` checks a
+    resume checkpoint with :func:`load_checkpoint` before it starts). Saving is Lightning's."""
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        return load_checkpoint(path)
+        return read_checkpoint(path)
