@@ -117,21 +117,24 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt_path") -> Any:
                 f"{_named(path, setting)} was refused: it holds objects other than tensors and plain "
                 f"Python types ({', '.join(unsafe[:3])}), which could run code when loaded"
             ) from None
-        raise CheckpointError(
-            f"{_named(path, setting)} is not a readable checkpoint: not a file torch.save wrote, "
-            f"or a damaged one ({_reason(err)})"
-        ) from None
+        raise _unreadable(path, setting, err) from None
     except Exception as err:  # truncated zip, text, random bytes
-        raise CheckpointError(
-            f"{_named(path, setting)} is not a readable checkpoint: not a file torch.save wrote, "
-            f"or a damaged one ({_reason(err)})"
-        ) from None
+        raise _unreadable(path, setting, err) from None
+
+
+def _unreadable(path: Path, setting: str, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{_named(path, setting)} is not a readable checkpoint: not a file torch.save wrote, "
+        f"or a damaged one ({_reason(err)})"
+    )
 
 
 def head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
     """The class count of a classifier's weights: the output size of the last 2-D ``weight``
     (the final linear layer of every model of :mod:`safespot.models`), ``None`` without one."""
-    matrices = [v for k, v in state_dict.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    matrices = [
+        v for k, v in state_dict.items() if k.endswith("weight") and isinstance(v, torch.Tensor) and v.dim() == 2
+    ]
     return int(matrices[-1].shape[0]) if matrices else None
 
 
