@@ -138,6 +138,81 @@ def test_file_images_decode_by_the_one_decoder_with_or_without_a_pipeline(tmp_pa
     assert plain.shape == (3, 4, 4) and torch.equal(plain, load_image(tmp_path / "rotated.jpg", 4))
 
 
+def _png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG of a uint16 array, greyscale ``(H, W)`` or RGB ``(H, W, 3)``, written chunk
+    by chunk (PIL writes no 16-bit RGB PNG, torchvision no 16-bit PNG at all)."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    colour = 0 if array.ndim == 2 else 2
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _gradients() -> tuple[np.ndarray, np.ndarray]:
+    """A 16-bit grey gradient over the whole range and an RGB image of three such gradients."""
+    grey = np.linspace(0, 65535, 12 * 20).round().astype(np.uint16).reshape(12, 20)
+    return grey, np.stack([grey, grey[::-1, ::-1], 65535 - grey], axis=-1)
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb"])
+def test_16bit_pngs_decode_as_their_8bit_versions(tmp_path, kind):
+    """A 16-bit PNG decodes to the values of the same image saved with 8 bits (within one
+    level): PIL's ``convert`` clips 16-bit greyscale at 255, which made nearly every pixel white."""
+    grey, rgb = _gradients()
+    array16 = grey if kind == "grey" else rgb
+    eight = np.rint(array16 / 257).astype(np.uint8)
+    for channels in (1, 3):
+        expected = decode_image(_png(eight), channels).int()
+        decoded = decode_image(_png16(array16), channels)
+        assert decoded.dtype == torch.uint8 and decoded.shape == expected.shape
+        assert (decoded.int() - expected).abs().max() <= 1
+    # every reader of single files: robustify.py, the outlier folders, and the ImageFolder datamodules
+    path = tmp_path / "o" / "x.png"
+    path.parent.mkdir()
+    path.write_bytes(_png16(array16))
+    image, _, _ = robustify.load_image(path.read_bytes(), 3, 12, "crop")
+    assert torch.equal(image, read_image(path, 12)) and torch.equal(load_image(path, 12), image.float() / 255)
+    assert (image.int() - decode_image(_png(eight))[:, :, 4:16].int()).abs().max() <= 1
+    loaded = np.asarray(folders.pil_loader(path), dtype=int)
+    assert np.abs(loaded - decode_image(_png(eight)).permute(1, 2, 0).numpy()).max() <= 1
+
+
+def test_image_folders_read_16bit_images_as_their_8bit_versions(tmp_path):
+    grey, _ = _gradients()
+    for name, content in (("sixteen", _png16(grey)), ("eight", _png(np.rint(grey / 257).astype(np.uint8)))):
+        for split in ("train", "test"):
+            for label in ("a", "b"):
+                (tmp_path / name / split / label).mkdir(parents=True)
+                (tmp_path / name / split / label / "x.png").write_bytes(content)
+    modules = []
+    for name in ("sixteen", "eight"):
+        dm = folders.ImageFolderDataModule(root=str(tmp_path / name), image_size=12, transforms="cifar", val_size=1,
+                                           num_workers=0)  # fmt: skip
+        dm.setup()
+        modules.append(dm.dataset("test")[0][0])
+    sixteen, eight = modules
+    assert sixteen.shape == eight.shape and (sixteen - eight).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_images_without_a_white_level_are_refused(tmp_path):
+    """32-bit float (and 32-bit integer) images have no fixed range: one clear error, which
+    robustify.py reports per file."""
+    from safespot.data.images import UnsupportedImageError
+
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "f.tif")
+    with pytest.raises(UnsupportedImageError, match=r"floating-point images \(PIL mode F\) are not supported"):
+        decode_image(tmp_path / "f.tif")
+    with pytest.raises(robustify.FileFailure, match="failed: unreadable: floating-point images"):
+        robustify.load_image((tmp_path / "f.tif").read_bytes(), 3, 8, "crop")
+
+
 def test_resize_is_shorter_side_bilinear_antialiased_then_centre_crop():
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.integers(0, 256, (3, 48, 32), dtype=np.uint8))

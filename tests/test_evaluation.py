@@ -320,10 +320,13 @@ def test_merge_refuses_duplicated_images():
         ("threat.eps=-1", "threat.eps must be > 0"),
         ("threat.norm=l7", "threat.norm must be one of"),
         ("evaluation.pgd.attack.steps=0", "steps must be an integer >= 1"),
+        ("threat.eps=8", r"threat\.eps=8 is above 1 for norm linf.*threat\.eps=8/255"),
+        ("threat.norm=l2 threat.eps=28", r"threat\.eps=28 is above 27\.71 for norm l2"),
+        ("trainer=ddp_sim data.test_subset=1", r"data\.test_subset=1 is fewer images than the 2 processes"),
     ],
 )
 def test_bad_evaluation_settings_fail_before_work(checkpoints, tmp_path, override, match):
-    cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['natural']}", override], tmp_path / "bad")
+    cfg = compose_config("evaluate", [f"ckpt_path={checkpoints['natural']}", *override.split()], tmp_path / "bad")
     with pytest.raises((ConfigError, ValueError), match=match):
         evaluate(cfg)
     assert not (tmp_path / "bad" / "records.csv").exists()

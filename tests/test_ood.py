@@ -485,6 +485,11 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
     with pytest.raises(ConfigError, match=r"unknown layer 'head\.nope'"):
         evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "detector=[mahalanobis]",
                               "detector.mahalanobis.layers=[head.nope]", "fit_subset=8", name="ood"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"detector\.safe_spot: delta=8 is above 1 for norm linf"):
+        evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "detector=[safe_spot]",
+                              "detector.safe_spot.robustifier.delta=8", name="ood"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"threat\.eps=8 is above 1 for norm linf"):
+        evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "threat.eps=8", name="ood"))
 
 
 def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):

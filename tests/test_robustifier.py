@@ -77,7 +77,7 @@ def test_invalid_settings_are_refused():
         SafeSpotSearch("linf", 0.05, active_batch=0)
     with pytest.raises(ThreatConfigError, match="norm"):
         SafeSpotSearch("l1", 0.05)
-    with pytest.raises(ThreatConfigError, match="eps"):
+    with pytest.raises(ThreatConfigError, match="delta must be > 0"):  # the second argument is delta
         SafeSpotSearch("linf", -0.05)
 
 

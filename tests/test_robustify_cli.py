@@ -151,6 +151,8 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.md").write_text("x")
+    (empty / "readme.md.ckpt").touch()
+    files = [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'o'}"]
     cases = {
         "does not exist": [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={inputs}", f"output={tmp_path / 'o'}"],
         "is an input directory": [f"ckpt_path={ckpt}", f"input={inputs}", f"output={inputs}"],
@@ -165,6 +167,19 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
             f"output={tmp_path / 'o'}",
             "skip_existing=maybe",
         ],
+        # budgets in 8-bit levels (8 meant as 8/255) or beyond the image's diagonal (3x16x16: 27.71)
+        "threat.eps=8 is above 1 for norm linf": [*files, "threat.eps=8"],
+        "robustifier.delta=8 is above 1 for norm linf": [*files, "robustifier.delta=8"],
+        "robustifier.delta=30 is above 27.71 for norm l2": [
+            *files,
+            "threat.norm=l2",
+            "threat.eps=0.5",
+            "robustifier.delta=30",
+        ],
+        # checkpoints that cannot be read, each with its reason
+        "is a directory, not a checkpoint file": [f"ckpt_path={tmp_path}", *files[1:]],
+        "is an empty file, not a checkpoint": [f"ckpt_path={empty / 'readme.md'}.ckpt", *files[1:]],
+        "is not a readable checkpoint": [f"ckpt_path={empty / 'readme.md'}", *files[1:]],
     }
     for message, overrides in cases.items():
         cfg = compose_config("robustify", overrides, tmp_path / "run")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.threat import LpBall, ThreatConfigError, check_budget, parse_budget
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
@@ -86,6 +86,48 @@ def test_budget_parsing_and_validation():
             LpBall("linf", bad)
     with pytest.raises(ThreatConfigError, match="norm must be one of"):
         LpBall("l1", 0.1)
+
+
+def test_budgets_above_the_largest_distance_of_two_images_are_refused():
+    """An l_inf budget above 1 (``eps=8`` meant as 8/255) allows any image; so does an l_2 budget
+    above the distance of a black and a white image, ``sqrt(C H W)``, where the size is known."""
+    for eps in ("8/255", 1, "255/255"):
+        assert LpBall("linf", eps).eps == pytest.approx(parse_budget(eps))
+    for eps in (8, "1.5", "300/255"):
+        with pytest.raises(ThreatConfigError, match=rf"eps={eps} is above 1 for norm linf.*eps=8/255"):
+            LpBall("linf", eps)
+    with pytest.raises(ThreatConfigError, match=r"delta=2 is above 1 for norm linf"):
+        check_budget(2, "linf", "delta")
+    diagonal = math.sqrt(3 * 16 * 16)
+    assert check_budget(diagonal, "l2", "eps", (3, 16, 16)) == pytest.approx(diagonal)
+    with pytest.raises(ThreatConfigError, match=r"eps=30 is above 27\.71 for norm l2 .*3x16x16.*eps=0\.5"):
+        check_budget(30, "l2", "eps", (3, 16, 16))
+    assert LpBall("l2", 30).eps == 30  # no image size, no bound: a 3x224x224 image's diagonal is 388
+
+
+def test_every_budget_setting_takes_the_bound():
+    """The attacks, the robustifiers and the safe-spot step check their budgets alike."""
+    from safespot.attacks import PGD
+    from safespot.attacks.safe_spot import SafeSpotStep
+    from safespot.defenses import SafeSpotSearch
+
+    with pytest.raises(ThreatConfigError, match="eps=8 is above 1"):
+        PGD("linf", 8)
+    with pytest.raises(ThreatConfigError, match="delta=8 is above 1"):
+        SafeSpotSearch(norm="linf", delta=8, eps="8/255")
+    with pytest.raises(ThreatConfigError, match=r"safe_spot\.delta=4 is above 1"):
+        SafeSpotStep(norm="linf", eps="8/255", delta=4)
+
+
+def test_train_config_refuses_budgets_in_levels(make_cfg):
+    from safespot.checks import check_train_config
+    from safespot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"threat\.eps=8 is above 1 for norm linf.*threat\.eps=8/255"):
+        check_train_config(make_cfg("threat.eps=8"))
+    with pytest.raises(ConfigError, match=r"threat\.eps=28 is above 27\.71 for norm l2"):
+        check_train_config(make_cfg("threat=l2_0.5", "threat.eps=28"))  # synthetic data: 3x16x16
+    check_train_config(make_cfg("threat=l2_0.5", "threat.eps=27"))
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.2)])

@@ -111,6 +111,12 @@ def test_wandb_offline_run_holds_summary_metrics(make_cfg, tmp_path, monkeypatch
         ("threat.steps=0", "threat.steps must be an integer >= 1"),
         ("data.batch_size=63 trainer.devices=2", "data.batch_size=63"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+        ("init_from=/nonexistent/last.ckpt", r"^init_from='/nonexistent/last\.ckpt' does not exist"),
+        ("init_from=/tmp", r"^init_from='/tmp' is a directory, not a checkpoint file"),
+        ("threat.eps=8", r"threat\.eps=8 is above 1 for norm linf.*threat\.eps=8/255"),
+        ("trainer=ddp_sim data.test_subset=1", r"data\.test_subset=1 is fewer images than the 2 processes"),
+        ("trainer=ddp_sim data.val_subset=1", r"data\.val_subset=1 is fewer images than the 2 processes"),
+        ("trainer=ddp_sim data.val_size=1", r"data\.val_size=1 is fewer images than the 2 processes"),
     ],
 )
 def test_bad_settings_fail_before_any_work(make_cfg, override, match):

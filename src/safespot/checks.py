@@ -9,16 +9,26 @@ from omegaconf import DictConfig
 
 from safespot.data.base import per_process_batch_size
 from safespot.errors import ConfigError
-from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.threat import ThreatConfigError, check_budget, check_norm, parse_budget
 from safespot.utils.performance import refuse_float16
 
 
-def check_threat(threat: Any, prefix: str = "threat") -> None:
-    """Norm in {linf, l2}, eps > 0, step_size > 0 and steps >= 1, each named on failure."""
+def input_shape(data: Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a data config's images: ``channels`` and ``image_size`` where it has them
+    (ImageFolder, synthetic), else 3 x 32 x 32 (CIFAR-10/100, SVHN)."""
+    channels, size = int(data.get("channels", 3) or 3), int(data.get("image_size", 32) or 32)
+    return channels, size, size
+
+
+def check_threat(threat: Any, prefix: str = "threat", image_shape: tuple[int, int, int] | None = None) -> None:
+    """Norm in {linf, l2}, eps > 0, step_size > 0 and steps >= 1, each named on failure; eps at
+    most the largest distance of two images (:func:`safespot.threat.check_budget`: 1 for l_inf,
+    ``sqrt(C H W)`` of ``image_shape`` for l_2)."""
     try:
-        LpBall(threat.get("norm"), threat.get("eps"))
+        norm = check_norm(threat.get("norm"))
     except ThreatConfigError as err:
         raise ConfigError(f"{prefix}.{err}") from None
+    check_budget(threat.get("eps"), norm, f"{prefix}.eps", image_shape)
     if threat.get("step_size") is not None:
         try:
             parse_budget(threat.get("step_size"), "step_size")
@@ -55,8 +65,31 @@ def check_batch_size(cfg: DictConfig) -> None:
                 raise ConfigError(str(err)) from None
 
 
+def check_eval_subsets(cfg: DictConfig, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Every process evaluates at least one image (:class:`safespot.data.samplers.ShardSampler`):
+    refuse a ``data.{split}_subset`` (or, for ``val``, a ``data.val_size``) smaller than the
+    processes the trainer config starts, before they start."""
+    processes = world_size(cfg.trainer)
+    if processes is None or processes < 2:
+        return
+    for split in splits:
+        key = f"{split}_subset"
+        value = cfg.data.get(key)
+        if value is None and split == "val":
+            key, value = "val_size", cfg.data.get("val_size")
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < processes:
+            raise ConfigError(
+                f"data.{key}={value} is fewer images than the {processes} processes of the trainer, and "
+                f"every process evaluates at least one: use at least {processes} images or fewer devices"
+            )
+
+
 def check_file(path: str | None, name: str) -> None:
-    if path is not None and not Path(path).is_file():
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"{name}={path!r} is a directory, not a checkpoint file")
+    if not Path(path).is_file():
         raise ConfigError(f"{name}={path!r} does not exist")
 
 
@@ -72,8 +105,9 @@ def method_runs_attacks(method: Any) -> bool:
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    check_threat(cfg.threat)
+    check_threat(cfg.threat, image_shape=input_shape(cfg.data))
     check_batch_size(cfg)
+    check_eval_subsets(cfg, ("val", "test") if cfg.get("test", True) else ("val",))
     check_file(cfg.get("ckpt_path"), "ckpt_path")
     check_file(cfg.get("init_from"), "init_from")
     if cfg.get("ckpt_path") and cfg.get("init_from"):

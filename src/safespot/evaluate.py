@@ -18,7 +18,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from safespot.checks import check_batch_size
+from safespot.checks import check_batch_size, check_eval_subsets
 from safespot.errors import ConfigError
 from safespot.evaluation import Evaluation, EvaluationModule
 from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source, training_preset
@@ -61,7 +61,9 @@ def evaluation_tags(tags: Any, train_run: str | None) -> list[str]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "evaluation")  # before any work
     checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
-    check_batch_size(OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg}))
+    processes_and_data = OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg})
+    check_batch_size(processes_and_data)
+    check_eval_subsets(processes_and_data, ("test",))
     evaluations = build_evaluations(cfg.get("evaluation"))
     smoothing = smoothing_config(cfg.get("smoothing"))
     unsmoothed = [e.name for e in evaluations if e.requires_smoothing] if smoothing is None else []

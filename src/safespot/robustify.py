@@ -60,6 +60,7 @@ from torch import nn
 from tqdm import tqdm
 
 from safespot.attacks import PGD
+from safespot.checks import input_shape
 from safespot.data.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
 from safespot.errors import ConfigError
 from safespot.runs import (
@@ -76,7 +77,7 @@ from safespot.runs import (
     run_threat,
     shard,
 )
-from safespot.threat import LpBall, ThreatConfigError, check_positive_int, parse_budget
+from safespot.threat import LpBall, ThreatConfigError, check_budget, check_positive_int, parse_budget
 from safespot.utils.distributed import gather_objects
 from safespot.utils.files import (
     JsonLines,
@@ -543,7 +544,12 @@ def load_run(cfg: DictConfig, check_steps: int) -> tuple[dict[str, Any], DictCon
     threat = run_threat(cfg, run_cfg)
     if cfg.robustifier.get("protect", "prediction") != "prediction":
         raise ConfigError("robustifier.protect must be 'prediction': image files come without labels")
-    robustifier = instantiate(cfg.robustifier)
+    try:
+        robustifier = instantiate(cfg.robustifier)
+    except ThreatConfigError as err:
+        raise ConfigError(f"robustifier.{err}") from None
+    delta = cfg.robustifier.get("delta", robustifier.delta)  # as given, for the message
+    check_budget(delta, robustifier.norm, "robustifier.delta", input_shape(run_cfg.data))
     try:
         check = PGD(threat.norm, threat.eps, steps=check_steps, step_size=None, random_start=True, mode="eval")
     except ThreatConfigError as err:

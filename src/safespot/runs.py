@@ -19,7 +19,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from safespot.checks import check_threat
+from safespot.checks import check_threat, input_shape
 from safespot.errors import ConfigError
 from safespot.models.zoo import is_zoo_model, zoo_run_config
 from safespot.paths import CONFIG_DIR
@@ -62,10 +62,11 @@ def load_training_run(cfg: DictConfig, command: str = "evaluate.py") -> tuple[di
     return load_run_checkpoint(ckpt_path)
 
 
-def load_run_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, Any], DictConfig]:
-    """``(checkpoint, run_cfg)``: a training run's checkpoint (loaded safely) and the training
-    config stored in it."""
-    checkpoint = load_checkpoint(ckpt_path)
+def load_run_checkpoint(ckpt_path: str | Path, setting: str = "ckpt_path") -> tuple[dict[str, Any], DictConfig]:
+    """``(checkpoint, run_cfg)``: a training run's checkpoint (loaded safely,
+    :func:`safespot.utils.checkpoint.load_checkpoint`; ``setting`` names it in errors) and the
+    training config stored in it."""
+    checkpoint = load_checkpoint(ckpt_path, setting)
     return checkpoint, OmegaConf.create(checkpoint["safespot_config"])
 
 
@@ -92,9 +93,10 @@ def load_run_settings(cfg: DictConfig, command: str = "evaluate.py") -> tuple[di
 
 def run_threat(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     """The threat model of a command on a trained run: the run's, with the non-null ``cfg.threat``
-    entries written over it, checked; its norm and eps are written back into ``cfg.threat``."""
+    entries written over it, checked (the budget against the run's image size, too); its norm
+    and eps are written back into ``cfg.threat``."""
     threat = _merge_set(run_cfg.threat, cfg.get("threat"))
-    check_threat(threat)
+    check_threat(threat, image_shape=input_shape(run_cfg.data))
     with open_dict(cfg):
         cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
     return threat
@@ -122,14 +124,14 @@ def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int
 def model_input(run_cfg: DictConfig) -> tuple[int, int]:
     """``(channels, size)`` the run's model takes: ``data.image_size`` where the data config has
     one (ImageFolder, synthetic), else 32 (CIFAR-10/100, SVHN)."""
-    data = run_cfg.data
-    return int(data.get("channels", 3) or 3), int(data.get("image_size", 32) or 32)
+    channels, size, _ = input_shape(run_cfg.data)
+    return channels, size
 
 
-def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, DictConfig]:
+def load_classifier(ckpt_path: str | Path, setting: str = "ckpt_path") -> tuple[nn.Module, DictConfig]:
     """A trained run's classifier (eval mode, on the CPU) and its training config, e.g. the source
-    model of a transfer attack."""
-    checkpoint, run_cfg = load_run_checkpoint(ckpt_path)
+    model of a transfer attack (``setting`` names the checkpoint in errors)."""
+    checkpoint, run_cfg = load_run_checkpoint(ckpt_path, setting)
     return load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)), run_cfg
 
 

@@ -50,6 +50,29 @@ def parse_budget(value: float | int | str, name: str = "eps", allow_zero: bool =
     return number
 
 
+def check_budget(
+    value: float | int | str,
+    norm: str,
+    name: str = "eps",
+    image_shape: tuple[int, ...] | None = None,
+    allow_zero: bool = False,
+) -> float:
+    """A budget of the ``norm`` ball (:func:`parse_budget`) that is at most the largest distance
+    two images in [0, 1] can have (:meth:`LpBall.max_budget`): 1 for l_inf, and for l_2
+    ``sqrt(C H W)`` when ``image_shape`` (``(C, H, W)``) is known (unbounded otherwise). A larger
+    budget allows every image, so it is almost always a budget in 8-bit levels (``8`` for
+    ``8/255``); it is refused with a :class:`ThreatConfigError` naming ``name``."""
+    number = parse_budget(value, name, allow_zero)
+    ball = geometry(norm)
+    bound = ball.max_budget(math.prod(image_shape) if image_shape else None)
+    if bound is not None and number > bound + _TINY:
+        raise ThreatConfigError(
+            f"{name}={value} is above {ball.describe_max(bound, image_shape)}: budgets are in [0, 1] "
+            f"pixel units, e.g. {name}={ball.example_budget}"
+        )
+    return number
+
+
 def check_positive_int(value: object, name: str) -> int:
     """An integer >= 1 (steps, restarts, iterations), else a :class:`ThreatConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -111,6 +134,8 @@ class LpBall:
     search_beta: ClassVar[float]
     #: whether the steepest step is differentiable (the second-order search needs it)
     smooth_steps: ClassVar[bool]
+    #: a usual budget, suggested when a budget is refused (:func:`check_budget`)
+    example_budget: ClassVar[str]
 
     def __new__(cls, norm: str | None = None, eps: float | str | None = None) -> LpBall:
         if cls is LpBall:
@@ -121,12 +146,23 @@ class LpBall:
         expected = _NAMES[type(self)]
         if check_norm(self.norm) != expected:
             raise ThreatConfigError(f"{type(self).__name__} is the {expected} ball, got norm {self.norm!r}")
-        object.__setattr__(self, "eps", parse_budget(self.eps, "eps"))
+        object.__setattr__(self, "eps", check_budget(self.eps, self.norm, "eps"))
 
     def with_eps(self, eps: float) -> LpBall:
         return LpBall(self.norm, eps)
 
     # --- geometry every norm provides ---------------------------------------------------
+    @staticmethod
+    def max_budget(dims: int | None) -> float | None:
+        """The largest distance between two images of ``dims`` values in [0, 1] (``None``: not
+        known without ``dims``), the largest budget :func:`check_budget` accepts."""
+        raise NotImplementedError
+
+    @staticmethod
+    def describe_max(bound: float, image_shape: tuple[int, ...] | None) -> str:
+        """:meth:`max_budget` in words, for error messages."""
+        raise NotImplementedError
+
     @staticmethod
     def size(t: torch.Tensor) -> torch.Tensor:
         """Per-sample norm ``||t_i||_p`` of a batch, shape ``(B,)``."""
@@ -209,12 +245,22 @@ class LinfBall(LpBall):
 
     search_beta = 0.1
     smooth_steps = False
+    example_budget = "8/255 (8 of 255 levels)"
     #: |tanh(w)| stays below this in the search's box reparameterisation: a pixel on the edge of
     #: its box still has dx/dw ~ 1e-2 of the box, so RMSProp (eps 1e-8) moves it like an interior
     #: pixel; with 1 - 1e-6 a pixel at 0 or 1 could not move at realistic gradients.
     TANH_LIMIT: ClassVar[float] = 1 - 1e-2
     RMS_ALPHA: ClassVar[float] = 0.99  # torch.optim.RMSprop defaults
     RMS_EPS: ClassVar[float] = 1e-8
+
+    @staticmethod
+    def max_budget(dims: int | None) -> float:
+        """1, whatever the image: a pixel moves at most from 0 to 1."""
+        return 1.0
+
+    @staticmethod
+    def describe_max(bound: float, image_shape: tuple[int, ...] | None) -> str:
+        return "1 for norm linf (a budget of 1 already allows any image)"
 
     @staticmethod
     def size(t: torch.Tensor) -> torch.Tensor:
@@ -267,6 +313,17 @@ class L2Ball(LpBall):
 
     search_beta = 0.001
     smooth_steps = True
+    example_budget = "0.5"
+
+    @staticmethod
+    def max_budget(dims: int | None) -> float | None:
+        """``sqrt(dims)``, the distance between a black and a white image (unknown without ``dims``)."""
+        return math.sqrt(dims) if dims else None
+
+    @staticmethod
+    def describe_max(bound: float, image_shape: tuple[int, ...] | None) -> str:
+        shape = "x".join(str(d) for d in image_shape or ())
+        return f"{bound:.4g} for norm l2 (the distance between a black and a white {shape} image)"
 
     @staticmethod
     def size(t: torch.Tensor) -> torch.Tensor:

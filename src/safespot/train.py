@@ -12,7 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from safespot.checks import check_train_config
 from safespot.models.noise_injection import noise_parameter_names
 from safespot.utils.callbacks import runtime_callbacks
-from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
+from safespot.utils.checkpoint import (
+    CheckpointError,
+    SafeCheckpointIO,
+    check_resumable,
+    check_weights_fit,
+    load_checkpoint,
+    net_state_dict,
+)
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
 from safespot.utils.logging import get_logger
 from safespot.utils.performance import prepare_net
@@ -28,15 +35,17 @@ def build_method(cfg: DictConfig, net: Any) -> L.LightningModule:
     return instantiate(cfg.method, net=net, optimizer=optimizer, scheduler=scheduler, _convert_="all")
 
 
-def initialise_from(net: Any, path: str) -> None:
-    """Load the network weights of the checkpoint at ``path`` into ``net`` (fine-tuning), refusing
-    weights that do not fit the model config. The one exception: the noise parameters of
-    noise-injected layers (:data:`~safespot.models.noise_injection.NOISE_PARAMETERS`) that the
-    checkpoint lacks keep their initial values, so a noise-injected model can start from a
-    noise-free adversarially trained one (paper 003, Section 4: "we start from an adversarially
-    pre-trained base model and fine-tune it")."""
+def initialise_from(net: Any, path: str, checkpoint: dict[str, Any] | None = None) -> None:
+    """Load the network weights of the checkpoint at ``path`` (``checkpoint``: the one already
+    loaded from it) into ``net`` (fine-tuning), refusing weights that do not fit the model
+    config. The one exception: the noise parameters of noise-injected layers
+    (:data:`~safespot.models.noise_injection.NOISE_PARAMETERS`) that the checkpoint lacks keep
+    their initial values, so a noise-injected model can start from a noise-free adversarially
+    trained one (paper 003, Section 4: "we start from an adversarially pre-trained base model
+    and fine-tune it")."""
+    checkpoint = load_checkpoint(path, "init_from") if checkpoint is None else checkpoint
     try:
-        result = net.load_state_dict(net_state_dict(load_checkpoint(path)), strict=False)
+        result = net.load_state_dict(net_state_dict(checkpoint), strict=False)
     except RuntimeError as err:
         raise CheckpointError(f"init_from={path}: its weights do not fit the model config: {err}") from None
     fresh_noise = noise_parameter_names(net)
@@ -51,6 +60,18 @@ def initialise_from(net: Any, path: str) -> None:
     log.info("initialised the network from %s", path)
 
 
+def load_start(cfg: DictConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(resume, init)``: the checkpoints of ``ckpt_path`` (a resume: checked to hold the
+    training state) and ``init_from``, each read by the one safe loader before any work."""
+    resume = init = None
+    if cfg.get("ckpt_path"):
+        resume = load_checkpoint(cfg.ckpt_path, "ckpt_path")
+        check_resumable(resume, cfg.ckpt_path)
+    if cfg.get("init_from"):
+        init = load_checkpoint(cfg.init_from, "init_from")
+    return resume, init
+
+
 def best_monitored(checkpoint: Any) -> float | None:
     """The best monitored value of the checkpoint callback. Under ``ddp_spawn`` the callback in
     this (parent) process only learns ``best_model_path`` from the workers, so the score is read
@@ -61,7 +82,7 @@ def best_monitored(checkpoint: Any) -> float | None:
         return float(checkpoint.best_model_score)
     if not checkpoint.best_model_path or not Path(checkpoint.best_model_path).is_file():
         return None
-    state = load_checkpoint(checkpoint.best_model_path).get("callbacks", {})
+    state = load_checkpoint(checkpoint.best_model_path, "best_model_path").get("callbacks", {})
     for key, value in state.items():
         if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
             return float(value["best_model_score"])
@@ -75,16 +96,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
+    resume, init = load_start(cfg)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
-    if cfg.get("init_from"):
-        initialise_from(net, cfg.init_from)
+    if resume is not None:  # refused here, not at Lightning's restore after the splits are written
+        check_weights_fit(net, resume, cfg.ckpt_path, "ckpt_path")
+    if init is not None:
+        initialise_from(net, cfg.init_from, init)
+    del resume, init  # Lightning restores the resumed run from the file itself, through SafeCheckpointIO
     net = prepare_net(net, cfg.get("perf"))
     method = build_method(cfg, net)
     method.run_config = to_plain(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [*instantiate_callbacks(cfg.get("callbacks"), cfg.trainer), *runtime_callbacks(cfg.trainer)]
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
+    )
     for lg in loggers:
         lg.log_hyperparams(method.run_config)
 
@@ -99,7 +126,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         len(datamodule.splits["train"]),
         len(datamodule.splits["val"]),
     )
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback

@@ -23,7 +23,7 @@ from torch import nn
 
 from safespot.attacks.context import AttackMode, attack_context, check_attack_mode
 from safespot.attacks.pgd import PGD
-from safespot.threat import LpBall, ThreatConfigError, parse_budget
+from safespot.threat import LpBall, ThreatConfigError, check_budget, parse_budget
 
 #: The settings a safe-spot step is given (``method.safe_spot``).
 SAFE_SPOT_KEYS: tuple[str, ...] = ("delta", "steps", "step_size", "step_fraction", "random_start", "mode", "updates_bn")
@@ -67,7 +67,7 @@ class SafeSpotStep:
 
     def __post_init__(self) -> None:
         self.eps = LpBall(self.norm, self.eps).eps  # validates norm and eps
-        self.delta = parse_budget(self.eps if self.delta is None else self.delta, "safe_spot.delta")
+        self.delta = check_budget(self.eps if self.delta is None else self.delta, self.norm, "safe_spot.delta")
         self.step_fraction = parse_budget(self.step_fraction, "safe_spot.step_fraction")
         self.step_size = (
             self.step_fraction * self.delta

@@ -17,6 +17,7 @@ from torchvision import datasets
 
 from safespot.data.base import ImageDataModule
 from safespot.data.errors import DataConfigError
+from safespot.data.images import pil_loader
 from safespot.data.transforms import build_transforms
 
 
@@ -65,9 +66,9 @@ class ImageFolderDataModule(ImageDataModule):
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         train_tf, test_tf = build_transforms(self.transforms, self.image_size)
         return (
-            datasets.ImageFolder(str(self.root / self.train_dir), transform=train_tf),
-            datasets.ImageFolder(str(self.root / self.train_dir), transform=test_tf),
-            datasets.ImageFolder(str(self.root / self.test_dir), transform=test_tf),
+            datasets.ImageFolder(str(self.root / self.train_dir), transform=train_tf, loader=pil_loader),
+            datasets.ImageFolder(str(self.root / self.train_dir), transform=test_tf, loader=pil_loader),
+            datasets.ImageFolder(str(self.root / self.test_dir), transform=test_tf, loader=pil_loader),
         )
 
 
@@ -161,9 +162,9 @@ class _TorchvisionOrFolder(ImageDataModule):
         train_tf, test_tf = build_transforms("cifar", 32)
         if self.layout == "folder":
             return (
-                datasets.ImageFolder(str(self.root / "train"), transform=train_tf),
-                datasets.ImageFolder(str(self.root / "train"), transform=test_tf),
-                datasets.ImageFolder(str(self.root / "test"), transform=test_tf),
+                datasets.ImageFolder(str(self.root / "train"), transform=train_tf, loader=pil_loader),
+                datasets.ImageFolder(str(self.root / "train"), transform=test_tf, loader=pil_loader),
+                datasets.ImageFolder(str(self.root / "test"), transform=test_tf, loader=pil_loader),
             )
         return (self._torchvision(True, train_tf), self._torchvision(True, test_tf), self._torchvision(False, test_tf))
 

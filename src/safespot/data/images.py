@@ -7,6 +7,12 @@ One loader for every place that reads single image files outside a torchvision p
 - :func:`decode_image`: a file (path or bytes) as an 8-bit ``(C, H, W)`` tensor, decoded by
   PIL (every format PIL reads), turned upright by its EXIF orientation tag (as a viewer shows
   it) and converted to RGB (``channels=3``) or greyscale (``channels=1``).
+- :func:`to_8bit`: 16-bit greyscale images (PIL modes ``I;16*``, and ``I`` from a PNG) scaled
+  to 8 bits, ``round(v * 255 / 65535)``: PIL's own ``convert`` clips them at 255, i.e. turns
+  nearly every pixel white. (16-bit RGB and RGBA PNGs PIL already opens as 8-bit, keeping the
+  high byte.) 32-bit integer and floating-point images, whose white level is unknown, are
+  refused (:class:`UnsupportedImageError`). :func:`pil_loader` is the loader of the ImageFolder
+  datamodules, so that their images are read with the same scaling.
 - :func:`resize_and_crop`: the shorter side resized to ``size`` (the longer side scaled alike,
   rounded), then the centre ``size x size`` crop; images already ``size x size`` are returned
   unchanged.
@@ -37,15 +43,53 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".
 INTERPOLATION = InterpolationMode.BILINEAR
 
 
+class UnsupportedImageError(ValueError):
+    """An image PIL reads but whose pixel values have no fixed range to scale to 8 bits."""
+
+
+#: PIL modes of 16-bit greyscale images (unsigned, little-, big- or native-endian)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(img: Image.Image, file_format: str | None = None) -> Image.Image:
+    """``img`` with 8 bits per channel: a 16-bit greyscale image (:data:`SIXTEEN_BIT_MODES`, or
+    mode ``I`` from a PNG, whose samples have at most 16 bits) scaled by 255/65535 and rounded
+    (mode ``L``); an image of another integer or a floating-point mode is refused
+    (:class:`UnsupportedImageError`); every other mode is returned as it is (PIL converts those
+    exactly). ``file_format``: the format the image was read from (default ``img.format``,
+    which a transposed copy no longer has)."""
+    file_format = file_format or img.format
+    sixteen = img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and file_format == "PNG")
+    if sixteen:
+        values = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.rint(values * (255 / 65535)).clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+        kind = "floating-point" if img.mode.startswith("F") else "signed or 32-bit integer"
+        raise UnsupportedImageError(
+            f"{kind} images (PIL mode {img.mode}) are not supported: their white level is unknown; "
+            "save the image with 8 or 16 bits per channel"
+        )
+    return img
+
+
+def pil_loader(path: str | Path) -> Image.Image:
+    """An RGB PIL image of the file at ``path``: torchvision's ``ImageFolder`` loader
+    (``convert("RGB")``, no EXIF rotation) with 16-bit images scaled by :func:`to_8bit`."""
+    with open(path, "rb") as f, Image.open(f) as img:
+        img.load()
+        return to_8bit(img).convert("RGB")
+
+
 def decode_image(source: str | Path | bytes, channels: int = 3) -> torch.Tensor:
     """The image in ``source`` (a path or the file's bytes) as a uint8 tensor ``(channels, H, W)``,
-    upright by its EXIF orientation. Raises PIL's errors for unreadable files
-    (``PIL.UnidentifiedImageError`` for an unknown format, ``OSError`` for a damaged one)."""
+    upright by its EXIF orientation, 16-bit images scaled to 8 bits (:func:`to_8bit`). Raises
+    PIL's errors for unreadable files (``PIL.UnidentifiedImageError`` for an unknown format,
+    ``OSError`` for a damaged one) and :class:`UnsupportedImageError`."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
-        upright = ImageOps.exif_transpose(img)
+        upright = to_8bit(ImageOps.exif_transpose(img), img.format)
         array = np.asarray(upright.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy())

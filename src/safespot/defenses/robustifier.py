@@ -36,7 +36,15 @@ from safespot.attacks import PGD, attack_context, fgsm
 from safespot.attacks.context import AttackMode
 from safespot.defenses.quantize import project_to_8bit
 from safespot.smoothing.soft import seeded_noise, smoothing_draws
-from safespot.threat import LpBall, SearchVariables, ThreatConfigError, check_positive_int, parse_budget
+from safespot.threat import (
+    LpBall,
+    SearchVariables,
+    ThreatConfigError,
+    check_budget,
+    check_norm,
+    check_positive_int,
+    parse_budget,
+)
 from safespot.utils.prediction import predict_logits
 from safespot.utils.rng import derive
 
@@ -158,8 +166,9 @@ class RobustifierBase:
 
 
 def _budgets(norm: str, delta: float | str, eps: float | str | None) -> tuple[float, float]:
-    d = LpBall(norm, delta).eps
-    return d, (d if eps is None else LpBall(norm, eps).eps)
+    """``(delta, eps)`` checked as budgets of the ``norm`` ball (eps defaults to delta)."""
+    d = check_budget(delta, check_norm(norm), "delta")
+    return d, (d if eps is None else check_budget(eps, norm, "eps"))
 
 
 @dataclass

@@ -45,7 +45,8 @@ class TransferEvaluation(AttackEvaluation):
         if source_ckpt_path in (None, "", "???"):
             raise ConfigError(f"evaluation {name!r}: source_ckpt_path is required (the transfer attack's source run)")
         self.source_ckpt_path = str(Path(source_ckpt_path).resolve())
-        net, self.source_cfg = load_classifier(source_ckpt_path)  # refuses a missing or unsafe file
+        # refuses a missing, unreadable or unsafe file, naming the setting
+        net, self.source_cfg = load_classifier(source_ckpt_path, f"evaluation.{name}.source_ckpt_path")
         self.source: nn.Module = net if source_sigma is None else SoftSmoothed(net, source_sigma, source_m).eval()
         self.source_classes = int(self.source_cfg.data.num_classes)
 

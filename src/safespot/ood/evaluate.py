@@ -67,7 +67,7 @@ from safespot.runs import (
     shard,
     training_preset,
 )
-from safespot.threat import parse_budget
+from safespot.threat import ThreatConfigError, parse_budget
 from safespot.utils.distributed import gather_objects
 from safespot.utils.instantiate import instantiate
 from safespot.utils.logging import get_logger
@@ -92,7 +92,7 @@ def build_detectors(cfg: DictConfig | None) -> list[tuple[Detector, str | None]]
         ckpt = spec.pop("ckpt_path", None)
         try:
             detector = instantiate(spec)
-        except DetectorError as err:
+        except (DetectorError, ThreatConfigError) as err:  # e.g. a robustifier budget above 1 for l_inf
             raise ConfigError(f"detector.{key}: {err}") from None
         if not isinstance(detector, Detector):
             raise ConfigError(f"detector.{key}: {spec['_target_']} is not a safespot.ood.Detector")
@@ -208,9 +208,9 @@ def load_detector_checkpoints(
 ) -> dict[str | None, tuple[dict[str, Any], DictConfig]]:
     """``{detector checkpoint (None: ckpt_path): (checkpoint, its run config)}``."""
     checkpoints = {None: (checkpoint, run_cfg)}
-    for _, path in settings.detectors:
+    for detector, path in settings.detectors:
         if path is not None and path not in checkpoints:
-            checkpoints[path] = load_run_checkpoint(path)
+            checkpoints[path] = load_run_checkpoint(path, f"detector.{detector.name}.ckpt_path")
     return checkpoints
 
 
