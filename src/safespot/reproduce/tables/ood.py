@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +142,9 @@ def _title(spec_section: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pct(value: float, digits: int = 1) -> Any:
-    """A fraction in percent, rounded (not truncated) when the table is written."""
-    return round(100 * value, digits) if np.isfinite(value) else MISSING
+def _pct(value: float) -> float:
+    """A fraction in percent (rounded, not truncated, when the table is written)."""
+    return 100 * value
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def training_curves(evidence: Evidence, runs: list[ModelRun]) -> pd.DataFrame:
             if metric in metrics:
                 per_epoch = metrics.dropna(subset=[metric]).groupby("epoch")[metric].last()
                 rows += [
-                    {**found.__dict__, "metric": metric, "epoch": int(e), "value": float(v)}
+                    {**asdict(found), "metric": metric, "epoch": int(e), "value": float(v)}
                     for e, v in per_epoch.items()
                 ]
     return pd.DataFrame(rows, columns=["model", "seed", "run", "checkpoint", "metric", "epoch", "value"])
