@@ -68,8 +68,8 @@ reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None
 check-reports:  ## every kept report (and generated block of the docs) equals what its kept records render
 	$(PY) -m safespot.reproduce check
 
-reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC verdict (reduced)
-	$(PY) scripts/reproduce_table4.py --docs docs/reproduction_table4.md $(ARGS)
+reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC claims with intervals over seeds (reduced; conf/reproduce/table4.yaml)
+	$(PY) -m safespot.reproduce run table4 $(ARGS)
 
 reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS with rejection, clean image in every attack set, bootstrap intervals (reduced: 16 epochs, FLSS 24 with the authors' softmax KL weights; ~2 h on 2 CPU cores)
 	$(PY) scripts/reproduce_paper004.py --docs docs/reproduction_paper004.md --train-override trainer.max_epochs=16 --flss-override method/kl_weights=authors --flss-override trainer.max_epochs=24 $(ARGS)

@@ -28,7 +28,7 @@ from pathlib import Path
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce.evidence import LOG, Evidence, piece_dirs, read_log
 from safespot.reproduce.sections import render_section
-from safespot.reproduce.spec import EvaluationRun, Spec, SpecError
+from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
 
 #: what is kept of each run (besides the files an evaluation names in ``files``)
@@ -93,27 +93,37 @@ class Reproduction:
             log.write(json.dumps(entry) + "\n")
 
     def checkpoint(self, evaluation: EvaluationRun) -> Path:
-        """The checkpoint an evaluation runs on: its training run's (trained here when missing),
-        or the one the spec's kept records hold."""
-        key = evaluation.run
-        assert key is not None
+        """The checkpoint an evaluation runs on (:meth:`checkpoint_of` its training run)."""
+        assert evaluation.run is not None
+        return self.checkpoint_of(evaluation.run, evaluation.checkpoint)
+
+    def checkpoint_of(self, key: str, which: str) -> Path:
+        """The ``which`` checkpoint of training run ``key``: the one the spec's kept records hold,
+        else the run's here (trained when missing, after the runs whose checkpoints it names)."""
         kept = self.spec.records / "train" / key if self.spec.records else None
-        if kept is not None and find_checkpoint(kept, evaluation.checkpoint, missing_ok=True):
-            return find_checkpoint(kept, evaluation.checkpoint)
+        if kept is not None and find_checkpoint(kept, which, missing_ok=True):
+            return find_checkpoint(kept, which)
         run_dir = self.out / "train" / key
-        self._run(f"train/{key}", [self.python, "train.py", *self.spec.runs[key].overrides], run_dir)
-        return find_checkpoint(run_dir, evaluation.checkpoint)
+        if f"train/{key}" not in self.done():
+            overrides = self.resolved(self.spec.runs[key].overrides)
+            self._run(f"train/{key}", [self.python, "train.py", *overrides], run_dir)
+        return find_checkpoint(run_dir, which)
+
+    def resolved(self, overrides: tuple[str, ...]) -> list[str]:
+        """``overrides`` with every ``{checkpoint:<run>/<which>}`` replaced by that checkpoint's path."""
+        return [CHECKPOINT_REF.sub(lambda m: str(self.checkpoint_of(m["run"], m["which"])), o) for o in overrides]
 
     def evaluate(self, evaluation: EvaluationRun, pieces: list[int] | None = None) -> None:
         base = [self.python, f"{evaluation.command}.py"]
         ckpt = [f"ckpt_path={self.checkpoint(evaluation)}"] if evaluation.run else []
+        overrides = self.resolved(evaluation.overrides)
         folder = self.out / "eval" / evaluation.key
         if evaluation.pieces == 1:
-            self._run(f"eval/{evaluation.key}", [*base, *ckpt, *evaluation.overrides], folder)
+            self._run(f"eval/{evaluation.key}", [*base, *ckpt, *overrides], folder)
             return
         for k in range(evaluation.pieces) if pieces is None else pieces:
             name = f"part{k}_of_{evaluation.pieces}"
-            cmd = [*base, *ckpt, *evaluation.overrides, f"data.test_part=[{k},{evaluation.pieces}]"]
+            cmd = [*base, *ckpt, *overrides, f"data.test_part=[{k},{evaluation.pieces}]"]
             self._run(f"eval/{evaluation.key}/{name}", cmd, folder / name)
 
 

@@ -63,8 +63,8 @@ def measured_dates(evidence: Evidence) -> str:
 
 
 def context(evidence: Evidence) -> dict[str, Any]:
-    counts = {key: evidence.n_images(key) for key in evidence.spec.evaluations if evidence.has(key)}
-    counts = {k: v for k, v in counts.items() if evidence.spec.evaluations[k].command == "evaluate"}
+    evaluated = [k for k, e in evidence.spec.evaluations.items() if e.command == "evaluate" and evidence.has(k)]
+    counts = {key: evidence.n_images(key) for key in evaluated}  # an ood.py run keeps no records.csv
     return {
         "n": SimpleNamespace(**counts),
         "measured": measured_dates(evidence),

@@ -18,6 +18,11 @@ A spec is ``conf/reproduce/<name>.yaml``::
       - {kind: text, text: "..."}
       - {kind: accuracy_table, ...}
 
+An override may name the checkpoint of another run of the spec as ``{checkpoint:<run>/<best|last>}``,
+e.g. ``init_from={checkpoint:preemptive/last}`` (a run fine-tuned from another) or
+``detector.oe.ckpt_path={checkpoint:oe/best}`` (an evaluation that also uses a second model); the
+engine runs that run first and puts its checkpoint's path there.
+
 Every run of a spec lives in ``<root>/train/<run>/`` or ``<root>/eval/<evaluation>/`` (pieces in
 ``part<k>_of_<K>/`` below it); the root is the engine's output directory while it runs and the
 spec's ``records`` once kept. :mod:`safespot.reproduce.engine` runs what is missing,
@@ -26,6 +31,7 @@ spec's ``records`` once kept. :mod:`safespot.reproduce.engine` runs what is miss
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,8 @@ from safespot.paths import CONFIG_DIR, PROJECT_ROOT
 
 COMMANDS = ("evaluate", "ood")
 CHECKPOINTS = ("best", "last")
+#: an override's reference to the checkpoint of a run of the spec, replaced by its path when run
+CHECKPOINT_REF = re.compile(r"\{checkpoint:(?P<run>[^{}/]*)/(?P<which>[^{}]*)\}")
 
 
 class SpecError(ConfigError):
@@ -101,6 +109,32 @@ def _path(value: Any) -> Path | None:
     return None if value in (None, "") else PROJECT_ROOT / str(value)
 
 
+def checkpoint_refs(overrides: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """The ``(run, best|last)`` checkpoints that ``overrides`` name with ``{checkpoint:<run>/<which>}``."""
+    return [(m["run"], m["which"]) for override in overrides for m in CHECKPOINT_REF.finditer(override)]
+
+
+def _check_refs(runs: dict[str, TrainRun], where: str, overrides: tuple[str, ...]) -> None:
+    for run, which in checkpoint_refs(overrides):
+        if run not in runs:
+            raise SpecError(f"{where}: {{checkpoint:{run}/{which}}} names no run of the spec: {sorted(runs)}")
+        if which not in CHECKPOINTS:
+            raise SpecError(f"{where}: {{checkpoint:{run}/{which}}} must name one of {CHECKPOINTS}")
+
+
+def _check_order(runs: dict[str, TrainRun]) -> None:
+    """Refuse runs that need their own checkpoint, directly or through others."""
+
+    def visit(key: str, path: tuple[str, ...]) -> None:
+        if key in path:
+            raise SpecError(f"runs {' -> '.join((*path, key))}: a run cannot start from its own checkpoint")
+        for run, _ in checkpoint_refs(runs[key].overrides):
+            visit(run, (*path, key))
+
+    for key in runs:
+        visit(key, ())
+
+
 def load_spec(name: str, overrides: list[str] | None = None) -> Spec:
     """The spec ``conf/reproduce/<name>.yaml`` with dotted ``overrides`` (``key=value``) applied,
     checked: every evaluation names a run of the spec, a known command and checkpoint."""
@@ -121,6 +155,9 @@ def parse_spec(name: str, cfg: DictConfig | dict[str, Any]) -> Spec:
         )
         for key, entry in (data.get("runs") or {}).items()
     }
+    for key, run in runs.items():
+        _check_refs(runs, f"runs.{key}.overrides", run.overrides)
+    _check_order(runs)
     evaluations = {}
     for key, entry in (data.get("evaluations") or {}).items():
         evaluation = EvaluationRun(
@@ -138,6 +175,7 @@ def parse_spec(name: str, cfg: DictConfig | dict[str, Any]) -> Spec:
             raise SpecError(f"evaluations.{key}.command must be one of {COMMANDS}, got {evaluation.command!r}")
         if evaluation.checkpoint not in CHECKPOINTS:
             raise SpecError(f"evaluations.{key}.checkpoint must be one of {CHECKPOINTS}, got {evaluation.checkpoint!r}")
+        _check_refs(runs, f"evaluations.{key}.overrides", evaluation.overrides)
         if evaluation.pieces < 1:
             raise SpecError(f"evaluations.{key}.pieces must be >= 1, got {evaluation.pieces}")
         evaluations[key] = evaluation
