@@ -154,12 +154,14 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert missing.returncode == 2 and "data.root=" in missing.stderr and "does not exist" in missing.stderr
 
 
-def test_default_callbacks_rich_bar_summary_and_learning_rate(make_cfg, tmp_path):
-    """What template users expect: Rich progress bar and model summary (following the trainer's
-    switches), and the learning rate logged per epoch (idle without a logger)."""
+def test_default_callbacks_progress_summary_and_learning_rate(make_cfg, tmp_path):
+    """What template users expect: a progress bar (plain lines here, where stdout is captured, not a
+    terminal) and the Rich model summary, following the trainer's switches, and the learning rate
+    logged per epoch (idle without a logger)."""
     from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 
     from safespot.utils.callbacks import LearningRateMonitor
+    from safespot.utils.progress import PlainProgressBar
 
     cfg = make_cfg(
         "debug=limit",
@@ -171,13 +173,13 @@ def test_default_callbacks_rich_bar_summary_and_learning_rate(make_cfg, tmp_path
     )
     _, objs = train(cfg)
     kinds = {type(c) for c in objs["trainer"].callbacks}
-    assert {RichProgressBar, RichModelSummary, LearningRateMonitor} <= kinds
+    assert {PlainProgressBar, RichModelSummary, LearningRateMonitor} <= kinds
     (metrics_file,) = (tmp_path / "rich").rglob("metrics.csv")
     assert any(column.startswith("lr-") for column in metrics_file.read_text().splitlines()[0].split(","))
     quiet = make_cfg("debug=limit", "method=natural", out=tmp_path / "quiet")  # logger none, bar and summary off
     _, objs = train(quiet)
     kinds = {type(c) for c in objs["trainer"].callbacks}
-    assert LearningRateMonitor in kinds and not {RichProgressBar, RichModelSummary} & kinds
+    assert LearningRateMonitor in kinds and not {PlainProgressBar, RichProgressBar, RichModelSummary} & kinds
 
 
 def test_ranked_logger_speaks_on_rank_zero_only(caplog, monkeypatch):
