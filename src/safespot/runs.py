@@ -11,6 +11,7 @@ the per-item results gathered to every process
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,33 @@ def load_run_settings(cfg: DictConfig, command: str = "evaluate.py") -> tuple[di
     ``cfg.threat`` completed from the run's threat model (checked), all before any data is read."""
     checkpoint, run_cfg = load_training_run(cfg, command)
     data_cfg = _merge_set(run_cfg.data, cfg.get("data"))
+    if "root" in data_cfg and _given(cfg.get("data") or {}, "root") is None:
+        with open_dict(data_cfg):
+            data_cfg.root = data_root_here(run_cfg, cfg)
     run_threat(cfg, run_cfg)
     return checkpoint, run_cfg, data_cfg
+
+
+def data_root_here(run_cfg: DictConfig, cfg: DictConfig) -> str | None:
+    """Where the data of a trained run is on this machine. The checkpoint stores ``data.root`` as
+    it resolved where the run trained (``${paths.data_dir}``, i.e. ``DATA_DIR``, plus the dataset's
+    own part); the data location belongs to the machine, not to the model. So: with ``DATA_DIR``
+    set here, the stored root moved from the training run's data directory to this one; without
+    it, the stored root when it exists from here, else the same move onto this command's default
+    data directory (``./data``). ``data.root=`` on the command line wins over all of them."""
+    stored = run_cfg.data.get("root")
+    if stored is None:
+        return None
+    stored_dir = OmegaConf.select(run_cfg, "paths.data_dir")
+    here_dir = OmegaConf.select(cfg, "paths.data_dir")
+    moved = str(stored)
+    if stored_dir is not None and here_dir is not None:
+        stored_dir, rest = str(stored_dir).rstrip("/"), str(stored)
+        if rest == stored_dir or rest.startswith(stored_dir + "/"):
+            moved = str(here_dir).rstrip("/") + rest[len(stored_dir) :]
+    if os.environ.get("DATA_DIR") or not Path(str(stored)).exists():
+        return moved
+    return str(stored)
 
 
 def run_threat(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
