@@ -187,16 +187,19 @@ def test_ranks_and_launch_names_from_the_launchers_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning's script launcher started
     assert process_rank() == 1 and launch_id() is None
     monkeypatch.delenv("LOCAL_RANK")
-    # a batch script's own process (no step) and a one-task step: one process, no shared name
+    # a batch script's own process (no step) and a one-task step: one process, named after the job
+    # (a requeued job finds its directory again)
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    assert process_rank() == 0 and launch_id() is None
+    assert process_rank() == 0 and launch_id() == "slurm-7"
     monkeypatch.setenv("SLURM_STEP_ID", "3")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
-    assert process_rank() == 0 and launch_id() is None
+    assert process_rank() == 0 and launch_id() == "slurm-7.3"
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert process_rank() == 1 and launch_id() == "slurm-7.3"
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: runs are named by time
+    assert launch_id() is None
 
 
 def test_the_csv_writer_of_a_later_stage_keeps_the_earlier_columns_and_rows(tmp_path):

@@ -56,13 +56,27 @@ def process_rank() -> int:
     return max(ranks)
 
 
+def slurm_batch_job() -> bool:
+    """Whether this process runs in a SLURM job that is not an interactive shell (``salloc``,
+    ``srun --pty bash``: job name ``bash`` or ``interactive``, as Lightning tells them apart)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def requeued() -> bool:
+    """Whether this SLURM job was requeued (preempted or timed out, then started again)."""
+    return _int_env("SLURM_RESTART_COUNT") > 0
+
+
 def launch_id() -> str | None:
     """The name every process of an externally launched run agrees on, for its run directory:
-    ``slurm-<job>.<step>`` in a SLURM step of several tasks (``srun``; a requeued job keeps its
-    name), ``torchrun-<id>`` under torchrun with a run id; ``None`` where this process starts any
-    other ranks itself (then the start time and a per-process suffix name the run)."""
-    if slurm_tasks() > 1:
-        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"
+    ``slurm-<job>[.<step>]`` in a SLURM batch job (every task of a step computes it alike, and a
+    requeued job finds its earlier attempt's directory, where Lightning resumes from the checkpoint
+    it saved on the preemption signal), ``torchrun-<id>`` under torchrun with a run id; ``None``
+    elsewhere (then the start time and a per-process suffix name the run)."""
+    if slurm_batch_job():
+        step = os.environ.get("SLURM_STEP_ID")
+        job = f"slurm-{os.environ['SLURM_JOB_ID']}"
+        return f"{job}.{step}" if step is not None else job
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id != "none" and _int_env("WORLD_SIZE", 1) > 1:
         return f"torchrun-{run_id}"

@@ -12,7 +12,9 @@ status 2 (as :func:`safespot.utils.task.report_config_errors` prints setting err
 training run (``ckpt_path=<run>/checkpoints/last.ckpt``) writes into a new directory as well.
 
 The secondary ranks of a run (:func:`safespot.utils.launch.process_rank` > 0) share the directory
-their rank 0 checked: they skip the check and write no ``.hydra`` configs.
+their rank 0 checked: they skip the check and write no ``.hydra`` configs. A requeued SLURM job
+(``SLURM_RESTART_COUNT`` > 0) goes back into its earlier attempt's directory, where Lightning finds
+the checkpoint it saved when the job was preempted.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from safespot.errors import ConfigError
-from safespot.utils.launch import LAUNCHER_VARIABLES, install_child_command, launch_id, process_rank
+from safespot.utils.launch import LAUNCHER_VARIABLES, install_child_command, launch_id, process_rank, requeued
 
 
 class RunDirectoryInUse(ConfigError):
@@ -61,7 +63,7 @@ def check_unused(directory: str | Path, key: str, marker: str) -> None:
 
 def _refuse(config: DictConfig, key: str, marker: str) -> None:
     directory = str(OmegaConf.select(config, key))
-    if Path(directory).name == launch_id():  # this launch's own directory, shared by its ranks
+    if Path(directory).name == launch_id() and requeued():  # the job's earlier attempt: resume there
         return
     try:
         check_unused(directory, key, marker)
