@@ -1,7 +1,7 @@
 """Section kinds of particular reproductions, registered with :func:`safespot.reproduce.sections.section`
 when imported (:mod:`safespot.reproduce.engine` imports them all): certified accuracy (randomised
-smoothing)."""
+smoothing), rejection (paper 004) and votes (paper 003)."""
 
-from safespot.reproduce.tables import certified
+from safespot.reproduce.tables import certified, rejection, votes
 
-SECTION_MODULES = (certified,)
+SECTION_MODULES = (certified, rejection, votes)
