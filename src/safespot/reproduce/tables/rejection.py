@@ -55,6 +55,7 @@ from safespot.utils.tables import markdown_table
 BUDGET = 0.10
 NOT_MEASURED = "not measured (no records)"
 CHECKPOINT_EPOCH = re.compile(r"epoch=?(\d+)")
+CHECKPOINT_COLUMN = "Evaluated checkpoint: epoch, val/acc / val/robust_acc"
 
 
 # --- rows and their bootstrap ------------------------------------------------------------------
@@ -294,16 +295,27 @@ def training_row(evidence: Evidence, key: str, label: str) -> dict[str, str]:
         "val/acc, best (epoch)": f"{_pct(epochs['val/acc'].max())} ({int(best_epoch) + 1})",
         "val/robust_acc, last epoch": _pct(last.get("val/robust_acc", np.nan)),
     }
-    scored = evaluated_checkpoint(evidence, key)
-    if scored is not None:
-        epoch = int(CHECKPOINT_EPOCH.search(scored[0])[1]) if CHECKPOINT_EPOCH.search(scored[0]) else None
-        at = epochs.loc[epoch] if epoch is not None and epoch in epochs.index else None
-        values = MISSING if at is None else f"{_pct(at['val/acc'])} / {_pct(at['val/robust_acc'])}"
-        where = "?" if epoch is None else str(epoch + 1)
-        row["Evaluated checkpoint: epoch, val/acc / val/robust_acc"] = f"{where} of {n}: {values}"
-    else:
-        row["Evaluated checkpoint: epoch, val/acc / val/robust_acc"] = MISSING
+    row[CHECKPOINT_COLUMN] = checkpoint_cell(evidence, key, epochs)
     return row
+
+
+def checkpoint_cell(evidence: Evidence, key: str, epochs: pd.DataFrame) -> str:
+    """The checkpoint a run's evaluations scored (:func:`evaluated_checkpoint`), or, when none has
+    records, the best one the run keeps (marked "kept, not evaluated"): its epoch of the run's
+    epochs and its validation accuracies."""
+    scored = evaluated_checkpoint(evidence, key)
+    name, prefix = (scored[0], "") if scored is not None else (None, "kept, not evaluated: ")
+    if name is None:
+        kept = sorted((evidence.train_dir(key) / "checkpoints").glob("best-*.ckpt"))
+        if not kept:
+            return MISSING
+        name = kept[-1].name
+    found = CHECKPOINT_EPOCH.search(name)
+    epoch = int(found[1]) if found else None
+    if epoch is None or epoch not in epochs.index:
+        return f"{prefix}{name}"
+    at = epochs.loc[epoch]
+    return f"{prefix}{epoch + 1} of {len(epochs)}: {_pct(at['val/acc'])} / {_pct(at['val/robust_acc'])}"
 
 
 @section("training_table")
