@@ -71,11 +71,11 @@ check-reports:  ## every kept report (and generated block of the docs) equals wh
 reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC claims with intervals over seeds (reduced; conf/reproduce/table4.yaml)
 	$(PY) -m safespot.reproduce run table4 $(ARGS)
 
-reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS with rejection, clean image in every attack set, bootstrap intervals (reduced: 16 epochs, FLSS 24 with the authors' softmax KL weights; ~2 h on 2 CPU cores)
-	$(PY) scripts/reproduce_paper004.py --docs docs/reproduction_paper004.md --train-override trainer.max_epochs=16 --flss-override method/kl_weights=authors --flss-override trainer.max_epochs=24 $(ARGS)
+reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS (SD 2 and 1) with rejection, bootstrap intervals, the equal-budget FLSS rows (reduced; conf/reproduce/paper004.yaml)
+	$(PY) -m safespot.reproduce run paper004 $(ARGS)
 
-reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (docs/reproduction_paper003.md)
-	$(PY) scripts/reproduce_paper003.py --docs docs/reproduction_paper003.md $(ARGS)
+reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (conf/reproduce/paper003.yaml)
+	$(PY) -m safespot.reproduce run paper003 $(ARGS)
 
 reproduce-figure3:  ## paper 002 Figure 3: reconstruction of x_o from x_r, search from x_o vs a random start (ARGS="--ckpt RUN/checkpoints/best-*.ckpt")
 	$(PY) scripts/reproduce_figure3.py $(ARGS)

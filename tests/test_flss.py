@@ -21,7 +21,7 @@ from safespot.evaluation.rejection import RejectionEvaluation, view_predictions
 from safespot.evaluation.rejection_metrics import (
     TableRow,
     calibrate_threshold,
-    main,
+    load_row,
     rejection_metrics,
     rejection_table,
     worst_case,
@@ -256,7 +256,7 @@ def test_worst_case_sets_on_hand_built_records():
     assert list(table.iloc[0, :2]) == ["FLSS", "Maj. Vote"] and table["FC"].iloc[0] == 25.0
 
 
-def test_rejection_evaluation_records_and_table_cli(images, tmp_path, capsys):
+def test_rejection_evaluation_records_and_table(images, tmp_path):
     x, y = images
     attacks = {"pgd": PGD("linf", EPS, steps=2), "pgd_cw": PGD("linf", EPS, steps=2, loss="cw")}
     net = _flss_net()
@@ -283,10 +283,10 @@ def test_rejection_evaluation_records_and_table_cli(images, tmp_path, capsys):
     config = {"_target_": "safespot.evaluation.rejection.RejectionEvaluation", "name": "rej", "views": ["ns", "vote"]}
     config |= {"attacks": {"pgd": {}, "pgd_cw": {}}, "attack_ns": ["pgd"]}
     (run / "results.json").write_text(json.dumps({"meta": {"evaluation_config": {"rej": config}}}))
-    assert main(["--row", f"FLSS (SD=2)={run}", "--row", f"NS={run}:ns", "--out", str(tmp_path / "table")]) == 0
-    text = capsys.readouterr().out
-    assert "| FLSS (SD=2) | Maj. Vote |" in text and "| NS | Confidence |" in text
-    assert (tmp_path / "table" / "rejection_table.csv").is_file()
+    rows = [load_row("FLSS (SD=2)", run), load_row("NS", run, "ns")]
+    assert [r.view for r in rows] == ["vote", "ns"] and rows[0].attacks == ["pgd", "pgd_cw", "pgd_ns"]
+    table = rejection_table(rows)
+    assert [list(table.iloc[i, :2]) for i in range(2)] == [["FLSS (SD=2)", "Maj. Vote"], ["NS", "Confidence"]]
 
 
 @pytest.mark.parametrize("option", ["rejection_flss", "rejection_conf"])

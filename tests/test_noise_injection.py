@@ -257,3 +257,23 @@ def test_cni_w_initial_covariance_is_set_from_the_model_config(make_cfg):
     layers = [m for m in hydra.utils.instantiate(custom.model).modules() if isinstance(m, NoisyConv2d)]
     assert len(layers) == 19 and all(bool((m.diag == 0.01).all() and (m.factor == 0.002).all()) for m in layers)
     assert all(bool((m.diag == 0.0625).all()) for m in default.modules() if isinstance(m, NoisyConv2d))
+
+
+def test_noise_levels_of_a_state_dict_are_the_noise_spread_relative_to_the_weights():
+    """PNI: |alpha|; CNI-W: the root mean variance of the colored noise over std(W), which is the
+    empirical spread of :meth:`NoisyConv2d.weight_noise` relative to std(W); layers in the state
+    dict's order, noise-free layers left out."""
+    from safespot.models.noise_injection import noise_levels
+
+    torch.manual_seed(0)
+    pni = NoisyConv2d(3, 4, 3, noise="pni_w", alpha=-0.1)
+    cni = NoisyConv2d(3, 4, 3, noise="cni_w", rank=2)
+    plain = NoisyConv2d(3, 4, 3, noise="none")
+    state = {f"net.a.{k}": v for k, v in pni.state_dict().items()}
+    state |= {f"net.p.{k}": v for k, v in plain.state_dict().items()}
+    state |= {f"net.b.{k}": v for k, v in cni.state_dict().items()}
+    levels = noise_levels(state)
+    draws = cni.weight_noise(20000)
+    empirical = float(draws.pow(2).mean().sqrt() / cni.weight.std())
+    assert len(levels) == 2 and levels[0] == pytest.approx(0.1) and levels[1] == pytest.approx(empirical, rel=0.02)
+    assert noise_levels(plain.state_dict()) == []

@@ -9,12 +9,17 @@ import pandas as pd
 import pytest
 
 from safespot.evaluation.rejection_metrics import (
+    TABLE_KEYS,
+    bootstrap_draws,
+    bootstrap_metrics,
     calibrate_threshold,
+    point_arrays,
     point_sets,
     rejection_metrics,
     with_clean,
     worst_case,
 )
+from safespot.stats import percentile_interval
 
 N_DRAWS = 400
 
@@ -155,3 +160,35 @@ def test_threshold_at_ten_percent_rejection_on_hand_built_scores_with_a_tie():
     assert m["clean_rejected"] == pytest.approx(100 * 5 / 25)  # and the three wrong images at 0.05
     assert m["acc_nat_rej"] == pytest.approx(100 * 17 / 20)  # 17 correct of the 20 accepted
     assert m["mpr"] == pytest.approx(100 * 5 / 25)  # attack a's points score 0.3: accepted
+
+
+def test_the_bootstrap_recomputes_every_metric_on_each_resample_with_its_own_threshold():
+    """Each replicate of :func:`bootstrap_metrics` is :func:`rejection_metrics` of the resampled
+    records (the threshold recalibrated on the resample); the same draws resample every model, so
+    two models with the same clean correctness have the same clean-accuracy replicates (paired)."""
+    rng = np.random.default_rng(3)
+    correct, scores, points = rng.random((3, 60)) < 0.6, rng.integers(0, 11, (3, 60)) / 10, ["clean", "a", "b"]
+    records = _records(correct, scores, points)
+    other = _records(correct, rng.random((3, 60)), points)  # other scores, same correctness
+    draws = bootstrap_draws(60, 40, seed=0)
+    assert draws.shape == (40, 60) and np.array_equal(draws, bootstrap_draws(60, 40, seed=0))
+    samples = bootstrap_metrics(point_arrays(records, "r", "vote"), draws)
+    for k in (0, 17, 39):
+        expected = rejection_metrics(records.iloc[draws[k]], "r", "vote")
+        assert np.allclose(samples[k], [expected[key] for key in TABLE_KEYS], equal_nan=True)
+    again = bootstrap_metrics(point_arrays(other, "r", "vote"), draws)
+    j = TABLE_KEYS.index("acc_nat_0")
+    assert np.array_equal(samples[:, j], again[:, j])
+    assert not np.array_equal(samples[:, TABLE_KEYS.index("acc_nat_rej")], again[:, TABLE_KEYS.index("acc_nat_rej")])
+    with pytest.raises(ValueError, match="one column per image"):
+        bootstrap_metrics(point_arrays(records, "r", "vote"), draws[:, :10])
+
+
+def test_percentile_interval_leaves_out_undefined_replicates():
+    """The 2.5% and 97.5% quantiles of the defined replicates (linear interpolation: 0.025 and
+    0.975 on 0, 1); NaN replicates (Acc_adv,10% of a resample with nothing accepted) are left
+    out, and an undefined statistic has no interval."""
+    interval = percentile_interval(0.4, [0.0, np.nan, 1.0, np.nan])
+    assert (interval.n, interval.value, interval.low, interval.high) == (2, 0.4, pytest.approx(0.025), 0.975)
+    assert percentile_interval(np.nan, [0.1, 0.2]).n == 0
+    assert percentile_interval(0.5, [np.nan, np.inf]).n == 0

@@ -1,134 +1,126 @@
-"""The paper 003 reduced-reproduction script: the commands it runs and the report it renders."""
+"""Paper 003's smoothed inference as a spec (conf/reproduce/paper003.yaml): the noise-injected
+models fine-tuned from the plain model's checkpoint, accuracy against the number of draws and the
+vote rules, claims (a)-(c) with paired intervals and the non-inferiority margin of (c), the learned
+noise levels of the kept checkpoints."""
 
-import argparse
-import importlib.util
-import re
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import fake_subprocess
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reproduce003", ROOT / "scripts" / "reproduce_paper003.py")
-reproduce = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reproduce)
+from conftest import SYNTHETIC, InProcessCommands
+from safespot.paths import CONFIG_DIR
+from safespot.reproduce.claims import evaluate_claim
+from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.evidence import Evidence
+from safespot.reproduce.spec import SpecError, parse_spec
+from safespot.reproduce.tables.votes import gain_claim
 
 NS = [1, 32]
 
 
-def _fake_records(folder: Path, pgd_rates: dict[int, float], seed: int, n: int = 200) -> Path:
-    """Records with the given PGD accuracy per n (prediction smoothing); the other rules and the
-    clean sweep a little lower / higher."""
+def project_spec(tmp_path: Path) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "reproduce" / "paper003.yaml"), resolve=True)
+    data["report"], data["records"] = str(tmp_path / "report.md"), str(tmp_path / "records")
+    return data
+
+
+def _votes(root: Path, key: str, rates: dict[int, float], seed: int, n: int = 400) -> None:
+    """Records of evaluation=[votes,votes_pgd] with the given PGD accuracy per n (prediction
+    smoothing); soft and weighted a little lower, the clean sweep higher."""
     rng = np.random.default_rng(seed)
     base = rng.random(n)
     table = {"index": np.arange(100, 100 + n)}
-    for kind, shift in (("votes", 0.3), ("votes_pgd", 0.0)):
+    for sweep, shift in (("votes", 0.3), ("votes_pgd", 0.0)):
         for rule, penalty in (("majority", 0.0), ("soft", 0.02), ("weighted", 0.04)):
-            for k, rate in pgd_rates.items():
-                table[f"{kind}_{rule}_n{k}/correct"] = base < rate + shift - penalty
+            for k, rate in rates.items():
+                table[f"{sweep}_{rule}_n{k}/correct"] = base < rate + shift - penalty
+    folder = root / "eval" / key
     folder.mkdir(parents=True)
     pd.DataFrame(table).to_csv(folder / "records.csv", index=False)
-    return folder
+    config = {"ns": NS, "votes": ["majority", "soft", "weighted"]}
+    names = [c.split("/")[0] for c in table if c != "index"]
+    meta = {"evaluation_config": {"votes": config, "votes_pgd": config}, "evaluations": names}
+    (folder / "results.json").write_text(json.dumps({"meta": {**meta, "ckpt_path": f"x/{key}/best-epoch001.ckpt"}}))
 
 
-def test_report_gives_intervals_and_verdicts_per_claim(tmp_path):
-    evals = {
-        "cifar10_adv_resnet20": _fake_records(tmp_path / "adv", {1: 0.40, 32: 0.41}, 0),
-        "cifar10_pni_w": _fake_records(tmp_path / "pni", {1: 0.35, 32: 0.55}, 1),
-        "cifar10_cni_w": _fake_records(tmp_path / "cni", {1: 0.45, 32: 0.45}, 2),
-    }
-    args = argparse.Namespace(
-        ns=NS, seed=0, sigma=0.12, m_attack=8, noisy_init="adv", finetune_epochs=4, finetune_lr=0.02
-    )
-    text = reproduce.render(evals, ["python train.py experiment=cifar10_cni_w"], args)
-    lines = text.splitlines()
-    row = next(line for line in lines if line.startswith("| (a) | PNI-W: PGD-20"))
-    assert row.endswith("| holds |") and re.search(r"\| \+(1[5-9]|2\d)\.\d pp", row)  # about +20 points
-    row = next(line for line in lines if line.startswith("| (a) | CNI-W: PGD-20"))
-    assert row.endswith("| inconclusive at this scale |")  # no change, but too few images to exclude a 1 pp gain
-    row = next(line for line in lines if line.startswith("| (b) | PGD gain of PNI-W"))
-    assert row.endswith("| holds |")
-    row = next(line for line in lines if line.startswith("| (c) | PNI-W: PGD-20, prediction minus weighted"))
-    assert row.endswith("| holds |")  # 4 points better on a superset of images
-    same = {p: d for p, d in evals.items()}
-    table = pd.read_csv(evals["cifar10_cni_w"] / "records.csv")
-    for rule in ("soft", "weighted"):
-        for k in NS:
-            table[f"votes_pgd_{rule}_n{k}/correct"] = table[f"votes_pgd_majority_n{k}/correct"]
-    same["cifar10_cni_w"] = tmp_path / "cni_same"
-    same["cifar10_cni_w"].mkdir()
-    table.to_csv(same["cifar10_cni_w"] / "records.csv", index=False)
-    lines_same = reproduce.render(same, [], args).splitlines()
-    row = next(line for line in lines_same if line.startswith("| (c) | CNI-W: PGD-20, prediction minus soft"))
-    # the same vote on every image: the interval reaches just past the -1 pp non-inferiority margin
-    assert "+0.0 pp [-1.0, +1.0]" in row and row.endswith("| inconclusive at this scale |")
-    assert "| PNI-W | 32 |" in text and "| CNI-W | weighted |" in text and "60.4%" in text
-    assert "python train.py experiment=cifar10_cni_w" in text
+def _records(root: Path) -> Evidence:
+    _votes(root, "adv_resnet20", {1: 0.40, 32: 0.41}, 0)
+    _votes(root, "pni_w", {1: 0.35, 32: 0.55}, 1)
+    _votes(root, "cni_w", {1: 0.45, 32: 0.45}, 2)
 
 
-def test_models_train_at_the_reduced_resnet20_scale_and_share_the_test_images(tmp_path, monkeypatch):
-    commands = fake_subprocess(
-        monkeypatch, lambda cmd, out: _fake_records(out, {1: 0.4, 4: 0.42, 8: 0.43, 16: 0.44, 32: 0.45}, 0)
-    )
-    assert reproduce.main(["--out", str(tmp_path / "new"), "--test-images", "200"]) == 0
-    trained = [cmd for cmd in commands if cmd[1] == "train.py"]
-    assert [cmd[2:4] for cmd in trained] == [[f"experiment={p}", "scale=reduced_resnet20"] for p in reproduce.MODELS]
-    # paper 003, Section 4: the noise-injected models are fine-tuned from the plain model's best checkpoint
-    plain = next(tmp_path.glob("new/train/cifar10_adv_resnet20/checkpoints/best-*.ckpt"))
+def test_claims_follow_their_intervals_and_c_states_its_margin(tmp_path):
+    spec = parse_spec("paper003", project_spec(tmp_path))
+    _records(tmp_path / "records")
+    evidence = Evidence(spec, tmp_path / "records")
+    report = render(spec, tmp_path / "records")
+    row = next(line for line in report.splitlines() if line.startswith("| (a) PNI-W: PGD-20"))
+    assert " | holds |" in row  # +20 points
+    row = next(line for line in report.splitlines() if line.startswith("| (a) CNI-W: PGD-20"))
+    assert row.endswith("| does not hold |")  # no change: the interval excludes every gain of 1 point
+    assert next(line for line in report.splitlines() if line.startswith("| (b) PGD-20 gain")).endswith("| holds |")
+    assert "| PNI-W | 32 |" in report and "| CNI-W | weighted (n = 32) |" in report and "60.4%" in report
+    assert "Not in the records (the evaluated checkpoints were not kept): PNI-W, CNI-W." in report
+    # (c) "at least as good": non-inferiority with the spec's 1-point margin, the verdict its interval's
+    (c,) = [s for s in spec.sections if s["kind"] == "claims" and s["claims"][0]["text"].startswith("(c)")]
+    assert all(claim["kind"] == "non_inferiority" and claim["margin"] == 0.01 for claim in c["claims"])
+    worse = {**c["claims"][3], "a": "pni_w/votes_pgd_weighted_n32/correct", "b": "pni_w/votes_pgd_majority_n32/correct"}
+    result = evaluate_claim(evidence, worse)  # weighted is 4 points worse on a subset of the images
+    assert result.difference.high < -0.01 and result.verdict == "does not hold"
+    same = evaluate_claim(evidence, {**worse, "a": worse["b"]})
+    assert same.difference.low > -0.01 and same.verdict == "holds"  # identical votes: within the margin
+    gain = gain_claim(evidence, spec.sections[5]["claims"][0])
+    plain = evidence.field("adv_resnet20/votes_pgd_majority_n32/correct").mean()
+    plain -= evidence.field("adv_resnet20/votes_pgd_majority_n1/correct").mean()
+    noisy = evidence.field("pni_w/votes_pgd_majority_n32/correct").mean()
+    noisy -= evidence.field("pni_w/votes_pgd_majority_n1/correct").mean()
+    assert gain.difference.value == pytest.approx(noisy - plain)
+
+
+def test_init_from_names_a_run_of_the_spec_and_no_cycle(tmp_path):
+    data = project_spec(tmp_path)
+    data["runs"]["pni_w"]["init_from"] = "nope"
+    with pytest.raises(SpecError, match="init_from='nope' is not a run of the spec"):
+        parse_spec("paper003", data)
+    data["runs"]["pni_w"]["init_from"] = "cni_w"
+    data["runs"]["cni_w"]["init_from"] = "pni_w"
+    with pytest.raises(SpecError, match="start from each other"):
+        parse_spec("paper003", data)
+
+
+# --- the spec run end to end on synthetic data --------------------------------------------------
+QUIET = [o for o in SYNTHETIC if not o.startswith("model")]
+RESNET = ["model=resnet20", "model.backbone.blocks=1", "method=natural", "trainer.max_epochs=1", "test=false",
+          "data.train_subset=128", "data.val_subset=32", "seed=0"]  # fmt: skip
+SMALL = ["smoothing.m_attack=1", "evaluation.votes_pgd.attack.steps=1", "evaluation.votes.ns=[1,32]",
+         "evaluation.votes_pgd.ns=[1,32]", "data.test_subset=6", "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+def test_the_paper003_spec_fine_tunes_the_noisy_models_from_the_plain_one(tmp_path):
+    data = project_spec(tmp_path)
+    for key, noise in (("adv_resnet20", "none"), ("pni_w", "pni_w"), ("cni_w", "cni_w")):
+        data["runs"][key]["overrides"] = [*QUIET, *RESNET, f"model.backbone.noise={noise}"]
+        data["evaluations"][key]["overrides"] += SMALL
+    spec = parse_spec("paper003", data)
+    out, runner = tmp_path / "out", InProcessCommands()
+    run_spec(spec, out, runner=runner)
+    assert [c[1] for c in runner.calls] == ["train.py", "evaluate.py"] * 3
+    plain = next((out / "train" / "adv_resnet20" / "checkpoints").glob("best-*.ckpt"))
+    trained = [c for c in runner.calls if c[1] == "train.py"]
     assert not any(c.startswith("init_from=") for c in trained[0])
-    for cmd in trained[1:]:
-        assert f"init_from={plain}" in cmd and "trainer.max_epochs=4" in cmd and "scheduler.max_lr=0.02" in cmd
-    evaluated = [cmd for cmd in commands if cmd[1] == "evaluate.py"]
-    assert all("evaluation=[votes,votes_pgd]" in cmd and "data.test_subset=200" in cmd for cmd in evaluated)
-    assert (tmp_path / "new" / "report.md").is_file()
+    assert all(f"init_from={plain}" in c for c in trained[1:])  # paper 003, Section 4
+    keep(spec, out)
+    report = spec.report.read_text()
+    assert "python train.py" in report and "init_from=train/adv_resnet20/checkpoints/best-" in report
+    from safespot.models import NoisyConv2d, ResNet20
 
-
-def test_noisy_models_from_scratch_or_after_a_reused_plain_evaluation(tmp_path, monkeypatch):
-    """``--noisy-init scratch`` trains every model from scratch; with the plain model's evaluation
-    reused, the fine-tune starts from the checkpoint that evaluation ran on."""
-    import json
-
-    commands = fake_subprocess(monkeypatch, lambda cmd, out: _fake_records(out, {1: 0.4, 32: 0.45}, 0))
-    assert reproduce.main(["--out", str(tmp_path / "a"), "--ns", "1,32", "--noisy-init", "scratch"]) == 0
-    assert not any(c.startswith("init_from=") for cmd in commands for c in cmd)
-    reused = _fake_records(tmp_path / "adv_eval", {1: 0.4, 32: 0.45}, 0)
-    ckpt = tmp_path / "adv.ckpt"
-    ckpt.write_bytes(b"")
-    (reused / "results.json").write_text(json.dumps({"meta": {"ckpt_path": str(ckpt)}}))
-    commands.clear()
-    argv = ["--out", str(tmp_path / "b"), "--ns", "1,32", "--reuse-eval", f"cifar10_adv_resnet20={reused}"]
-    assert reproduce.main(argv) == 0
-    trained = [cmd for cmd in commands if cmd[1] == "train.py"]
-    assert len(trained) == 2 and all(f"init_from={ckpt}" in cmd for cmd in trained)
-
-
-def test_bad_arguments_fail_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOG_DIR", str(tmp_path))
-    bad = (["--ns", "0,4"], ["--ns", "a"], ["--test-images", "0"], ["--reuse", "cifar10_unknown=/x"],
-           ["--finetune-epochs", "0"], ["--finetune-lr", "0"], ["--noisy-init", "pni"])  # fmt: skip
-    for argv in bad:
-        with pytest.raises(SystemExit):
-            reproduce.main(argv)
-    with pytest.raises(SystemExit, match="no best checkpoint"):
-        reproduce.main(["--reuse", f"cifar10_cni_w={tmp_path}"])
-    assert not (tmp_path / "reproduce_paper003").exists()
-
-
-def test_learned_noise_levels_are_read_from_the_checkpoint(tmp_path):
-    """PNI-W: |alpha|; CNI-W: the root mean variance of the colored noise over std(W)."""
-    import torch
-
-    from safespot.models.noise_injection import NoisyConv2d
-
-    torch.manual_seed(0)
-    pni = NoisyConv2d(3, 4, 3, noise="pni_w", alpha=-0.1)
-    cni = NoisyConv2d(3, 4, 3, noise="cni_w", rank=2)
-    state = {f"a.{k}": v for k, v in pni.state_dict().items()} | {f"b.{k}": v for k, v in cni.state_dict().items()}
-    torch.save({"state_dict": state}, tmp_path / "m.ckpt")
-    levels = reproduce.noise_levels(tmp_path / "m.ckpt")
-    draws = cni.weight_noise(20000)  # the empirical spread of CNI-W's noise, relative to std(W)
-    empirical = float(draws.pow(2).mean().sqrt() / cni.weight.std())
-    assert levels[0] == pytest.approx(0.1) and levels[1] == pytest.approx(empirical, rel=0.02)
+    layers = sum(isinstance(m, NoisyConv2d) for m in ResNet20(noise="pni_w", blocks=1).modules())
+    assert f"| PNI-W | {layers} | 0.250 | 0.250 | 0.250 |" not in report  # learned: no longer the initial 0.25
+    assert f"| CNI-W | {layers} |" in report and f"| PNI-W | {layers} |" in report
+    assert "Not in the records" not in report
+    assert (tmp_path / "records" / "train" / "adv_resnet20" / "checkpoints" / plain.name).is_file()
+    assert check_spec(spec) == []

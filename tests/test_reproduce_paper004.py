@@ -1,107 +1,208 @@
-"""The paper 004 Table 1 script: four rows on the same images with the clean image in every attack
-set, bootstrap intervals per cell and paired verdicts on the paper's claims."""
+"""Paper 004's Table 1 as a spec (conf/reproduce/paper004.yaml): the four rows on the same images
+with bootstrap intervals, the paper's claims with SD = 2 first, each model's training budget read
+from the records of the checkpoint its evaluations scored, and the equal-budget rows."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
-from conftest import fake_subprocess
-from safespot.evaluation.rejection_metrics import load_row, rejection_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("paper004", ROOT / "scripts" / "reproduce_paper004.py")
-paper004 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(paper004)
+from conftest import SYNTHETIC, InProcessCommands
+from safespot.paths import CONFIG_DIR
+from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.evidence import Evidence
+from safespot.reproduce.spec import SpecError, parse_spec
+from safespot.reproduce.tables.rejection import rejection_claim
 
 ATTACKS = ["pgd", "apgd_ce"]
+N = 120
 
 
-def _fake_eval(run: Path, name: str, views: list[str], robust: float, n: int = 120, seed: int = 0) -> None:
-    """records.csv / results.json as a rejection evaluation writes them: clean correct on 80% of the
-    images, every attack correct on the first ``robust`` share, confidence scores in (0, 1)."""
-    rng = np.random.default_rng(seed)
-    position = np.arange(n) / n
-    table = {"index": np.arange(n)[::-1]}  # stored out of order: the script sorts by index
+def project_spec(tmp_path: Path, **changes) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "reproduce" / "paper004.yaml"), resolve=True)
+    data["report"], data["records"] = str(tmp_path / "report.md"), str(tmp_path / "records")
+    data["bootstrap"] = {"replicates": 200, "seed": 0}
+    data.update(changes)
+    return data
+
+
+# --- records written by hand: what the runs leave --------------------------------------------
+def _metrics(folder: Path, epochs: int, val_acc: float = 0.5379999876022339) -> None:
+    """A training run's metrics.csv: ``epochs`` epochs, validation accuracy rising to ``val_acc``."""
+    rows = [{"epoch": e, "step": e, "train/loss_epoch": 1.0, "train/kl2": 0.1} for e in range(epochs)]
+    rows += [{"epoch": e, "step": e, "val/acc": val_acc - 0.01 * (epochs - 1 - e), "val/robust_acc": 0.3}
+             for e in range(epochs)]  # fmt: skip
+    rows.append({"epoch": epochs, "step": epochs, "test/acc": 0.4})  # the test step, after training
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+
+
+def _train(root: Path, run: str, epochs: int, best: int) -> None:
+    _metrics(root / "train" / run, epochs)
+    (root / "train" / run / "checkpoints").mkdir(parents=True)
+    (root / "train" / run / "checkpoints" / f"best-epoch{best:03d}.ckpt").write_bytes(b"weights")
+
+
+def _eval(root: Path, key: str, ckpt: str, robust: float, vote: bool) -> None:
+    """records.csv / results.json as a rejection evaluation writes them: clean correct on 80% of
+    the images, every attack correct on the first ``robust`` share, confidence scores in (0, 1)."""
+    name, views = ("rejection_flss", ["ns", "vote"]) if vote else ("rejection_conf", ["ns"])
+    rng = np.random.default_rng(0)
+    position = np.arange(N) / N
+    table = {"index": np.arange(N)[::-1]}  # stored out of order: rows are read by image index
     for view in views:
         for point in ["clean", *ATTACKS]:
             correct = position < (0.8 if point == "clean" else robust)
             table[f"{name}_{point}_{view}/correct"] = correct
-            table[f"{name}_{point}_{view}/score"] = rng.uniform(0.5, 1.0, n) * np.where(correct, 1.0, 0.7)
-    run.mkdir(parents=True)
-    pd.DataFrame(table).to_csv(run / "records.csv", index=False)
+            table[f"{name}_{point}_{view}/score"] = rng.uniform(0.5, 1.0, N) * np.where(correct, 1.0, 0.7)
+    folder = root / "eval" / key
+    folder.mkdir(parents=True)
+    pd.DataFrame(table).to_csv(folder / "records.csv", index=False)
     config = {"_target_": "safespot.evaluation.rejection.RejectionEvaluation", "name": name, "views": views}
     config["attacks"] = {a: {} for a in ATTACKS}
-    (run / "results.json").write_text(json.dumps({"meta": {"evaluation_config": {name: config}}}))
+    names = [f"{name}_{p}_{v}" for v in views for p in ["clean", *ATTACKS]]
+    meta = {"evaluation_config": {name: config}, "ckpt_path": f"/elsewhere/checkpoints/{ckpt}", "evaluations": names}
+    (folder / "results.json").write_text(json.dumps({"meta": meta}))
 
 
-def test_the_script_trains_each_model_once_and_evaluates_four_rows(tmp_path, monkeypatch):
-    robust = {"pgd_at": 0.4, "trades": 0.42, "flss_sd1": 0.6, "flss_sd2": 0.62}
+def _records(root: Path, flss_ckpt: str = "best-epoch002.ckpt") -> None:
+    """PGD-AT and TRADES trained 2 epochs, FLSS 3 (run flss_24ep) and 2 (run flss_16ep, not
+    evaluated); four evaluations, FLSS the most robust."""
+    for run, epochs, best in (("adv_linf", 2, 1), ("trades_linf", 2, 1), ("flss_24ep", 3, 2), ("flss_16ep", 2, 1)):
+        _train(root, run, epochs, best)
+    robust = {"pgd_at": 0.40, "trades": 0.42, "flss_sd1": 0.60, "flss_sd2": 0.62}
+    ckpts = {"pgd_at": "best-epoch001.ckpt", "trades": "best-epoch001.ckpt"}
+    for key, share in robust.items():
+        _eval(root, key, ckpts.get(key, flss_ckpt), share, vote=key.startswith("flss"))
+    log = [{"key": "train/flss_24ep", "command": "python train.py experiment=reduced_cifar10_flss", "minutes": 2.04}]
+    (root / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
 
-    def evaluate(cmd, out):
-        if "evaluation=[rejection_conf]" in cmd:
-            _fake_eval(out, "rejection_conf", ["ns"], robust[out.name])
-        else:
-            _fake_eval(out, "rejection_flss", ["ns", "vote"], robust[out.name])
 
-    commands = fake_subprocess(monkeypatch, evaluate)
-    out = tmp_path / "new"
-    args = ["--out", str(out), "--bootstrap", "200", "--train-override", "trainer.max_epochs=12"]
-    args += ["--flss-override", "method/kl_weights=authors"]
-    assert paper004.main([*args, "--drop-attack", "apgd_ce_eot"]) == 0
-    trained = [c for c in commands if c[1] == "train.py"]
-    assert [c[2] for c in trained] == [f"experiment=reduced_cifar10_{m}" for m in ("adv_linf", "trades_linf", "flss")]
-    assert all("trainer.max_epochs=12" in c for c in trained)
-    # the FLSS-only override reaches the FLSS training alone, and the report names the departure
-    assert ["method/kl_weights=authors" in c for c in trained] == [False, False, True]
-    flss = [c for c in commands if "evaluation=[rejection_flss]" in c]
-    assert len(flss) == 2 and all("~evaluation.rejection_flss.attacks.apgd_ce_eot" in c for c in flss)
-    assert "evaluation.rejection_flss.sd_scale=2" in flss[1]
-    report = (out / "report.md").read_text()
-    row = next(line for line in report.splitlines() if line.startswith("| FLSS (SD=1) vs PGD-AT: Acc_adv,10%"))
-    assert row.endswith("| holds |")
+def test_the_report_names_each_evaluated_models_budget_and_puts_sd2_first(tmp_path):
+    spec = parse_spec("paper004", project_spec(tmp_path))
+    root = tmp_path / "records"
+    _records(root)
+    report = render(spec, root)
+    models = [line for line in report.splitlines() if line.startswith("| ") and " | `" in line]  # the training table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in models}
+    # the FLSS model of Table 1 trained 3 epochs; its evaluations scored the epoch-3 checkpoint
+    assert (
+        "| 3 | 2.0 min |" in rows["FLSS (run flss_24ep)"] and "| 3 of 3: 53.8 / 30.0 |" in rows["FLSS (run flss_24ep)"]
+    )
+    assert rows["PGD-AT"].endswith("| 2 | – | 53.8 | 2 of 2: 53.8 / 30.0 |")  # rounded, not truncated (53.79...)
+    assert "(PGD-AT: 2 epochs; TRADES: 2 epochs; FLSS (run flss_24ep): 3 epochs)" in report
+    assert "No records yet of the evaluations `flss_16ep_sd2`, `flss_16ep_sd1` (run `flss_16ep`, 2 epochs)" in report
+    assert "safespot-reproduce run paper004 --only flss_16ep_sd2 --only flss_16ep_sd1" in report
+    assert "| FLSS (SD=2), run flss_16ep | Maj. Vote | – |" in report
     assert "| PGD-AT | Confidence | 80.0 [" in report  # Acc_nat,NS with its interval
-    assert "| FLSS (SD=2) vs FLSS (SD=1): Acc_adv,10%: SD=2 higher |" in report
-    assert "(this report's tolerance)" in report
-    # each model's training as its run stored it; FLSS alone with the authors' weights, named
-    assert "trained with: PGD-AT `seed=0 trainer.max_epochs=12`; TRADES `seed=0 trainer.max_epochs=12`; " in report
-    assert "FLSS `seed=0 trainer.max_epochs=12 method/kl_weights=authors` (`method/kl_weights=authors`: " in report
-    # a reused evaluation reports the training its checkpoint came from, not this call's flags
-    again = tmp_path / "again"
-    reuse = [f"--reuse-eval={r}={out / 'eval' / r}" for r in robust]
-    assert paper004.main(["--out", str(again), "--bootstrap", "20", *reuse]) == 0
-    assert "FLSS `seed=0 trainer.max_epochs=12 method/kl_weights=authors`" in (again / "report.md").read_text()
-    assert "| FLSS (SD=2) | Maj. Vote |" in report and "83.80" in report  # the published rows
+    claims = [line for line in report.splitlines() if line.startswith("| FLSS") and " minus " in line]
+    assert claims[0].startswith("| FLSS (SD=2) minus PGD-AT: Acc_adv,10%")  # the primary setting leads
+    assert "| FLSS (SD=1) minus PGD-AT: Acc_adv,10%, FLSS higher | +" in report
+    assert report.count("not measured (no records)") == 4  # the equal-budget claims
+    assert "| FLSS (SD=2) | Maj. Vote | 80.51 | 77.68 |" in report  # the published rows
 
 
-def test_the_bootstrap_is_paired_and_brackets_the_point_estimate(tmp_path):
-    for row, robust in (("pgd_at", 0.4), ("flss_sd1", 0.6)):
-        _fake_eval(tmp_path / row, "rejection_conf" if row == "pgd_at" else "rejection_flss",
-                   ["ns"] if row == "pgd_at" else ["ns", "vote"], robust)  # fmt: skip
-    rows = paper004._rows({r: tmp_path / r for r in ("pgd_at", "flss_sd1")})
-    samples = paper004.bootstrap(rows, 300, seed=0)
-    j = paper004.KEYS.index("acc_nat_0")
-    point = rejection_metrics(rows["pgd_at"].records, rows["pgd_at"].name, rows["pgd_at"].view)["acc_nat_0"]
-    low, high = np.quantile(samples["pgd_at"][:, j], [0.025, 0.975])
-    assert low < point < high
-    # both rows have the same clean correctness per image: paired resamples give a zero difference
-    assert np.allclose(samples["pgd_at"][:, j], samples["flss_sd1"][:, j])
-    assert load_row("x", tmp_path / "flss_sd1", "ns").view == "ns"
+def test_a_budget_is_read_from_the_checkpoint_the_evaluations_scored(tmp_path):
+    """An evaluation that scored a checkpoint its run does not keep (another run's) is refused:
+    the report would name the wrong training budget."""
+    spec = parse_spec("paper004", project_spec(tmp_path))
+    root = tmp_path / "records"
+    _records(root, flss_ckpt="best-epoch001.ckpt")  # the 2-epoch run's checkpoint
+    with pytest.raises(SpecError, match="which run 'flss_24ep' does not keep"):
+        render(spec, root)
 
 
-def test_bad_arguments_fail_before_any_work(tmp_path):
-    for bad in (
-        ["--test-images", "0"],
-        ["--bootstrap", "3"],
-        ["--train-override", "nokey"],
-        ["--flss-override", "x"],
-        ["--reuse", "gan=/x"],
-    ):
-        with pytest.raises(SystemExit):
-            paper004.main([*bad, "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="no best checkpoint"):
-        paper004.main(["--reuse", f"flss={tmp_path}", "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "o").exists()
+def test_claims_are_paired_bootstrap_differences_with_the_papers_direction(tmp_path):
+    spec = parse_spec("paper004", project_spec(tmp_path))
+    root = tmp_path / "records"
+    _records(root)
+    evidence = Evidence(spec, root)
+    higher = rejection_claim(evidence, {"text": "t", "a": "flss_sd2", "b": "pgd_at", "metric": "acc_adv_rej"})
+    assert higher.verdict == "holds" and higher.difference.low > 0
+    # the same rows, the other way round: a claim that PGD-AT raises Acc_adv,10% does not hold
+    lower = rejection_claim(evidence, {"text": "t", "a": "pgd_at", "b": "flss_sd2", "metric": "acc_adv_rej"})
+    assert lower.verdict == "does not hold" and lower.difference.value == pytest.approx(-higher.difference.value)
+    assert lower.difference.low == pytest.approx(-higher.difference.high)  # the same resamples: paired
+    # "lowers FW": judged on b minus a; FLSS accepts fewer wrong images here
+    fw = {"text": "t", "a": "flss_sd2", "b": "pgd_at", "metric": "fw", "direction": "lower"}
+    result = rejection_claim(evidence, fw)
+    assert result.difference.high < 0 and result.verdict == "holds"
+    # the size in the claimed direction: a reduction beyond a paper's smaller one is "larger"
+    smaller_reduction, larger_reduction = 50 * result.difference.high, 200 * result.difference.low
+    assert rejection_claim(evidence, {**fw, "paper": smaller_reduction}).size == "larger than the paper's"
+    assert rejection_claim(evidence, {**fw, "paper": larger_reduction}).size == "smaller than the paper's"
+    # FC at most 3 points lower: a non-inferiority margin; equal rows hold it
+    same = rejection_claim(evidence, {"text": "t", "a": "flss_sd1", "b": "flss_sd1", "metric": "fc",
+                                      "kind": "non_inferiority", "margin": 0.03})  # fmt: skip
+    assert same.difference.low == same.difference.high == 0 and same.verdict == "holds"
+    with pytest.raises(SpecError, match="metric must be one of"):
+        rejection_claim(evidence, {"text": "t", "a": "flss_sd2", "b": "pgd_at", "metric": "auroc"})
+
+
+# --- the spec run end to end on synthetic data --------------------------------------------------
+QUIET = [o for o in SYNTHETIC if not o.startswith(("logger", "model"))]
+TRAIN = [*QUIET, "logger=csv", "trainer.max_epochs=1", "test=false", "seed=0", "threat.steps=1",
+         "method.val_attack.steps=1", "data.train_subset=128", "data.val_subset=32"]  # fmt: skip
+SMALL_CNN = ["model=small_cnn", "model.backbone.width=8"]
+FLSS = ["method=flss", "model.backbone.width=4", "model.hidden=[8]", "model.n_vote=8"]
+
+
+def _small_evaluation(name: str) -> list[str]:
+    dropped = ["apgd_ce", "apgd_dlr"] + (["pgd_eot", "apgd_ce_eot"] if name == "rejection_flss" else [])
+    small = [f"evaluation.{name}.attacks.{a}.steps=1" for a in ("pgd", "pgd_cw")]
+    small += [f"~evaluation.{name}.attacks.{a}" for a in dropped]
+    small += [f"evaluation.{name}.n_samples=8", "data.test_subset=12", "trainer.enable_progress_bar=false"]
+    return small + ([f"evaluation.{name}.attack_ns=[pgd,pgd_cw]"] if name == "rejection_flss" else [])
+
+
+def small_spec(tmp_path: Path):
+    """The project's spec on synthetic models: FLSS of run flss_24ep trains 2 epochs, the others 1."""
+    data = project_spec(tmp_path, bootstrap={"replicates": 50, "seed": 0})
+    data["runs"] = {k: v for k, v in data["runs"].items() if not k.startswith("explore_")}
+    data["runs"]["adv_linf"]["overrides"] = [*TRAIN, *SMALL_CNN, "method=adversarial"]
+    data["runs"]["trades_linf"]["overrides"] = [*TRAIN, *SMALL_CNN, "method=trades"]
+    data["runs"]["flss_24ep"]["overrides"] = [*TRAIN, *FLSS, "trainer.max_epochs=2"]
+    data["runs"]["flss_16ep"]["overrides"] = [*TRAIN, *FLSS]
+    for evaluation in data["evaluations"].values():
+        name = "rejection_flss" if evaluation["run"].startswith("flss") else "rejection_conf"
+        evaluation["overrides"] += _small_evaluation(name)
+    return parse_spec("paper004", data)
+
+
+def test_the_paper004_spec_runs_keeps_and_adds_the_equal_budget_rows_later(tmp_path):
+    spec = small_spec(tmp_path)
+    out, runner = tmp_path / "out", InProcessCommands()
+    run_spec(spec, out, only=["pgd_at", "trades", "flss_sd1", "flss_sd2"], runner=runner)
+    trained = [c for c in runner.calls if c[1] == "train.py"]
+    assert len(trained) == 3 and not any("flss_16ep" in " ".join(c) for c in runner.calls)
+    flss = [c for c in runner.calls if "evaluation=[rejection_flss]" in c]
+    assert ["evaluation.rejection_flss.sd_scale=1" in c for c in flss] == [True, False]
+    assert all(f"ckpt_path={out}/train/flss_24ep/checkpoints/" in " ".join(c) for c in flss)
+    with pytest.raises(SpecError, match="has not finished"):
+        keep(spec, out)  # the equal-budget rows have not run
+    report = render(spec, out)
+    assert "(PGD-AT: 1 epochs; TRADES: 1 epochs; FLSS (run flss_24ep): 2 epochs)" in report
+    assert "| FLSS (SD=2) | Maj. Vote | " in report and "| FLSS (SD=2), run flss_16ep | Maj. Vote | – |" in report
+
+    run_spec(spec, out, runner=runner)  # resumed: the equal-budget model and its two evaluations
+    assert [c[1] for c in runner.calls[len(trained) + 4 :]] == ["train.py", "evaluate.py", "evaluate.py"]
+    kept = keep(spec, out)
+    assert all(next((kept / "train" / r / "checkpoints").glob("best-*.ckpt"), None) for r in spec.runs)
+    assert "No records yet" not in spec.report.read_text() and check_spec(spec) == []
+
+    # a later sitting re-runs the equal-budget rows alone on the kept checkpoint; keeping them
+    # replaces those rows and keeps every other run of the records, with its log lines
+    later = InProcessCommands()
+    run_spec(spec, tmp_path / "later", only=["flss_16ep_sd2", "flss_16ep_sd1"], runner=later)
+    assert [c[1] for c in later.calls] == ["evaluate.py", "evaluate.py"]  # the kept checkpoint, not retrained
+    assert all(f"ckpt_path={kept}/train/flss_16ep/checkpoints/" in " ".join(c) for c in later.calls)
+    keep(spec, tmp_path / "later", replace=True)
+    assert (kept / "train" / "flss_24ep" / "checkpoints").is_dir() and (kept / "eval" / "pgd_at").is_dir()
+    keys = [json.loads(line)["key"] for line in (kept / "log.jsonl").read_text().splitlines()]
+    assert keys.count("eval/flss_16ep_sd2") == 1 and keys[-2:] == ["eval/flss_16ep_sd2", "eval/flss_16ep_sd1"]
+    assert "train/flss_24ep" in keys and "eval/pgd_at" in keys
+    assert "| FLSS (SD=2), 16 epochs, minus PGD-AT: Acc_adv,10%, FLSS higher | " in spec.report.read_text()
+    assert check_spec(spec) == []

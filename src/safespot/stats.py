@@ -287,3 +287,18 @@ def auroc_difference_over_seeds(
         raise ValueError("auroc_difference_over_seeds needs at least one group")
     per_seed = [float(auroc(a, p) - auroc(b, p)) for a, b, p in groups]
     return seed_t_interval(per_seed, level, (-1.0, 1.0))
+
+
+def percentile_interval(point: float, replicates: Sequence[float] | np.ndarray, level: float = LEVEL) -> MeanInterval:
+    """A statistic ``point`` with the percentile bootstrap interval of its ``replicates`` (the
+    statistic recomputed on resamples): the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles,
+    linearly interpolated, as :func:`auroc_difference` takes them. Replicates where the statistic
+    is undefined (NaN, e.g. a ratio with an empty denominator on that resample) are left out; ``n``
+    counts the replicates used, 0 (no interval) when ``point`` is undefined or none is left."""
+    values = np.asarray(replicates, dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    if not math.isfinite(point) or not values.size:
+        return MeanInterval(0, float(point), float("nan"), float("nan"))
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return MeanInterval(int(values.size), float(point), float(low), float(high))

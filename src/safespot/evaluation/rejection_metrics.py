@@ -43,19 +43,17 @@ clean images). The ``Acc_adv`` columns are worst-case accuracies over the same p
 and attacks): without rejection, the share of images classified correctly at every point. Inputs
 are the per-image records of :class:`safespot.evaluation.rejection.RejectionEvaluation`.
 
-Usage (one row per evaluation run directory, optionally ``:VIEW``)::
-
-    python -m safespot.evaluation.rejection_metrics \\
-        --row "PGD-AT=RUN_A" --row "TRADES=RUN_B" \\
-        --row "FLSS (SD=1)=RUN_C:ns" --row "FLSS (SD=2)=RUN_D:vote" [--out DIR]
+Intervals (:func:`bootstrap_metrics`): the images are resampled with replacement and every metric
+recomputed on the resample, the threshold recalibrated on it (the threshold is a function of the
+test set, so its variation belongs in the interval); every row of a table takes the same resamples,
+so differences between rows are paired. The reduced Table 1 is ``conf/reproduce/paper004.yaml``
+(``safespot-reproduce run paper004``), rendered by :mod:`safespot.reproduce.tables.rejection`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +63,23 @@ import numpy as np
 import pandas as pd
 
 from safespot.evaluation.rejection import VIEWS
-from safespot.utils.tables import markdown_table
 
 REFERENCES: tuple[str, ...] = ("test_set", "correct")
 CLEAN = "clean"  # the clean image's point set: x itself lies in A(x) (paper 004, Section 3)
 THRESHOLDING = {"ns": "Confidence", "vote": "Maj. Vote", "mean": "Mean softmax"}
 _REJECTION_TARGET = "RejectionEvaluation"
+#: Table 1's metric columns, in its order (keys of :func:`rejection_metrics`)
+TABLE_KEYS: tuple[str, ...] = (
+    "acc_nat_ns",
+    "acc_nat_0",
+    "acc_nat_rej",
+    "acc_adv_ns",
+    "acc_adv_0",
+    "acc_adv_rej",
+    "fc",
+    "fw",
+    "mpr",
+)
 
 
 def calibrate_threshold(scores: Any, correct: Any, budget: float = 0.10, reference: str = "test_set") -> float:
@@ -144,6 +153,76 @@ def _column(records: pd.DataFrame, name: str, point: str, view: str, field: str)
     return records[key].to_numpy()
 
 
+@dataclass(frozen=True)
+class PointArrays:
+    """One model's records as arrays, one row per point of ``A(x)`` (the clean image first), one
+    column per image: correctness and score under the chosen view, and correctness under the
+    no-sampling view (``None`` when the run has none)."""
+
+    correct: np.ndarray
+    scores: np.ndarray
+    ns_correct: np.ndarray | None
+
+    def take(self, images: np.ndarray) -> PointArrays:
+        """The arrays of the images ``images`` (indices, repeats allowed: a bootstrap resample)."""
+        ns = None if self.ns_correct is None else self.ns_correct[:, images]
+        return PointArrays(self.correct[:, images], self.scores[:, images], ns)
+
+
+def point_arrays(
+    records: pd.DataFrame,
+    name: str = "rejection",
+    view: str = "vote",
+    attacks: Sequence[str] | None = None,
+    ns_view: str = "ns",
+) -> PointArrays:
+    """:class:`PointArrays` of one rejection evaluation's records. ``attacks`` defaults to every
+    attacked point set recorded; the clean image's point set is always added to them, first (Eqs.
+    3-8 are over ``A(x)``, which contains ``x``)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    points = with_clean(attacks if attacks is not None else point_sets(records, name, view))
+    if len(points) < 2:
+        raise ValueError(f"no attacks recorded for evaluation {name!r} under view {view!r}")
+    correct = np.stack([_column(records, name, p, view, "correct").astype(bool) for p in points])
+    scores = np.stack([_column(records, name, p, view, "score").astype(np.float64) for p in points])
+    ns = None
+    if f"{name}_clean_{ns_view}/correct" in records:
+        ns = np.stack([_column(records, name, p, ns_view, "correct").astype(bool) for p in points])
+    return PointArrays(correct, scores, ns)
+
+
+def metrics_of(arrays: PointArrays, budget: float = 0.10, reference: str = "test_set") -> dict[str, float]:
+    """Table 1's metrics of :func:`rejection_metrics` from :class:`PointArrays`, the threshold
+    calibrated on these images' clean scores (Section 4.4)."""
+    clean_correct, clean_score = arrays.correct[0], arrays.scores[0]
+    threshold = calibrate_threshold(clean_score, clean_correct, budget, reference)
+    clean_rejected = clean_score < threshold
+    accepted = ~clean_rejected
+    with_rejection = worst_case(arrays.correct, arrays.scores < threshold)
+    without = worst_case(arrays.correct, np.zeros_like(arrays.correct))
+    n = arrays.correct.shape[1]
+    out = {
+        "n_images": float(n),
+        "threshold": threshold,
+        "acc_nat_0": 100.0 * clean_correct.mean() if n else math.nan,
+        "acc_nat_rej": 100.0 * (clean_correct & accepted).sum() / accepted.sum() if accepted.any() else math.nan,
+        "acc_adv_0": without["acc"],
+        "acc_adv_rej": with_rejection["acc"],
+        "fc": with_rejection["fc"],
+        "fw": with_rejection["fw"],
+        "mpr": with_rejection["mpr"],
+        "clean_rejected": 100.0 * clean_rejected.mean() if n else math.nan,
+        "clean_correct_rejected": 100.0 * (clean_rejected & clean_correct).mean() if n else math.nan,
+        "acc_nat_ns": math.nan,
+        "acc_adv_ns": math.nan,
+    }
+    if arrays.ns_correct is not None:
+        out["acc_nat_ns"] = 100.0 * arrays.ns_correct[0].mean() if n else math.nan
+        out["acc_adv_ns"] = worst_case(arrays.ns_correct, np.zeros_like(arrays.ns_correct))["acc"]
+    return out
+
+
 def rejection_metrics(
     records: pd.DataFrame,
     name: str = "rejection",
@@ -164,41 +243,33 @@ def rejection_metrics(
     clean like one rejected or misclassified under an attack. ``*_ns`` columns are NaN without an
     ``ns`` view.
     """
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-    points = with_clean(attacks if attacks is not None else point_sets(records, name, view))
-    if len(points) < 2:
-        raise ValueError(f"no attacks recorded for evaluation {name!r} under view {view!r}")
-    clean_correct = _column(records, name, "clean", view, "correct").astype(bool)
-    clean_score = _column(records, name, "clean", view, "score").astype(np.float64)
-    threshold = calibrate_threshold(clean_score, clean_correct, budget, reference)
-    clean_rejected = clean_score < threshold
-    accepted = ~clean_rejected
-    correct = np.stack([_column(records, name, p, view, "correct").astype(bool) for p in points])
-    scores = np.stack([_column(records, name, p, view, "score").astype(np.float64) for p in points])
-    with_rejection = worst_case(correct, scores < threshold)
-    without = worst_case(correct, np.zeros_like(correct))
-    n = len(records)
-    out = {
-        "n_images": float(n),
-        "threshold": threshold,
-        "acc_nat_0": 100.0 * clean_correct.mean() if n else math.nan,
-        "acc_nat_rej": 100.0 * (clean_correct & accepted).sum() / accepted.sum() if accepted.any() else math.nan,
-        "acc_adv_0": without["acc"],
-        "acc_adv_rej": with_rejection["acc"],
-        "fc": with_rejection["fc"],
-        "fw": with_rejection["fw"],
-        "mpr": with_rejection["mpr"],
-        "clean_rejected": 100.0 * clean_rejected.mean() if n else math.nan,
-        "clean_correct_rejected": 100.0 * (clean_rejected & clean_correct).mean() if n else math.nan,
-        "acc_nat_ns": math.nan,
-        "acc_adv_ns": math.nan,
-    }
-    if f"{name}_clean_{ns_view}/correct" in records:
-        out["acc_nat_ns"] = 100.0 * _column(records, name, "clean", ns_view, "correct").astype(bool).mean()
-        ns_correct = np.stack([_column(records, name, p, ns_view, "correct").astype(bool) for p in points])
-        out["acc_adv_ns"] = worst_case(ns_correct, np.zeros_like(ns_correct))["acc"]
-    return out
+    return metrics_of(point_arrays(records, name, view, attacks, ns_view), budget, reference)
+
+
+def bootstrap_draws(n_images: int, replicates: int, seed: int) -> np.ndarray:
+    """``(replicates, n_images)`` image indices drawn with replacement from ``default_rng(seed)``:
+    one resample of the test images per row; the same draws serve every model of a table, so
+    the models' differences are paired."""
+    if n_images < 1 or replicates < 1:
+        raise ValueError(f"a bootstrap needs images and replicates, got {n_images} and {replicates}")
+    return np.random.default_rng(seed).integers(0, n_images, size=(replicates, n_images))
+
+
+def bootstrap_metrics(
+    arrays: PointArrays, draws: np.ndarray, budget: float = 0.10, reference: str = "test_set"
+) -> np.ndarray:
+    """``(replicates, len(TABLE_KEYS))``: Table 1's metrics of one model on each resample of
+    ``draws`` (:func:`bootstrap_draws`), the threshold recalibrated on every resample, so the
+    interval includes the threshold's own variation. Percentile intervals of the columns:
+    :func:`safespot.stats.percentile_interval`."""
+    n = arrays.correct.shape[1]
+    if draws.ndim != 2 or draws.shape[1] != n:
+        raise ValueError(f"draws must have one column per image ({n}), got shape {draws.shape}")
+    rows = []
+    for images in draws:
+        metrics = metrics_of(arrays.take(images), budget, reference)
+        rows.append([metrics[k] for k in TABLE_KEYS])
+    return np.asarray(rows, dtype=float).reshape(len(draws), len(TABLE_KEYS))
 
 
 @dataclass
@@ -211,6 +282,9 @@ class TableRow:
     view: str = "vote"
     attacks: Sequence[str] | None = None
 
+    def arrays(self) -> PointArrays:
+        return point_arrays(self.records, self.name, self.view, self.attacks)
+
 
 def table_columns(budget: float = 0.10) -> list[str]:
     rej = f"{budget * 100:g}%"
@@ -221,17 +295,11 @@ def table_columns(budget: float = 0.10) -> list[str]:
 def rejection_table(rows: Sequence[TableRow], budget: float = 0.10, reference: str = "test_set") -> pd.DataFrame:
     """Paper 004's Table 1 layout: one row per model (e.g. PGD-AT and TRADES with confidence
     thresholding, FLSS with SD = 1 and 2), percentages."""
-    keys = ["acc_nat_ns", "acc_nat_0", "acc_nat_rej", "acc_adv_ns", "acc_adv_0", "acc_adv_rej", "fc", "fw", "mpr"]
     table = []
     for row in rows:
         metrics = rejection_metrics(row.records, row.name, row.view, row.attacks, budget, reference)
-        table.append([row.label, THRESHOLDING[row.view], *(metrics[k] for k in keys)])
+        table.append([row.label, THRESHOLDING[row.view], *(metrics[k] for k in TABLE_KEYS)])
     return pd.DataFrame(table, columns=table_columns(budget))
-
-
-def table_markdown(table: pd.DataFrame, digits: int = 2) -> str:
-    """A GitHub markdown table, numbers with ``digits`` decimals, NaN as ``–``."""
-    return markdown_table(table, f".{digits}f")
 
 
 # --- reading evaluation runs ----------------------------------------------------------------
@@ -244,20 +312,16 @@ def rejection_evaluations(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def load_row(label: str, run_dir: str | Path, view: str | None = None, name: str | None = None) -> TableRow:
-    """A :class:`TableRow` from an evaluation run directory (``records.csv`` + ``results.json``).
-    ``view`` defaults to ``vote`` when recorded, else ``ns``."""
-    run_dir = Path(run_dir)
-    results_file, records_file = run_dir / "results.json", run_dir / "records.csv"
-    if not results_file.is_file() or not records_file.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no results.json and records.csv of an evaluation run")
-    meta = json.loads(results_file.read_text()).get("meta", {})
+def row_of(
+    label: str, records: pd.DataFrame, meta: Mapping[str, Any], view: str | None = None, name: str | None = None
+) -> TableRow:
+    """A :class:`TableRow` from an evaluation's records and its ``results.json`` meta: the rejection
+    evaluation it ran (``name``, required when it ran several), its attacks (the no-sampling ones
+    too) and ``view`` (default ``vote`` when recorded, else ``ns``)."""
     evaluations = rejection_evaluations(meta)
     if name is None:
         if len(evaluations) != 1:
-            raise ValueError(
-                f"{run_dir}: expected one rejection evaluation, found {sorted(evaluations) or 'none'}; pass --name"
-            )
+            raise ValueError(f"expected one rejection evaluation, found {sorted(evaluations) or 'none'}; name one")
         name = next(iter(evaluations))
     config = evaluations.get(name, {})
     views = list(config.get("views") or VIEWS)
@@ -266,47 +330,17 @@ def load_row(label: str, run_dir: str | Path, view: str | None = None, name: str
     ns = config.get("attack_ns") if config else None
     if attacks is not None and ns:
         attacks += [f"{a}_ns" for a in (attacks if ns is True else ns)]
-    return TableRow(label, pd.read_csv(records_file), name, view, attacks or None)
+    return TableRow(label, records, name, view, attacks or None)
 
 
-def _parse_row(spec: str) -> tuple[str, str, str | None]:
-    if "=" not in spec:
-        raise argparse.ArgumentTypeError(f"--row expects LABEL=RUN_DIR[:VIEW] (RUN_DIR without '='), got {spec!r}")
-    label, path = spec.rsplit("=", 1)
-    view = None
-    if ":" in path and path.rsplit(":", 1)[1] in VIEWS:
-        path, view = path.rsplit(":", 1)
-    return label.strip(), path, view
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Paper 004 Table 1 (worst-case metrics with rejection) from evaluation runs."
-    )
-    parser.add_argument("--row", action="append", required=True, help="LABEL=RUN_DIR[:VIEW] (view: ns, vote, mean)")
-    parser.add_argument("--name", default=None, help="the rejection evaluation's name when a run holds several")
-    parser.add_argument("--budget", type=float, default=0.10, help="share of rejected correct clean images (0.10)")
-    parser.add_argument("--reference", choices=REFERENCES, default="test_set", help="what the budget is a share of")
-    parser.add_argument("--out", type=Path, default=None, help="write rejection_table.md and .csv into this folder")
-    args = parser.parse_args(argv)
+def load_row(label: str, run_dir: str | Path, view: str | None = None, name: str | None = None) -> TableRow:
+    """:func:`row_of` an evaluation run directory (``records.csv`` + ``results.json``)."""
+    run_dir = Path(run_dir)
+    results_file, records_file = run_dir / "results.json", run_dir / "records.csv"
+    if not results_file.is_file() or not records_file.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no results.json and records.csv of an evaluation run")
+    meta = json.loads(results_file.read_text()).get("meta", {})
     try:
-        rows = [load_row(label, path, view, args.name) for label, path, view in map(_parse_row, args.row)]
-        table = rejection_table(rows, args.budget, args.reference)
-    except (OSError, ValueError, KeyError, argparse.ArgumentTypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    markdown = table_markdown(table)
-    print(markdown, end="")
-    if args.out is not None:
-        targets = [args.out / "rejection_table.md", args.out / "rejection_table.csv"]
-        if any(t.exists() for t in targets):
-            print(f"error: {args.out} already holds a rejection table; choose a fresh --out", file=sys.stderr)
-            return 2
-        args.out.mkdir(parents=True, exist_ok=True)
-        targets[0].write_text(markdown)
-        table.to_csv(targets[1], index=False)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return row_of(label, pd.read_csv(records_file), meta, view, name)
+    except ValueError as err:
+        raise ValueError(f"{run_dir}: {err}") from err

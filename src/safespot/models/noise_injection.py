@@ -30,6 +30,7 @@ depend on the batch or the process: the weight variant then gives each image its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -157,3 +158,22 @@ def noise_scales(model: nn.Module) -> dict[str, float]:
         for name, module in model.named_modules()
         if isinstance(module, NoisyConv2d) and module.alpha is not None
     }
+
+
+def noise_levels(state: Mapping[str, torch.Tensor]) -> list[float]:
+    """Per noisy convolution of a state dict (e.g. a checkpoint's ``state_dict``), in its order,
+    the standard deviation of the learned noise relative to that of the tensor it perturbs: PNI
+    ``|alpha|`` (the noise is ``alpha std(v) eta``; ``v`` the weights for PNI-W, the activations for
+    PNI-A); CNI-W ``sqrt(mean_j(|std(W) d_j| + ||F_j||^2)) / std(W)``, the root mean variance over
+    the weights ``j`` of ``sqrt(|std(W) d|) z_d + F z_f`` (:meth:`NoisyConv2d.weight_noise`)
+    relative to the weights' standard deviation."""
+    levels = []
+    for key, value in state.items():
+        if key.endswith(".alpha"):
+            levels.append(abs(float(value)))
+        elif key.endswith(".diag"):
+            prefix = key[: -len("diag")]
+            w_std = float(state[f"{prefix}weight"].float().std())
+            variance = (w_std * value.float()).abs() + (state[f"{prefix}factor"].float() ** 2).sum(1)
+            levels.append(float(variance.mean().sqrt()) / w_std)
+    return levels

@@ -99,13 +99,17 @@ class Reproduction:
 
     def checkpoint_of(self, key: str, which: str) -> Path:
         """The ``which`` checkpoint of training run ``key``: the one the spec's kept records hold,
-        else the run's here (trained when missing, after the runs whose checkpoints it names)."""
+        else the run's here (trained when missing, after the runs whose checkpoints it names or it
+        starts from, ``init_from``)."""
         kept = self.spec.records / "train" / key if self.spec.records else None
         if kept is not None and find_checkpoint(kept, which, missing_ok=True):
             return find_checkpoint(kept, which)
         run_dir = self.out / "train" / key
         if f"train/{key}" not in self.done():
-            overrides = self.resolved(self.spec.runs[key].overrides)
+            run = self.spec.runs[key]
+            overrides = self.resolved(run.overrides)
+            if run.init_from is not None:  # fine-tuned from another run's best checkpoint
+                overrides.append(f"init_from={self.checkpoint_of(run.init_from, 'best')}")
             self._run(f"train/{key}", [self.python, "train.py", *overrides], run_dir)
         return find_checkpoint(run_dir, which)
 
@@ -189,22 +193,48 @@ def _copy(source: Path, target: Path, names: tuple[str, ...]) -> None:
             shutil.copy2(path, target / name)
 
 
+def _carried(spec: Spec, out: Path, kept: Path) -> list[str]:
+    """The runs (``train/<run>``, ``eval/<evaluation>``) the kept records hold and ``out`` does not:
+    e.g. a training evaluated from its kept checkpoint, an evaluation left out with ``--only``."""
+    keys = [f"train/{key}" for key in spec.runs] + [f"eval/{key}" for key in spec.evaluations]
+    return [key for key in keys if (kept / key).is_dir() and not (out / key).is_dir()]
+
+
 def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
     """Copy the records of the finished reproduction in ``out`` into the spec's ``records`` (and
     the report, rendered from them, to the spec's ``report``). Existing kept records are replaced
-    only with ``replace``."""
+    only with ``replace``; the runs they hold that ``out`` does not (a training whose kept
+    checkpoint ``out`` evaluated, an evaluation ``out`` did not repeat) stay, with their log lines."""
     if spec.records is None or spec.report is None:
         raise SpecError(f"{spec.name} names no records / report to keep")
+    target = spec.records
+    occupied = target.exists() and any(target.iterdir())
+    if occupied and not replace:
+        raise SpecError(f"{target} already holds kept records; --replace to replace them")
+    carried = _carried(spec, out, target) if occupied else []
     evidence = Evidence(spec, out)
-    missing = [key for key in spec.evaluations if not evidence.has(key)]
+    missing = [key for key in spec.evaluations if not evidence.has(key) and f"eval/{key}" not in carried]
     if missing:
         raise SpecError(f"{out} has not finished {spec.name}: no records for {missing}")
-    target = spec.records
-    if target.exists() and any(target.iterdir()):
-        if not replace:
-            raise SpecError(f"{target} already holds kept records; --replace to replace them")
+    stage = target.with_name(f"{target.name}.keeping")
+    if stage.exists():
+        shutil.rmtree(stage)
+    _stage(spec, out, stage)
+    for key in carried:
+        shutil.copytree(target / key, stage / key)
+    earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
+    (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *read_log(out)]))
+    if target.exists():
         shutil.rmtree(target)
-    target.mkdir(parents=True, exist_ok=True)
+    stage.rename(target)
+    spec.report.write_text(render(spec, target))
+    return target
+
+
+def _stage(spec: Spec, out: Path, target: Path) -> None:
+    """What is kept of the runs in ``out``, copied into ``target``."""
+    target.mkdir(parents=True)
+    starts = {run.init_from for run in spec.runs.values()}
     for key, run in spec.runs.items():
         source = out / "train" / key
         if not source.is_dir():
@@ -214,15 +244,16 @@ def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
         if (source / "csv" / "metrics.csv").is_file():
             shutil.copy2(source / "csv" / "metrics.csv", target / "train" / key / "metrics.csv")
         if run.keep_checkpoint:
-            for which in {e.checkpoint for e in spec.evaluations.values() if e.run == key}:
+            wanted = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
+            if key in starts:  # a run another starts from keeps the checkpoint it starts from
+                wanted.add("best")
+            for which in sorted(wanted):
                 ckpt = find_checkpoint(source, which)
                 _copy(source, target / "train" / key, (str(ckpt.relative_to(source)),))
     for key, evaluation in spec.evaluations.items():
         for folder in piece_dirs(out / "eval" / key):
-            _copy(folder, target / folder.relative_to(out), (*KEPT_EVAL, *evaluation.files))
-    shutil.copy2(out / LOG, target / LOG)
-    spec.report.write_text(render(spec, target))
-    return target
+            if folder.is_dir():
+                _copy(folder, target / folder.relative_to(out), (*KEPT_EVAL, *evaluation.files))
 
 
 # --- checking -----------------------------------------------------------------------------------

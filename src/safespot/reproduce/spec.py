@@ -54,11 +54,13 @@ class SpecError(ConfigError):
 @dataclass(frozen=True)
 class TrainRun:
     """A training run: ``train.py`` with ``overrides``; ``keep_checkpoint`` keeps its evaluated
-    checkpoint with the records (small models only, so a later sitting can evaluate it)."""
+    checkpoint with the records (small models only, so a later sitting can evaluate it);
+    ``init_from`` (a run of the spec) fine-tunes from that run's best checkpoint (``init_from=``)."""
 
     key: str
     overrides: tuple[str, ...]
     keep_checkpoint: bool = False
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,16 +149,33 @@ def load_spec(name: str, overrides: list[str] | None = None) -> Spec:
     return parse_spec(name, cfg)
 
 
+def _check_init_from(runs: dict[str, TrainRun]) -> None:
+    """Every ``init_from`` names another run of the spec, and no run starts (through others) from itself."""
+    for key, run in runs.items():
+        seen, current = {key}, run.init_from
+        while current is not None:
+            if current not in runs:
+                raise SpecError(f"runs.{key}.init_from={current!r} is not a run of the spec: {sorted(runs)}")
+            if current in seen:
+                raise SpecError(f"runs.{key}.init_from: the runs start from each other ({sorted(seen)})")
+            seen.add(current)
+            current = runs[current].init_from
+
+
 def parse_spec(name: str, cfg: DictConfig | dict[str, Any]) -> Spec:
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     runs = {
         key: TrainRun(
-            key, _strings(entry.get("overrides"), f"runs.{key}.overrides"), bool(entry.get("keep_checkpoint"))
+            key,
+            _strings(entry.get("overrides"), f"runs.{key}.overrides"),
+            bool(entry.get("keep_checkpoint")),
+            entry.get("init_from"),
         )
         for key, entry in (data.get("runs") or {}).items()
     }
     for key, run in runs.items():
         _check_refs(runs, f"runs.{key}.overrides", run.overrides)
+    _check_init_from(runs)
     _check_order(runs)
     evaluations = {}
     for key, entry in (data.get("evaluations") or {}).items():
