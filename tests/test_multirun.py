@@ -59,6 +59,7 @@ def test_optuna_hparams_search_runs_trials_and_reports_the_best(tmp_path):
     cmd = [sys.executable, "train.py", "hparams_search=adv_lr", "data=synthetic", "debug=fast_dev_run"]
     cmd += ["logger=none", "trainer.enable_progress_bar=false", "extras.print_config=false"]
     cmd += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
+    cmd += [f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"]  # a study that can be shared or resumed
     env = {**__import__("os").environ, "LOG_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -66,3 +67,18 @@ def test_optuna_hparams_search_runs_trials_and_reports_the_best(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     results = (sweep / "optimization_results.yaml").read_text()
     assert "scheduler.max_lr" in results and "optimizer.weight_decay" in results and "best_value" in results
+    import optuna
+
+    study = optuna.load_study(study_name="adv_lr", storage=f"sqlite:///{tmp_path}/study.db")
+    assert len(study.trials) == 2
+
+
+def test_the_optuna_sweepers_sqlite_storage_records_trials(tmp_path):
+    """``hydra.sweeper.storage=sqlite:///...`` (the documented way to share or resume a study): the
+    pinned optuna 2.10 keeps its trials in SQLite (it failed on SQLAlchemy 2)."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(storage=storage, study_name="adv_lr", direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("lr", 0.0, 1.0), n_trials=2)
+    assert len(optuna.load_study(study_name="adv_lr", storage=storage).trials) == 2

@@ -48,7 +48,8 @@ def _records(data: bytes) -> list[bytes]:
 
 
 def read_offline_run(run_dir: str | Path, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Return ``{"summary": {...}, "history": [{...}, ...], "config": {...}, "complete": bool}``
+    """Return ``{"summary": {...}, "history": [{...}, ...], "config": {...}, "complete": bool, "id",
+    "group", "name"}``
     of an offline run directory (``.../wandb/offline-run-*``).
 
     ``wandb.finish()`` can return while wandb's service process is still flushing the run
@@ -73,6 +74,7 @@ def _parse(data: bytes) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
+    identity: dict[str, str] = {}
     complete = False
     for raw in _records(data):
         record = pb.Record()
@@ -84,12 +86,15 @@ def _parse(data: bytes) -> dict[str, Any]:
             summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "config":
             config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "run":
+            identity = {"id": record.run.run_id, "group": record.run.run_group, "name": record.run.display_name}
+            config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "exit":
             complete = True
     last: dict[str, Any] = {}  # wandb's summary defaults to the last logged value of each key
     for row in history:
         last.update(row)
-    return {"summary": {**last, **summary}, "history": history, "config": config, "complete": complete}
+    return {"summary": {**last, **summary}, "history": history, "config": config, "complete": complete, **identity}
 
 
 def _key(item: Any) -> str:

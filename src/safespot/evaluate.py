@@ -57,6 +57,18 @@ def evaluation_tags(tags: Any, train_run: str | None) -> list[str]:
     return [*tags, str(train_run)] if train_run and str(train_run) not in tags else tags
 
 
+def evaluated_run(cfg: DictConfig, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The training run an evaluation evaluates: the name and wandb id its checkpoint stores, or
+    (checkpoints written before they stored it, zoo models) the run directory of the checkpoint
+    (``<run>/checkpoints/<file>``) or the zoo entry."""
+    stored = checkpoint.get("training_run")
+    if stored:
+        return {"name": stored.get("name"), "wandb_id": stored.get("wandb_id")}
+    if "zoo" in checkpoint:
+        return {"name": str(checkpoint["zoo"]), "wandb_id": None}
+    return {"name": Path(str(cfg.ckpt_path)).resolve().parent.parent.name, "wandb_id": None}
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "evaluation")  # before any work
@@ -92,9 +104,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "smoothing": to_plain(smoothing) if smoothing is not None else None,
         "precision": str(cfg.trainer.get("precision", "32-true")),
     }
-    module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta)
+    meta["training_run"] = evaluated_run(cfg, checkpoint)
+    module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta,
+                              artifacts=bool(cfg.get("wandb_artifacts")))  # fmt: skip
     with open_dict(cfg):  # the training preset joins the tags (wandb filters runs by it)
         cfg.tags = evaluation_tags(cfg.get("tags"), meta["train_run"])
+        cfg.training_run = meta["training_run"]  # in the logged config: which run this evaluates
+        if cfg.get("wandb_group") is None:  # outside a sweep, the evaluations of a run appear as one group
+            cfg.wandb_group = meta["training_run"]["wandb_id"] or meta["training_run"]["name"]
     loggers = instantiate_loggers(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams({**to_plain(OmegaConf.to_container(cfg, resolve=True)), "meta": meta})

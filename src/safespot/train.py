@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safespot.checks import check_train_config
 from safespot.models.noise_injection import noise_parameter_names
@@ -72,6 +72,22 @@ def load_start(cfg: DictConfig) -> tuple[dict[str, Any] | None, dict[str, Any] |
     return resume, init
 
 
+def continue_wandb_run(cfg: DictConfig, resume: dict[str, Any] | None) -> None:
+    """A resumed run logs into the wandb run it continues: the id stored in the checkpoint it resumes
+    from (``ckpt_path``, or the checkpoint a requeued SLURM job saved in its run directory), unless
+    ``logger.wandb.id`` is set."""
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
+    if wandb_cfg is None or wandb_cfg.get("id"):
+        return
+    if resume is None:
+        saved = sorted(Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.split("_")[-1]))
+        resume = load_checkpoint(saved[-1], "the requeued run's checkpoint") if saved else None
+    run_id = ((resume or {}).get("training_run") or {}).get("wandb_id")
+    if run_id:
+        with open_dict(wandb_cfg):
+            wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
+
+
 def best_monitored(checkpoint: Any) -> float | None:
     """The best monitored value of the checkpoint callback. Under ``ddp_spawn`` the callback in
     this (parent) process only learns ``best_model_path`` from the workers, so the score is read
@@ -103,6 +119,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_weights_fit(net, resume, cfg.ckpt_path, "ckpt_path")
     if init is not None:
         initialise_from(net, cfg.init_from, init)
+    continue_wandb_run(cfg, resume)
     del resume, init  # Lightning restores the resumed run from the file itself, through SafeCheckpointIO
     net = prepare_net(net, cfg.get("perf"))
     method = build_method(cfg, net)

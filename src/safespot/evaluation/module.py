@@ -23,7 +23,7 @@ from safespot.smoothing.certified import write_certified_accuracy
 from safespot.utils.distributed import gather_objects
 from safespot.utils.progress import note_progress
 from safespot.utils.rng import streams
-from safespot.utils.wandb_report import log_evaluation
+from safespot.utils.wandb_report import log_evaluation, log_records_artifact
 
 
 def write_certificates(records: pd.DataFrame, evaluations: Sequence[Evaluation], out: Path, title: str | None) -> None:
@@ -61,8 +61,10 @@ class EvaluationModule(L.LightningModule):
         output_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
         panel_images: int = 8,
+        artifacts: bool = False,
     ) -> None:
         super().__init__()
+        self.artifacts = bool(artifacts)
         self.net = net.eval()
         evaluations = list(evaluations)
         names = [name for e in evaluations for name in e.outputs]
@@ -170,3 +172,5 @@ class EvaluationModule(L.LightningModule):
             log_evaluation(
                 logger.experiment, self.records, self.summary, self._panels, self.names, self.panel_images, wandb
             )
+            if self.artifacts and self.output_dir is not None:
+                log_records_artifact(logger.experiment, self.output_dir, wandb)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -212,10 +214,22 @@ class ClassifierModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["safespot_config"] = self.run_config
         checkpoint["rng_states"] = rng_state()
+        checkpoint["training_run"] = training_run(self.run_config, self.loggers if self._trainer else [])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             set_rng_state(checkpoint["rng_states"])
+
+
+def training_run(run_config: dict[str, Any] | None, loggers: Any) -> dict[str, Any]:
+    """What names a training run wherever its checkpoint goes: its run directory's name and, when it
+    logs to wandb, the wandb run's id (a resumed run continues it; evaluations are grouped under it)."""
+    output_dir = ((run_config or {}).get("paths") or {}).get("output_dir")
+    identity: dict[str, Any] = {"name": Path(str(output_dir)).name if output_dir else None, "wandb_id": None}
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and isinstance(logger.version, str):
+            identity["wandb_id"] = logger.version
+    return identity
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ loss histograms, and an original / adversarial / amplified-difference image pane
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -35,3 +36,13 @@ def log_evaluation(
         image = make_grid(grid, nrow=per_row, padding=1).permute(1, 2, 0).numpy()
         payload[f"eval/panel/{name}"] = wandb.Image(image, caption="original / adversarial / amplified difference")
     run.log(payload)
+
+
+def log_records_artifact(run: Any, output_dir: Path, wandb: Any) -> None:
+    """The evaluation's per-image ``records.csv`` and ``results.json`` as a wandb artifact of type
+    ``evaluation`` named after the run (``evaluate.py wandb_artifacts=true``)."""
+    artifact = wandb.Artifact(name=f"records-{run.id}", type="evaluation")
+    for name in ("records.csv", "results.json"):
+        if (output_dir / name).is_file():
+            artifact.add_file(str(output_dir / name))
+    run.log_artifact(artifact)
