@@ -399,3 +399,10 @@ def test_training_downloads_through_prepare_data_before_setup(tmp_path, fake, ma
     _, objs = train(cfg)
     assert [c["download"] for c in cls.calls[:2]] == [True, True] and not any(c["download"] for c in cls.calls[2:])
     assert objs["trainer"].global_step == 1 and objs["datamodule"].root == root
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "cifar10_ood"])
+def test_downloadable_data_sets_download_when_missing_by_default(make_cfg, name):
+    """On a machine with internet a first run fetches CIFAR-10/100 or SVHN into the data root by
+    itself (only when the root holds no copy); offline that download is one clear error."""
+    assert make_cfg(f"data={name}", synthetic=False).data.download is True

@@ -6,9 +6,22 @@ import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-#: the Hydra config tree: the checkout's ``conf/`` (the package is installed editable from its
-#: checkout, as README says), or the directory ``SAFESPOT_CONFIG_DIR`` names
-CONFIG_DIR = Path(os.environ.get("SAFESPOT_CONFIG_DIR") or PROJECT_ROOT / "conf").resolve()
+#: the configs an installed package carries (``safespot/conf``, copied from the checkout's ``conf/``
+#: when the package is built; setup.py)
+PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _config_dir() -> Path:
+    """The Hydra config tree: the directory ``SAFESPOT_CONFIG_DIR`` names, else the checkout's
+    ``conf/`` (an editable install, or running from the checkout), else the configs the installed
+    package carries (``pip install .``, a wheel)."""
+    if os.environ.get("SAFESPOT_CONFIG_DIR"):
+        return Path(os.environ["SAFESPOT_CONFIG_DIR"]).resolve()
+    checkout = PROJECT_ROOT / "conf"
+    return checkout.resolve() if (checkout / "train.yaml").is_file() else PACKAGED_CONFIG_DIR
+
+
+CONFIG_DIR = _config_dir()
 
 
 def fresh_directory(root: Path, stem: str) -> Path:

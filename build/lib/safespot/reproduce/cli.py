@@ -1,0 +1,102 @@
+"""``safespot-reproduce``: run, keep, render and check the reproductions of ``conf/reproduce/``.
+
+safespot-reproduce list                         # the reproductions and their kept reports
+safespot-reproduce run NAME [--out DIR] [--only KEY[/k]] [--set key=value]
+                                                # run what is missing into DIR (a new directory under
+                                                # $LOG_DIR/reproduce/NAME/ by default; an existing DIR
+                                                # continues a stopped reproduction), render DIR/report.md
+safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
+safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
+safespot-reproduce check [NAME ...]             # every kept report and generated block equals its records' rendering
+safespot-reproduce docs                         # render the generated blocks of README and docs/ afresh
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from safespot.errors import ConfigError
+from safespot.paths import PROJECT_ROOT, fresh_directory
+from safespot.reproduce.blocks import check_blocks, write_blocks
+from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.spec import load_spec, spec_names
+
+
+def _out(name: str, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    root = Path(os.environ.get("LOG_DIR", PROJECT_ROOT / "logs")) / "reproduce" / name
+    return fresh_directory(root, f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="safespot-reproduce", description=__doc__.splitlines()[0])
+    verbs = main.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="the reproductions")
+    run = verbs.add_parser("run", help="run what a reproduction misses and render its report")
+    run.add_argument("name")
+    run.add_argument("--out", type=Path, help="the reproduction's directory (an existing one continues)")
+    run.add_argument("--only", action="append", default=[], metavar="KEY[/k]", help="only this evaluation (piece)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the spec")
+    kept = verbs.add_parser("keep", help="keep a finished reproduction's records and report")
+    kept.add_argument("name")
+    kept.add_argument("out", type=Path)
+    kept.add_argument("--replace", action="store_true", help="replace existing kept records")
+    shown = verbs.add_parser("render", help="print the report rendered from records")
+    shown.add_argument("name")
+    shown.add_argument("--records", type=Path, help="a reproduction's directory (default: the kept records)")
+    check = verbs.add_parser("check", help="kept reports and generated blocks equal their records' rendering")
+    check.add_argument("names", nargs="*")
+    verbs.add_parser("docs", help="render the docs' generated blocks afresh")
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "list":
+        for name in spec_names():
+            spec = load_spec(name)
+            report = spec.report.relative_to(PROJECT_ROOT) if spec.report else "-"
+            print(f"{name:24s} {report}    {spec.title}")
+        return 0
+    if args.verb == "run":
+        spec = load_spec(args.name, args.set)
+        run_spec(spec, _out(args.name, args.out), args.only)
+        return 0
+    if args.verb == "keep":
+        target = keep(load_spec(args.name), args.out, args.replace)
+        print(f"kept: {target.relative_to(PROJECT_ROOT)}")
+        return 0
+    if args.verb == "render":
+        spec = load_spec(args.name)
+        root = args.records or spec.records
+        if root is None:
+            raise ConfigError(f"{args.name} keeps no records; give --records DIR")
+        sys.stdout.write(render(spec, root))
+        return 0
+    if args.verb == "check":
+        names = args.names or spec_names()
+        problems = [p for name in names for p in check_spec(load_spec(name))]
+        if not args.names:
+            problems += check_blocks()
+        for problem in problems:
+            print(problem)
+        print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else
+              f"{len(problems)} differ"))  # fmt: skip
+        return 1 if problems else 0
+    changed = write_blocks()
+    print("\n".join(str(p.relative_to(PROJECT_ROOT)) for p in changed) or "no generated block changed")
+    return 0

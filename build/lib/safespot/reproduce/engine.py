@@ -1,0 +1,280 @@
+"""The engine: runs what a spec's report needs, keeps the records, renders the report from them.
+
+- :func:`run_spec` runs every training and evaluation command the spec names that the output
+  directory does not hold yet, one after another, logging each (command, minutes, date) in
+  ``log.jsonl``; a finished run is reused, so a stopped reproduction resumes where it stopped (a
+  run that was interrupted is set aside and run again). A training run the spec's kept records
+  hold with its checkpoint is evaluated from there instead of being trained again.
+- :func:`keep` copies the records of a finished reproduction into the spec's ``records``.
+- :func:`render` renders the report from a directory of records alone.
+- :func:`check` re-renders every kept report (and every generated block of the docs,
+  :mod:`safespot.reproduce.blocks`) from its kept records and lists the differences.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+from safespot.paths import PROJECT_ROOT
+from safespot.reproduce.evidence import LOG, Evidence, piece_dirs, read_log
+from safespot.reproduce.sections import render_section
+from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
+from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
+
+#: what is kept of each run (besides the files an evaluation names in ``files``)
+KEPT_TRAIN = (".hydra/overrides.yaml",)
+KEPT_EVAL = ("records.csv", "results.json", ".hydra/overrides.yaml")
+
+Runner = Callable[[list[str], Path], None]
+
+
+def render(spec: Spec, root: Path, sections: tuple[dict, ...] | None = None) -> str:
+    """The report of ``spec`` from the records under ``root`` (nothing else is read)."""
+    evidence = Evidence(spec, root)
+    lines = [f"# {spec.title}", ""]
+    for part in spec.sections if sections is None else sections:
+        lines += render_section(evidence, part)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+
+
+# --- running ------------------------------------------------------------------------------------
+def _subprocess(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True)
+
+
+def _shown(cmd: list[str], root: Path) -> str:
+    """A command line as a report shows it: ``python``, paths relative to the reproduction's
+    directory (or the checkout), no ``hydra.run.dir`` (each run chooses its own)."""
+    shown = ["python", *cmd[1:]]
+    shown = [c for c in shown if not c.startswith("hydra.run.dir=")]
+    for base in (f"{root}/", f"{PROJECT_ROOT}/"):
+        shown = [c.replace(base, "") for c in shown]
+    return " ".join(shlex.quote(c) for c in shown)
+
+
+class Reproduction:
+    """One reproduction being run into ``out``."""
+
+    def __init__(self, spec: Spec, out: Path, runner: Runner | None = None, python: str = sys.executable) -> None:
+        self.spec, self.out, self.python = spec, Path(out), python
+        self.runner = runner or _subprocess
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def done(self) -> set[str]:
+        return {entry["key"] for entry in read_log(self.out)}
+
+    def _run(self, key: str, cmd: list[str], run_dir: Path) -> None:
+        if key in self.done():
+            return
+        if run_dir.exists():  # interrupted: set aside, never overwritten
+            aside = run_dir.with_name(f"{run_dir.name}.interrupted")
+            n = 1
+            while aside.exists():
+                aside = run_dir.with_name(f"{run_dir.name}.interrupted-{n}")
+                n += 1
+            run_dir.rename(aside)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        print(f"$ {_shown(cmd, self.out)}", flush=True)
+        start = time.perf_counter()
+        self.runner([*cmd, f"hydra.run.dir={run_dir}"], PROJECT_ROOT)
+        entry = {"key": key, "command": _shown(cmd, self.out), "minutes": round((time.perf_counter() - start) / 60, 1)}
+        entry["date"] = date.today().isoformat()
+        with (self.out / LOG).open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+    def checkpoint(self, evaluation: EvaluationRun) -> Path:
+        """The checkpoint an evaluation runs on (:meth:`checkpoint_of` its training run)."""
+        assert evaluation.run is not None
+        return self.checkpoint_of(evaluation.run, evaluation.checkpoint)
+
+    def checkpoint_of(self, key: str, which: str) -> Path:
+        """The ``which`` checkpoint of training run ``key``: the one the spec's kept records hold,
+        else the run's here (trained when missing, after the runs whose checkpoints it names or it
+        starts from, ``init_from``)."""
+        kept = self.spec.records / "train" / key if self.spec.records else None
+        if kept is not None and find_checkpoint(kept, which, missing_ok=True):
+            return find_checkpoint(kept, which)
+        run_dir = self.out / "train" / key
+        if f"train/{key}" not in self.done():
+            run = self.spec.runs[key]
+            overrides = self.resolved(run.overrides)
+            if run.init_from is not None:  # fine-tuned from another run's best checkpoint
+                overrides.append(f"init_from={self.checkpoint_of(run.init_from, 'best')}")
+            self._run(f"train/{key}", [self.python, "train.py", *overrides], run_dir)
+        return find_checkpoint(run_dir, which)
+
+    def resolved(self, overrides: tuple[str, ...]) -> list[str]:
+        """``overrides`` with every ``{checkpoint:<run>/<which>}`` replaced by that checkpoint's path."""
+        return [CHECKPOINT_REF.sub(lambda m: str(self.checkpoint_of(m["run"], m["which"])), o) for o in overrides]
+
+    def evaluate(self, evaluation: EvaluationRun, pieces: list[int] | None = None) -> None:
+        base = [self.python, f"{evaluation.command}.py"]
+        ckpt = [f"ckpt_path={self.checkpoint(evaluation)}"] if evaluation.run else []
+        overrides = self.resolved(evaluation.overrides)
+        folder = self.out / "eval" / evaluation.key
+        if evaluation.pieces == 1:
+            self._run(f"eval/{evaluation.key}", [*base, *ckpt, *overrides], folder)
+            return
+        for k in range(evaluation.pieces) if pieces is None else pieces:
+            name = f"part{k}_of_{evaluation.pieces}"
+            cmd = [*base, *ckpt, *overrides, f"data.test_part=[{k},{evaluation.pieces}]"]
+            self._run(f"eval/{evaluation.key}/{name}", cmd, folder / name)
+
+
+def find_checkpoint(run_dir: Path, which: str, missing_ok: bool = False) -> Path:
+    """The ``last`` checkpoint of a training run, or its newest ``best-*`` one."""
+    folder = run_dir / "checkpoints"
+    found = [folder / "last.ckpt"] if which == "last" else sorted(folder.glob("best-*.ckpt"))
+    if not found or not found[-1].is_file():
+        if missing_ok:
+            return None  # type: ignore[return-value]
+        raise SpecError(f"no {which} checkpoint in {folder}")
+    return found[-1]
+
+
+def run_spec(
+    spec: Spec, out: Path, only: list[str] | None = None, runner: Runner | None = None, python: str = sys.executable
+) -> Path:
+    """Run every evaluation of ``spec`` (or those named in ``only``: ``KEY`` or ``KEY/k`` for piece
+    k) into ``out`` with the training runs they need, skipping what ``out`` holds finished; then
+    render ``out/report.md`` from what is there. Returns the report's path."""
+    selected = _selection(spec, only)
+    reproduction = Reproduction(spec, out, runner, python)
+    for key, pieces in selected.items():
+        reproduction.evaluate(spec.evaluations[key], pieces)
+    report = out / "report.md"
+    evidence = Evidence(spec, out)
+    if all(evidence.has(key) for key in spec.evaluations):
+        report.write_text(render(spec, out))
+        print(f"report: {report}")
+    else:
+        missing = [key for key in spec.evaluations if not evidence.has(key)]
+        print(f"not every evaluation has run yet ({', '.join(missing)}): no report; run again to continue")
+    return report
+
+
+def _selection(spec: Spec, only: list[str] | None) -> dict[str, list[int] | None]:
+    if not only:
+        return {key: None for key in spec.evaluations}
+    selected: dict[str, list[int] | None] = {}
+    for item in only:
+        key, _, piece = item.partition("/")
+        if key not in spec.evaluations:
+            raise SpecError(f"--only {item}: {spec.name} has no evaluation {key!r} ({sorted(spec.evaluations)})")
+        if not piece:
+            selected[key] = None
+            continue
+        if not piece.isdigit() or not 0 <= int(piece) < spec.evaluations[key].pieces:
+            raise SpecError(f"--only {item}: piece must be 0..{spec.evaluations[key].pieces - 1}")
+        current = selected.setdefault(key, [])
+        if current is not None:
+            current.append(int(piece))
+    return selected
+
+
+# --- keeping ------------------------------------------------------------------------------------
+def _copy(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name)
+        elif path.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / name)
+
+
+def _carried(spec: Spec, out: Path, kept: Path) -> list[str]:
+    """The runs (``train/<run>``, ``eval/<evaluation>``) the kept records hold and ``out`` does not:
+    e.g. a training evaluated from its kept checkpoint, an evaluation left out with ``--only``."""
+    keys = [f"train/{key}" for key in spec.runs] + [f"eval/{key}" for key in spec.evaluations]
+    return [key for key in keys if (kept / key).is_dir() and not (out / key).is_dir()]
+
+
+def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
+    """Copy the records of the finished reproduction in ``out`` into the spec's ``records`` (and
+    the report, rendered from them, to the spec's ``report``). Existing kept records are replaced
+    only with ``replace``; the runs they hold that ``out`` does not (a training whose kept
+    checkpoint ``out`` evaluated, an evaluation ``out`` did not repeat) stay, with their log lines."""
+    if spec.records is None or spec.report is None:
+        raise SpecError(f"{spec.name} names no records / report to keep")
+    target = spec.records
+    occupied = target.exists() and any(target.iterdir())
+    if occupied and not replace:
+        raise SpecError(f"{target} already holds kept records; --replace to replace them")
+    carried = _carried(spec, out, target) if occupied else []
+    evidence = Evidence(spec, out)
+    missing = [key for key in spec.evaluations if not evidence.has(key) and f"eval/{key}" not in carried]
+    if missing:
+        raise SpecError(f"{out} has not finished {spec.name}: no records for {missing}")
+    stage = target.with_name(f"{target.name}.keeping")
+    if stage.exists():
+        shutil.rmtree(stage)
+    _stage(spec, out, stage)
+    for key in carried:
+        shutil.copytree(target / key, stage / key)
+    earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
+    (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *read_log(out)]))
+    if target.exists():
+        shutil.rmtree(target)
+    stage.rename(target)
+    spec.report.write_text(render(spec, target))
+    return target
+
+
+def _stage(spec: Spec, out: Path, target: Path) -> None:
+    """What is kept of the runs in ``out``, copied into ``target``."""
+    target.mkdir(parents=True)
+    starts = {run.init_from for run in spec.runs.values()}
+    for key, run in spec.runs.items():
+        source = out / "train" / key
+        if not source.is_dir():
+            continue
+        _copy(source, target / "train" / key, KEPT_TRAIN)
+        (target / "train" / key).mkdir(parents=True, exist_ok=True)
+        if (source / "csv" / "metrics.csv").is_file():
+            shutil.copy2(source / "csv" / "metrics.csv", target / "train" / key / "metrics.csv")
+        if run.keep_checkpoint:
+            wanted = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
+            if key in starts:  # a run another starts from keeps the checkpoint it starts from
+                wanted.add("best")
+            for which in sorted(wanted):
+                ckpt = find_checkpoint(source, which)
+                _copy(source, target / "train" / key, (str(ckpt.relative_to(source)),))
+    for key, evaluation in spec.evaluations.items():
+        for folder in piece_dirs(out / "eval" / key):
+            if folder.is_dir():
+                _copy(folder, target / folder.relative_to(out), (*KEPT_EVAL, *evaluation.files))
+
+
+# --- checking -----------------------------------------------------------------------------------
+def check_spec(spec: Spec) -> list[str]:
+    """Differences between the kept report of ``spec`` and the one its kept records render."""
+    if spec.report is None:
+        return []
+    if spec.records is None or not spec.records.is_dir():
+        return [f"{spec.name}: no kept records for {shown_path(spec.report)}"]
+    rendered = render(spec, spec.records)
+    kept = spec.report.read_text() if spec.report.is_file() else ""
+    if rendered == kept:
+        return []
+    return [f"{spec.name}: {shown_path(spec.report)} differs from its records\n{_diff(kept, rendered)}"]
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the checkout when it is inside it."""
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def _diff(kept: str, rendered: str) -> str:
+    lines = difflib.unified_diff(kept.splitlines(), rendered.splitlines(), "kept", "rendered", lineterm="", n=1)
+    return "\n".join(list(lines)[:40])

@@ -1,0 +1,153 @@
+"""The parts of a report, each rendered from the evidence alone (never from a typed number).
+
+A spec's ``sections`` list names a ``kind`` per part; :data:`SECTIONS` maps each kind to its
+renderer ``(evidence, section) -> lines``. The general kinds:
+
+- ``text``: a paragraph; ``{n.<evaluation>}`` is the number of images of an evaluation,
+  ``{measured}`` the dates its commands ran, ``{settings.<key>}`` a setting of the spec.
+- ``table``: rows of cells: a plain string is a label, ``acc:<eval>/<field>`` an accuracy with its
+  Wilson interval, ``mean:<eval>/<field>`` a per-image mean, ``value:<eval>/<summary key>`` and
+  ``pct:<eval>/<summary key>`` a summary value (``pct``: times 100), each with an optional
+  ``|<format>``; ``null`` an empty cell (–).
+- ``published``: a table as the paper prints it (its numbers are the paper's, quoted).
+- ``claims``: claims (:mod:`safespot.reproduce.claims`) with intervals and verdicts.
+- ``commands``: every command that made the evidence, with its wall time.
+
+Reproductions with tables of their own kind (OOD detection, rejection, votes, reconstruction)
+add renderers with :func:`section`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from safespot.reproduce.claims import evaluate_claim
+from safespot.reproduce.evidence import Evidence
+from safespot.reproduce.spec import SpecError
+from safespot.stats import accuracy
+from safespot.utils.tables import markdown_table
+
+Renderer = Callable[[Evidence, dict[str, Any]], list[str]]
+SECTIONS: dict[str, Renderer] = {}
+MISSING = "–"
+
+
+def section(kind: str) -> Callable[[Renderer], Renderer]:
+    """Register a renderer for sections of ``kind``."""
+
+    def register(renderer: Renderer) -> Renderer:
+        SECTIONS[kind] = renderer
+        return renderer
+
+    return register
+
+
+def render_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    kind = spec_section["kind"]
+    if kind not in SECTIONS:
+        raise SpecError(f"{evidence.spec.name}: no section kind {kind!r} (kinds: {sorted(SECTIONS)})")
+    return SECTIONS[kind](evidence, spec_section)
+
+
+def measured_dates(evidence: Evidence) -> str:
+    """The dates the evidence's commands ran, e.g. ``2026-12-03 and 2026-12-04``."""
+    dates = sorted({entry["date"] for entry in evidence.log if entry.get("date")})
+    if not dates:
+        return "on an earlier date"
+    return dates[0] if len(dates) == 1 else ", ".join(dates[:-1]) + f" and {dates[-1]}"
+
+
+def context(evidence: Evidence) -> dict[str, Any]:
+    evaluated = [k for k, e in evidence.spec.evaluations.items() if e.command == "evaluate" and evidence.has(k)]
+    counts = {key: evidence.n_images(key) for key in evaluated}  # an ood.py run keeps no records.csv
+    return {
+        "n": SimpleNamespace(**counts),
+        "measured": measured_dates(evidence),
+        "settings": SimpleNamespace(**evidence.spec.settings),
+        "name": evidence.spec.name,
+    }
+
+
+@section("text")
+def text_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    return [str(spec_section["text"]).strip().format_map(context(evidence)), ""]
+
+
+def cell(evidence: Evidence, spec_cell: Any) -> str:
+    """One table cell (see the module docstring)."""
+    if spec_cell is None:
+        return MISSING
+    text = str(spec_cell)
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in ("acc", "mean", "value", "pct"):
+        return text
+    ref, _, fmt = rest.partition("|")
+    if kind == "acc":
+        return accuracy(evidence.field(ref).to_numpy().astype(bool)).percent()
+    if kind == "mean":
+        return format(float(np.mean(evidence.field(ref).to_numpy(dtype=float))), fmt or ".4f")
+    key, _, name = ref.partition("/")
+    summary = evidence.summary(key)
+    if name not in summary:
+        raise SpecError(f"{evidence.spec.name}: evaluation {key!r} has no summary value {name!r}")
+    value = float(summary[name]) * (100 if kind == "pct" else 1)
+    return format(value, fmt or ".4f")
+
+
+@section("table")
+def table_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    columns = list(spec_section["columns"])
+    rows = []
+    for row in spec_section["rows"]:
+        if len(row) != len(columns):
+            raise SpecError(f"{evidence.spec.name}: a table row has {len(row)} cells for {len(columns)} columns")
+        rows.append([cell(evidence, c) for c in row])
+    lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
+    lines += [str(n).strip().format_map(context(evidence)) for n in spec_section.get("notes") or ()]
+    if spec_section.get("notes"):
+        lines.append("")
+    return [*lines, markdown_table(pd.DataFrame(rows, columns=columns)), ""]
+
+
+@section("published")
+def published_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    return [str(spec_section["source"]).strip(), "", str(spec_section["table"]).strip(), ""]
+
+
+@section("claims")
+def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    results = [evaluate_claim(evidence, claim) for claim in spec_section["claims"]]
+    lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
+    table = pd.DataFrame([r.row() for r in results])
+    if all(r.paper is None for r in results):
+        table = table.drop(columns=["Paper", "Size vs paper"])
+    return [*lines, markdown_table(table), ""]
+
+
+def command_line(entry: dict[str, Any]) -> str:
+    minutes = entry.get("minutes")
+    when = f"{minutes:.1f} min" if isinstance(minutes, int | float) else "time not recorded"
+    return f"{entry['command']}    # {when}"
+
+
+@section("commands")
+def commands_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    """Every command that made the evidence (``log.jsonl``), in the order they ran; a run kept
+    without a log entry appears as its stored overrides."""
+    lines = [command_line(entry) for entry in evidence.log]
+    logged = {tuple(entry["key"].split("/")[:2]) for entry in evidence.log}
+    for kind, keys in (("train", evidence.spec.runs), ("eval", evidence.spec.evaluations)):
+        for key in keys:
+            if (kind, key) in logged or not (evidence.root / kind / key).exists():
+                continue
+            overrides = evidence.overrides(kind, key)
+            script = "train.py" if kind == "train" else f"{evidence.spec.evaluations[key].command}.py"
+            if overrides is not None:
+                lines.append(command_line({"command": " ".join(["python", script, *overrides])}))
+    title = spec_section.get("title", "## Commands")
+    return [title, "", "```bash", *lines, "```", ""]

@@ -1,0 +1,97 @@
+"""Callbacks of the default training and evaluation runs (what users of Lightning + Hydra
+templates expect): a learning-rate monitor and the last step of every spawned DDP worker. The
+progress bar is :mod:`safespot.utils.progress`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class LearningRateMonitor(_LearningRateMonitor):
+    """Lightning's learning-rate monitor, idle when the run has no logger (``logger=none``)
+    instead of refusing to start."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._idle = not trainer.loggers
+        if not self._idle:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not getattr(self, "_idle", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not getattr(self, "_idle", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class ModelCheckpoint(_ModelCheckpoint):
+    """Lightning's checkpoint callback (same arguments) whose ``last.ckpt`` is the latest epoch's, as
+    a run resumed from it expects. Lightning (2.6) writes ``last.ckpt`` only when a top-k checkpoint
+    is written in the same step, so with ``save_top_k=1`` it stays at the best epoch and a run resumed
+    from it repeats the epochs after the best one."""
+
+    def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
+        return (
+            bool(self.save_last)
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_due(trainer, at_train_epoch_end=True)
+        super().on_train_epoch_end(trainer, pl_module)
+        if due and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_due(trainer, at_train_epoch_end=False)
+        super().on_validation_end(trainer, pl_module)
+        if due and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class LeaveTogether(L.Callback):
+    """The last hook of a ``fit`` / ``test`` in a spawned DDP worker (``ddp_spawn``, ``ddp_fork``):
+    wait until every worker arrives, then leave the process group. Without it a worker that
+    finished early (rank 1, while rank 0 still saves the weights it hands to the parent) leaves
+    the group from its exit handler while its peers still hold connections to it, and gloo may
+    abort it ("terminate called without an active exception", an intermittent SIGABRT). The
+    Fabric commands do the same with :func:`safespot.runs.leave_together`. Processes launched
+    as scripts (plain ``ddp``) go on to the next stage in the same group and are left alone."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        trainer.strategy.barrier(f"leave together after {getattr(stage, 'value', stage)}")
+        torch.distributed.destroy_process_group()
+
+
+class SaveOnTerm(L.Callback):
+    """Preemption: a training run stopped by SIGTERM (what SLURM sends when it preempts or cancels
+    a job; Lightning stops the loop at the next batch) saves where it stopped, as Lightning saves on
+    SLURM's requeue signal (SIGUSR1): an ``hpc_ckpt_<n>.ckpt`` in the run directory, from which the
+    requeued job (same run directory, :mod:`safespot.utils.run_dirs`) resumes by itself."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+
+
+def runtime_callbacks(trainer_cfg: Any = None) -> list[L.Callback]:
+    """The callbacks every Trainer of the commands gets whatever ``callbacks`` says:
+    :class:`LeaveTogether` and :class:`SaveOnTerm`. (Progress bar and model summary are entries of
+    the ``callbacks`` group.)"""
+    return [LeaveTogether(), SaveOnTerm()]
