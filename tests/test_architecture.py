@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "safespot.reproduce",
         ),
     ),
-    ("orchestration", ("safespot.demo", "safespot.cli")),
+    ("orchestration", ("safespot.demo", "safespot.cli", "safespot.api")),
 ]
 ENTRIES = ("safespot.train", "safespot.evaluate", "safespot.robustify", "safespot.ood.evaluate")
 
