@@ -50,7 +50,7 @@ def _instantiate_all(cfg):
     for group in ("callbacks", "logger"):
         for entry in (cfg.get(group) or {}).values():
             assert "_target_" in entry
-            hydra.utils.get_class(entry["_target_"])
+            hydra.utils.get_object(entry["_target_"])  # a class or a factory function
     trainer_cls = hydra.utils.get_class(cfg.trainer._target_)
     return dm, net, method, trainer_cls
 
