@@ -213,6 +213,47 @@ def _attack_orders(node: Any, path: str = "") -> dict[str, list[str]]:
     return orders
 
 
+OPTIONS_BEFORE = json.loads((Path(__file__).parent / "data" / "attack_options_before.json").read_text())["attack"]
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS_BEFORE))
+def test_attack_options_compose_to_their_former_settings(make_cfg, option):
+    """Each option composes to what it wrote out in full before deriving from a base option:
+    the same keys in the same order, the same values and interpolations."""
+    cfg = make_cfg("ckpt_path=x", f"+attack@probe={option}", name="evaluate")
+    now = OmegaConf.to_container(cfg.probe, resolve=False)
+    assert json.dumps(now) == json.dumps(OPTIONS_BEFORE[option])
+
+
+#: The option every other option of an attack class derives from.
+BASE_OPTIONS = {"safespot.attacks.PGD": "pgd20", "safespot.attacks.AutoAttack": "autoattack"}
+
+
+def _option_chain(option: str) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """The options ``option`` derives from (itself first, its root last), the settings its
+    defaults compose to, and the settings it writes itself (as written, interpolations kept)."""
+    own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "attack" / f"{option}.yaml"))
+    parents = [d for d in own.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    assert len(parents) <= 1, f"{option}: one base option at most, got {parents}"
+    if not parents:
+        return [option], {}, own
+    chain, inherited, written = _option_chain(parents[0])
+    return [option, *chain], {**inherited, **written}, own
+
+
+@pytest.mark.parametrize("option", _options("attack"))
+def test_attack_options_are_deltas_over_their_base(option):
+    """An option of an attack class with a base option (PGD-20, standard AutoAttack) derives
+    from it through Hydra defaults and writes only what it changes."""
+    chain, inherited, written = _option_chain(option)
+    target = {**inherited, **written}.get("_target_")
+    if target not in BASE_OPTIONS or option == BASE_OPTIONS[target]:
+        return
+    assert chain[-1] == BASE_OPTIONS[target], f"{option} does not derive from {BASE_OPTIONS[target]}"
+    restated = sorted(k for k, v in written.items() if k in inherited and inherited[k] == v)
+    assert restated == [], f"{option} restates {restated} of its base"
+
+
 def test_no_evaluation_preset_writes_an_attack_inline():
     for path in (CONFIG_DIR / "evaluation").glob("*.yaml"):
         assert "_target_: safespot.attacks" not in path.read_text(), path.name

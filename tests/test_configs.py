@@ -50,7 +50,7 @@ def _instantiate_all(cfg):
     for group in ("callbacks", "logger"):
         for entry in (cfg.get(group) or {}).values():
             assert "_target_" in entry
-            hydra.utils.get_class(entry["_target_"])
+            hydra.utils.get_object(entry["_target_"])  # a class or a factory function
     trainer_cls = hydra.utils.get_class(cfg.trainer._target_)
     return dm, net, method, trainer_cls
 
@@ -126,10 +126,10 @@ def test_experiment_preset_composes_and_instantiates(make_cfg, monkeypatch, data
     dm, net, method, _ = _instantiate_all(cfg)
     # runs land in logs/train/runs/ whatever the preset; the preset (or the one it aliases) is the first tag
     assert cfg.task_name == "train"
-    assert cfg.tags[0] in (experiment, experiment.removeprefix("reduced_").removesuffix("_0.25"))
+    assert cfg.tags[0] in (experiment, experiment.removeprefix("reduced_"))
     assert method.monitor == cfg.callbacks.model_checkpoint.monitor
     if experiment.startswith("reduced_"):
-        scale = "reduced"  # aliases and delta presets carry /scale/reduced themselves
+        scale = "reduced"  # these presets choose their scale: /scale/reduced in their defaults
     assert cfg.scale == scale and cfg.tags[-1] == scale
     if "flss" in experiment:
         assert hasattr(net, "latent_dim"), "FLSS needs the stochastic classifier (model=flss_*)"
@@ -269,6 +269,55 @@ def test_kept_reduced_names_equal_experiment_plus_scale(make_cfg, monkeypatch, a
     assert _settings(make_cfg(f"experiment={alias}", synthetic=False)) == _settings(
         make_cfg(*overrides, synthetic=False)
     )
+
+
+def _strings(node: Any) -> list[str]:
+    """Every string in a loaded YAML document."""
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in _strings(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in _strings(value)]
+    return [node] if isinstance(node, str) else []
+
+
+def _recorded_experiments() -> set[str]:
+    """The ``experiment=NAME`` overrides of the reproduction specs (conf/reproduce/) and of the
+    kept runs (docs/records/**/.hydra/overrides.yaml): names that must keep composing."""
+    import yaml
+
+    files = [
+        *(CONFIG_DIR / "reproduce").glob("*.yaml"),
+        *(CONFIG_DIR.parent / "docs" / "records").rglob("overrides.yaml"),
+    ]
+    overrides = [s for path in files for s in _strings(yaml.safe_load(path.read_text()))]
+    return {s.removeprefix("experiment=") for s in overrides if s.startswith("experiment=")}
+
+
+def test_every_recorded_experiment_name_is_a_preset():
+    """Reproduction specs and kept runs name presets that exist (the tests above compose each)."""
+    recorded = _recorded_experiments()
+    assert recorded and recorded <= set(_options("experiment")), recorded - set(_options("experiment"))
+
+
+def _scale_of(experiment: str) -> tuple[str, str] | None:
+    """(the preset, the scale) an experiment config lists in its defaults, if it lists both."""
+    defaults = OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml").get("defaults", [])
+    names = [d for d in defaults if isinstance(d, str)]
+    presets = [d for d in names if not d.startswith("/")]
+    scales = [d.removeprefix("/scale/") for d in names if d.startswith("/scale/")]
+    return (presets[0], scales[0]) if len(presets) == 1 and len(scales) == 1 else None
+
+
+@pytest.mark.parametrize("experiment", [e for e in _options("experiment") if _scale_of(e)])
+def test_a_preset_that_chooses_its_scale_changes_something_or_keeps_a_recorded_name(make_cfg, monkeypatch, experiment):
+    """A preset may choose its scale (``/scale/<name>`` in its defaults); one that changes nothing
+    else is a second name of ``experiment=<preset> scale=<name>``, kept only while kept runs or
+    reproduction specs use it."""
+    monkeypatch.setenv("DATA_DIR", "/data")
+    preset, scale = _scale_of(experiment)
+    own = _settings(make_cfg(f"experiment={experiment}", synthetic=False))
+    if own == _settings(make_cfg(f"experiment={preset}", f"scale={scale}", synthetic=False)):
+        assert experiment in _recorded_experiments(), f"{experiment}: use experiment={preset} scale={scale}"
 
 
 def test_gaussian_preset_sweeps_sigma(make_cfg, monkeypatch):

@@ -1,4 +1,4 @@
-"""Speed options: autocast helper, channels-last and compiled networks compute the same function;
+"""Speed options: channels-last and compiled networks compute the same function;
 float16 refused for evaluation, robustification and OOD scoring (attacks' input gradients are not
 loss-scaled), bf16 accepted."""
 
@@ -18,20 +18,7 @@ from safespot.ood.evaluate import evaluate_ood
 from safespot.robustify import robustify_files
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
-from safespot.utils.performance import autocast, check_precision, prepare_net, refuse_float16
-
-
-def test_autocast_runs_the_forward_pass_in_bf16_and_32_true_does_not():
-    net, x = TinyNet().eval(), torch.rand(4, 3, 8, 8)
-    seen = []
-    net.body[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    with autocast("bf16-mixed", torch.device("cpu")):
-        net(x)
-    with autocast("32-true", torch.device("cpu")):
-        net(x)
-    assert seen == [torch.bfloat16, torch.float32]
-    with pytest.raises(ConfigError, match="precision"):
-        check_precision("bf17")
+from safespot.utils.performance import prepare_net, refuse_float16
 
 
 def test_channels_last_network_computes_the_same_outputs_and_input_gradients():

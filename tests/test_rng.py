@@ -1,3 +1,7 @@
+import ast
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +82,91 @@ def test_no_seed_stride_constants_outside_rng():
     stride = re.compile(r"^_?[A-Z_]*(STRIDE|_SALT)\s*=", re.M)
     offenders = [str(p.relative_to(package)) for p in package.rglob("*.py") if stride.search(p.read_text())]
     assert offenders == []
+
+
+# --- Purposes pinned by name ------------------------------------------------------------------
+#: Every purpose's number: the streams of the kept records were drawn with these.
+PINNED_PURPOSES = {
+    "evaluation": 1,
+    "restart": 2,
+    "outer_iteration": 3,
+    "inner_run": 4,
+    "grey_box_attack": 5,
+    "white_box_attack": 6,
+    "reconstruction": 7,
+    "rejection_attack": 8,
+    "rejection_view": 9,
+    "check_before": 10,
+    "robustify": 11,
+    "check_after": 12,
+    "ood_attack": 13,
+    "epoch_order": 14,
+    "augmentation": 15,
+    "outlier_noise": 16,
+    "autoattack_vote": 17,
+    "file": 18,
+    "nattack": 19,
+    "smoothing_draw": 20,
+    "trades_start": 21,
+    "validation_split": 22,
+    "train_subset": 23,
+    "val_subset": 24,
+    "test_subset": 25,
+    "outlier_validation_split": 26,
+    "outlier_subset": 27,
+    "outlier_pairing": 28,
+    "test_outliers": 29,
+    "ood_fit_subset": 30,
+    "ood_tune_subset": 31,
+    "ood_outlier_subset": 32,
+    "ood_extra_outliers": 33,
+    "ood_tune_outliers": 34,
+    "synthetic_split": 35,
+    "latent": 36,
+    "search_start": 37,
+    "soft_noise": 38,
+    "noisy_noise": 39,
+    "injected_noise": 40,
+    "monte_carlo_noise": 41,
+}
+
+
+def _purposes_literal() -> ast.expr:
+    """The expression assigned to ``PURPOSES`` in the source of :mod:`safespot.utils.rng`."""
+    import safespot.utils.rng as rng
+
+    for node in ast.parse(Path(rng.__file__).read_text()).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PURPOSES":
+            return node.value
+    raise AssertionError("no PURPOSES in safespot/utils/rng.py")
+
+
+def test_each_purpose_keeps_its_number_and_its_streams():
+    """A purpose's number, hence every stream drawn for it, stays what it was (the streams are
+    pinned by the digest of a few seeds of each purpose, taken in the pinned order)."""
+    from safespot.utils.rng import PURPOSES, derive, host_seed
+
+    assert {name: PURPOSES[name] for name in PINNED_PURPOSES} == PINNED_PURPOSES
+    base = torch.tensor([0, 1, -5, 2**62 + 3], dtype=torch.int64)
+    digest = hashlib.sha256()
+    for name in sorted(PINNED_PURPOSES):
+        digest.update(derive(base, name, 3).numpy().tobytes())
+        digest.update(host_seed(11, name, 2).to_bytes(8, "little"))
+    assert digest.hexdigest()[:16] == "c297a5d7dcdd2022"
+
+
+def test_purpose_numbers_are_written_next_to_their_names_and_never_shared():
+    """``PURPOSES`` is a literal mapping of names to numbers, so adding a purpose (anywhere in
+    it) changes no other purpose's number; and no two purposes share a number (a stream)."""
+    from safespot.utils.rng import PURPOSES
+
+    literal = _purposes_literal()
+    assert isinstance(literal, ast.Dict), "PURPOSES must map each name to its number literally"
+    assert ast.literal_eval(literal) == PURPOSES
+    added = ast.Dict(
+        keys=[ast.Constant("added"), *literal.keys], values=[ast.Constant(max(PURPOSES.values()) + 1), *literal.values]
+    )
+    grown = ast.literal_eval(added)
+    assert {name: grown[name] for name in PURPOSES} == PURPOSES
+    numbers = list(PURPOSES.values())
+    assert len(set(numbers)) == len(numbers) and all(isinstance(n, int) and n > 0 for n in numbers)

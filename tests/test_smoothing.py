@@ -169,6 +169,61 @@ def test_fixed_seeds_give_identical_certificates(tiny_net, images):
     assert torch.equal(model.predict(x, n=200, seed=11), model.predict(x, n=200, seed=11))
 
 
+class RecordingBase(nn.Module):
+    """Records the noisy inputs it is given; class 1 iff the first coordinate is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        first = x.flatten(1)[:, :1]
+        return torch.cat([-first, first], 1)
+
+
+#: The per-image seeds of ``seed=7`` for a batch of four (an integer seed is expanded this way).
+SEED_7_IMAGES = [-1526448687927890344, 610735763742393210, 7078124019849193311, -5529224428627923796]
+
+
+def _monte_carlo_noise(x: torch.Tensor, seeds: torch.Tensor, n: int, estimate: int, sigma: float) -> torch.Tensor:
+    """Draw j of image i: elements ``j d .. (j + 1) d - 1`` of its ``monte_carlo_noise`` stream
+    for ``estimate``, rows in image-major order, shape ``(B * n, *x.shape[1:])``."""
+    from safespot.utils.rng import derive, seeded_normal_at
+
+    d = x[0].numel()
+    keys = derive(seeds, "monte_carlo_noise", estimate).repeat_interleave(n)
+    draws = torch.arange(n).repeat(len(x))
+    return sigma * seeded_normal_at(keys, draws * d, d).view(len(x) * n, *x.shape[1:])
+
+
+def test_monte_carlo_noise_is_the_named_stream_of_each_estimate():
+    """The draws of every estimate (counts, CERTIFY's selection and estimation, PREDICT, the
+    vote) are the pinned streams of the image seeds: the same noise for the same seeds."""
+    from safespot.smoothing.smoothed import image_seed_tensor
+
+    x = torch.linspace(-0.5, 0.5, 4 * 3 * 2 * 2).view(4, 3, 2, 2)
+    seeds = torch.tensor([3, 5, -9, 2**40 + 1])
+    assert image_seed_tensor(4, seed=7).tolist() == SEED_7_IMAGES
+    base = RecordingBase()
+    model = SmoothedClassifier(base, 0.25, n_vote=6, max_batch=1000)
+    calls = [
+        (lambda: model.sample_counts(x, 5, seed=seeds), seeds, 5, 0),
+        (lambda: model.predict(x, n=6, seed=seeds), seeds, 6, 3),
+        (lambda: model.vote_logits(x, seed=7), torch.tensor(SEED_7_IMAGES), 6, 4),
+    ]
+    for call, used, n, estimate in calls:
+        base.inputs.clear()
+        call()
+        noise = torch.cat(base.inputs) - x.repeat_interleave(n, 0)
+        assert torch.allclose(noise, _monte_carlo_noise(x, used, n, estimate, 0.25), atol=1e-6)
+    base.inputs.clear()
+    model.certify(x, n0=3, n=5, alpha=0.01, seed=seeds)
+    select, count = torch.cat(base.inputs).split([4 * 3, 4 * 5])
+    assert torch.allclose(select - x.repeat_interleave(3, 0), _monte_carlo_noise(x, seeds, 3, 1, 0.25), atol=1e-6)
+    assert torch.allclose(count - x.repeat_interleave(5, 0), _monte_carlo_noise(x, seeds, 5, 2, 0.25), atol=1e-6)
+
+
 # --- attacks on the smoothed classifier ---------------------------------------------------
 def _soft_loss(model: SmoothedClassifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The soft smoothed loss estimated with many draws under a fixed seed."""

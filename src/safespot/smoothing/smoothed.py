@@ -70,8 +70,13 @@ from safespot.utils.rng import derive, seeded_normal_at
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
 _MAX_WORDS = 2**25  # numbers hashed at once (256 MiB per int64 temporary)
 _FLOOR = 1e-12
-# purposes of noise streams: the same image seed gives independent draws for each
-_COUNTS, _SELECT, _ESTIMATE, _PREDICT, _VOTE = range(5)
+# the estimates' counters below the "monte_carlo_noise" purpose: the same image seed gives
+# independent draws for each; a number belongs to its estimate for good (like rng.PURPOSES)
+_COUNTS = 0  # sample_counts
+_SELECT = 1  # CERTIFY's guess of the top class (n0 draws)
+_ESTIMATE = 2  # CERTIFY's count of the guess (n draws)
+_PREDICT = 3  # PREDICT
+_VOTE = 4  # vote_logits and vote_sweep
 
 SeedLike = int | Sequence[int] | torch.Tensor | None
 #: Named rank weights of the ``weighted`` vote; ``None`` weights rank r of K by 2^-(r-1).

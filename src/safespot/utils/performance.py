@@ -1,4 +1,5 @@
-"""Speed options of the network: channels-last layout, ``torch.compile``, bf16 autocast.
+"""Speed options of the network (channels-last layout, ``torch.compile``) and the precision the
+commands refuse (float16 autocast).
 
 The attacks, the robustifier and CERTIFY spend their time in forward and input-gradient
 passes of one network, so these options act on the network itself: they apply equally to
@@ -20,8 +21,6 @@ checkpoint) run under the same unscaled float16 autocast and weaken in the same 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,7 +28,6 @@ from torch import nn
 
 from safespot.errors import ConfigError
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 # Lightning's float16 settings ("16" is its alias of "16-mixed"); see the module docstring.
 FLOAT16_PRECISIONS = ("16-mixed", "16", "16-true", "transformer-engine-float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -51,14 +49,6 @@ def prepare_net(net: nn.Module, perf: Any | None) -> nn.Module:
     return net
 
 
-def check_precision(precision: Any) -> str:
-    """``precision`` as a string, refused unless it is one of :data:`PRECISIONS`."""
-    value = str(precision)
-    if value not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return value
-
-
 def refuse_float16(precision: Any, setting: str, task: str) -> str:
     """``precision`` as a string; a :class:`ConfigError` naming ``setting`` when it selects float16
     (:data:`FLOAT16_PRECISIONS`), under which the attacks' input gradients are not loss-scaled and
@@ -72,17 +62,3 @@ def refuse_float16(precision: Any, setting: str, task: str) -> str:
             f"use {setting}=bf16-mixed (float32's exponent range, GPUs with bf16) or {setting}=32-true"
         )
     return value
-
-
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """Mixed precision for code outside a Lightning Trainer (``robustify.py``): ``bf16-mixed``
-    and ``16-mixed`` autocast the forward passes; losses are taken in float32 by the callers.
-    Callers that attack the network refuse ``16-mixed`` first (:func:`refuse_float16`)."""
-    precision = check_precision(precision)
-    if precision.startswith("32"):
-        yield
-        return
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield

@@ -153,58 +153,54 @@ def streams(seed: int, index: torch.Tensor, purpose: str, *counters: int | torch
 
 
 # --- Named derived streams ----------------------------------------------------------------------
-#: Every purpose a per-image seed is derived for. ``derive(seeds, purpose, *counters)`` hashes
-#: the seed with the purpose's number and the counters (SplitMix64 mixing, vectorised on the
-#: seeds' device), so two purposes or two counters never share a stream, whatever the values:
-#: no hand-picked stride constants that could collide.
+#: Every purpose a per-image seed is derived for, with its fixed number. ``derive(seeds, purpose,
+#: *counters)`` hashes the seed with the purpose's number and the counters (SplitMix64 mixing,
+#: vectorised on the seeds' device), so two purposes or two counters never share a stream, whatever
+#: the values: no hand-picked stride constants that could collide. A number belongs to its name for
+#: good (the kept records were drawn with these streams): a new purpose takes the next unused number,
+#: and a retired one's number is not given again.
 PURPOSES: dict[str, int] = {
-    name: number
-    for number, name in enumerate(
-        (
-            "evaluation",  # one stream per evaluation of a run (its position)
-            "restart",  # PGD restarts
-            "outer_iteration",  # the safe-spot search's outer iterations
-            "inner_run",  # the search's N inner attack runs
-            "grey_box_attack",  # the attacks on robustified images
-            "white_box_attack",  # the adaptive attack, per attack and eps' fraction
-            "reconstruction",  # the white-box reconstruction of x_o
-            "rejection_attack",  # FLSS rejection: the attack ensemble
-            "rejection_view",  # FLSS rejection: the views' sampling
-            "check_before",  # robustify.py: the grey-box check on the original
-            "robustify",  # robustify.py: the search
-            "check_after",  # robustify.py: the grey-box check on the written PNG
-            "ood_attack",  # the safe-spot OOD score's attack
-            "epoch_order",  # the training order of an epoch (samplers)
-            "augmentation",  # in-memory data augmentation (per epoch and process)
-            "outlier_noise",  # the Gaussian / uniform outlier images
-            "autoattack_vote",  # AutoAttack's vote seeds when the caller gives none
-            "file",  # robustify.py: a file's seed from its content
-            "nattack",  # NAttack's initial mean and population draws, per iteration
-            "smoothing_draw",  # a noise-injected base's own noise in draw j of a smoothed vote
-            "trades_start",  # TRADES' KL attack: its start x + 0.001 N(0, I)
-            "validation_split",  # data: the training images held out for validation
-            "train_subset",  # data.train_subset: the training images kept
-            "val_subset",  # data.val_subset
-            "test_subset",  # data.test_subset: the test images evaluated
-            "outlier_validation_split",  # D_out^train: the outliers held out for validation
-            "outlier_subset",  # data.outlier_subset: the training outliers kept
-            "outlier_pairing",  # the outlier batches paired with in-distribution batches
-            "test_outliers",  # the data's D_out^test sources (noise images, file subsets)
-            "ood_fit_subset",  # ood.py: the images the detectors are fitted on
-            "ood_tune_subset",  # ood.py: the tuning images (in-distribution and outliers)
-            "ood_outlier_subset",  # ood.py: each test outlier set's subset (counter: its position)
-            "ood_extra_outliers",  # ood.py: outliers.<name> sources given on the command line
-            "ood_tune_outliers",  # ood.py: the tune_outliers source
-            "synthetic_split",  # synthetic data: a split's labels and noise (counter: the split)
-            "latent",  # FLSS: the latent draws e ~ N(0, I) of a stochastic classifier
-            "search_start",  # the safe-spot search's random start in B_delta(x_o)
-            "soft_noise",  # the soft smoothed forward's draws (counters: salt, forward pass)
-            "noisy_noise",  # the noisy classifier's input noise (counters: salt, forward pass)
-            "injected_noise",  # a noise-injected network's own noise (counters: salt, forward pass)
-            "monte_carlo_noise",  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
-        ),
-        start=1,
-    )
+    "evaluation": 1,  # one stream per evaluation of a run (its position)
+    "restart": 2,  # PGD restarts
+    "outer_iteration": 3,  # the safe-spot search's outer iterations
+    "inner_run": 4,  # the search's N inner attack runs
+    "grey_box_attack": 5,  # the attacks on robustified images
+    "white_box_attack": 6,  # the adaptive attack, per attack and eps' fraction
+    "reconstruction": 7,  # the white-box reconstruction of x_o
+    "rejection_attack": 8,  # FLSS rejection: the attack ensemble
+    "rejection_view": 9,  # FLSS rejection: the views' sampling
+    "check_before": 10,  # robustify.py: the grey-box check on the original
+    "robustify": 11,  # robustify.py: the search
+    "check_after": 12,  # robustify.py: the grey-box check on the written PNG
+    "ood_attack": 13,  # the safe-spot OOD score's attack
+    "epoch_order": 14,  # the training order of an epoch (samplers)
+    "augmentation": 15,  # in-memory data augmentation (per epoch and process)
+    "outlier_noise": 16,  # the Gaussian / uniform outlier images
+    "autoattack_vote": 17,  # AutoAttack's vote seeds when the caller gives none
+    "file": 18,  # robustify.py: a file's seed from its content
+    "nattack": 19,  # NAttack's initial mean and population draws, per iteration
+    "smoothing_draw": 20,  # a noise-injected base's own noise in draw j of a smoothed vote
+    "trades_start": 21,  # TRADES' KL attack: its start x + 0.001 N(0, I)
+    "validation_split": 22,  # data: the training images held out for validation
+    "train_subset": 23,  # data.train_subset: the training images kept
+    "val_subset": 24,  # data.val_subset
+    "test_subset": 25,  # data.test_subset: the test images evaluated
+    "outlier_validation_split": 26,  # D_out^train: the outliers held out for validation
+    "outlier_subset": 27,  # data.outlier_subset: the training outliers kept
+    "outlier_pairing": 28,  # the outlier batches paired with in-distribution batches
+    "test_outliers": 29,  # the data's D_out^test sources (noise images, file subsets)
+    "ood_fit_subset": 30,  # ood.py: the images the detectors are fitted on
+    "ood_tune_subset": 31,  # ood.py: the tuning images (in-distribution and outliers)
+    "ood_outlier_subset": 32,  # ood.py: each test outlier set's subset (counter: its position)
+    "ood_extra_outliers": 33,  # ood.py: outliers.<name> sources given on the command line
+    "ood_tune_outliers": 34,  # ood.py: the tune_outliers source
+    "synthetic_split": 35,  # synthetic data: a split's labels and noise (counter: the split)
+    "latent": 36,  # FLSS: the latent draws e ~ N(0, I) of a stochastic classifier
+    "search_start": 37,  # the safe-spot search's random start in B_delta(x_o)
+    "soft_noise": 38,  # the soft smoothed forward's draws (counters: salt, forward pass)
+    "noisy_noise": 39,  # the noisy classifier's input noise (counters: salt, forward pass)
+    "injected_noise": 40,  # a noise-injected network's own noise (counters: salt, forward pass)
+    "monte_carlo_noise": 41,  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
 }
 
 
