@@ -183,7 +183,7 @@ class RecordingBase(nn.Module):
 
 
 #: The per-image seeds of ``seed=7`` for a batch of four (an integer seed is expanded this way).
-SEED_7_IMAGES = [-1526448687927890344, 610735763742393210, 7078124019849193311, -5529224428627923796]
+SEED_7_IMAGES = [-4873906296908388014, -4105697605423906230, -8017417250391388015, -3349638618623693864]
 
 
 def _monte_carlo_noise(x: torch.Tensor, seeds: torch.Tensor, n: int, estimate: int, sigma: float) -> torch.Tensor:

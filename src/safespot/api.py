@@ -26,7 +26,7 @@ from torch import nn
 from safespot.attacks.base import build_attack
 from safespot.errors import ConfigError
 from safespot.paths import CONFIG_DIR
-from safespot.runs import load_run_checkpoint, load_model
+from safespot.runs import load_model, load_run_checkpoint
 from safespot.threat import parse_budget
 from safespot.utils.rng import streams
 

@@ -65,7 +65,7 @@ from torch import nn
 from safespot.smoothing.soft import DrawRole, SoftSmoothed, seeded_noise
 from safespot.threat import ThreatConfigError, check_positive_int
 from safespot.utils.prediction import VotingClassifier
-from safespot.utils.rng import derive, seeded_normal_at
+from safespot.utils.rng import derive, image_seeds, seeded_normal_at
 
 VOTES: tuple[str, ...] = ("majority", "soft", "weighted")
 _MAX_WORDS = 2**25  # numbers hashed at once (256 MiB per int64 temporary)
@@ -136,7 +136,8 @@ def image_seed_tensor(
     tensor are moved there with no host round trip).
 
     ``seed`` may be per-image seeds (a sequence or 1-d tensor of ``batch`` integers), one
-    integer (expanded into ``batch`` seeds) or ``None`` (seeds drawn from ``generator``, or
+    integer (expanded as the streams of images ``0..batch-1`` of that seed,
+    :func:`safespot.utils.rng.image_seeds`: the one seed API) or ``None`` (seeds drawn from ``generator``, or
     from the global torch RNG).
     """
     if isinstance(seed, torch.Tensor) and seed.dim() == 0:
@@ -148,9 +149,8 @@ def image_seed_tensor(
         if seed.numel() != batch:
             raise ValueError(f"expected {batch} per-image seeds, got {seed.numel()}")
         return seed.reshape(-1).to(device=device, dtype=torch.int64)
-    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
-        words = np.random.SeedSequence(int(seed) % 2**64).generate_state(batch, np.uint64)
-        return torch.from_numpy(words.view(np.int64)).to(device)  # the same bits, as signed 64-bit
+    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):  # image i of the batch: its stream
+        return image_seeds(int(seed), torch.arange(batch, device=device))
     values = [int(s) for s in seed]
     if len(values) != batch:
         raise ValueError(f"expected {batch} per-image seeds, got {len(values)}")
