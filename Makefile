@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test check-reports reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
+.PHONY: install demo train test check-reports gpu-check reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -49,6 +49,9 @@ bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_loader.py --quick
 	$(PY) bench/bench_user_figures.py --quick
 	$(PY) bench/bench_noise_injection.py --quick
+
+gpu-check:  ## the one prepared GPU check (8 min on one H100): test-gpu, bench-gpu, a full-scale mini-reproduction, one report (SAFESPOT_TEST_DEVICE=cpu GPU_CHECK_SCALE=tiny: CPU dry run)
+	$(PY) bench/gpu_check.py --scale $(or $(GPU_CHECK_SCALE),full) --device $(or $(SAFESPOT_TEST_DEVICE),cuda) $(ARGS)
 
 bench-gpu:  ## GPU throughput table: WRN-34-10 and small CNN, fp32/bf16, PGD, training step, robustifier (ARGS="--quick --device cpu": dry run)
 	$(PY) bench/bench_gpu.py $(ARGS)
