@@ -2,6 +2,6 @@
 when imported (:mod:`safespot.reproduce.engine` imports them all): certified accuracy (randomised
 smoothing)."""
 
-from safespot.reproduce.tables import certified
+from safespot.reproduce.tables import certified, reconstruction, robustification
 
-SECTION_MODULES = (certified,)
+SECTION_MODULES = (certified, reconstruction, robustification)
