@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpeg),../shared/data,./data)
 export DATA_DIR
 
-.PHONY: install demo train test check-reports gpu-check reproduce-paper003 reproduce-figure3 test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
+.PHONY: install demo train test check-reports gpu-check reproduce-paper003 reproduce-figure3 reproduce-figure3-adv test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
 
 install:  ## create .venv and install the package with its dev extras
 	python3 -m venv $(VENV)
@@ -56,14 +56,14 @@ gpu-check:  ## the one prepared GPU check (8 min on one H100): test-gpu, bench-g
 bench-gpu:  ## GPU throughput table: WRN-34-10 and small CNN, fp32/bf16, PGD, training step, robustifier (ARGS="--quick --device cpu": dry run)
 	$(PY) bench/bench_gpu.py $(ARGS)
 
-reproduce-cifar10-reduced:  ## reduced natural/ADV/preemptive models + robustification grid (about 2 h on 2 CPU cores)
-	$(PY) scripts/reproduce_cifar10_reduced.py --docs docs/reproduction_cifar10_reduced.md $(ARGS)
+reproduce-cifar10-reduced:  ## paper 002 Table 1 / paper 000 Table 1 left: reduced natural/preemptive/ADV models + robustification grid at l_inf 8/255 (conf/reproduce/cifar10_linf.yaml; about 1 h on 2 CPU cores)
+	$(PY) -m safespot.reproduce run cifar10_linf $(ARGS)
 
-reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced natural/ADV/preemptive models at l_2 eps = delta = 0.5
-	$(PY) scripts/reproduce_cifar10_reduced.py --norm l2 --docs docs/reproduction_cifar10_l2.md $(ARGS)
+reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced natural/preemptive/ADV models at l_2 eps = delta = 0.5, S-Full's beta chosen on validation images (conf/reproduce/cifar10_l2.yaml)
+	$(PY) -m safespot.reproduce run cifar10_l2 $(ARGS)
 
-reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf)
-	$(PY) scripts/reproduce_cifar10_reduced.py --models adv,sfgsm_adv,spgd_adv --docs docs/reproduction_safe_spot_aware.md $(ARGS)
+reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf; conf/reproduce/safe_spot_aware.yaml)
+	$(PY) -m safespot.reproduce run safe_spot_aware $(ARGS)
 
 reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced; conf/reproduce/smoothed.yaml)
 	$(PY) -m safespot.reproduce run smoothed $(ARGS)
@@ -80,5 +80,8 @@ reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS (SD 2 and 1) w
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (conf/reproduce/paper003.yaml)
 	$(PY) -m safespot.reproduce run paper003 $(ARGS)
 
-reproduce-figure3:  ## paper 002 Figure 3: reconstruction of x_o from x_r, search from x_o vs a random start (ARGS="--ckpt RUN/checkpoints/best-*.ckpt")
-	$(PY) scripts/reproduce_figure3.py $(ARGS)
+reproduce-figure3:  ## paper 002 Figure 3 on the demo model: reconstruction of x_o from x_r, search from x_o vs a random start, l_2 and l_inf (conf/reproduce/figure3.yaml)
+	$(PY) -m safespot.reproduce run figure3 $(ARGS)
+
+reproduce-figure3-adv:  ## paper 002 Figure 3 on the reduced ADV model at l_2 0.5 (conf/reproduce/figure3_adv.yaml)
+	$(PY) -m safespot.reproduce run figure3_adv $(ARGS)

@@ -75,6 +75,30 @@ def test_test_parts_are_contiguous_pieces_that_together_are_the_test_split():
         test_split([0, 4], n=3)
 
 
+def test_eval_split_val_tests_held_out_training_images_never_trained_on():
+    """``data.eval_split=val``: the tested images are seeded held-out training images (for choosing
+    a setting without looking at the test images), with test_subset and test_part applied."""
+    dm = SyntheticDataModule(n_train=100, n_test=40, val_size=20, test_subset=8, eval_split="val", seed=3)
+    dm.setup()
+    held_out = set(range(100)) - set(dm.splits["train"])
+    assert len(dm.splits["test"]) == 8 and set(dm.splits["test"]) <= held_out and len(held_out) == 20
+    x, y, idx = next(iter(dm.test_dataloader()))
+    train_plain = dm.dataset("val").dataset  # the training images, untransformed
+    assert torch.equal(x[0], train_plain[int(idx[0])][0]) and int(y[0]) == train_plain[int(idx[0])][1]
+    test = SyntheticDataModule(n_train=100, n_test=40, val_size=20, test_subset=8, seed=3)
+    test.setup()
+    assert not torch.equal(test.dataset("test")[0][0], dm.dataset("test")[0][0])
+    piece = SyntheticDataModule(
+        n_train=100, n_test=40, val_size=20, test_subset=8, eval_split="val", test_part=[1, 2], seed=3
+    )
+    piece.setup()
+    assert piece.splits["test"] == dm.splits["test"][4:]
+    with pytest.raises(DataConfigError, match=r"data\.eval_split must be one of"):
+        SyntheticDataModule(eval_split="train")
+    with pytest.raises(DataConfigError, match=r"data\.val_size > 0"):
+        SyntheticDataModule(val_size=0, eval_split="val")
+
+
 def test_batches_carry_dataset_indices():
     dm = SyntheticDataModule(n_train=64, n_test=32, val_size=8, test_subset=10, eval_batch_size=4)
     dm.setup()

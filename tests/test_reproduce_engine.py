@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safespot.reproduce import blocks
+from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
-from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.engine import check_spec, keep, pending, render, run_spec
 from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
 from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
@@ -145,6 +145,29 @@ def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
     run_spec(spec, tmp_path / "later", runner=later)
     assert [c[1] for c in later.calls] == ["evaluate.py", "evaluate.py"]
     assert f"ckpt_path={kept}/train/model/checkpoints/best-epoch003.ckpt" in later.calls[0]
+
+
+def test_a_stub_marked_pending_without_records_is_pending_not_a_failure(tmp_path, monkeypatch, capsys):
+    """A report whose measurement is being redone is a stub with the line
+    ``<!-- safespot-reproduce pending NAME -->``: check lists it as pending until records are kept."""
+    spec = parse_spec("toy", _spec(tmp_path))
+    spec.report.parent.mkdir(parents=True)
+    spec.report.write_text("# A toy reproduction\n\nBeing measured again.\n")
+    (problem,) = check_spec(spec)  # no records and no marker: a failure, as before
+    assert "no kept records" in problem and not pending(spec)
+    spec.report.write_text("# A toy reproduction\n\n<!-- safespot-reproduce pending other -->\n")
+    assert check_spec(spec) and not pending(spec)  # another reproduction's marker
+    stub = "# A toy reproduction\n\nBeing measured again: `make toy`.\n\n<!-- safespot-reproduce pending toy -->\n"
+    spec.report.write_text(stub)
+    assert pending(spec) and check_spec(spec) == []
+    monkeypatch.setattr(cli, "load_spec", lambda name, overrides=None: spec)
+    assert cli.main(["check", "toy"]) == 0
+    assert "toy: pending (no kept records yet" in capsys.readouterr().out
+    # once records are kept the stub is compared with them like any report
+    keep(spec, run_spec(spec, tmp_path / "out", runner=FakeCommands()).parent)
+    spec.report.write_text(stub)
+    assert not pending(spec) and "differs from its records" in check_spec(spec)[0]
+    assert cli.main(["check", "toy"]) == 1
 
 
 def test_pieces_render_as_one_run(tmp_path):

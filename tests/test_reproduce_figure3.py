@@ -1,75 +1,94 @@
-"""The Figure 3 script (paper 002): both searches on the same images, reconstruction errors in
-both norms, a report with intervals and a verdict."""
+"""Paper 002, Figure 3 as specs (conf/reproduce/figure3.yaml, figure3_adv.yaml): the search started
+at x_o and at a random point on the same images, both with the fixed schedule the reconstruction
+reverses; reconstruction errors in both norms, shares with what they are shares of, a verdict, the
+histograms drawn next to the records and linked from the report."""
 
-import importlib.util
-from pathlib import Path
+from __future__ import annotations
 
-import pandas as pd
+import numpy as np
 import pytest
 
-from conftest import SYNTHETIC, compose_config
-from safespot.train import train
+from conftest import InProcessCommands
+from safespot.reproduce.engine import check_spec, keep, run_spec
+from safespot.reproduce.evidence import Evidence
+from safespot.reproduce.tables.reconstruction import figure3_verdict
+from safespot.stats import accuracy
+from test_reproduce import IMAGES, row, small_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("figure3", ROOT / "scripts" / "reproduce_figure3.py")
-figure3 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(figure3)
-
-SMALL = [
-    "evaluation.preempt_sfull.robustifier.max_iter=2",
-    "evaluation.preempt_sfull.robustifier.inner_steps=2",
-    "evaluation.preempt_sfull.attacks.pgd.steps=2",
-    "evaluation.preempt_sfull.white_box.attacks.pgd.steps=2",
-    "trainer.enable_progress_bar=false",
-]
+# many tiny forward passes: one intra-op thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fig3")
-    cfg = compose_config("train", [*SYNTHETIC, "method=natural", "trainer.max_epochs=1", "test=false"], out)
-    _, objects = train(cfg)
-    return Path(objects["trainer"].checkpoint_callback.last_model_path)
+def figure3(one_thread, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("figure3")
+    spec = small_spec("figure3", tmp)
+    runner = InProcessCommands()
+    report = run_spec(spec, tmp / "out", runner=runner).read_text()
+    return spec, tmp, runner, report
 
 
-def test_the_script_compares_both_starts_on_the_same_images(checkpoint, tmp_path):
-    out = tmp_path / "run"
-    args = ["--ckpt", str(checkpoint), "--test-images", "8", "--robustifier", "sfull", "--out", str(out)]
-    assert figure3.main([*args, *[f"--override={o}" for o in SMALL]]) == 0
-    report = (out / "report.md").read_text()
-    original = pd.read_csv(out / "eval" / "original" / "records.csv").set_index("index")
-    random = pd.read_csv(out / "eval" / "random" / "records.csv").set_index("index")
-    assert list(original.index) == list(random.index) and len(original) == 8
-    # the reconstruction errors in both norms are recorded, l_2 >= l_inf, and the report gives them
-    assert (original["preempt_sfull/recon_l2"] >= original["preempt_sfull/recon_linf"] - 1e-6).all()
-    assert "| x_o |" in report and "| random in B_delta(x_o) |" in report and (out / "figure3.png").is_file()
-    assert any(word in report for word in ("**holds**", "**does not hold**", "**inconclusive at this scale**"))
-    # a report from the stored evaluations runs nothing again
-    again = tmp_path / "again"
-    reuse = [f"--reuse-eval=original={out / 'eval' / 'original'}", f"--reuse-eval=random={out / 'eval' / 'random'}"]
-    assert figure3.main(["--out", str(again), *reuse]) == 0
-
-    def body(text: str) -> str:  # the tables and the verdict (not the header or the commands)
-        return text.split("\n", 3)[3].split("## Commands")[0]
-
-    assert body((again / "report.md").read_text()) == body(report)
+def test_both_starts_run_on_the_same_images_with_the_fixed_schedule(figure3):
+    spec, tmp, runner, _ = figure3
+    assert [c[1] for c in runner.calls] == ["train.py", *["evaluate.py"] * 4]
+    evidence = Evidence(spec, tmp / "out")
+    for norm in ("l2", "linf"):
+        original, random = evidence.records(f"{norm}_original"), evidence.records(f"{norm}_random")
+        assert original.index.equals(random.index) and len(original) == IMAGES
+        for start in ("original", "random"):
+            meta = evidence.meta(f"{norm}_{start}")
+            search = meta["evaluation_config"]["preempt_sfull"]["robustifier"]
+            assert search["init"] == start and search["early_exit"] is None  # the schedule the reverse assumes
+            assert meta["norm"] == norm
+        # the reconstruction error is recorded in both norms (l_2 >= l_inf)
+        assert (original["preempt_sfull/recon_l2"] >= original["preempt_sfull/recon_linf"] - 1e-6).all()
 
 
-def test_bad_arguments_fail_before_any_work(tmp_path):
-    with pytest.raises(SystemExit):
-        figure3.main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit):
-        figure3.main(["--reuse-eval", f"sideways={tmp_path}"])
-    assert not (tmp_path / "o").exists()
+def test_the_report_gives_shares_of_what_they_are_of_and_links_the_figure(figure3):
+    spec, tmp, _, report = figure3
+    evidence = Evidence(spec, tmp / "out")
+    l2 = report.split("## l_2")[1].split("## l_inf")[0]
+    random = evidence.records("l2_random")
+    error = random["preempt_sfull/recon_dist"].to_numpy()
+    cells = row(l2, "random in B_delta(x_o)")
+    assert cells[3] == accuracy(error <= 0.25).percent() and cells[4] == accuracy(error >= 0.4).percent()
+    kept = random["preempt_sfull/correct"].astype(bool).to_numpy()
+    invalid = random["preempt_sfull_white_pgd/invalid"].astype(bool).to_numpy()[kept]
+    assert cells[5] == accuracy(invalid).percent()
+    assert "| Outside B_eps(x_o), % of images with x_r correct | Outside B_eps(x_o), % of misclassified" in l2
+    assert sum(word in l2 for word in ("**holds**", "**does not hold**", "**inconclusive at this scale**")) == 1
+    assert "l_inf, random start: white PGD accuracy minus grey PGD accuracy" in report
+    assert "![reconstruction errors from both starts](figure3_l2.png)" in report
+    assert (tmp / "out" / "figure3_l2.png").is_file() and (tmp / "out" / "figure3_linf.png").is_file()
+    assert str(tmp) not in report and "hydra.run.dir" not in report
+    # kept: the figure is drawn next to the kept records and linked relative to the kept report
+    keep(spec, tmp / "out")
+    kept_report = spec.report.read_text()
+    assert "](records/figure3_l2.png)" in kept_report and (spec.records / "figure3_l2.png").is_file()
+    assert check_spec(spec) == []
 
 
-def test_the_linf_report_checks_the_papers_statement_that_white_box_is_not_stronger():
-    def records(white: list[int], grey: list[int]) -> dict[str, pd.DataFrame]:
-        frame = pd.DataFrame({"preempt_sfull_white_pgd/correct": white, "preempt_sfull_pgd/correct": grey})
-        return {"original": frame, "random": frame}
+def test_the_figure3_verdict_follows_the_papers_statement():
+    """Holds: reconstruction from x_o beats a random start and most random starts end near the boundary;
+    does not hold: the start makes no difference or x_o itself is not reconstructed."""
+    n = 100
+    all_, none = np.ones(n, bool), np.zeros(n, bool)
+    assert figure3_verdict(all_, none, all_) == "holds"
+    assert figure3_verdict(none, none, all_) == "does not hold"
+    assert figure3_verdict(all_, all_, none) == "does not hold"
+    half = np.arange(n) < 55
+    assert figure3_verdict(half, none, half) == "inconclusive at this scale"  # near the boundary: not clearly most
 
-    same = records([1, 0] * 100, [1, 0] * 100)
-    weaker_defence = records([0] * 200, [1] * 120 + [0] * 80)  # the white box breaks 60% of the images
-    assert "**holds**" in " ".join(figure3._linf_context(same, {"norm": "linf"}))
-    assert "**does not hold**" in " ".join(figure3._linf_context(weaker_defence, {"norm": "linf"}))
-    assert figure3._linf_context(same, {"norm": "l2"}) == []  # the l_2 claim is Figure 3's own
+
+def test_figure3_adv_uses_the_reduced_adv_model_at_l2(tmp_path):
+    """The reduced ADV model of the CIFAR-10 reproductions, best checkpoint, evaluated at l_2 0.5."""
+    from safespot.reproduce.spec import load_spec
+
+    spec = load_spec("figure3_adv")
+    assert spec.runs["adv"].overrides == ("experiment=cifar10_adv_linf", "scale=reduced", "seed=0")
+    for start in ("original", "random"):
+        evaluation = spec.evaluations[start]
+        assert evaluation.checkpoint == "best" and evaluation.run == "adv"
+        overrides = set(evaluation.overrides)
+        assert {"threat.norm=l2", "threat.eps=0.5", f"evaluation.preempt_sfull.robustifier.init={start}"} <= overrides
+        assert "robustifier@evaluation.preempt_sfull.robustifier=sfull_paper" in overrides

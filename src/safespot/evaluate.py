@@ -100,6 +100,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "eps": parse_budget(cfg.threat.eps, "threat.eps"),
         "ckpt_path": run_source(cfg, checkpoint),
         "seed": int(cfg.seed),
+        "split": str(data_cfg.get("eval_split") or "test"),
         "evaluation_config": to_plain(cfg.evaluation),
         "smoothing": to_plain(smoothing) if smoothing is not None else None,
         "precision": str(cfg.trainer.get("precision", "32-true")),

@@ -67,6 +67,10 @@ def seeded_choice(pool: Sequence[int], n: int | None, seed: int, name: str) -> l
     return sorted(pool[i] for i in chosen.tolist())
 
 
+#: the splits ``data.eval_split`` may test: the test images, or the held-out validation images
+EVAL_SPLITS = ("test", "val")
+
+
 def _check_part(part: Sequence[int] | None) -> tuple[int, int] | None:
     """``data.test_part`` as ``(k, K)``, refused unless ``0 <= k < K``."""
     if part is None:
@@ -99,7 +103,10 @@ class ImageDataModule(L.LightningDataModule):
     The validation split (``val_size`` images) is held out of the training set with
     ``seed``; ``*_subset`` options pick seeded subsets; ``test_part=(k, K)`` keeps the k-th of K
     contiguous pieces of the test split, so a long evaluation runs as K jobs (e.g. a SLURM array)
-    whose records together equal one run's. ``batch_size`` is global: each of N
+    whose records together equal one run's. ``eval_split="val"`` makes the held-out validation
+    images (never trained on) the split that is tested, with ``test_subset`` and ``test_part``
+    applied to them: a setting can then be chosen on images other than the test images it is
+    compared on. ``batch_size`` is global: each of N
     processes loads ``batch_size / N``. ``mean``/``std`` are the channel statistics the
     model's first layer normalises with. ``in_memory`` decodes every split once and serves
     batches from one tensor on the training device with batched augmentation
@@ -122,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         val_subset: int | None = None,
         test_subset: int | None = None,
         test_part: Sequence[int] | None = None,
+        eval_split: str = "test",
         seed: int = 0,
         augment: bool = True,
         pin_memory: bool = False,
@@ -153,6 +161,11 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.train_subset, self.val_subset, self.test_subset = train_subset, val_subset, test_subset
         self.test_part = _check_part(test_part)
+        if eval_split not in EVAL_SPLITS:
+            raise DataConfigError(f"data.eval_split must be one of {list(EVAL_SPLITS)}, got {eval_split!r}")
+        if eval_split == "val" and val_size == 0:
+            raise DataConfigError("data.eval_split=val evaluates the held-out images: set data.val_size > 0")
+        self.eval_split = eval_split
         self.seed = seed
         self.augment = augment
         self.pin_memory = pin_memory
@@ -185,7 +198,10 @@ class ImageDataModule(L.LightningDataModule):
             if val_pool
             else [],
             "test": seeded_choice(
-                list(range(len(test))), self.test_subset, host_seed(self.seed, "test_subset"), "data.test_subset"
+                list(range(len(test))) if self.eval_split == "test" else val_pool,
+                self.test_subset,
+                host_seed(self.seed, "test_subset"),
+                "data.test_subset",
             ),
         }
         if self.test_part is not None:
@@ -193,7 +209,7 @@ class ImageDataModule(L.LightningDataModule):
         self._datasets = {
             "train": IndexedSubset(train_aug, self.splits["train"]),
             "val": IndexedSubset(train_plain, self.splits["val"]),
-            "test": IndexedSubset(test, self.splits["test"]),
+            "test": IndexedSubset(test if self.eval_split == "test" else train_plain, self.splits["test"]),
         }
         if self.in_memory:
             plain = {"train": IndexedSubset(train_plain, self.splits["train"]), "val": self._datasets["val"]}

@@ -8,6 +8,7 @@ safespot-reproduce run NAME [--out DIR] [--only KEY[/k]] [--set key=value]
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
 safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
 safespot-reproduce check [NAME ...]             # every kept report and generated block equals its records' rendering
+                                                # (a stub report marked pending, without records, is listed as pending)
 safespot-reproduce docs                         # render the generated blocks of README and docs/ afresh
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from safespot.errors import ConfigError
 from safespot.paths import PROJECT_ROOT, fresh_directory
 from safespot.reproduce.blocks import check_blocks, write_blocks
-from safespot.reproduce.engine import check_spec, keep, render, run_spec
+from safespot.reproduce.engine import check_spec, keep, pending, render, run_spec, shown_path
 from safespot.reproduce.spec import load_spec, spec_names
 
 
@@ -89,13 +90,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "check":
         names = args.names or spec_names()
-        problems = [p for name in names for p in check_spec(load_spec(name))]
+        specs = [load_spec(name) for name in names]
+        problems = [p for spec in specs for p in check_spec(spec)]
         if not args.names:
             problems += check_blocks()
         for problem in problems:
             print(problem)
+        waiting = [spec for spec in specs if pending(spec)]
+        for spec in waiting:
+            print(f"{spec.name}: pending (no kept records yet; {shown_path(spec.report)} is a stub)")
         print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else
-              f"{len(problems)} differ"))  # fmt: skip
+              f"{len(problems)} differ") + (f" ({len(waiting)} pending)" if waiting else ""))  # fmt: skip
         return 1 if problems else 0
     changed = write_blocks()
     print("\n".join(str(p.relative_to(PROJECT_ROOT)) for p in changed) or "no generated block changed")

@@ -6,6 +6,7 @@ A spec is ``conf/reproduce/<name>.yaml``::
     report: docs/reproduction_smoothed.md   # the kept report (relative to the checkout)
     records: docs/records/smoothed          # the kept records of its runs
     smallest_effect: 0.01                   # a claim "a beats b" is about gains of at least this
+    include: [_cifar10_common]              # optional: partials (conf/reproduce/_NAME.yaml) merged under it
     runs:                                   # training runs: train.py with these overrides
       gaussian_0.1: {overrides: [experiment=cifar10_gaussian, scale=reduced, method.sigma=0.1]}
     evaluations:                            # evaluate.py / ood.py on a run's checkpoint
@@ -137,13 +138,28 @@ def _check_order(runs: dict[str, TrainRun]) -> None:
         visit(key, ())
 
 
-def load_spec(name: str, overrides: list[str] | None = None) -> Spec:
-    """The spec ``conf/reproduce/<name>.yaml`` with dotted ``overrides`` (``key=value``) applied,
-    checked: every evaluation names a run of the spec, a known command and checkpoint."""
+def spec_config(name: str) -> DictConfig:
+    """``conf/reproduce/<name>.yaml`` as written, over the partials its ``include`` list names
+    (``_<partial>.yaml`` files of the same folder, e.g. the settings several reproductions share),
+    so that its interpolations may refer to them."""
     path = spec_dir() / f"{name}.yaml"
     if not path.is_file():
         raise SpecError(f"no reproduction named {name!r}: choose one of {spec_names()}")
     cfg = OmegaConf.load(path)
+    partials = []
+    for partial in cfg.pop("include", None) or []:
+        found = spec_dir() / f"{partial}.yaml"
+        if not str(partial).startswith("_") or not found.is_file():
+            raise SpecError(f"{name}: include names a partial _NAME of {spec_dir()}, got {partial!r}")
+        partials.append(OmegaConf.load(found))
+    return OmegaConf.merge(*partials, cfg) if partials else cfg
+
+
+def load_spec(name: str, overrides: list[str] | None = None) -> Spec:
+    """The spec ``conf/reproduce/<name>.yaml`` (:func:`spec_config`) with dotted ``overrides``
+    (``key=value``) applied, checked: every evaluation names a run of the spec, a known command
+    and checkpoint."""
+    cfg = spec_config(name)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return parse_spec(name, cfg)
