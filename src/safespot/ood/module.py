@@ -21,6 +21,7 @@ set's name, so a score depends neither on the batching nor on the number of proc
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from safespot.utils.rng import image_seeds
 
 log = get_logger("safespot.ood")
 CONVENTION = "outliers positive; higher score = more anomalous; percentages"
+NO_UPDATE_WARNING = r"The ``compute`` method of metric .* before the ``update``"
 
 Rows = list[dict[Any, torch.Tensor]]  # per batch: columns of per-image values, with "_position"
 
@@ -163,12 +165,16 @@ class OODModule(L.LightningModule):
                 self._checked(detector, detector.accumulate, self.nets[key], x, y, batch)
 
     def _finish_fit(self) -> None:
-        """The statistics reduced over the processes, the detectors derived from them."""
+        """The statistics reduced over the processes, the detectors derived from them. A process
+        that had no fitting batch (more processes than slices or batches) adds its initial states;
+        torchmetrics' warning about a compute before any update does not apply to it."""
         for detector, key in self.detectors:
             if detector.fits_statistics:
                 if self.global_rank == 0:
                     log.info("fitting %s", detector.name)
-                self._checked(detector, detector.finish_fit, self.nets[key])
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=NO_UPDATE_WARNING)
+                    self._checked(detector, detector.finish_fit, self.nets[key])
 
     # --- tune ----------------------------------------------------------------------------
     def _tune_batch(self, loader: Loader, x: torch.Tensor, seeds: torch.Tensor) -> dict[Any, torch.Tensor]:
