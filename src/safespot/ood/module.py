@@ -135,7 +135,9 @@ class OODModule(L.LightningModule):
     # --- the loop ------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         self.nets.eval()
-        self._stage, self._rows = 0, {}
+        for statistics in self.statistics.values():
+            statistics.reset()
+        self._stage, self._rows, self.tuned = 0, {}, {}
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         loader = self.loaders[dataloader_idx]
