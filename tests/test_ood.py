@@ -491,6 +491,10 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
                               "detector.safe_spot.robustifier.delta=8", name="ood"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"threat\.eps=8 is above 1 for norm linf"):
         evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "threat.eps=8", name="ood"))
+    with pytest.raises(ConfigError, match="the held_out set has 1 images, fewer than the 2 processes"):
+        evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "trainer=ddp_sim", "detector=[msp]", "outlier_subset=1",
+                              name="ood", out=tmp_path / "two"))  # fmt: skip
+    assert not (tmp_path / "two").exists()
 
 
 def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):

@@ -128,11 +128,11 @@ class OODDataModule(L.LightningDataModule):
         tune = {TUNE_IN: seeded_subset(tune_base, n, host_seed(seed, "ood_tune_subset", 0), "tune_subset")}
         test_in = data.dataset("test")
         channels, size = int(test_in[0][0].shape[0]), int(test_in[0][0].shape[-1])
+        test = {IN_DISTRIBUTION: test_in, **self._test_outliers(size, channels)}
         tune_out = self._tune_outliers(size, channels)
         if tune_out is not None and len(tune_out):
             tune[TUNE_OUT] = seeded_subset(tune_out, n, host_seed(seed, "ood_tune_subset", 1), "tune_subset")
-        self.fit, self.tune, self.num_classes = fit_set, tune, int(data.num_classes)
-        self.test = {IN_DISTRIBUTION: test_in, **self._test_outliers(size, channels)}
+        self.fit, self.tune, self.test, self.num_classes = fit_set, tune, test, int(data.num_classes)
 
     def _test_outliers(self, size: int, channels: int) -> dict[str, IndexedSubset]:
         """The ``D_out^test`` sets: the data's own, then ``outliers``, each a seeded subset."""

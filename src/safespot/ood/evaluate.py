@@ -34,9 +34,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from safespot.checks import world_size
 from safespot.data.outliers import check_outlier_spec
 from safespot.errors import ConfigError
-from safespot.ood.data import OODDataModule
+from safespot.ood.data import FIT, OODDataModule
 from safespot.ood.detectors.base import TUNE_IN, TUNE_OUT, Detector, DetectorError
 from safespot.ood.module import OODModule
 from safespot.ood.report import table4
@@ -188,6 +189,21 @@ def prepare_detectors(
     return nets
 
 
+def check_processes(trainer_cfg: DictConfig, datamodule: OODDataModule) -> None:
+    """Every process takes at least one image of each tuning and test set
+    (:class:`~safespot.data.samplers.ShardSampler`): refuse a set smaller than the processes the
+    trainer config starts, before they start."""
+    processes = world_size(trainer_cfg)
+    if processes is None or processes < 2:
+        return
+    for loader in datamodule.loaders:
+        if loader.stage != FIT and loader.size < processes:
+            raise ConfigError(
+                f"the {loader.name} set has {loader.size} images, fewer than the {processes} processes of the "
+                "trainer, and every process takes at least one: use a larger subset or fewer devices"
+            )
+
+
 def describe_run(
     cfg: DictConfig, settings: Settings, checkpoints: Checkpoints, run_cfg: DictConfig, datamodule: OODDataModule
 ) -> dict[str, Any]:
@@ -225,6 +241,7 @@ def evaluate_ood(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(settings.seed, workers=True)
     datamodule = build_datamodule(cfg, settings, data_cfg)
     nets = prepare_detectors(settings, datamodule, checkpoints)
+    check_processes(cfg.trainer, datamodule)
     nets = {path: prepare_net(net, cfg.get("perf")) for path, net in nets.items()}
     out = Path(cfg.paths.output_dir)
     n_out = len(datamodule.tune.get(TUNE_OUT, ()))
