@@ -393,7 +393,7 @@ def test_local_settings_are_optional(make_cfg):
     [
         ("evaluate", "slurm_example", "trainer"),
         ("robustify", "slurm_fabric_example", "runtime"),
-        ("ood", "slurm_fabric_example", "runtime"),
+        ("ood", "slurm_example", "trainer"),
     ],
 )
 def test_every_command_takes_optional_local_settings(make_cfg, task, example, key):

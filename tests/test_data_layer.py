@@ -58,12 +58,9 @@ def test_data_modules_import_each_other_without_a_cycle():
 
 
 def test_moved_names_stay_importable_from_their_old_modules():
-    from safespot.data import base, ood, outliers, samplers
+    from safespot.data import base, samplers
 
     assert base.EpochSeededSampler is samplers.EpochSeededSampler and base.DataConfigError is DataConfigError
-    for name in ("build_outlier_dataset", "check_outlier_spec", "NoiseImages", "NumpyImages", "FileImages"):
-        assert getattr(ood, name) is getattr(outliers, name)
-    assert ood.CyclingSampler is samplers.CyclingSampler
 
 
 # --- samplers -------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ TRAIN = [
     "data.val_outlier_size=32",
 ]
 OOD = ["detector=[msp,mahalanobis]", "detector.mahalanobis.noise=[0.0]", "fit_subset=32", "tune_subset=16"]
-OOD += ["outlier_subset=8", "data.test_subset=16", "histograms=false", "progress=false"]
+OOD += ["outlier_subset=8", "data.test_subset=16", "histograms=false", "trainer.enable_progress_bar=false"]
 #: the processes of each launch: Lightning's script launcher, or spawned workers
 TRAINER = {"ddp": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], "ddp_sim": ["trainer=ddp_sim"]}
 RUNTIME = {
@@ -97,7 +97,7 @@ def _every_command(launch: str, tmp_path: Path) -> None:
     report = pd.read_csv(out / "report.csv")
     assert len(report) == 4 and (report["status"] == "ok").all()
 
-    _ok(_command("ood.py", f"ckpt_path={ckpt}", *OOD, *RUNTIME[launch], log_dir=logs, cwd=tmp_path))
+    _ok(_command("ood.py", f"ckpt_path={ckpt}", *OOD, *TRAINER[launch], log_dir=logs, cwd=tmp_path))
     ood = json.loads((_one_run(logs, "ood") / "results.json").read_text())
     assert set(ood["metrics"]) == {"msp", "mahalanobis"}
 

@@ -16,7 +16,8 @@ from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from safespot.data.base import DataConfigError
-from safespot.data.ood import ClassSplitOODDataModule, NoiseImages, NumpyImages, SyntheticOODDataModule
+from safespot.data.ood import ClassSplitOODDataModule, SyntheticOODDataModule
+from safespot.data.outliers import NoiseImages, NumpyImages
 from safespot.defenses import RobustifyResult, SafeSpotSearch
 from safespot.errors import ConfigError
 from safespot.methods import OutlierExposure, SafeSpotOE
@@ -490,15 +491,20 @@ def test_ood_entry_point_refuses_bad_settings_before_work(make_cfg, oe_checkpoin
                               "detector.safe_spot.robustifier.delta=8", name="ood"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"threat\.eps=8 is above 1 for norm linf"):
         evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "threat.eps=8", name="ood"))
+    with pytest.raises(ConfigError, match="the held_out set has 1 images, fewer than the 2 processes"):
+        evaluate_ood(make_cfg(f"ckpt_path={oe_checkpoint}", "trainer=ddp_sim", "detector=[msp]", "outlier_subset=1",
+                              name="ood", out=tmp_path / "two"))  # fmt: skip
+    assert not (tmp_path / "two").exists()
 
 
 def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_checkpoint, tmp_path):
-    """The test images sharded over two ddp_spawn processes (the detectors' fitting and tuning work
-    split over them) give every output file of one process: scores.csv, the tables, the histograms
-    and figure3.png byte for byte, results.json equal but for its runtime."""
+    """The fitting batches, tuning images and test images split over two ddp_spawn processes
+    (trainer=ddp_sim; 8 fitting batches, 4 per process) give every output file of one process
+    (trainer=cpu): scores.csv, the tables, the histograms and figure3.png byte for byte,
+    results.json equal but for its runtime."""
     common = [f"ckpt_path={oe_checkpoint}", *FAST_OOD, "batch_size=8"]
-    one = evaluate_ood(make_cfg(*common, "runtime=cpu", name="ood", out=tmp_path / "one"))
-    two = evaluate_ood(make_cfg(*common, "runtime=ddp_sim", name="ood", out=tmp_path / "two"))
+    one = evaluate_ood(make_cfg(*common, "trainer=cpu", name="ood", out=tmp_path / "one"))
+    two = evaluate_ood(make_cfg(*common, "trainer=ddp_sim", name="ood", out=tmp_path / "two"))
     assert (one["runtime"]["world_size"], two["runtime"]["world_size"]) == (1, 2)
     scores = (tmp_path / "one" / "scores.csv").read_bytes()
     assert (tmp_path / "two" / "scores.csv").read_bytes() == scores
@@ -522,164 +528,103 @@ def test_ood_entry_point_on_two_processes_writes_the_scores_of_one(make_cfg, oe_
             assert path.read_bytes() == files["two"][name].read_bytes(), name
 
 
-def test_sharded_tuning_runs_each_image_once_and_gathers_in_set_order():
-    """The safe-spot score's tuning goes through ShardedBatches: a process runs the per-image
-    work on its share only, and the gathered fields equal one process's, in set order."""
-    from safespot.ood.detectors import ShardedBatches, _gather
-
-    x = torch.arange(10, dtype=torch.float32).view(10, 1)
-    seen = []
-
-    def batches(rows):
-        return lambda: [(x[rows], torch.zeros(len(rows)), torch.tensor(rows))]
-
-    def fn(model, xb, seeds):
-        seen.extend(seeds.tolist())
-        return {"double": 2 * xb[:, 0], "seed": seeds}
-
-    mine = [1, 3, 5, 7, 9]  # rank 1 of 2
-    other = ([0, 2, 4, 6, 8], {"double": 2 * x[0::2, 0], "seed": torch.tensor([0, 2, 4, 6, 8])})
-    sharded = ShardedBatches(batches(list(range(10))), batches(mine), mine, lambda obj: [other, obj])
-    fields = _gather(fn, None, sharded)
-    assert seen == mine  # only this process's share was computed here
-    assert fields["seed"].tolist() == list(range(10)) and torch.equal(fields["double"], 2 * x[:, 0])
-    assert torch.equal(_gather(fn, None, batches(list(range(10))))["double"], fields["double"])
-    broken = ShardedBatches(batches(list(range(10))), batches(mine), mine, lambda obj: [obj, obj])
-    with pytest.raises(RuntimeError, match="exactly once"):
-        _gather(fn, None, broken)
+def test_ood_runs_on_the_trainer_group(make_cfg):
+    """ood.py selects its processes as train.py / evaluate.py do (``trainer=...``); the Fabric
+    runtime block and its aliases are gone."""
+    cfg = make_cfg("ckpt_path=x.ckpt", name="ood")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and not cfg.trainer.inference_mode
+    assert "runtime" not in cfg and "device" not in cfg and "precision" not in cfg
+    sim = make_cfg("ckpt_path=x.ckpt", "trainer=ddp_sim", name="ood")
+    assert (sim.trainer.accelerator, sim.trainer.devices, sim.trainer.strategy) == ("cpu", 2, "ddp_spawn")
+    assert "progress_bar" in make_cfg("ckpt_path=x.ckpt", name="ood").callbacks
 
 
-def in_threads(world: int, target) -> None:
-    """Run ``target(rank, gather)`` in ``world`` threads standing in for processes: ``gather(obj)``
-    returns every thread's ``obj`` in rank order (as ``all_gather_object``), through a barrier."""
-    import threading
+def test_whole_batches_go_to_one_process_each_as_one_process_batches_them():
+    """WholeBatchSampler: 70 images in batches of 4 (18 batches, the last short), 8 slices. For 1 to
+    9 processes every position is dealt once, batch b goes to process (b mod 8) mod N, and each
+    process's loader yields exactly the one-process batches it was dealt, in batch order."""
+    from torch.utils.data import DataLoader
 
-    slots, barrier = [None] * world, threading.Barrier(world, timeout=120)
+    from safespot.data.samplers import WholeBatchSampler
 
-    def gather(rank, obj):
-        slots[rank] = obj
-        barrier.wait()
-        gathered = list(slots)
-        barrier.wait()
-        return gathered
+    n, size, slices = 70, 4, 8
+    batches = [list(range(b, min(b + size, n))) for b in range(0, n, size)]
+    for world in range(1, 10):
+        dealt = []
+        for rank in range(world):
+            sampler = WholeBatchSampler(n, size, slices, world, rank)
+            loaded = [b.tolist() for b in DataLoader(range(n), batch_size=size, sampler=sampler)]
+            mine = [b for i, b in enumerate(batches) if (i % slices) % world == rank]
+            assert loaded == mine and len(sampler) == sum(map(len, mine)), (world, rank)
+            dealt += [p for b in loaded for p in b]
+        assert sorted(dealt) == list(range(n))
+    assert len(WholeBatchSampler(n, size, slices, 9, 8)) == 0  # slices 0..7 only: process 8 idles
 
-    threads = [threading.Thread(target=target, args=(r, partial(gather, r))) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
+
+def _reduce_like_ddp(metrics):
+    """What the DDP reduction of torchmetrics does with the states of ``metrics`` (one per process):
+    each state stacked over the processes and reduced by its ``dist_reduce_fx``, into the first."""
+    first = metrics[0]
+    for name, reduce in first._reductions.items():
+        setattr(first, name, reduce(torch.stack([getattr(m, name) for m in metrics])))
+    return first
 
 
-def test_sharded_fitting_statistics_compute_each_batch_once_and_equal_one_process():
-    """Mahalanobis' class means / tied covariance and Gram's per-class ranges over ShardedBatches:
-    with 2 processes (threads here, gathering through a barrier) each batch of the fitting set is
-    computed by one process only, and both processes end with one process's statistics, bit for
-    bit (the per-batch sums are added in batch order)."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_fitting_statistics_reduced_over_processes_equal_one_process_bit_for_bit(world):
+    """Mahalanobis' class moments (float sums) and Gram's class ranges (min/max) accumulated by
+    `world` processes, each on the whole batches WholeBatchSampler deals it, and reduced as DDP
+    reduces torchmetrics states, give one process's fitted detector bit for bit: 18 fitting batches
+    over 8 slices, so a slice adds several batches."""
     import copy
 
+    from torch.utils.data import DataLoader
+
+    from safespot.data.samplers import WholeBatchSampler
     from safespot.models import SmallCNN, build_classifier
-    from safespot.ood.detectors import GramDetector, ShardedBatches
+    from safespot.ood import GramDetector
+    from safespot.ood.detectors import FIT_SLICES
 
     torch.manual_seed(0)
     net = build_classifier(SmallCNN(3, width=4), [0.5] * 3, [0.25] * 3, 3).eval()
     g = torch.Generator().manual_seed(1)
-    y = torch.arange(70) % 3
-    x = (0.5 + 0.15 * torch.randn(70, 3, 16, 16, generator=g) + 0.1 * y[:, None, None, None]).clamp(0, 1)
-    size, world = 16, 2  # 5 batches, the last one short: 3 rounds, process 1 idle in the last
+    n, size = 70, 4
+    y = torch.arange(n) % 3
+    x = (0.5 + 0.15 * torch.randn(n, 3, 16, 16, generator=g) + 0.1 * y[:, None, None, None]).clamp(0, 1)
 
-    def over(rows, seen=None):
-        def generate():
-            for i in range(0, len(rows), size):
-                part = torch.tensor(rows[i : i + size])
-                if seen is not None:
-                    seen.extend(part.tolist())
-                yield x[part], y[part], part
+    def fitted(kind, positions):
+        detector = Mahalanobis(layers=["stages", "penultimate"], noise=[0.0]) if kind == "m" else GramDetector(powers=3)
+        model = copy.deepcopy(net)  # each process its own model (the detectors hook into it)
+        detector.prepare(model, probe=x[:1])
+        for rows in DataLoader(positions, batch_size=size):
+            detector.accumulate(model, x[rows], y[rows], int(rows[0]) // size)
+        return detector, model
 
-        return generate
+    def state(d):
+        return [*d.means, *d.precisions] if isinstance(d, Mahalanobis) else [*d.mins, *d.maxs]
 
-    def make(kind, model):
-        detector = (
-            Mahalanobis(layers=["stages"], noise=[0.0]) if kind == "m" else GramDetector(layers=["conv"], powers=3)
-        )
-        detector.prepare(model)
-        return detector
-
-    def statistics(d):
-        return [*d.means, *d.precisions] if isinstance(d, Mahalanobis) else [*d.mins, *d.maxs, d.expected]
-
-    everything = list(range(70))
     for kind in ("m", "g"):
-        one = make(kind, net)
-        one.fit(net, over(everything), over(everything[:32]), over(everything[32:64]))
-        fitted, seen = [None] * world, [[] for _ in range(world)]
-
-        def run(rank, gather, kind=kind, fitted=fitted, seen=seen):
-            model = copy.deepcopy(net)  # each process has its own model (the detectors hook into it)
-            mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
-            share = list(range(rank, 70, world))
-            batches = ShardedBatches(
-                over(everything),
-                over(share),
-                share,
-                gather,
-                batch_share=over(mine, seen[rank]),
-                rounds=3,
-            )
-            detector = make(kind, model)
-            detector.fit(model, batches, over(everything[:32]), over(everything[32:64]))
-            fitted[rank] = detector
-
-        in_threads(world, run)
-        assert seen[0] == list(range(0, 16)) + list(range(32, 48)) + list(range(64, 70))
-        assert seen[1] == list(range(16, 32)) + list(range(48, 64))
-        for detector in fitted:
-            assert all(torch.equal(a, b) for a, b in zip(statistics(detector), statistics(one), strict=True))
+        one, model = fitted(kind, list(range(n)))
+        one.finish_fit(model)
+        parts = [fitted(kind, list(WholeBatchSampler(n, size, FIT_SLICES, world, r))) for r in range(world)]
+        _reduce_like_ddp([d.statistics for d, _ in parts])
+        merged, model = parts[0]
+        merged.finish_fit(model)
+        assert all(torch.equal(a, b) for a, b in zip(state(merged), state(one), strict=True)), kind
 
 
-def test_per_batch_yields_every_batch_in_order_once_and_fails_in_every_process():
-    """ShardedBatches.per_batch over 2 processes (threads gathering through a barrier): 5 batches,
-    the last one short; each process computes its own batches only and both see all 5 results in
-    batch order. An error in one process's batch is raised in both (not a hang), and a batch share
-    longer than `rounds` is refused."""
+def test_merged_rows_are_in_set_order_and_cover_the_set_once():
+    """The tuning values and scores of every process come back in set order; a share that repeats
+    or misses a position (a padding sampler) is refused."""
+    from safespot.ood.data import SCORE, Loader
+    from safespot.ood.module import merge_rows
 
-    from safespot.ood.detectors import ShardedBatches
+    def rows(positions):
+        p = torch.tensor(positions)
+        return [{"_position": p, "value": 10 * p}]
 
-    x, size, world = torch.arange(70, dtype=torch.float32), 16, 2
-
-    def over(rows):
-        return lambda: [(x[rows[i : i + size]], None, None) for i in range(0, len(rows), size)]
-
-    def run_all(fn, rounds=3):
-        out, errors, computed = [None] * world, [None] * world, [[] for _ in range(world)]
-
-        def run(rank, gather):
-            mine = [i for b in range(rank, 5, world) for i in range(b * size, min((b + 1) * size, 70))]
-            batches = ShardedBatches(over(list(range(70))), over(mine), mine, gather,
-                                     batch_share=over(mine), rounds=rounds)  # fmt: skip
-
-            def traced(xb, y, seeds):
-                computed[rank].append(int(xb[0]) // size)
-                return fn(rank, xb)
-
-            try:
-                out[rank] = list(batches.per_batch(traced))
-            except Exception as error:
-                errors[rank] = error
-
-        in_threads(world, run)
-        return out, errors, computed
-
-    out, errors, computed = run_all(lambda rank, xb: (int(xb[0]) // size, len(xb)))
-    assert errors == [None, None] and computed == [[0, 2, 4], [1, 3]]
-    assert out[0] == out[1] == [(0, 16), (1, 16), (2, 16), (3, 16), (4, 6)]
-
-    def boom(rank, xb):
-        if int(xb[0]) // size == 3:
-            raise ValueError("bad label")
-        return 0
-
-    _, errors, _ = run_all(boom)
-    assert isinstance(errors[1], ValueError) and "process 1 failed: ValueError: bad label" in str(errors[0])
-    _, errors, _ = run_all(lambda rank, xb: 0, rounds=2)
-    assert isinstance(errors[0], RuntimeError) and "more than rounds=2" in str(errors[0])
+    loader = Loader(SCORE, "noise", 5)
+    merged = merge_rows([rows([0, 2, 4]), rows([1, 3])], loader)
+    assert merged["value"].tolist() == [0, 10, 20, 30, 40] and "_position" not in merged
+    with pytest.raises(RuntimeError, match="noise set do not cover it exactly once"):
+        merge_rows([rows([0, 2, 4]), rows([1, 3, 0])], loader)  # position 0 padded onto process 1

@@ -106,12 +106,11 @@ def test_robustify_refuses_16_mixed_before_any_work(image_folder, tmp_path):
 
 def test_ood_refuses_16_mixed_before_loading_the_checkpoint(tmp_path):
     missing = f"ckpt_path={tmp_path / 'missing.ckpt'}"
-    for setting in ("precision", "trainer.precision"):
-        cfg = compose_config("ood", [missing, f"+{setting}=16-mixed"], tmp_path / "run")
-        with pytest.raises(ConfigError, match=rf"{setting.replace('.', '[.]')}=16-mixed is not supported for OOD"):
-            evaluate_ood(cfg)
-        with pytest.raises(CheckpointError, match="does not exist"):  # bf16 passes the check
-            evaluate_ood(compose_config("ood", [missing, f"+{setting}=bf16-mixed"], tmp_path / "run"))
+    cfg = compose_config("ood", [missing, "trainer.precision=16-mixed"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"trainer[.]precision=16-mixed is not supported for OOD"):
+        evaluate_ood(cfg)
+    with pytest.raises(CheckpointError, match="does not exist"):  # bf16 passes the check
+        evaluate_ood(compose_config("ood", [missing, "trainer.precision=bf16-mixed"], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 

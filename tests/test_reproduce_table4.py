@@ -52,7 +52,7 @@ FAST_OOD = [
     "fit_subset=64",
     "tune_subset=16",
     "histograms=false",
-    "progress=false",
+    "trainer.enable_progress_bar=false",
 ]
 
 

@@ -1,5 +1,5 @@
-"""The runtime of robustify.py and ood.py (safespot.runs): the ``runtime`` block and its
-aliases, the Fabric built from it, and the sharding helpers."""
+"""The runtime of robustify.py (safespot.runs): the ``runtime`` block and its aliases, the
+Fabric built from it, and the sharding helpers."""
 
 import time
 from pathlib import Path
@@ -106,14 +106,14 @@ def test_shards_cover_every_position_once_and_merge_back_in_order():
     assert gather_objects({"a": 1}) == [{"a": 1}]  # no process group: this process's object
 
 
-def test_robustify_and_ood_compose_the_runtime_group(make_cfg):
-    for name, extra in (("robustify", ["input=x", "output=y"]), ("ood", [])):
-        cfg = make_cfg("ckpt_path=x.ckpt", *extra, name=name)
-        # robustify.py defaults to bf16 on a CUDA GPU (precision auto), ood.py to float32
-        expected = {**RUNTIME_DEFAULTS, "precision": "auto"} if name == "robustify" else RUNTIME_DEFAULTS
-        assert dict(cfg.runtime) == expected and cfg.device is None and cfg.precision is None
-        sim = make_cfg("ckpt_path=x.ckpt", *extra, "runtime=ddp_sim", name=name)
-        assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")
+def test_robustify_composes_the_runtime_group(make_cfg):
+    paths = ["ckpt_path=x.ckpt", "input=x", "output=y"]
+    cfg = make_cfg(*paths, name="robustify")
+    # robustify.py defaults to bf16 on a CUDA GPU (precision auto)
+    assert dict(cfg.runtime) == {**RUNTIME_DEFAULTS, "precision": "auto"}
+    assert cfg.device is None and cfg.precision is None
+    sim = make_cfg(*paths, "runtime=ddp_sim", name="robustify")
+    assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")
 
 
 def _slow_writer(fabric, out: Path) -> str:

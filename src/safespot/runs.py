@@ -2,10 +2,10 @@
 the runtime. The evaluation, robustification and OOD commands all start here; no entry module
 imports another.
 
-The runtime of ``robustify.py`` and ``ood.py`` is a Lightning Fabric
+The runtime of ``robustify.py`` is a Lightning Fabric
 (:class:`lightning.fabric.Fabric`) built from the ``runtime`` block (:func:`build_fabric`):
 accelerator, devices, strategy and precision as the Trainer of ``train.py``/``evaluate.py``
-takes them. Their work is sharded over the Fabric's processes by position (:func:`shard`),
+takes them. Its work is sharded over the Fabric's processes by position (:func:`shard`),
 the per-item results gathered to every process
 (:func:`safespot.utils.distributed.gather_objects`) and written by rank 0 (:func:`merge_positions`)."""
 

@@ -243,7 +243,8 @@ def test_ood_safe_spot_score(ckpt, device, tmp_path):
         "ood",
         [
             f"ckpt_path={ckpt}",
-            f"device={device}",
+            *accelerator(device),
+            *QUIET,
             "detector=[msp,safe_spot]",
             "detector.safe_spot.robustifier.max_iter=2",
             "detector.safe_spot.robustifier.inner_steps=2",

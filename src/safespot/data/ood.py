@@ -6,7 +6,7 @@ outliers seen during training and used to tune detectors) and ``D_out^test`` (ou
 met at test time, disjoint from ``D_out^train``).
 
 The outlier sources (``folder``, ``npy``, ``gaussian``, ``uniform`` specs, items
-``(image in [0, 1], -1)``) are in :mod:`safespot.data.outliers` (still importable from here).
+``(image in [0, 1], -1)``) are in :mod:`safespot.data.outliers`.
 
 :class:`OutlierDataMixin` adds outliers to any :class:`~safespot.data.base.ImageDataModule`:
 training batches become ``{"in": (x, y, index), "out": (x_out, -1, index)}`` with
@@ -40,52 +40,19 @@ from safespot.data.base import ImageDataModule, IndexedSubset, per_process_batch
 from safespot.data.errors import DataConfigError
 from safespot.data.folders import CIFAR10DataModule, require_dir
 from safespot.data.outliers import (
-    GAUSSIAN_MEAN,
-    GAUSSIAN_STD,
-    IMAGE_EXTENSIONS,
-    OUTLIER_KINDS,
     OUTLIER_LABEL,
     FileImages,
-    NoiseImages,
-    NumpyImages,
     build_outlier_dataset,
     check_disjoint,
     check_outlier_spec,
     class_folders,
     folder_items,
-    image_files,
-    load_image,
     resolve_classes,
 )
 from safespot.data.samplers import CyclingSampler
 from safespot.data.synthetic import SyntheticDataModule, make_synthetic
 from safespot.data.transforms import build_transforms
 from safespot.utils.rng import host_seed
-
-# the outlier sources and CyclingSampler lived here; these names stay importable from this module
-__all__ = [
-    "GAUSSIAN_MEAN",
-    "GAUSSIAN_STD",
-    "IMAGE_EXTENSIONS",
-    "OUTLIER_KINDS",
-    "OUTLIER_LABEL",
-    "CIFAR10OODDataModule",
-    "ClassSplitOODDataModule",
-    "CyclingSampler",
-    "FileImages",
-    "NoiseImages",
-    "NumpyImages",
-    "OutlierDataMixin",
-    "SyntheticOODDataModule",
-    "build_outlier_dataset",
-    "check_disjoint",
-    "check_outlier_spec",
-    "class_folders",
-    "folder_items",
-    "image_files",
-    "load_image",
-    "resolve_classes",
-]
 
 
 # --- the mixin ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Samplers of the datamodules: the seeded training order, the evaluation shards of N
-processes and the cycling order of training outliers.
+processes, the cycling order of training outliers and whole batches dealt to N processes.
 
 Every order depends only on ``(seed, epoch)`` and the process's rank, so a resumed run sees
 exactly the batches an uninterrupted one would. The distributed ones are
@@ -90,6 +90,36 @@ class CyclingSampler(DistributedSampler):
             order += torch.randperm(self.length, generator=g).tolist()
         start = self.rank * self.num_samples
         return iter(order[start : start + self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class WholeBatchSampler(DistributedSampler):
+    """A set's images for process ``rank`` of ``num_replicas`` in whole batches, as one process
+    batches the set: batch ``b`` (positions ``b * batch_size`` to ``(b + 1) * batch_size - 1``)
+    is in slice ``b mod slices`` and every slice goes to process ``slice mod num_replicas``; each
+    process gets its batches in batch order. Loaded with the same ``batch_size``, every batch a
+    process sees is a batch of the one-process run, so per-batch sums kept per slice are the same
+    whatever the number of processes (the fitting statistics of OOD detectors,
+    :data:`safespot.ood.detectors.base.FIT_SLICES`). A process may get no batch (more processes
+    than slices or batches). A ``DistributedSampler`` subclass, so Lightning keeps it."""
+
+    def __init__(self, length: int, batch_size: int, slices: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.length, self.batch_size, self.slices = int(length), int(batch_size), int(slices)
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.shuffle, self.drop_last, self.total_size = False, False, self.length
+        batches = range(-(-self.length // self.batch_size))
+        mine = [b for b in batches if (b % self.slices) % num_replicas == rank]
+        self.positions = [p for b in mine for p in range(b * batch_size, min((b + 1) * batch_size, self.length))]
+        self.num_samples = len(self.positions)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Kept for Lightning (the order does not depend on the epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions)
 
     def __len__(self) -> int:
         return self.num_samples
