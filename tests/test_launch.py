@@ -90,8 +90,8 @@ def _every_command(launch: str, tmp_path: Path) -> None:
     assert results["n_images"] == 16 and "clean/acc" in results
 
     out = tmp_path / "robustified"
-    robustify = [f"ckpt_path={ckpt}", f"input={_images(tmp_path / 'in')}", f"output={out}", *RUNTIME[launch]]
-    robustify += ["robustifier=none", "check_steps=1", "progress=false"]
+    robustify = [f"ckpt_path={ckpt}", f"input={_images(tmp_path / 'in')}", f"output={out}", *TRAINER[launch]]
+    robustify += ["robustifier=none", "check_steps=1", "trainer.enable_progress_bar=false"]
     _ok(_command("robustify.py", *robustify, log_dir=logs, cwd=tmp_path))
     _one_run(logs, "robustify")
     report = pd.read_csv(out / "report.csv")

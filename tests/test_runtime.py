@@ -1,4 +1,4 @@
-"""The runtime of robustify.py and ood.py (safespot.runs): the ``runtime`` block and its
+"""The runtime of ood.py (safespot.runs): the ``runtime`` block and its
 aliases, the Fabric built from it, and the sharding helpers."""
 
 import time
@@ -106,14 +106,11 @@ def test_shards_cover_every_position_once_and_merge_back_in_order():
     assert gather_objects({"a": 1}) == [{"a": 1}]  # no process group: this process's object
 
 
-def test_robustify_and_ood_compose_the_runtime_group(make_cfg):
-    for name, extra in (("robustify", ["input=x", "output=y"]), ("ood", [])):
-        cfg = make_cfg("ckpt_path=x.ckpt", *extra, name=name)
-        # robustify.py defaults to bf16 on a CUDA GPU (precision auto), ood.py to float32
-        expected = {**RUNTIME_DEFAULTS, "precision": "auto"} if name == "robustify" else RUNTIME_DEFAULTS
-        assert dict(cfg.runtime) == expected and cfg.device is None and cfg.precision is None
-        sim = make_cfg("ckpt_path=x.ckpt", *extra, "runtime=ddp_sim", name=name)
-        assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")
+def test_ood_composes_the_runtime_group(make_cfg):
+    cfg = make_cfg("ckpt_path=x.ckpt", name="ood")
+    assert dict(cfg.runtime) == RUNTIME_DEFAULTS and cfg.device is None and cfg.precision is None
+    sim = make_cfg("ckpt_path=x.ckpt", "runtime=ddp_sim", name="ood")
+    assert (sim.runtime.accelerator, sim.runtime.devices, sim.runtime.strategy) == ("cpu", 2, "ddp_spawn")
 
 
 def _slow_writer(fabric, out: Path) -> str:

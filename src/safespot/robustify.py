@@ -195,8 +195,8 @@ def build_trainer(cfg: DictConfig, writer: RobustificationWriter) -> L.Trainer:
     except InstantiationException as err:
         cause = err.__cause__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        keys = ("accelerator", "devices", "strategy", "num_nodes")
-        shown = ", ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in keys) + f", trainer.precision={precision}"
+        keys = [k for k in ("accelerator", "devices", "strategy", "num_nodes") if cfg.trainer.get(k) is not None]
+        shown = ", ".join([*(f"trainer.{k}={cfg.trainer[k]}" for k in keys), f"trainer.precision={precision}"])
         raise ConfigError(f"trainer ({shown}): {reason}") from None
 
 

@@ -76,7 +76,7 @@ def refuse_float16(precision: Any, setting: str, task: str) -> str:
 
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """Mixed precision for code outside a Lightning Trainer (``robustify.py``): ``bf16-mixed``
+    """Mixed precision for code outside a Lightning Trainer: ``bf16-mixed``
     and ``16-mixed`` autocast the forward passes; losses are taken in float32 by the callers.
     Callers that attack the network refuse ``16-mixed`` first (:func:`refuse_float16`)."""
     precision = check_precision(precision)
