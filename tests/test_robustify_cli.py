@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,10 +184,15 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
         "is a directory, not a checkpoint file": [f"ckpt_path={tmp_path}", *files[1:]],
         "is an empty file, not a checkpoint": [f"ckpt_path={empty / 'readme.md'}.ckpt", *files[1:]],
         "is not a readable checkpoint": [f"ckpt_path={empty / 'readme.md'}", *files[1:]],
+        # the trainer: precisions that cast the weights, inference mode, what Lightning refuses
+        "trainer.precision must be one of": [*files, "trainer.precision=bf16-true"],
+        "trainer.inference_mode must be false": [*files, "trainer.inference_mode=true"],
+        "trainer (trainer.accelerator=cpu, trainer.devices=0": [*files, "trainer.accelerator=cpu", "trainer.devices=0"],
+        "num_workers must be an integer >= 0": [*files, "num_workers=-1"],
     }
     for message, overrides in cases.items():
         cfg = compose_config("robustify", overrides, tmp_path / "run")
-        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             robustify_files(cfg)
     assert not (tmp_path / "o").exists()
 
@@ -282,6 +288,22 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     assert report_rows(tmp_path / "two" / "report-1.csv") == rows_two
     assert {n: hashes(tmp_path / "two")[n] for n in written} == written
     assert json.loads((tmp_path / "two" / "report-1.json").read_text())["meta"]["resumed"] == 6
+
+
+def test_two_processes_with_fewer_files_to_do_than_processes(ckpt, tmp_path):
+    """One file on two processes, then a rerun with nothing left to do: every process still runs
+    the predict loop (placeholders fill its share), so the records are gathered and the report
+    written; the rerun refuses the existing PNG and writes the next report."""
+    folder = noise_folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    quick = ["robustifier=none", "check_steps=1", QUIET, *TWO_CPU_PROCESSES]
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick)] == ["ok"]
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick)] == ["failed: exists"]
+    assert [len(report_rows(out / name)) for name in ("report.csv", "report-1.csv")] == [1, 1]
+    assert sorted(p.name for p in out.glob("journal-*")) == [
+        f"journal-{n}-rank{r}.jsonl" for n in (1, 2) for r in (0, 1)
+    ]
+    assert [row["status"] for row in journal_rows(out)] == ["ok"]  # the rerun robustified nothing
 
 
 def test_the_command_defaults_to_the_fast_search_and_names_the_paper_schedule(tmp_path):
