@@ -31,6 +31,7 @@ gathers every record and lets rank 0 write the report.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import lightning as L
@@ -48,8 +49,8 @@ from safespot.robustification import (
     RobustificationWriter,
     any_failed,
     check_output,
-    read_report,
     report_json,
+    summary_line,
 )
 from safespot.runs import describe_model, load_model, load_training_run, model_input, run_source, run_threat
 from safespot.threat import ThreatConfigError, check_budget, check_positive_int, parse_budget
@@ -218,11 +219,15 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
         inputs, channels, size, str(cfg.resize), int(cfg.seed), batch_size, int(cfg.get("num_workers", 0))
     )
     module = RobustificationModule(net, robustifier, check, class_names(run_cfg))
-    writer = RobustificationWriter(out, settings, bool(cfg.get("skip_existing", False)), check_steps)
+    writer = RobustificationWriter(out, settings, bool(cfg.get("skip_existing", False)))
     trainer = build_trainer(cfg, writer)
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
 
-    if writer.records is not None:
+    if not trainer.is_global_zero:  # a script-launched rank: the gathered records; rank 0 prints
         return writer.records
-    # spawned workers (ddp_spawn) robustified the files: this process reads the report rank 0 wrote
-    return read_report(report_json(out, int(trainer.callback_metrics[REPORT_INDEX])))
+    # written by the writer on rank 0 before every rank returned from predict; under ddp_spawn this
+    # process never held the records, and reads the report the workers name
+    json_path = writer.report or report_json(out, int(trainer.callback_metrics[REPORT_INDEX]))
+    report = json.loads(json_path.read_text())
+    print(summary_line(report, json_path.with_suffix(".csv"), check_steps))
+    return writer.records if writer.records is not None else report["files"]

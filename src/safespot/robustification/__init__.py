@@ -4,7 +4,7 @@ they write. The files are read by :class:`safespot.data.image_files.ImageFilesDa
 
 from safespot.robustification.module import FileResult, RobustificationModule
 from safespot.robustification.outputs import check_output
-from safespot.robustification.records import FIELDS, any_failed, read_report, summarize
+from safespot.robustification.records import FIELDS, any_failed, summarize, summary_line
 from safespot.robustification.writer import REPORT_INDEX, RobustificationWriter, report_json
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "RobustificationWriter",
     "any_failed",
     "check_output",
-    "read_report",
     "report_json",
     "summarize",
+    "summary_line",
 ]

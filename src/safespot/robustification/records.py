@@ -82,6 +82,16 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any])
     return csv_path, json_path
 
 
-def read_report(json_path: Path) -> list[dict[str, Any]]:
-    """The records of a ``report*.json``, in input order."""
-    return list(json.loads(json_path.read_text())["files"])
+def summary_line(report: dict[str, Any], csv_path: Path, check_steps: int) -> str:
+    """The line a run ends with, from its report (``report*.json``'s contents): files ok (kept from
+    an earlier run), failed and skipped, time and rate, and the grey-box check's verdicts."""
+    s, meta = report["summary"], report["meta"]
+    survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
+    kept = f" ({meta['resumed']} kept from an earlier run)" if meta.get("resumed") else ""
+    seconds = meta.get("seconds", 0)
+    rate = (s["ok"] - meta.get("resumed", 0)) / seconds if seconds else float("nan")
+    return (
+        f"[safespot] {s['ok']} ok{kept}, {s['failed']} failed, {s['skipped']} skipped in {seconds:.1f} s "
+        f"({rate:.2f} images/s); safe-spot check (PGD-{check_steps} survives): {survival}; "
+        f"report: {csv_path}"
+    )

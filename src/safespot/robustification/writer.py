@@ -11,8 +11,8 @@ gathers every record and lets rank 0 write the report.
   (:func:`safespot.robustification.outputs.publish_batch`).
 - :meth:`~RobustificationWriter.on_predict_epoch_end`: every process's records gathered
   (:func:`safespot.utils.distributed.gather_objects`), each file exactly once, in input order;
-  rank 0 writes ``report.csv``/``report.json`` (:func:`safespot.robustification.records.write_report`)
-  and prints the summary; every process waits until the report exists, and holds every record.
+  rank 0 writes ``report.csv``/``report.json`` (:func:`safespot.robustification.records.write_report`);
+  every process waits until the report exists, and holds every record.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safespot.robustification.journal import journal_row
 from safespot.robustification.module import FileResult
 from safespot.robustification.outputs import Prepared, prepare_output, publish_batch
-from safespot.robustification.records import report_names, summarize, write_report
+from safespot.robustification.records import report_names, write_report
 from safespot.utils.distributed import gather_objects
 from safespot.utils.files import JsonLines
 from safespot.utils.logging import get_logger
@@ -84,18 +84,17 @@ class RobustificationWriter(BasePredictionWriter):
     out: the output directory (checked: :func:`safespot.robustification.outputs.check_output`).
     settings: the settings the PNGs depend on: the journals' header, the report's meta.
     skip_existing: keep the rows of files an earlier run into ``out`` finished.
-    check_steps: the steps of the grey-box check, for the summary line.
 
     After ``trainer.predict`` :attr:`records` holds one record per input in every process that ran
-    the loop (not in the process that launched spawned workers: it reads :attr:`report`'s file).
+    the loop, and :attr:`report` the ``report*.json`` on rank 0 (the process that launched spawned
+    workers holds neither: :data:`REPORT_INDEX` of ``trainer.callback_metrics`` names the report).
     """
 
-    def __init__(self, out: str | Path, settings: dict[str, Any], skip_existing: bool = False,
-                 check_steps: int = 20) -> None:  # fmt: skip
+    def __init__(self, out: str | Path, settings: dict[str, Any], skip_existing: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.out, self.settings = Path(out), dict(settings)
-        self.skip_existing, self.check_steps = skip_existing, check_steps
+        self.out, self.settings, self.skip_existing = Path(out), dict(settings), skip_existing
         self.records: list[dict[str, Any]] | None = None
+        self.report: Path | None = None
         self._prepared: Prepared | None = None
         self._journal: JsonLines | None = None
         self._done: list[tuple[int, dict[str, Any]]] = []
@@ -113,7 +112,7 @@ class RobustificationWriter(BasePredictionWriter):
         self._prepared = trainer.strategy.broadcast(prepared, src=0)
         datamodule.select(self._prepared.todo)
         self._journal = JsonLines(self._prepared.journals[trainer.global_rank])
-        self._done, self.records = [], None
+        self._done, self.records, self.report = [], None, None
 
     # --- each batch ---------------------------------------------------------------------------
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: list[FileResult],
@@ -140,8 +139,9 @@ class RobustificationWriter(BasePredictionWriter):
         self._close()
 
     def _write_report(self, trainer: L.Trainer, records: list[dict[str, Any]]) -> None:
-        """``report.csv``/``report.json`` and the summary line (rank 0). Should the report fail (a
-        full disk), the error names the journals, which hold every finished file's row."""
+        """``report.csv``/``report.json`` (rank 0), named in :attr:`report` and in
+        ``trainer.callback_metrics`` (:data:`REPORT_INDEX`). Should the report fail (a full disk),
+        the error names the journals, which hold every finished file's row."""
         assert self._prepared is not None
         meta = {**self.settings, **describe_trainer(trainer), "started": self._started}
         meta["finished"] = datetime.now().isoformat(timespec="seconds")
@@ -153,15 +153,7 @@ class RobustificationWriter(BasePredictionWriter):
             log.error("the report could not be written; every finished file's row is in %s", ", ".join(meta["journal"]))
             raise
         trainer.callback_metrics[REPORT_INDEX] = torch.tensor(report_index(json_path))
-        s = summarize(records)
-        survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
-        kept = f" ({meta['resumed']} kept from an earlier run)" if meta["resumed"] else ""
-        rate = (s["ok"] - meta["resumed"]) / meta["seconds"] if meta["seconds"] else float("nan")
-        print(
-            f"[safespot] {s['ok']} ok{kept}, {s['failed']} failed, {s['skipped']} skipped "
-            f"in {meta['seconds']:.1f} s "
-            f"({rate:.2f} images/s); safe-spot check (PGD-{self.check_steps} survives): {survival}; report: {csv_path}"
-        )
+        self.report = json_path
         log.info("report: %s, %s", csv_path, json_path)
 
     def _close(self) -> None:
