@@ -22,6 +22,7 @@ import safespot.robustification.outputs as outputs_module
 from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
 from safespot.robustification import RobustificationModule
+from safespot.robustification.writer import place
 from safespot.robustify import any_failed, class_names, robustify_files, trainer_precision
 from safespot.runs import model_input
 from safespot.train import train
@@ -482,3 +483,17 @@ def test_a_png_name_taken_while_writing_is_refused_and_superseded_in_the_journal
     monkeypatch.undo()
     again = run(ckpt, str(inputs / "cat.png"), out, *quick, "skip_existing=true")
     assert [r["status"] for r in again] == ["failed: exists (no earlier run with these settings finished it)"]
+
+
+def test_gathered_records_take_each_file_to_do_exactly_once():
+    """The writer puts every process's records back by input position, refusing a file robustified
+    twice, one not to be robustified, and one that no process robustified."""
+    records = [{"input": "a"}, {"input": "b", "status": "skipped: not an image"}, {"input": "c"}]
+    place(records, [0, 2], [[(0, {"input": "a", "status": "ok"})], [(2, {"input": "c", "status": "ok"})]])
+    assert [r.get("status") for r in records] == ["ok", "skipped: not an image", "ok"]
+    with pytest.raises(RuntimeError, match="input 0 was robustified by two processes"):
+        place(list(records), [0], [[(0, {})], [(0, {})]])
+    with pytest.raises(RuntimeError, match="input 1 was robustified by two processes or was not to be"):
+        place(list(records), [0], [[(0, {}), (1, {})]])
+    with pytest.raises(RuntimeError, match=r"inputs \[2\] were robustified by no process"):
+        place(list(records), [0, 2], [[(0, {})], []])
