@@ -16,7 +16,7 @@ initialised weights):
   batch rows through a forward-pre-hook (``bench_robustifier.EvalCounter``).
 
 bf16 runs every pass under ``torch.autocast(dtype=torch.bfloat16)`` (losses in float32), as
-``trainer.precision=bf16-mixed`` and ``robustify.py precision=bf16-mixed`` do; fp32 keeps torch's
+``trainer.precision=bf16-mixed`` (train.py, evaluate.py, robustify.py) does; fp32 keeps torch's
 defaults (cuDNN may use TF32 for convolutions). cuDNN autotuning is on for CUDA, as with
 ``trainer=gpu``; every measurement is preceded by an untimed warm-up of the same shapes (the early-
 exit search is run once untimed, so the shrinking batches it sees are tuned too). With untrained

@@ -20,7 +20,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("safespot.smoothing", "safespot.models")),
     ("attacks and defenses", ("safespot.attacks", "safespot.defenses")),
     ("runs", ("safespot.runs", "safespot.checks")),
-    ("methods, evaluations, detectors", ("safespot.methods", "safespot.evaluation", "safespot.ood")),
+    (
+        "methods, evaluations, detectors",
+        ("safespot.methods", "safespot.evaluation", "safespot.robustification", "safespot.ood"),
+    ),
     (
         "entry points",
         (

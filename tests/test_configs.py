@@ -392,7 +392,7 @@ def test_local_settings_are_optional(make_cfg):
     "task, example, key",
     [
         ("evaluate", "slurm_example", "trainer"),
-        ("robustify", "slurm_fabric_example", "runtime"),
+        ("robustify", "slurm_example", "trainer"),
         ("ood", "slurm_example", "trainer"),
     ],
 )

@@ -19,8 +19,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
 import safespot.data as data_pkg
-from safespot import robustify
-from safespot.data import CIFAR10DataModule, CIFAR100DataModule, DataConfigError, SVHNDataModule, folders
+from safespot.data import CIFAR10DataModule, CIFAR100DataModule, DataConfigError, SVHNDataModule, folders, image_files
 from safespot.data.images import decode_image, read_image, resize_and_crop
 from safespot.data.ood import SyntheticOODDataModule
 from safespot.data.outliers import FileImages, NumpyImages, build_outlier_dataset, load_image
@@ -174,7 +173,7 @@ def test_16bit_pngs_decode_as_their_8bit_versions(tmp_path, kind):
     path = tmp_path / "o" / "x.png"
     path.parent.mkdir()
     path.write_bytes(_png16(array16))
-    image, _, _ = robustify.load_image(path.read_bytes(), 3, 12, "crop")
+    image, _, _ = image_files.load_image(path.read_bytes(), 3, 12, "crop")
     assert torch.equal(image, read_image(path, 12)) and torch.equal(load_image(path, 12), image.float() / 255)
     assert (image.int() - decode_image(_png(eight))[:, :, 4:16].int()).abs().max() <= 1
     loaded = np.asarray(folders.pil_loader(path), dtype=int)
@@ -206,8 +205,8 @@ def test_images_without_a_white_level_are_refused(tmp_path):
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "f.tif")
     with pytest.raises(UnsupportedImageError, match=r"floating-point images \(PIL mode F\) are not supported"):
         decode_image(tmp_path / "f.tif")
-    with pytest.raises(robustify.FileFailure, match="failed: unreadable: floating-point images"):
-        robustify.load_image((tmp_path / "f.tif").read_bytes(), 3, 8, "crop")
+    with pytest.raises(image_files.FileFailure, match="failed: unreadable: floating-point images"):
+        image_files.load_image((tmp_path / "f.tif").read_bytes(), 3, 8, "crop")
 
 
 def test_resize_is_shorter_side_bilinear_antialiased_then_centre_crop():
@@ -233,15 +232,15 @@ def test_robustify_and_outlier_folders_read_images_alike(tmp_path):
     path = tmp_path / "o" / "x.png"
     path.parent.mkdir()
     path.write_bytes(_png(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)))
-    image, original, resized = robustify.load_image(path.read_bytes(), 3, 16, "crop")
+    image, original, resized = image_files.load_image(path.read_bytes(), 3, 16, "crop")
     assert (original, resized) == ("30x40", True)
     assert torch.equal(image, read_image(path, 16))
     assert torch.equal(load_image(path, 16), image.float() / 255)
     folder = build_outlier_dataset({"kind": "folder", "root": str(tmp_path / "o")}, "test", 16)
     x, label = folder[0]
     assert label == -1 and torch.equal(x, image.float() / 255)
-    with pytest.raises(robustify.FileFailure, match="resize=refuse"):
-        robustify.load_image(path.read_bytes(), 3, 16, "refuse")
+    with pytest.raises(image_files.FileFailure, match="resize=refuse"):
+        image_files.load_image(path.read_bytes(), 3, 16, "refuse")
 
 
 def test_npy_outliers_use_the_same_resize(tmp_path):

@@ -39,10 +39,6 @@ OOD = ["detector=[msp,mahalanobis]", "detector.mahalanobis.noise=[0.0]", "fit_su
 OOD += ["outlier_subset=8", "data.test_subset=16", "histograms=false", "trainer.enable_progress_bar=false"]
 #: the processes of each launch: Lightning's script launcher, or spawned workers
 TRAINER = {"ddp": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], "ddp_sim": ["trainer=ddp_sim"]}
-RUNTIME = {
-    "ddp": ["runtime.accelerator=cpu", "runtime.devices=2", "runtime.strategy=ddp"],
-    "ddp_sim": ["runtime.accelerator=cpu", "runtime.devices=2", "runtime.strategy=ddp_spawn"],
-}
 
 
 def _env(log_dir: Path, **extra: str) -> dict[str, str]:
@@ -90,8 +86,8 @@ def _every_command(launch: str, tmp_path: Path) -> None:
     assert results["n_images"] == 16 and "clean/acc" in results
 
     out = tmp_path / "robustified"
-    robustify = [f"ckpt_path={ckpt}", f"input={_images(tmp_path / 'in')}", f"output={out}", *RUNTIME[launch]]
-    robustify += ["robustifier=none", "check_steps=1", "progress=false"]
+    robustify = [f"ckpt_path={ckpt}", f"input={_images(tmp_path / 'in')}", f"output={out}", *TRAINER[launch]]
+    robustify += ["robustifier=none", "check_steps=1", "trainer.enable_progress_bar=false"]
     _ok(_command("robustify.py", *robustify, log_dir=logs, cwd=tmp_path))
     _one_run(logs, "robustify")
     report = pd.read_csv(out / "report.csv")

@@ -95,7 +95,7 @@ def test_evaluate_runs_in_bf16(checkpoint, tmp_path):
 def test_robustify_refuses_16_mixed_before_any_work(image_folder, tmp_path):
     def cfg(precision: str):
         paths = [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={image_folder}", f"output={tmp_path / 'out'}"]
-        return compose_config("robustify", [*paths, f"precision={precision}"], tmp_path / "run")
+        return compose_config("robustify", [*paths, f"trainer.precision={precision}"], tmp_path / "run")
 
     with pytest.raises(ConfigError, match=r"precision=16-mixed is not supported for robustification"):
         robustify_files(cfg("16-mixed"))

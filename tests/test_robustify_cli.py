@@ -5,6 +5,8 @@ import csv
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-import safespot.robustify as robustify_module
+import safespot.robustification.outputs as outputs_module
 from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
-from safespot.robustify import _Job, any_failed, class_names, robustify_files
+from safespot.robustification import RobustificationModule
+from safespot.robustification.writer import place
+from safespot.robustify import any_failed, class_names, robustify_files, trainer_precision
 from safespot.runs import model_input
 from safespot.train import train
 from safespot.utils.files import stage
@@ -28,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # the synthetic data's image size
 DELTA = 8 / 255  # linf_8, the checkpoint's training threat
 SMALL = ["data.n_train=256", "data.val_size=32"]  # a quick checkpoint
-FAST = ["robustifier.max_iter=3", "robustifier.inner_steps=2", "check_steps=2", "progress=false"]
+QUIET = "trainer.enable_progress_bar=false"
+FAST = ["robustifier.max_iter=3", "robustifier.inner_steps=2", "check_steps=2", QUIET]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +143,7 @@ def test_same_stem_and_resize_refuse(ckpt, inputs, tmp_path):
     other.mkdir()
     (other / "cat.jpg").write_bytes((inputs / "dog.jpg").read_bytes())
     files = f"[{inputs / 'cat.png'},{other / 'cat.jpg'},{inputs / 'big.jpeg'}]"
-    records = run(ckpt, files, tmp_path / "out", "robustifier=none", "resize=refuse", "check_steps=1", "progress=false")
+    records = run(ckpt, files, tmp_path / "out", "robustifier=none", "resize=refuse", "check_steps=1", QUIET)
     assert [r["status"] for r in records] == [
         "ok",
         "failed: exists",
@@ -180,10 +185,15 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
         "is a directory, not a checkpoint file": [f"ckpt_path={tmp_path}", *files[1:]],
         "is an empty file, not a checkpoint": [f"ckpt_path={empty / 'readme.md'}.ckpt", *files[1:]],
         "is not a readable checkpoint": [f"ckpt_path={empty / 'readme.md'}", *files[1:]],
+        # the trainer: precisions that cast the weights, inference mode, what Lightning refuses
+        "trainer.precision must be one of": [*files, "trainer.precision=bf16-true"],
+        "trainer.inference_mode must be false": [*files, "trainer.inference_mode=true"],
+        "trainer (trainer.accelerator=cpu, trainer.devices=0": [*files, "trainer.accelerator=cpu", "trainer.devices=0"],
+        "num_workers must be an integer >= 0": [*files, "num_workers=-1"],
     }
     for message, overrides in cases.items():
         cfg = compose_config("robustify", overrides, tmp_path / "run")
-        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             robustify_files(cfg)
     assert not (tmp_path / "o").exists()
 
@@ -197,7 +207,7 @@ def test_input_size_and_class_names_come_from_the_checkpoint_config():
 
 def test_cli_exit_codes(ckpt, inputs, tmp_path):
     def cli(*args: str) -> subprocess.Popen:
-        cmd = [sys.executable, "robustify.py", f"paths.log_dir={tmp_path / 'logs'}", "progress=false", *args]
+        cmd = [sys.executable, "robustify.py", f"paths.log_dir={tmp_path / 'logs'}", QUIET, *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two processes share the cores
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -215,16 +225,16 @@ def test_cli_exit_codes(ckpt, inputs, tmp_path):
 
 
 def test_bf16_robustification_writes_images_inside_the_ball(ckpt, inputs, tmp_path):
-    records = run(ckpt, str(inputs / "cat.png"), tmp_path / "out", *FAST, "precision=bf16-mixed")
+    records = run(ckpt, str(inputs / "cat.png"), tmp_path / "out", *FAST, "trainer.precision=bf16-mixed")
     assert [r["status"] for r in records] == ["ok"]
     saved = np.asarray(Image.open(tmp_path / "out" / "cat.png"), dtype=np.int16)
     assert np.abs(saved - original(inputs / "cat.png")).max() <= round(DELTA * 255)
     with pytest.raises(ConfigError, match="precision"):
-        run(ckpt, str(inputs / "cat.png"), tmp_path / "bad", *FAST, "precision=fp8")
+        run(ckpt, str(inputs / "cat.png"), tmp_path / "bad", *FAST, "trainer.precision=fp8")
     assert not (tmp_path / "bad").exists()
 
 
-TWO_CPU_PROCESSES = ["runtime=ddp_sim"]
+TWO_CPU_PROCESSES = ["trainer=ddp_sim"]
 
 
 def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
@@ -237,7 +247,7 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     rng = np.random.default_rng(1)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    one = run(ckpt, str(folder), tmp_path / "one", *FAST, "runtime=cpu")
+    one = run(ckpt, str(folder), tmp_path / "one", *FAST, "trainer=cpu")
     two = run(ckpt, str(folder), tmp_path / "two", *FAST, *TWO_CPU_PROCESSES)
 
     assert [r["status"] for r in one] == ["ok"] * 6
@@ -274,27 +284,42 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     assert not list((tmp_path / "two").glob(".*")) and not list((tmp_path / "two").glob("report-*"))
 
     written = hashes(tmp_path / "two")
-    again = run(ckpt, str(folder), tmp_path / "two", *FAST, "runtime=cpu", "skip_existing=true")
+    again = run(ckpt, str(folder), tmp_path / "two", *FAST, "trainer=cpu", "skip_existing=true")
     assert [r["status"] for r in again] == ["ok"] * 6
     assert report_rows(tmp_path / "two" / "report-1.csv") == rows_two
     assert {n: hashes(tmp_path / "two")[n] for n in written} == written
     assert json.loads((tmp_path / "two" / "report-1.json").read_text())["meta"]["resumed"] == 6
 
 
+def test_two_processes_with_fewer_files_to_do_than_processes(ckpt, tmp_path):
+    """One file on two processes, then a rerun with nothing left to do: every process still runs
+    the predict loop (placeholders fill its share), so the records are gathered and the report
+    written; the rerun refuses the existing PNG and writes the next report."""
+    folder = noise_folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    quick = ["robustifier=none", "check_steps=1", QUIET, *TWO_CPU_PROCESSES]
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick)] == ["ok"]
+    assert [r["status"] for r in run(ckpt, str(folder), out, *quick)] == ["failed: exists"]
+    assert [len(report_rows(out / name)) for name in ("report.csv", "report-1.csv")] == [1, 1]
+    assert sorted(p.name for p in out.glob("journal-*")) == [
+        f"journal-{n}-rank{r}.jsonl" for n in (1, 2) for r in (0, 1)
+    ]
+    assert [row["status"] for row in journal_rows(out)] == ["ok"]  # the rerun robustified nothing
+
+
 def test_the_command_defaults_to_the_fast_search_and_names_the_paper_schedule(tmp_path):
     """robustify.py robustifies with early exit and compaction (same safe-spot rate, 17x the
     images/s on the quickstart model) and bf16 on a CUDA GPU; the paper's fixed schedule is
     ``robustifier=sfull_paper``."""
-    from conftest import compose_config
-    from safespot.runs import auto_precision
-
     base = ["ckpt_path=x", "input=x", f"output={tmp_path}"]
     fast = compose_config("robustify", base, tmp_path / "a")
     paper = compose_config("robustify", [*base, "robustifier=sfull_paper"], tmp_path / "b")
     assert fast.robustifier.early_exit == 5 and fast.robustifier.active_batch == 64
     assert paper.robustifier.early_exit is None and paper.robustifier.max_iter == 100
     assert paper.robustifier.inner_steps == 20 and paper.robustifier.quantize is True
-    assert fast.runtime.precision == "auto" and auto_precision("cpu") == "32-true"
+    assert (
+        fast.trainer.precision == "auto" and trainer_precision({"precision": "auto", "accelerator": "cpu"}) == "32-true"
+    )
 
 
 def noise_folder(folder: Path, n: int, seed: int = 2) -> Path:
@@ -329,19 +354,23 @@ def test_an_interrupted_run_resumes_with_skip_existing(ckpt, tmp_path, monkeypat
     run(ckpt, str(folder), tmp_path / "full", *one_by_one)
 
     calls, interrupt = [], [3]  # the batch (of one file) to interrupt at, once
-    robustify = _Job.run
+    robustify = RobustificationModule.robustify
 
-    def interrupted_at_the_third(self, batch, images, seeds):
-        calls.append(len(batch))
+    def interrupted_at_the_third(self, images, seeds):
+        calls.append(len(images))
         if len(calls) in interrupt:
             interrupt.clear()
             raise KeyboardInterrupt
-        return robustify(self, batch, images, seeds)
+        return robustify(self, images, seeds)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(_Job, "run", interrupted_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(ckpt, str(folder), out, *one_by_one)
+    monkeypatch.setattr(RobustificationModule, "robustify", interrupted_at_the_third)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C: a graceful shutdown, exit status 1
+            run(ckpt, str(folder), out, *one_by_one)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
     assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png"]
     assert not list(out.glob("report*")) and not list(out.glob(".*"))
     earlier = {row["input"]: row for row in journal_rows(out)}
@@ -370,7 +399,7 @@ def test_skip_existing_keeps_only_files_an_earlier_run_finished_with_these_setti
     stays ``failed: exists`` (never overwritten); without skip_existing every PNG is refused."""
     folder = noise_folder(tmp_path / "in", 3)
     out = tmp_path / "out"
-    quick = ["robustifier=none", "check_steps=1", "progress=false"]
+    quick = ["robustifier=none", "check_steps=1", QUIET]
     run(ckpt, str(folder), out, *quick)
     (out / "img1.png").write_bytes((out / "img2.png").read_bytes())
     refused = "failed: exists (no earlier run with these settings finished it)"
@@ -394,7 +423,7 @@ def test_every_input_gets_a_row(ckpt, tmp_path):
     fifo = tmp_path / "lone.png"
     os.mkfifo(fifo)
     inputs = f"[{folder},{folder / 'img0.png'},/dev/null,{fifo}]"
-    records = run(ckpt, inputs, tmp_path / "out", "robustifier=none", "check_steps=1", "progress=false")
+    records = run(ckpt, inputs, tmp_path / "out", "robustifier=none", "check_steps=1", QUIET)
     first = folder / "img0.png"
     assert [(r["input"], r["status"]) for r in records] == [
         (str(folder / "broken.png"), "skipped: broken symbolic link"),
@@ -424,7 +453,7 @@ def test_report_names_never_follow_a_link_nor_fail_after_the_work(ckpt, inputs, 
     child.wait()
     left = stage(out / "cat.png", b"half a PNG")
     stale = left.rename(out / left.name.replace(f".{os.getpid()}.", f".{child.pid}."))
-    records = run(ckpt, str(inputs / "cat.png"), out, "robustifier=none", "check_steps=1", "progress=false")
+    records = run(ckpt, str(inputs / "cat.png"), out, "robustifier=none", "check_steps=1", QUIET)
     assert [r["status"] for r in records] == ["ok"]
     assert (out / "report-2.csv").is_file() and (out / "report-2.json").is_file()
     assert victim.read_text() == "keep" and not (out / "report.csv").exists() and (out / "report.csv").is_symlink()
@@ -435,15 +464,15 @@ def test_a_png_name_taken_while_writing_is_refused_and_superseded_in_the_journal
     """Rows go to the journal before the PNGs get their names; a name another run takes in
     between makes the file ``failed: exists`` (the other file kept), with a second journal row
     that supersedes the first, so a resumed run does not take the other file for this one."""
-    link = robustify_module.publish
+    link = outputs_module.publish
 
     def racing(tmp, path):
         path.write_bytes(b"another run's")
         link(tmp, path)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(robustify_module, "publish", racing)
-    quick = ["robustifier=none", "check_steps=1", "progress=false"]
+    monkeypatch.setattr(outputs_module, "publish", racing)
+    quick = ["robustifier=none", "check_steps=1", QUIET]
     records = run(ckpt, str(inputs / "cat.png"), out, *quick)
     assert [(r["status"], r["pred_robustified"]) for r in records] == [("failed: exists", None)]
     assert [(row["status"], row["output_sha256"] is None) for row in journal_rows(out)] == [
@@ -454,3 +483,17 @@ def test_a_png_name_taken_while_writing_is_refused_and_superseded_in_the_journal
     monkeypatch.undo()
     again = run(ckpt, str(inputs / "cat.png"), out, *quick, "skip_existing=true")
     assert [r["status"] for r in again] == ["failed: exists (no earlier run with these settings finished it)"]
+
+
+def test_gathered_records_take_each_file_to_do_exactly_once():
+    """The writer puts every process's records back by input position, refusing a file robustified
+    twice, one not to be robustified, and one that no process robustified."""
+    records = [{"input": "a"}, {"input": "b", "status": "skipped: not an image"}, {"input": "c"}]
+    place(records, [0, 2], [[(0, {"input": "a", "status": "ok"})], [(2, {"input": "c", "status": "ok"})]])
+    assert [r.get("status") for r in records] == ["ok", "skipped: not an image", "ok"]
+    with pytest.raises(RuntimeError, match="input 0 was robustified by two processes"):
+        place(list(records), [0], [[(0, {})], [(0, {})]])
+    with pytest.raises(RuntimeError, match="input 1 was robustified by two processes or was not to be"):
+        place(list(records), [0], [[(0, {}), (1, {})]])
+    with pytest.raises(RuntimeError, match=r"inputs \[2\] were robustified by no process"):
+        place(list(records), [0, 2], [[(0, {})], []])

@@ -98,7 +98,7 @@ def test_robustify_and_ood_take_a_zoo_model(model_dir, tmp_path):
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(inputs / f"{name}.png")
-    fast = ["robustifier.max_iter=2", "robustifier.inner_steps=2", "check_steps=2", "progress=false"]
+    fast = ["robustifier.max_iter=2", "robustifier.inner_steps=2", "check_steps=2", "trainer.enable_progress_bar=false"]
     overrides = [*ZOO[:4], f"paths.model_dir={model_dir}", f"input={inputs}", f"output={tmp_path / 'out'}", *fast]
     records = robustify_files(compose_config("robustify", overrides, tmp_path / "run"))
     assert [r["status"] for r in records] == ["ok", "ok"]

@@ -1,13 +1,6 @@
-"""Loading a run: the checkpoint (safely), its stored config, the model, the data overrides and
-the runtime. The evaluation, robustification and OOD commands all start here; no entry module
-imports another.
-
-The runtime of ``robustify.py`` is a Lightning Fabric
-(:class:`lightning.fabric.Fabric`) built from the ``runtime`` block (:func:`build_fabric`):
-accelerator, devices, strategy and precision as the Trainer of ``train.py``/``evaluate.py``
-takes them. Its work is sharded over the Fabric's processes by position (:func:`shard`),
-the per-item results gathered to every process
-(:func:`safespot.utils.distributed.gather_objects`) and written by rank 0 (:func:`merge_positions`)."""
+"""Loading a run: the checkpoint (safely), its stored config, the model and the data overrides.
+The evaluation, robustification and OOD commands all start here (each then runs on Lightning's
+Trainer, built from the ``trainer`` config group); no entry module imports another."""
 
 from __future__ import annotations
 
@@ -15,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -26,7 +17,6 @@ from safespot.models.zoo import is_zoo_model, zoo_run_config
 from safespot.paths import CONFIG_DIR
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
 from safespot.utils.instantiate import instantiate
-from safespot.utils.performance import prepare_net, refuse_float16
 
 
 def _merge_set(base: DictConfig, overrides: DictConfig | None) -> DictConfig:
@@ -168,142 +158,3 @@ def describe_model(run_cfg: DictConfig) -> str:
     name = str(backbone.get("_target_", "model")).rsplit(".", 1)[-1]
     args = [f"{k}={backbone[k]}" for k in ("depth", "widen_factor", "width") if k in backbone]
     return f"{name}({', '.join(args)})" if args else name
-
-
-# --- the runtime (Lightning Fabric) -------------------------------------------------------
-RUNTIME_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1, "strategy": "auto", "precision": "32-true"}
-# precisions the commands run in: float32, or bfloat16 autocast of the forward passes; float16
-# is refused (safespot.utils.performance.refuse_float16), and "-true" lower precisions would
-# cast the weights, which none of the attacks or detectors expect
-RUNTIME_PRECISIONS = ("32-true", "32", "bf16-mixed", "auto")
-
-
-def auto_precision(accelerator: str) -> str:
-    """``precision: auto``: bf16-mixed where the run lands on a CUDA device that supports
-    bfloat16, float32 elsewhere (CPUs gain nothing from bf16 autocast here)."""
-    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def device_alias(name: Any) -> dict[str, Any]:
-    """The ``runtime`` entries the old ``device=`` setting stands for: ``auto`` (or null) none,
-    ``cpu``, ``cuda``/``gpu``, ``cuda:N`` (that GPU alone) or ``mps``."""
-    if name is None or str(name) == "auto":
-        return {}
-    if str(name) == "gpu":
-        name = "cuda"
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    devices: int | list[int] = [device.index] if device.index is not None else 1
-    return {"accelerator": device.type, "devices": devices}
-
-
-def runtime_settings(cfg: DictConfig, task: str) -> dict[str, Any]:
-    """The Fabric arguments of a command: the ``runtime`` block (missing keys take
-    :data:`RUNTIME_DEFAULTS`) with the aliases ``device=`` (:func:`device_alias`) and
-    ``precision=`` written over it when set; an alias that contradicts a runtime key changed
-    from its default is refused. Float16 is refused with the setting that asked for it."""
-    block = cfg.get("runtime") or {}
-    unknown = sorted(set(block) - set(RUNTIME_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"runtime has no setting(s) {unknown}; use {sorted(RUNTIME_DEFAULTS)}")
-    settings = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in block.items()}
-    settings = {**RUNTIME_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
-    source = {key: f"runtime.{key}" for key in settings}
-    aliases = [("device", device_alias(cfg.get("device")))]
-    if cfg.get("precision") is not None:
-        aliases.append(("precision", {"precision": str(cfg.get("precision"))}))
-    for alias, implied in aliases:
-        for key, value in implied.items():
-            current = settings[key]
-            if current not in (RUNTIME_DEFAULTS[key], "auto") and current != value:
-                raise ConfigError(
-                    f"{alias}={cfg.get(alias)} contradicts runtime.{key}={current}: "
-                    f"{alias} is an alias of runtime.{key}; set one of them"
-                )
-            settings[key] = value
-            source[key] = alias
-    precision = refuse_float16(settings["precision"], source["precision"], task)
-    if precision not in RUNTIME_PRECISIONS:
-        raise ConfigError(f"{source['precision']} must be one of {list(RUNTIME_PRECISIONS)}, got {precision!r}")
-    settings["precision"] = precision
-    strategy = str(settings["strategy"])
-    if strategy != "auto" and not strategy.startswith("ddp"):
-        raise ConfigError(
-            f"runtime.strategy must be auto or a DDP strategy (ddp, ddp_spawn, ddp_fork, ...), got {strategy!r}: "
-            "every process holds the whole model and scores its share of the images"
-        )
-    accelerator = str(settings["accelerator"])
-    asked = f"device={cfg.get('device')}" if source["accelerator"] == "device" else f"runtime.accelerator={accelerator}"
-    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise ConfigError(f"{asked} but CUDA is not available (use runtime.accelerator=auto or cpu)")
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{asked} but MPS is not available (use runtime.accelerator=auto or cpu)")
-    if settings["precision"] == "auto":
-        settings["precision"] = auto_precision(accelerator)
-    return settings
-
-
-def build_fabric(cfg: DictConfig, task: str) -> Fabric:
-    """The Fabric of a command from :func:`runtime_settings` (nothing is launched yet); a setting
-    Fabric refuses is a :class:`ConfigError` naming the runtime block."""
-    settings = runtime_settings(cfg, task)
-    try:
-        return Fabric(**settings)
-    except (ValueError, TypeError, RuntimeError) as err:
-        shown = ", ".join(f"runtime.{k}={v}" for k, v in settings.items())
-        raise ConfigError(f"runtime ({shown}): {str(err).strip().splitlines()[0]}") from None
-
-
-def describe_runtime(fabric: Fabric) -> dict[str, Any]:
-    """What a report records about the runtime: device (of this process), processes, strategy
-    and precision."""
-    return {
-        "device": str(fabric.device),
-        "world_size": fabric.world_size,
-        "strategy": type(fabric.strategy).__name__,
-        "precision": str(getattr(fabric.strategy.precision, "precision", "32-true")),
-    }
-
-
-def place_model(fabric: Fabric, net: nn.Module, perf: Any | None) -> nn.Module:
-    """``net`` on this process's device with the ``perf`` options (channels-last, compile) applied.
-    The network is not wrapped (no DDP): its weights are never updated, and attacks take input
-    gradients that a DDP wrapper would try to reduce."""
-    return prepare_net(fabric.to_device(net), perf)
-
-
-def shard(n: int, fabric: Fabric) -> range:
-    """The positions ``0..n-1`` this process works on: ``rank, rank + world_size, ...``."""
-    return range(fabric.global_rank, n, fabric.world_size)
-
-
-def merge_positions(shards: list[list[tuple[int, Any]]], n: int) -> list[Any]:
-    """Items of :func:`shard`-ed work, ``(position, item)`` per process, in position order;
-    every position must come exactly once."""
-    items: list[Any] = [None] * n
-    seen = [False] * n
-    for part in shards:
-        for position, item in part:
-            if seen[position]:
-                raise RuntimeError(f"position {position} was worked on by two processes")
-            seen[position], items[position] = True, item
-    missing = [i for i, done in enumerate(seen) if not done]
-    if missing:
-        raise RuntimeError(f"positions {missing[:10]} were worked on by no process")
-    return items
-
-
-def leave_together(fabric: Fabric, why: str) -> None:
-    """The last step of every process of a Fabric run: wait until every process arrives (so no
-    process returns while rank 0 still writes the outputs), then leave the process group. Without
-    it a process that finished early exits while its peers still talk to it, and gloo may abort
-    a peer whose connection was closed mid-operation (an intermittent SIGABRT of spawned workers)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    fabric.barrier(why)
-    torch.distributed.destroy_process_group()

@@ -43,7 +43,7 @@ SEARCH_SMALL = ("max_iter=4", "inner_steps=3", "beta=0.05")
 
 
 def accelerator(device: torch.device) -> list[str]:
-    """Trainer overrides that put train.py / evaluate.py on ``device``."""
+    """Trainer overrides that put train.py / evaluate.py / robustify.py on ``device``."""
     if device.type == "cpu":
         return ["trainer.accelerator=cpu", "trainer.devices=1"]
     return ["trainer.accelerator=gpu", f"trainer.devices={[device.index] if device.index is not None else 1}"]
@@ -215,14 +215,19 @@ def png_folder(tmp_path_factory) -> Path:
 def test_robustify_cli_on_png_folder(ckpt, png_folder, device, tmp_path, precision):
     out = tmp_path / "robust"
     cmd = [sys.executable, "robustify.py", f"ckpt_path={ckpt}", f"input={png_folder}", f"output={out}"]
-    cmd += [f"device={device}", f"precision={precision}", "robustifier.max_iter=3", "robustifier.inner_steps=2"]
-    cmd += ["check_steps=2", "progress=false", "batch_size=3", f"paths.log_dir={tmp_path / 'logs'}"]
+    cmd += [
+        *accelerator(device),
+        f"trainer.precision={precision}",
+        "robustifier.max_iter=3",
+        "robustifier.inner_steps=2",
+    ]
+    cmd += ["check_steps=2", *QUIET, "batch_size=3", f"paths.log_dir={tmp_path / 'logs'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout, proc.stdout[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert torch.device(report["meta"]["device"]).type == device.type
+    assert torch.device(report["meta"]["device"]).type == device.type and report["meta"]["precision"] == precision
     assert len(report["files"]) == 4 and report["summary"]["ok"] == 4
     assert sorted(p.name for p in out.glob("*.png")) == [f"img{i}.png" for i in range(4)]
     for record in report["files"]:
