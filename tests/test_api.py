@@ -70,6 +70,14 @@ def test_unknown_names_and_missing_threat_are_one_clear_error(ckpt, images):
         safespot.robustify(torch.nn.Flatten(), images[0])
 
 
+def test_the_api_names_are_not_shadowed_by_the_commands_modules():
+    """``safespot.robustify`` is the function even after every command module is imported (the
+    robustify command is ``safespot.robustify_files``)."""
+    import safespot.cli  # noqa: F401  (imports every command)
+
+    assert safespot.robustify.__module__ == "safespot.api" and safespot.attack.__module__ == "safespot.api"
+
+
 def test_the_api_is_there_on_a_fresh_import():
     code = "import safespot as s; print(callable(s.load_classifier), callable(s.robustify), s.attack.__module__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "safespot.train",
             "safespot.evaluate",
-            "safespot.robustify",
+            "safespot.robustify_files",
             "safespot.ood.evaluate",
             "safespot.report",
             "safespot.reproduce",
@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("orchestration", ("safespot.demo", "safespot.cli", "safespot.api")),
 ]
-ENTRIES = ("safespot.train", "safespot.evaluate", "safespot.robustify", "safespot.ood.evaluate")
+ENTRIES = ("safespot.train", "safespot.evaluate", "safespot.robustify_files", "safespot.ood.evaluate")
 
 
 def module_name(path: Path) -> str:

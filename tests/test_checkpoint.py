@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import SYNTHETIC, compose_config
 from safespot.evaluate import evaluate
 from safespot.ood.evaluate import evaluate_ood
-from safespot.robustify import robustify_files
+from safespot.robustify_files import robustify_files
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 

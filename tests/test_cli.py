@@ -15,7 +15,8 @@ COMMANDS = {"train": "train_main", "evaluate": "evaluate_main", "robustify": "ro
 def test_console_scripts_point_at_the_cli():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("safespot-")}
     expected = {f"safespot-{name}": f"safespot.cli:{fn}" for name, fn in COMMANDS.items()}
-    assert scripts == {**expected, "safespot-demo": "safespot.cli:demo_main"}
+    others = {"safespot-demo": "safespot.cli:demo_main", "safespot-reproduce": "safespot.reproduce.cli:main"}
+    assert scripts == {**expected, **others}
     assert all(callable(getattr(cli, fn)) for fn in COMMANDS.values())
 
 

@@ -15,7 +15,7 @@ from conftest import SYNTHETIC, TinyNet, compose_config
 from safespot.errors import ConfigError
 from safespot.evaluate import evaluate
 from safespot.ood.evaluate import evaluate_ood
-from safespot.robustify import robustify_files
+from safespot.robustify_files import robustify_files
 from safespot.train import train
 from safespot.utils.checkpoint import CheckpointError
 from safespot.utils.performance import prepare_net, refuse_float16

@@ -23,7 +23,7 @@ from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
 from safespot.robustification import RobustificationModule
 from safespot.robustification.writer import place
-from safespot.robustify import any_failed, class_names, robustify_files, trainer_precision
+from safespot.robustify_files import any_failed, class_names, robustify_files, trainer_precision
 from safespot.runs import model_input
 from safespot.train import train
 from safespot.utils.files import stage

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import compose_config
 from safespot.data.errors import DataConfigError
 from safespot.evaluate import evaluate
-from safespot.robustify import robustify_files
+from safespot.robustify_files import robustify_files
 from safespot.train import train
 
 TINY = ["data=imagefolder", "data.num_classes=2", "data.image_size=16", "data.val_size=4", "data.batch_size=4",

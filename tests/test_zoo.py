@@ -20,7 +20,7 @@ from safespot.evaluate import evaluate
 from safespot.models.zoo import ZooClassifier, ZooError, _import_robustbench, robustbench_model, zoo_checkpoint_path
 from safespot.ood.detectors import stage_modules
 from safespot.ood.evaluate import evaluate_ood
-from safespot.robustify import robustify_files
+from safespot.robustify_files import robustify_files
 
 NAME, DATASET, THREAT = "Ding2020MMA", "cifar10", "Linf"
 ENTRY = f"robustbench:{DATASET}/{THREAT}/{NAME}"

@@ -15,7 +15,7 @@ from safespot.demo import main as demo
 from safespot.evaluate import evaluate
 from safespot.ood.evaluate import evaluate_ood
 from safespot.paths import CONFIG_DIR
-from safespot.robustify import any_failed, robustify_files
+from safespot.robustify_files import any_failed, robustify_files
 from safespot.train import run
 from safespot.utils.task import report_config_errors
 

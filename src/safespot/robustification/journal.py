@@ -31,7 +31,7 @@ def journal_row(record: dict[str, Any], png: bytes | None, input_sha256: str | N
 
 def journal_header(settings: dict[str, Any], started: str) -> dict[str, Any]:
     """The first line of a journal: the settings its rows were made with."""
-    return {"journal": "safespot.robustify", "started": started, "settings": settings}
+    return {"journal": "safespot.robustify_files", "started": started, "settings": settings}
 
 
 def create_journals(out: Path, world_size: int, header: dict[str, Any]) -> list[Path]:

@@ -63,7 +63,7 @@ from safespot.utils.task import task_wrapper
 
 __all__ = ["any_failed", "class_names", "robustify_files"]
 
-log = get_logger("safespot.robustify")
+log = get_logger("safespot.robustify_files")
 
 CIFAR10_CLASSES = (
     "airplane",
