@@ -73,7 +73,7 @@ def test_unknown_names_and_missing_threat_are_one_clear_error(ckpt, images):
 def test_the_api_names_are_not_shadowed_by_the_commands_modules():
     """``safespot.robustify`` is the function even after every command module is imported (the
     robustify command is ``safespot.robustify_files``)."""
-    import safespot.cli  # noqa: F401  (imports every command)
+    import safespot.cli  # imports every command
 
     assert safespot.robustify.__module__ == "safespot.api" and safespot.attack.__module__ == "safespot.api"
 
