@@ -8,9 +8,10 @@ export DATA_DIR
 
 .PHONY: install demo train test check-reports gpu-check reproduce-paper003 reproduce-figure3 reproduce-figure3-adv test-slow test-all test-gpu lint format bench bench-gpu reproduce-cifar10-reduced reproduce-cifar10-l2 reproduce-safe-spot-aware reproduce-smoothed reproduce-table4 reproduce-paper004
 
-install:  ## create .venv and install the package with its dev extras
+install:  ## create .venv and install the package with its dev extras (TORCH_INDEX=https://download.pytorch.org/whl/cpu: CPU-only torch first)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -e ".[dev]"
 
 demo:  ## the headline in one go: fast adversarial training, PGD-20 and S-Full robustification on 200 test images (~5 min on 2 CPU cores)
