@@ -128,42 +128,6 @@ def assert_same_run_files(one: Path, two: Path) -> None:
             assert a.read_bytes() == b.read_bytes(), name
 
 
-def write_checkpoints(run: Path, names: tuple[str, ...] = ("last.ckpt", "best-epoch007.ckpt")) -> None:
-    """Empty checkpoint files where a training run keeps them."""
-    (run / "checkpoints").mkdir(parents=True)
-    for name in names:
-        (run / "checkpoints" / name).touch()
-
-
-def fake_subprocess(
-    monkeypatch: pytest.MonkeyPatch,
-    evaluate: Callable[[list[str], Path], None],
-    train: Callable[[list[str], Path], None] | None = None,
-) -> list[list[str]]:
-    """Stand in for the commands a reproduction script runs (``safespot.reproduce.run_logged``): a
-    ``train.py`` command calls ``train(cmd, run_dir)`` (default: :func:`write_checkpoints`), any
-    other ``evaluate(cmd, run_dir)``, ``run_dir`` its ``hydra.run.dir``. Returns the list every
-    command line is appended to."""
-    import safespot.reproduce.legacy as helpers
-
-    commands: list[list[str]] = []
-
-    def run(cmd: list[str], **kwargs: object) -> None:
-        commands.append(cmd)
-        out = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
-        if cmd[1] == "train.py":
-            (train or (lambda _cmd, run_dir: write_checkpoints(run_dir)))(cmd, out)
-        else:
-            evaluate(cmd, out)
-        if out.is_dir():  # what Hydra stores of the command line
-            (out / ".hydra").mkdir(exist_ok=True)
-            task = [c for c in cmd[2:] if not c.startswith("hydra.")]
-            (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {c}\n" for c in task))
-
-    monkeypatch.setattr(helpers.subprocess, "run", run)
-    return commands
-
-
 class InProcessCommands:
     """A runner for :func:`safespot.reproduce.engine.run_spec` that runs ``train.py`` /
     ``evaluate.py`` / ``ood.py`` in this process (the same configs and code as the commands, without

@@ -6,7 +6,6 @@ pending stubs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,6 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import safespot.reproduce.legacy as helpers
 from conftest import SYNTHETIC, InProcessCommands
 from safespot.reproduce.engine import check_spec, keep, pending, render, run_spec
 from safespot.reproduce.evidence import Evidence
@@ -378,67 +376,3 @@ def test_each_report_is_a_pending_stub_or_equals_its_records(name):
         assert f"<!-- safespot-reproduce pending {name} -->" in text.splitlines()
         assert "make reproduce-" in text and f"safespot.reproduce run {name}" in text
         assert not re.search(r"\d\.\d \[", text) and "| --- |" not in text and "|---|" not in text
-
-
-# --- the helpers of the reproduction scripts not yet run by the engine (safespot.reproduce.legacy) ---
-
-
-def test_default_output_directories_started_in_the_same_second_differ(tmp_path, monkeypatch):
-    class FrozenClock:
-        @staticmethod
-        def now():
-            import datetime
-
-            return datetime.datetime(2026, 1, 1)
-
-    monkeypatch.setenv("LOG_DIR", str(tmp_path))
-    monkeypatch.setattr(helpers, "datetime", FrozenClock)
-    first, second = helpers.new_output_dir("x", None), helpers.new_output_dir("x", None)
-    assert first != second and first.is_dir() and second.is_dir()
-    with pytest.raises(FileExistsError):  # an explicit --out that exists is still refused
-        helpers.new_output_dir("x", first)
-
-
-def test_records_of_an_evaluation_in_pieces_are_joined_and_overlaps_refused(tmp_path):
-    import pandas as pd
-
-    for name, index in (("a", [4, 0]), ("b", [2]), ("c", [2, 9])):
-        (tmp_path / name).mkdir()
-        frame = pd.DataFrame({"index": index, "clean/correct": [True] * len(index)})
-        frame.to_csv(tmp_path / name / "records.csv", index=False)
-    joined = helpers.read_records(f"{tmp_path / 'a'},{tmp_path / 'b'}")
-    assert joined.index.tolist() == [0, 2, 4]
-    assert helpers.read_records(tmp_path / "a").index.tolist() == [0, 4]
-    with pytest.raises(ValueError, match="share images"):
-        helpers.read_records(f"{tmp_path / 'b'},{tmp_path / 'c'}")
-    parser = argparse.ArgumentParser()
-    with pytest.raises(SystemExit):  # a missing piece is a usage error before any work
-        pieces = {"5": f"{tmp_path / 'a'},{tmp_path / 'missing'}"}
-        helpers.check_evaluations(parser, pieces, "--reuse-eval", "records.csv")
-
-
-def test_logged_commands_name_paths_inside_the_checkout_relative_to_it(tmp_path, monkeypatch):
-    """A report's commands are copied into docs: a run directory under the checkout appears as
-    ``logs/...``, not as this machine's absolute path; paths elsewhere stay as they are."""
-    ran = []
-    monkeypatch.setattr(helpers.subprocess, "run", lambda cmd, **kw: ran.append((cmd, kw["cwd"])))
-    log: list[str] = []
-    checkout = tmp_path / "checkout"
-    cmd = ["/venv/bin/python", "train.py", f"hydra.run.dir={checkout}/logs/run", f"init_from={tmp_path}/elsewhere.ckpt"]
-    helpers.run_logged(cmd, log, cwd=checkout)
-    assert ran == [(cmd, checkout)]  # the command itself runs unchanged
-    line = log[0].split("    # ")[0]
-    assert line == f"python train.py hydra.run.dir=logs/run init_from={tmp_path}/elsewhere.ckpt"
-
-
-def test_effective_overrides_keep_the_last_value_of_a_repeated_key(tmp_path):
-    """A run made with ``trainer.max_epochs=16 ... trainer.max_epochs=24`` trained 24 epochs (Hydra's
-    last value wins); the stored command line keeps both, the effective overrides one."""
-    from safespot.reproduce import effective_overrides, stored_overrides
-
-    assert effective_overrides(tmp_path) is None
-    (tmp_path / ".hydra").mkdir()
-    lines = ["experiment=x", "trainer.max_epochs=16", "method/kl_weights=authors", "trainer.max_epochs=24"]
-    (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in lines))
-    assert stored_overrides(tmp_path) == lines
-    assert effective_overrides(tmp_path) == ["experiment=x", "method/kl_weights=authors", "trainer.max_epochs=24"]
