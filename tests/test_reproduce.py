@@ -348,7 +348,7 @@ def test_specs_share_the_cifar10_partial_through_include(tmp_path, monkeypatch):
     images: one definition in conf/reproduce/_cifar10_common.yaml, which is not a spec itself."""
     import safespot.reproduce.spec as spec_module
 
-    adv = ("experiment=cifar10_adv_linf", "scale=reduced", "seed=0")
+    adv = ("experiment=cifar10_adv_linf", "scale=reduced_preact", "method=fast_adversarial", "seed=0")
     assert all(
         load_spec(name).runs["adv"].overrides == adv for name in ("cifar10_linf", "safe_spot_aware", "figure3_adv")
     )
