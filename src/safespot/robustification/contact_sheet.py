@@ -21,6 +21,7 @@ Text is drawn with PIL's built-in bitmap font (no font file needed), in ASCII.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,9 @@ from PIL import Image, ImageDraw, ImageFont
 from safespot.data.image_files import read_file
 from safespot.data.images import decode_image
 from safespot.utils.files import read_regular, write_first_free
+from safespot.utils.logging import get_logger
+
+log = get_logger("safespot.robustification")
 
 #: tiles per page
 PER_PAGE = 48
@@ -184,8 +188,9 @@ class Layout:
 
 
 # --- drawing ----------------------------------------------------------------------------------
+@functools.cache
 def font() -> ImageFont.ImageFont:
-    """PIL's built-in bitmap font."""
+    """PIL's built-in bitmap font (loaded once)."""
     return ImageFont.load_default_imagefont()
 
 
@@ -283,4 +288,5 @@ def write_contact_sheet(
     pages = Pages(records, out, meta, names, per_page)
     if not len(pages):
         return []
+    log.info("drawing the contact sheet: %d files on %d pages", len(pages.ok), len(pages))
     return list(write_first_free(out, sheet_names(len(pages)), pages))

@@ -48,7 +48,8 @@ def check_output(output: Any, spec: Any, inputs: list[Input], recursive: bool = 
         raise ConfigError(
             f"output={str(output)!r} is an input directory; choose another directory so that inputs are never touched"
         )
-    written = sorted({(out / item.name.parent).resolve() for item in inputs if item.reason is None} & input_dirs)
+    subdirectories = {item.name.parent for item in inputs if item.reason is None}
+    written = sorted({(out / sub).resolve() for sub in subdirectories} & input_dirs)
     if written:
         raise ConfigError(
             f"output={str(output)!r} would put PNGs into the input directory {str(written[0])!r}; choose another "
