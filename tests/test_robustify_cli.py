@@ -1,5 +1,6 @@
 """Robustifying image files (robustify.py): PNGs inside B_delta of the inputs, per-file
-failures, no overwriting, reports, and the command line's exit codes."""
+failures, no overwriting, reports, recursive inputs, the contact sheet, and the command line's
+exit codes."""
 
 import csv
 import hashlib
@@ -21,9 +22,10 @@ from torchvision.transforms.v2 import functional as TF
 import safespot.robustification.outputs as outputs_module
 from conftest import SYNTHETIC, compose_config
 from safespot.errors import ConfigError
-from safespot.robustification import RobustificationModule
+from safespot.robustification import RobustificationModule, summary_line, write_contact_sheet
+from safespot.robustification.contact_sheet import BROKEN, HEADER, SURVIVES, Layout, labels, relative_name
 from safespot.robustification.writer import place
-from safespot.robustify_files import any_failed, class_names, robustify_files, trainer_precision
+from safespot.robustify_files import CIFAR10_CLASSES, any_failed, class_names, robustify_files, trainer_precision
 from safespot.runs import model_input
 from safespot.train import train
 from safespot.utils.files import stage
@@ -90,7 +92,7 @@ def test_every_format_the_outlier_folders_read_is_robustified_too(ckpt, tmp_path
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / name)
     records = run(ckpt, str(folder), tmp_path / "out", *FAST)
     assert {Path(r["input"]).name: r["status"] for r in records} == {"frame.ppm": "ok", "scan.tif": "ok"}
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["frame.png", "scan.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["contact_sheet.png", "frame.png", "scan.png"]
 
 
 def test_robustify_folder_writes_pngs_within_delta_and_never_overwrites(ckpt, inputs, tmp_path):
@@ -106,7 +108,7 @@ def test_robustify_folder_writes_pngs_within_delta_and_never_overwrites(ckpt, in
         "dog.jpg": "ok",
         "notes.txt": "skipped: not an image",
     }
-    assert sorted(p.name for p in out.glob("*.png")) == ["big.png", "cat.png", "dog.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["big.png", "cat.png", "contact_sheet.png", "dog.png"]
     for r in records:
         if r["status"] != "ok":
             continue
@@ -146,10 +148,13 @@ def test_same_stem_and_resize_refuse(ckpt, inputs, tmp_path):
     records = run(ckpt, files, tmp_path / "out", "robustifier=none", "resize=refuse", "check_steps=1", QUIET)
     assert [r["status"] for r in records] == [
         "ok",
-        "failed: exists",
+        f"failed: exists (same output name as {inputs / 'cat.png'})",
         "failed: size 32x48 differs from the model's input size 16x16 (resize=refuse)",
     ]
-    assert records[0]["distance"] == 0 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["cat.png"]
+    assert records[0]["distance"] == 0 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "cat.png",
+        "contact_sheet.png",
+    ]
 
 
 def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
@@ -190,12 +195,21 @@ def test_settings_are_refused_before_any_work(ckpt, inputs, tmp_path):
         "trainer.inference_mode must be false": [*files, "trainer.inference_mode=true"],
         "trainer (trainer.accelerator=cpu, trainer.devices=0": [*files, "trainer.accelerator=cpu", "trainer.devices=0"],
         "num_workers must be an integer >= 0": [*files, "num_workers=-1"],
+        "recursive must be true or false": [*files, "recursive=deep"],
+        "contact_sheet must be true or false": [*files, "contact_sheet=yes"],
+        # recursive: the output inside an input directory would be read by the next run
+        "is inside the input directory": [
+            f"ckpt_path={ckpt}",
+            f"input={inputs}",
+            f"output={inputs / 'robust'}",
+            "recursive=true",
+        ],
     }
     for message, overrides in cases.items():
         cfg = compose_config("robustify", overrides, tmp_path / "run")
         with pytest.raises(ConfigError, match=re.escape(message)):
             robustify_files(cfg)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (inputs / "robust").exists()
 
 
 def test_input_size_and_class_names_come_from_the_checkpoint_config():
@@ -218,6 +232,7 @@ def test_cli_exit_codes(ckpt, inputs, tmp_path):
     assert failing.returncode == 1, stderr[-2000:]
     assert "3 ok, 1 failed, 1 skipped" in stdout and (tmp_path / "out" / "cat.png").is_file()
     assert "images/s" in stdout and "safe-spot check (PGD-1 survives)" in stdout  # speed and check in one line
+    assert f"; contact sheet: {tmp_path / 'out' / 'contact_sheet.png'}" in stdout
     _, stderr = missing.communicate(timeout=120)
     assert missing.returncode == 2
     assert stderr.strip() == f"error: ckpt_path='{tmp_path / 'missing.ckpt'}' does not exist"
@@ -237,37 +252,55 @@ def test_bf16_robustification_writes_images_inside_the_ball(ckpt, inputs, tmp_pa
 TWO_CPU_PROCESSES = ["trainer=ddp_sim"]
 
 
+def tree(folder: Path) -> dict[str, str]:
+    """``{path relative to folder: SHA-256}`` of every file under ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+NESTED = ["img0.png", "img1.png", "other/img5.png", "sub/deeper/img4.png", "sub/img2.png", "sub/img3.png"]
+
+
 def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
-    """The files sharded over two ddp_spawn processes (each file robustified once, by position)
-    give the same PNG bytes and report rows as one process: the per-file seeds come from the
-    file's bytes, and rank 0 writes the gathered report in input order. Each process journals its
-    own files; a one-process rerun with skip_existing=true reads both journals and keeps every row."""
+    """The files of a tree (recursive=true) sharded over two ddp_spawn processes (each file
+    robustified once, by position) give the same PNG bytes at the same relative paths, the same
+    report rows and the same contact sheet as one process: the per-file seeds come from the file's
+    bytes, rank 0 writes the gathered report in input order and draws the sheet from it, and either
+    process creates the directories it needs (both need sub/). Each process journals its own
+    files; a one-process rerun with skip_existing=true reads both journals, keeps every row and
+    draws the same sheet under the next name."""
     folder = tmp_path / "six"
-    folder.mkdir()
     rng = np.random.default_rng(1)
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    one = run(ckpt, str(folder), tmp_path / "one", *FAST, "trainer=cpu")
-    two = run(ckpt, str(folder), tmp_path / "two", *FAST, *TWO_CPU_PROCESSES)
+        name = next(n for n in NESTED if n.endswith(f"img{i}.png"))
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / name)
+    nested = [*FAST, "recursive=true"]
+    one = run(ckpt, str(folder), tmp_path / "one", *nested, "trainer=cpu")
+    two = run(ckpt, str(folder), tmp_path / "two", *nested, *TWO_CPU_PROCESSES)
 
     assert [r["status"] for r in one] == ["ok"] * 6
     journals = ["journal-1-rank0.jsonl", "journal-1-rank1.jsonl"]
-    assert sorted(hashes(tmp_path / "two")) == sorted([*hashes(tmp_path / "one"), journals[1]])
+    assert sorted(tree(tmp_path / "two")) == sorted([*tree(tmp_path / "one"), journals[1]])
     assert [len(journal_rows(tmp_path / "two" / j)) for j in journals] == [3, 3]  # positions 0, 2, 4 and 1, 3, 5
-    pngs = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
-    assert pngs == [f"img{i}.png" for i in range(6)]
-    assert {n: hashes(tmp_path / "two")[n] for n in pngs} == {n: hashes(tmp_path / "one")[n] for n in pngs}
+    pngs = sorted(n for n in tree(tmp_path / "one") if n.endswith(".png"))
+    assert pngs == sorted([*NESTED, "contact_sheet.png"])
+    assert {n: tree(tmp_path / "two")[n] for n in pngs} == {n: tree(tmp_path / "one")[n] for n in pngs}
 
     def rows(out: Path) -> list[dict]:
         with (out / "report.csv").open() as f:
             table = list(csv.DictReader(f))
-        for row in table:  # the output directories differ; the names must not
-            row["output"] = Path(row["output"]).name
+        for row in table:  # the output directories differ; the relative paths must not
+            row["output"] = Path(row["output"]).relative_to(out).as_posix()
         return table
 
     # worst_loss is a float of a batched forward pass (a batch of 6 here, two of 3 there): equal up to
     # float rounding in general, bit-equal in practice; every other column is compared exactly
     rows_one, rows_two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["output"] for r in rows_one] == NESTED  # input order: each subdirectory in its place
     assert [{k: v for k, v in r.items() if k != "worst_loss"} for r in rows_two] == [
         {k: v for k, v in r.items() if k != "worst_loss"} for r in rows_one
     ]
@@ -281,14 +314,15 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     assert {k: v for k, v in meta_two.items() if k not in differ} == {
         k: v for k, v in meta_one.items() if k not in differ
     }
-    assert not list((tmp_path / "two").glob(".*")) and not list((tmp_path / "two").glob("report-*"))
+    assert not list((tmp_path / "two").rglob(".*")) and not list((tmp_path / "two").glob("report-*"))
 
-    written = hashes(tmp_path / "two")
-    again = run(ckpt, str(folder), tmp_path / "two", *FAST, "trainer=cpu", "skip_existing=true")
+    written = tree(tmp_path / "two")
+    again = run(ckpt, str(folder), tmp_path / "two", *nested, "trainer=cpu", "skip_existing=true")
     assert [r["status"] for r in again] == ["ok"] * 6
-    assert report_rows(tmp_path / "two" / "report-1.csv") == rows_two
-    assert {n: hashes(tmp_path / "two")[n] for n in written} == written
+    assert report_rows(tmp_path / "two" / "report-1.csv") == report_rows(tmp_path / "two" / "report.csv")
+    assert {n: tree(tmp_path / "two")[n] for n in written} == written
     assert json.loads((tmp_path / "two" / "report-1.json").read_text())["meta"]["resumed"] == 6
+    assert tree(tmp_path / "two")["contact_sheet-1.png"] == written["contact_sheet.png"]
 
 
 def test_two_processes_with_fewer_files_to_do_than_processes(ckpt, tmp_path):
@@ -497,3 +531,143 @@ def test_gathered_records_take_each_file_to_do_exactly_once():
         place(list(records), [0], [[(0, {}), (1, {})]])
     with pytest.raises(RuntimeError, match=r"inputs \[2\] were robustified by no process"):
         place(list(records), [0, 2], [[(0, {})], []])
+
+
+def test_recursive_inputs_keep_their_tree_collisions_and_links_get_rows_and_resume(ckpt, tmp_path):
+    """recursive=true: each PNG keeps its input's relative path (directories created as needed);
+    two inputs of one output name (a.jpg, a.png; also in a subdirectory) follow the flat rule, the
+    first in input order is written and the other is ``failed: exists (same output name as
+    <first>)``; a directory whose output is another input's PNG, and an output directory that is a
+    link, are refused before any work; a link to a directory is not followed. The journals name
+    each PNG by its relative path, so skip_existing keeps one/x.png and two/x.png apart."""
+    folder = tmp_path / "in"
+    rng = np.random.default_rng(3)
+    names = ["a.jpg", "a.png", "blocked/q.png", "clash.jpg", "clash.png/z.png", "one/x.png", "one/y.jpg"]
+    names += ["one/y.png", "two/x.png"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "linked").symlink_to(folder / "one")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "blocked").symlink_to(elsewhere)  # a PNG never goes through a link
+    quick = ["robustifier=none", "check_steps=1", QUIET, "recursive=true"]
+
+    records = run(ckpt, str(folder), out, *quick)
+    assert [(Path(r["input"]).relative_to(folder).as_posix(), r["status"]) for r in records] == [
+        ("a.jpg", "ok"),
+        ("a.png", f"failed: exists (same output name as {folder / 'a.jpg'})"),
+        ("blocked/q.png", f"failed: exists ({out / 'blocked'} is a symbolic link, not followed)"),
+        ("clash.jpg", "ok"),
+        ("clash.png/z.png", f"failed: exists ({out / 'clash.png'} is the output of {folder / 'clash.jpg'})"),
+        ("linked", "skipped: a link to a directory (links to directories are not followed)"),
+        ("one/x.png", "ok"),
+        ("one/y.jpg", "ok"),
+        ("one/y.png", f"failed: exists (same output name as {folder / 'one' / 'y.jpg'})"),
+        ("two/x.png", "ok"),
+    ]
+    written = ["a.png", "clash.png", "contact_sheet.png", "one/x.png", "one/y.png", "two/x.png"]
+    assert sorted(n for n in tree(out) if n.endswith(".png")) == written and not list(elsewhere.iterdir())
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [Path(r["output"]).relative_to(out).as_posix() for r in ok] == ["a.png", "clash.png", "one/x.png",
+                                                                             "one/y.png", "two/x.png"]  # fmt: skip
+    assert [r["output"] for r in report_rows(out / "report.csv") if r["status"] == "ok"] == [
+        "a.png", "clash.png", "x.png", "y.png", "x.png",
+    ]  # fmt: skip
+    assert [row["output_name"] for row in journal_rows(out) if row["status"] == "ok"] == [
+        "a.png", "clash.png", "one/x.png", "one/y.png", "two/x.png",
+    ]  # fmt: skip
+    for r in ok:  # robustifier=none: each PNG is its own input's image
+        assert np.array_equal(np.asarray(Image.open(r["output"]), dtype=np.int16), original(Path(r["input"])))
+
+    before = tree(out)
+    resumed = run(ckpt, str(folder), out, *quick, "skip_existing=true")
+    assert [r["status"] for r in resumed] == [r["status"] for r in records]
+    assert json.loads((out / "report-1.json").read_text())["meta"]["resumed"] == 5
+    refused = run(ckpt, str(folder), out, *quick)
+    assert [r["status"] for r in refused if r["status"] == "failed: exists"] == ["failed: exists"] * 5
+    assert {n: tree(out)[n] for n in before} == before and not list(out.rglob(".*"))
+
+
+def test_the_contact_sheet_shows_each_ok_file_before_and_after(ckpt, inputs, tmp_path, capsys):
+    """One tile per ok file, in input order (the corrupt and the skipped file have none): the
+    original as the model saw it and the PNG as written, each upscaled 6 times by nearest
+    neighbour (16 x 16 images), framed green when the PNG survives the check and red when not.
+    An existing contact_sheet.png is never overwritten (the sheet takes the next name); the
+    summary names it; contact_sheet=false writes none."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "contact_sheet.png").write_bytes(b"an earlier sheet")
+    records = run(ckpt, str(inputs), out, *FAST)
+    assert (out / "contact_sheet.png").read_bytes() == b"an earlier sheet"
+    assert f"; contact sheet: {out / 'contact_sheet-1.png'}" in capsys.readouterr().out
+
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [Path(r["input"]).name for r in ok] == ["big.jpeg", "cat.png", "dog.jpg"]
+    assert any(r["distance"] > 0 for r in ok)  # the robustified images differ from the originals
+    layout = Layout.of(SIZE, len(ok))
+    assert (layout.scale, layout.columns) == (6, 3)
+    sheet = np.asarray(Image.open(out / "contact_sheet-1.png").convert("RGB"))
+    width, height = layout.tile
+    assert (sheet.shape[1], sheet.shape[0]) == layout.page_size(3) == (8 + 3 * (width + 8), HEADER + 8 + height + 8)
+
+    def upscaled(image: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(image.astype(np.uint8), 6, axis=0), 6, axis=1)
+
+    side = SIZE * 6
+    for i, r in enumerate(ok):
+        (ox, oy), (rx, ry) = layout.images(i)
+        assert np.array_equal(sheet[oy : oy + side, ox : ox + side], upscaled(original(Path(r["input"]))))
+        assert np.array_equal(sheet[ry : ry + side, rx : rx + side], upscaled(np.asarray(Image.open(r["output"]))))
+        x, y = layout.origin(i)
+        assert tuple(sheet[y, x]) == (SURVIVES if r["pgd_survives_after"] else BROKEN)
+        label = sheet[oy + side + 4 : y + height - 4, x + 4 : x + width - 4]
+        assert (label.min(axis=2) < 128).any()  # text under the images
+
+    run(
+        ckpt,
+        str(inputs / "cat.png"),
+        tmp_path / "off",
+        "robustifier=none",
+        "check_steps=1",
+        QUIET,
+        "contact_sheet=false",
+    )
+    assert not list((tmp_path / "off").glob("contact_sheet*")) and "contact sheet" not in capsys.readouterr().out
+
+
+def test_a_sheet_of_several_pages_and_its_labels(ckpt, inputs, tmp_path):
+    """More ok files than fit a page: contact_sheet-page1.png, -page2.png, ... with the same
+    columns; drawn again, the pages take the next free names. A tile's lines: the file's name
+    relative to its input directory (its original size when resized), the prediction as class
+    names and the check before -> after."""
+    out = tmp_path / "out"
+    run(ckpt, str(inputs), out, "robustifier=none", "check_steps=1", QUIET, "contact_sheet=false")
+    report = json.loads((out / "report.json").read_text())
+    first = write_contact_sheet(out, report["files"], report["meta"], per_page=2)
+    assert [p.name for p in first] == ["contact_sheet-page1.png", "contact_sheet-page2.png"]
+    pages = [np.asarray(Image.open(p).convert("RGB")) for p in first]
+    layout = Layout.of(SIZE, 2)
+    assert [(page.shape[1], page.shape[0]) for page in pages] == [layout.page_size(2), layout.page_size(1)]
+    (ox, oy), _ = layout.images(0)
+    dog = next(r for r in report["files"] if r["input"].endswith("dog.jpg"))
+    assert np.array_equal(pages[1][oy : oy + SIZE * 6, ox : ox + SIZE * 6],
+                          np.repeat(np.repeat(original(Path(dog["input"])).astype(np.uint8), 6, 0), 6, 1))  # fmt: skip
+    again = write_contact_sheet(out, report["files"], report["meta"], per_page=2)
+    assert [p.name for p in again] == ["contact_sheet-1-page1.png", "contact_sheet-1-page2.png"]
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first]
+
+    record = {"input": str(inputs / "sub" / "big.jpeg"), "output": str(out / "sub" / "big.png"), "status": "ok"}
+    record |= {"original_size": "32x48", "resized": True, "pred": 3, "pred_name": "cat", "pred_robustified": 5}
+    record |= {"pgd_survives_before": False, "pgd_survives_after": True}
+    name = relative_name(record, out)
+    assert name == "sub/big.jpeg"
+    assert labels(record, name, CIFAR10_CLASSES) == (
+        "sub/big.jpeg (32x48)",
+        "pred: cat -> dog",
+        "PGD: broken -> survives",
+    )
+    assert summary_line(report, out / "report.csv", 1, first).endswith(
+        f"; contact sheet: {first[0]} ... contact_sheet-page2.png (2 pages)"
+    )

@@ -56,7 +56,8 @@ def test_a_checkpoint_copied_elsewhere_is_evaluated_with_this_machines_data_dir(
     files = [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'out'}"]
     cfg = compose_config("robustify", [*files, "robustifier=none", "check_steps=1", "progress=false"], tmp_path / "rob")
     robustify_files(cfg)
-    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 5 and "contact_sheet.png" in pngs  # 4 robustified images and the contact sheet
 
     # without DATA_DIR here, the stored root (../data from the training directory) is not found: one
     # error naming what works

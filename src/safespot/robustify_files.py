@@ -11,6 +11,13 @@ x_o and on x_r as decoded from the PNG, whose written bytes are read back and co
 with its status: ``ok``, ``failed: <reason>`` or ``skipped: <reason>`` (duplicates, FIFOs,
 devices, directories and broken links included).
 
+With ``recursive=true`` the subdirectories of input directories are walked too (sorted, links to
+directories not followed) and each PNG keeps its input's relative path,
+``<output>/<sub/dir>/<stem>.png``. After the report rank 0 writes ``contact_sheet.png``
+(``contact_sheet=true``, the default): every ``ok`` file's original and robustified image side by
+side, labelled with its name, prediction and check verdicts
+(:mod:`safespot.robustification.contact_sheet`).
+
 Every process appends each file's row to its own journal in the output directory
 (``journal-<run>-rank<r>.jsonl``, flushed to disk before the file's PNG gets its name), so a
 killed run loses nothing: ``skip_existing=true`` keeps the row of every file whose PNG exists
@@ -32,6 +39,7 @@ gathers every record and lets rank 0 write the report.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -51,6 +59,7 @@ from safespot.robustification import (
     check_output,
     report_json,
     summary_line,
+    write_contact_sheet,
 )
 from safespot.runs import describe_model, load_model, load_training_run, model_input, run_source, run_threat
 from safespot.threat import ThreatConfigError, check_budget, check_positive_int, parse_budget
@@ -104,15 +113,17 @@ def check_trainer(trainer: Any) -> None:
 
 
 def check_settings(cfg: DictConfig) -> tuple[int, int]:
-    """The required settings, ``resize``, ``skip_existing``, ``num_workers``, the trainer's and
-    ``(batch_size, check_steps)``, each refused with a line naming it."""
+    """The required settings, ``resize``, the switches (``skip_existing``, ``recursive``,
+    ``contact_sheet``), ``num_workers``, the trainer's and ``(batch_size, check_steps)``, each
+    refused with a line naming it."""
     for key in ("input", "output"):
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(f"{key} is required: python robustify.py ckpt_path=PATH input=DIR_OR_FILE output=DIR")
     if cfg.get("resize") not in RESIZE_POLICIES:
         raise ConfigError(f"resize must be one of {list(RESIZE_POLICIES)}, got {cfg.get('resize')!r}")
-    if not isinstance(cfg.get("skip_existing", False), bool):
-        raise ConfigError(f"skip_existing must be true or false, got {cfg.get('skip_existing')!r}")
+    for key, default in (("skip_existing", False), ("recursive", False), ("contact_sheet", True)):
+        if not isinstance(cfg.get(key, default), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     workers = cfg.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"num_workers must be an integer >= 0, got {workers!r}")
@@ -208,8 +219,9 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
     docstring) on the Trainer of ``cfg.trainer``; returns one record per input, also written to
     the report, in input order."""
     batch_size, check_steps = check_settings(cfg)
-    inputs = collect_inputs(cfg.input)
-    out = check_output(cfg.output, cfg.input, inputs)
+    recursive = bool(cfg.get("recursive", False))
+    inputs = collect_inputs(cfg.input, recursive)
+    out = check_output(cfg.output, cfg.input, inputs, recursive)
     checkpoint, run_cfg, robustifier, check, threat = load_run(cfg, check_steps)
     net = prepare_net(load_model(checkpoint, run_cfg, int(run_cfg.data.num_classes)), cfg.get("perf"))
     channels, size = model_input(run_cfg)
@@ -229,5 +241,19 @@ def robustify_files(cfg: DictConfig) -> list[dict[str, Any]]:
     # process never held the records, and reads the report the workers name
     json_path = writer.report or report_json(out, int(trainer.callback_metrics[REPORT_INDEX]))
     report = json.loads(json_path.read_text())
-    print(summary_line(report, json_path.with_suffix(".csv"), check_steps))
+    sheet = contact_sheet(out, report, class_names(run_cfg)) if cfg.get("contact_sheet", True) else None
+    print(summary_line(report, json_path.with_suffix(".csv"), check_steps, sheet))
     return writer.records if writer.records is not None else report["files"]
+
+
+def contact_sheet(out: Path, report: dict[str, Any], names: tuple[str, ...] | None) -> list[Path] | str:
+    """Rank 0, after the report: the contact sheet of the report's rows
+    (:func:`safespot.robustification.contact_sheet.write_contact_sheet`), or why it was not
+    written: the report and the PNGs are the run's results, so a sheet that fails (a full disk)
+    is logged, not raised."""
+    try:
+        pages = write_contact_sheet(out, report["files"], report["meta"], names)
+    except OSError as err:
+        log.error("the contact sheet could not be written: %s", err)
+        return f"not written: {err.strerror or err}"
+    return pages or "none (no file ok)"

@@ -3,7 +3,10 @@
 
 - :func:`collect_inputs`: every entry of ``input`` (a directory, a file, or a list of them) with
   the reason it is skipped, if it is (not an image, a FIFO, a device, a directory, a broken link, a
-  second name of one file); only ``stat`` is called, so a FIFO is never opened.
+  second name of one file) and its name relative to its input directory (:class:`Input`); with
+  ``recursive`` the subdirectories of input directories are walked too (:func:`walk`: sorted,
+  depth first, links to directories not followed); only ``stat`` is called, so a FIFO is never
+  opened.
 - :func:`read_file`: one file read (regular files only, never blocking), decoded and brought to
   the model's input size (:func:`load_image`: :mod:`safespot.data.images`, ``resize`` policy
   ``crop`` or ``refuse``), with its seed (:func:`file_seed`: from the run seed and the file's
@@ -23,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,8 +45,15 @@ from safespot.utils.rng import host_seed
 
 RESIZE_POLICIES = ("crop", "refuse")
 
-#: an input and the reason it is skipped (``None``: a file to read)
-Input = tuple[Path, str | None]
+
+class Input(NamedTuple):
+    """An input: its ``path``, the ``reason`` it is skipped (``None``: a file to read) and its
+    ``name`` relative to the input directory it was found in (its file name when it was named
+    directly), which the output keeps: ``<output>/<name's directory>/<stem>.png``."""
+
+    path: Path
+    reason: str | None
+    name: Path
 
 
 # --- the inputs -----------------------------------------------------------------------------
@@ -57,12 +67,13 @@ def show(spec: Any) -> str:
     return repr(OmegaConf.to_container(spec)) if isinstance(spec, ListConfig) else repr(str(spec))
 
 
-def classify_input(path: Path, listed: bool) -> tuple[str | None, tuple[int, int] | None]:
+def classify_input(path: Path, listed: bool, recursive: bool = False) -> tuple[str | None, tuple[int, int] | None]:
     """``(skip reason or None, identity)`` of one input: ``None`` for a regular file to
     robustify (in a directory listing only with an image extension), else the row's status
     (``skipped: not an image``, ``skipped: not a regular file (fifo)``, ``skipped: a directory
     ...``, ``skipped: broken symbolic link``, ...). The identity ``(device, inode)`` of a regular
-    file (links followed) finds duplicates. Only ``stat`` is called: a FIFO is never opened."""
+    file (links followed) finds duplicates. Only ``stat`` is called: a FIFO is never opened.
+    ``recursive``: a link to a directory is never followed (no cycles), and says so."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -70,6 +81,8 @@ def classify_input(path: Path, listed: bool) -> tuple[str | None, tuple[int, int
     except OSError as err:
         return f"skipped: cannot be read: {err.strerror or err}", None
     if stat.S_ISDIR(info.st_mode):
+        if recursive:  # a real directory is walked (walk); what is left is a link to one
+            return "skipped: a link to a directory (links to directories are not followed)", None
         what = "a link to a directory" if path.is_symlink() else "a directory"
         return f"skipped: {what} (input directories are not read recursively)", None
     if not stat.S_ISREG(info.st_mode):
@@ -88,13 +101,54 @@ def _listing(path: Path, entry: Any) -> list[Path]:
         raise ConfigError(f"input={str(entry)!r} cannot be listed: {err.strerror or err}") from None
 
 
-def collect_inputs(spec: Any) -> list[Input]:
-    """``(path, skip reason or None)`` for every input named by ``input``: a directory (each of
-    its entries, sorted, not recursive), a file (tried whatever its extension) or a list of
-    those. Every entry gets one row: files without an image extension in a directory, FIFOs,
-    devices, sockets, directories inside a directory, broken links and second names of one
-    file (given twice, through a link, or a hard link: ``skipped: duplicate of <first>``) are
-    skipped with their reason (:func:`classify_input`)."""
+def _real_directory(path: Path) -> tuple[int, int] | None:
+    """The identity of ``path`` when it is a directory and not a link to one, else ``None``."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+#: one entry found by :func:`walk`: its path, skip reason and identity
+Found = tuple[Path, str | None, tuple[int, int] | None]
+
+
+def walk(root: Path, entry: Any, recursive: bool) -> Iterator[Found]:
+    """The entries of the input directory ``root`` (:func:`classify_input`), sorted. With
+    ``recursive`` each subdirectory's entries come, sorted, in its place (depth first, so the order
+    is deterministic); links to directories are not followed (their row says so) and a directory
+    met a second time (a bind mount) is skipped, so the walk has no cycles. A subdirectory that
+    cannot be listed gets one row; ``root`` that cannot be listed is a :class:`ConfigError`."""
+    info = root.stat()
+    seen = {(info.st_dev, info.st_ino)}
+    stack = [iter(_listing(root, entry))]
+    while stack:
+        path = next(stack[-1], None)
+        if path is None:
+            stack.pop()
+            continue
+        directory = _real_directory(path) if recursive else None
+        if directory is None:
+            yield (path, *classify_input(path, listed=True, recursive=recursive))
+        elif directory in seen:
+            yield path, "skipped: a directory read already (a mount of another input directory)", None
+        else:
+            seen.add(directory)
+            try:
+                stack.append(iter(sorted(path.iterdir())))
+            except OSError as err:
+                yield path, f"skipped: a directory that cannot be listed: {err.strerror or err}", None
+
+
+def collect_inputs(spec: Any, recursive: bool = False) -> list[Input]:
+    """An :class:`Input` for every input named by ``input``: a directory (each of its entries,
+    sorted; with ``recursive`` its subdirectories' too, :func:`walk`), a file (tried whatever its
+    extension) or a list of those. Every entry gets one row: files without an image extension in
+    a directory, FIFOs, devices, sockets, directories inside a directory (without ``recursive``),
+    links to directories, broken links and second names of one file (given twice, through a
+    link, or a hard link: ``skipped: duplicate of <first>``) are skipped with their reason
+    (:func:`classify_input`). An entry's ``name`` is its path relative to its input directory."""
     given = entries(spec)
     if not given or any(e is None or not str(e).strip() for e in given):
         raise ConfigError(f"input must be a directory, an image file or a list of them, got {spec!r}")
@@ -105,17 +159,18 @@ def collect_inputs(spec: Any) -> list[Input]:
         if not os.path.lexists(path):
             raise ConfigError(f"input={str(entry)!r} does not exist")
         if path.is_dir():
-            items = [(p, *classify_input(p, listed=True)) for p in _listing(path, entry)]
+            items = [(p, reason, identity, p.relative_to(path)) for p, reason, identity in walk(path, entry, recursive)]
         else:
-            items = [(path, *classify_input(path, listed=False))]
-        for p, reason, identity in items:
+            items = [(path, *classify_input(path, listed=False), Path(path.name))]
+        for p, reason, identity, name in items:
             if identity is not None and identity in first:
                 reason = f"skipped: duplicate of {first[identity]}"
             elif identity is not None:
                 first[identity] = p
-            found.append((p, reason))
-    if not any(reason is None for _, reason in found):
-        raise ConfigError(f"input={show(spec)} holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+            found.append(Input(p, reason, name))
+    if not any(item.reason is None for item in found):
+        walked = " in it or its subdirectories" if recursive else ""
+        raise ConfigError(f"input={show(spec)} holds no image files ({' '.join(IMAGE_EXTENSIONS)}){walked}")
     return found
 
 
@@ -216,7 +271,7 @@ class ImageFiles(Dataset):
         if i >= len(self.selected):
             return None
         position = self.selected[i]
-        return read_file(position, self.inputs[position][0], self.channels, self.size, self.resize, self.seed)
+        return read_file(position, self.inputs[position].path, self.channels, self.size, self.resize, self.seed)
 
     def collate(self, items: list[LoadedFile | None]) -> FileBatch:
         """The :class:`FileBatch` of ``items``, placeholders left out."""
@@ -264,7 +319,7 @@ class ImageFilesDataModule(L.LightningDataModule):
 
     def readable(self) -> list[int]:
         """The positions of the inputs to read: those without a skip reason."""
-        return [i for i, (_, reason) in enumerate(self.inputs) if reason is None]
+        return [i for i, item in enumerate(self.inputs) if item.reason is None]
 
     def select(self, positions: Sequence[int]) -> None:
         """Read only the inputs at ``positions`` (e.g. those whose outputs are still to be made);

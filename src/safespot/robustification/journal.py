@@ -3,10 +3,11 @@ so a killed run loses nothing, and ``skip_existing=true`` resumes from them.
 
 A journal is ``<output>/journal-<run>-rank<r>.jsonl`` (:func:`create_journals`: ``<run>`` the
 first number free for every rank, each name taken atomically): a header line with the settings
-the PNGs depend on (:func:`journal_header`), then one JSON line per file with the report's fields
-and the SHA-256 of the input's bytes and of the PNG (:func:`journal_row`). :func:`finished_rows`
-reads every journal of an output directory (torn last lines left out) and
-:func:`resumed_record` keeps an earlier row only when the files still hold the bytes it names."""
+the PNGs depend on (:func:`journal_header`), then one JSON line per file with the report's fields,
+the PNG's path relative to the output directory and the SHA-256 of the input's bytes and of the
+PNG (:func:`journal_row`). :func:`finished_rows` reads every journal of an output directory (torn
+last lines left out) and :func:`resumed_record` keeps an earlier row only when the files still
+hold the bytes it names."""
 
 from __future__ import annotations
 
@@ -22,11 +23,19 @@ from safespot.utils.files import json_line, read_json_lines, read_regular, write
 JOURNAL = re.compile(r"^journal-(?P<run>\d+)-rank(?P<rank>\d+)\.jsonl$")
 
 
-def journal_row(record: dict[str, Any], png: bytes | None, input_sha256: str | None) -> dict[str, Any]:
-    """A record as a journal row: its report fields and the SHA-256 of the input's bytes and of
-    the PNG, which :func:`resumed_record` checks before a file is skipped as done."""
+def journal_row(record: dict[str, Any], png: bytes | None, input_sha256: str | None, out: Path) -> dict[str, Any]:
+    """A record as a journal row: its report fields, the PNG's path relative to the output
+    directory ``out`` (``output_name``: ``sub/dir/stem.png``, whatever the spelling of ``out``) and
+    the SHA-256 of the input's bytes and of the PNG, which :func:`resumed_record` checks before a
+    file is skipped as done."""
     output_sha256 = hashlib.sha256(png).hexdigest() if png is not None and record["status"] == "ok" else None
-    return {**{k: record[k] for k in FIELDS}, "input_sha256": input_sha256, "output_sha256": output_sha256}
+    name = Path(record["output"]).relative_to(out).as_posix() if record.get("output") else None
+    return {
+        **{k: record[k] for k in FIELDS},
+        "output_name": name,
+        "input_sha256": input_sha256,
+        "output_sha256": output_sha256,
+    }
 
 
 def journal_header(settings: dict[str, Any], started: str) -> dict[str, Any]:
@@ -53,9 +62,10 @@ def journal_files(out: Path) -> list[Path]:
 
 
 def finished_rows(out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{output file name: row}`` of every file an earlier run in ``out`` finished (its last row
-    in its journal says ``ok``) with these ``settings`` (the journal's header); of several, the
-    latest run's. Torn lines of a killed run are left out."""
+    """``{output name: row}`` of every file an earlier run in ``out`` finished (its last row in its
+    journal says ``ok``) with these ``settings`` (the journal's header); of several, the latest
+    run's. The output name is the PNG's path relative to ``out`` (``output_name``; journals
+    written before it was recorded: the file name). Torn lines of a killed run are left out."""
     wanted = json.loads(json.dumps(settings, default=str))
     done: dict[str, dict[str, Any]] = {}
     for path in journal_files(out):
@@ -65,7 +75,7 @@ def finished_rows(out: Path, settings: dict[str, Any]) -> dict[str, dict[str, An
         last = {row.get("input"): row for row in rows[1:] if "status" in row}
         for row in last.values():
             if row["status"] == "ok" and row.get("output") and row.get("output_sha256"):
-                done[Path(row["output"]).name] = row
+                done[row.get("output_name") or Path(row["output"]).name] = row
     return done
 
 

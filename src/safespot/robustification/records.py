@@ -82,9 +82,21 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any])
     return csv_path, json_path
 
 
-def summary_line(report: dict[str, Any], csv_path: Path, check_steps: int) -> str:
+def sheet_words(sheet: list[Path] | str) -> str:
+    """The contact sheet's pages as the summary names them, or why there is none."""
+    if isinstance(sheet, str):
+        return f"contact sheet: {sheet}"
+    if len(sheet) == 1:
+        return f"contact sheet: {sheet[0]}"
+    return f"contact sheet: {sheet[0]} ... {sheet[-1].name} ({len(sheet)} pages)"
+
+
+def summary_line(
+    report: dict[str, Any], csv_path: Path, check_steps: int, sheet: list[Path] | str | None = None
+) -> str:
     """The line a run ends with, from its report (``report*.json``'s contents): files ok (kept from
-    an earlier run), failed and skipped, time and rate, and the grey-box check's verdicts."""
+    an earlier run), failed and skipped, time and rate, the grey-box check's verdicts, and the
+    contact sheet's pages (or why there is none; ``None``: switched off)."""
     s, meta = report["summary"], report["meta"]
     survival = f"{s['pgd_survives_before']}/{s['ok']} before, {s['pgd_survives_after']}/{s['ok']} after"
     kept = f" ({meta['resumed']} kept from an earlier run)" if meta.get("resumed") else ""
@@ -93,5 +105,5 @@ def summary_line(report: dict[str, Any], csv_path: Path, check_steps: int) -> st
     return (
         f"[safespot] {s['ok']} ok{kept}, {s['failed']} failed, {s['skipped']} skipped in {seconds:.1f} s "
         f"({rate:.2f} images/s); safe-spot check (PGD-{check_steps} survives): {survival}; "
-        f"report: {csv_path}"
+        f"report: {csv_path}" + ("" if sheet is None else f"; {sheet_words(sheet)}")
     )

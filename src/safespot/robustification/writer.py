@@ -120,11 +120,12 @@ class RobustificationWriter(BasePredictionWriter):
         assert self._prepared is not None and self._journal is not None
         records = [{**self._prepared.records[r.position], **r.fields} for r in prediction]
         unread = [record for record, r in zip(records, prediction, strict=True) if r.input_sha256 is None]
-        self._journal.append(journal_row(record, None, None) for record in unread)
+        self._journal.append(journal_row(record, None, None, self.out) for record in unread)
         read = [(record, r) for record, r in zip(records, prediction, strict=True) if r.input_sha256 is not None]
         if read:
             batch_records = [record for record, _ in read]
-            publish_batch(batch_records, [r.png for _, r in read], [r.input_sha256 for _, r in read], self._journal)
+            pngs, digests = [r.png for _, r in read], [r.input_sha256 for _, r in read]
+            publish_batch(batch_records, pngs, digests, self._journal, self.out)
         self._done += [(r.position, record) for record, r in zip(records, prediction, strict=True)]
 
     # --- after the work -----------------------------------------------------------------------
