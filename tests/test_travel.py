@@ -54,7 +54,11 @@ def test_a_checkpoint_copied_elsewhere_is_evaluated_with_this_machines_data_dir(
 
     inputs = tmp_path / "cluster" / "datasets" / "imagefolder" / "test" / "class0"
     files = [f"ckpt_path={ckpt}", f"input={inputs}", f"output={tmp_path / 'out'}"]
-    cfg = compose_config("robustify", [*files, "robustifier=none", "check_steps=1", "progress=false"], tmp_path / "rob")
+    cfg = compose_config(
+        "robustify",
+        [*files, "robustifier=none", "check_steps=1", "trainer.enable_progress_bar=false"],
+        tmp_path / "rob",
+    )
     robustify_files(cfg)
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert len(pngs) == 5 and "contact_sheet.png" in pngs  # 4 robustified images and the contact sheet
