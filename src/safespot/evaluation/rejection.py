@@ -110,8 +110,8 @@ class RejectionEvaluation(Evaluation):
     Args:
         name: prefix of every output (no ``/``).
         attacks: ``{key: attack}``, each an :class:`~safespot.attacks.Attack` (PGD with ce / cw
-            / dlr loss and ``eot``, AutoAttack members such as ``apgd-ce`` and ``apgd-dlr``),
-            called with per-image seeds; ``None`` entries are skipped.
+            / dlr loss and ``eot``, AutoAttack members such as ``apgd-ce`` and ``apgd-dlr``, GAMA-PGD,
+            GAMA-MT, MultiTargeted PGD), called with per-image seeds; ``None`` entries are skipped.
         views: any of ``ns``, ``vote``, ``mean`` (sampling views need an FLSS model).
         n_samples: latent draws of the sampling views (paper 004: N = 100).
         sd_scale: test-time scale of the latent standard deviation for attacks and views (paper
