@@ -75,7 +75,7 @@ check-reports:  ## every kept report (and generated block of the docs) equals wh
 reproduce-table4:  ## paper 000 Table 4: OOD detection on the CIFAR-10 class split, 3 training seeds, paired AUROC claims with intervals over seeds (reduced; conf/reproduce/table4.yaml)
 	$(PY) -m safespot.reproduce run table4 $(ARGS)
 
-reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / FLSS (SD 2 and 1) with rejection, bootstrap intervals, the equal-budget FLSS rows (reduced; conf/reproduce/paper004.yaml)
+reproduce-paper004:  ## paper 004 Table 1: PGD-AT / TRADES / AWP / FLSS (SD 2 and 1) with rejection, bootstrap intervals, the equal-budget FLSS rows (reduced; conf/reproduce/paper004.yaml)
 	$(PY) -m safespot.reproduce run paper004 $(ARGS)
 
 reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV / PNI-W / CNI-W models, with intervals and verdicts (conf/reproduce/paper003.yaml)

@@ -27,9 +27,11 @@ import torch
 from omegaconf import OmegaConf
 
 from safespot.attacks import (
+    GAMA,
     PGD,
     Attack,
     AutoAttack,
+    MultiTargetedPGD,
     NoisyViewAttack,
     SafeSpotStep,
     TradesKL,
@@ -70,6 +72,8 @@ def _attacks() -> dict[str, Any]:
         "noisy_view": NoisyViewAttack(PGD("l2", 0.5, steps=2), sigma=0.25),
         "safe_spot_step": SafeSpotStep("linf", 0.1),
         "trades_kl": TradesKL("linf", 0.1, steps=2),
+        "gama_mt": GAMA("linf", 0.1, steps=2, n_targets=2),
+        "mt_pgd": MultiTargetedPGD("l2", 0.5, steps=2, n_targets=2),
     }
 
 

@@ -1,6 +1,7 @@
-"""Paper 004's Table 1 as a spec (conf/reproduce/paper004.yaml): the four rows on the same images
-with bootstrap intervals, the paper's claims with SD = 2 first, each model's training budget read
-from the records of the checkpoint its evaluations scored, and the equal-budget rows."""
+"""Paper 004's Table 1 as a spec (conf/reproduce/paper004.yaml): the rows on the same images with
+bootstrap intervals, the paper's claims with SD = 2 first, each model's training budget read from
+the records of the checkpoint its evaluations scored, each evaluation's attack set read from its
+records, and the rows without records yet (AWP, the equal-budget FLSS model) as not measured."""
 
 import json
 from pathlib import Path
@@ -62,7 +63,10 @@ def _eval(root: Path, key: str, ckpt: str, robust: float, vote: bool) -> None:
     folder.mkdir(parents=True)
     pd.DataFrame(table).to_csv(folder / "records.csv", index=False)
     config = {"_target_": "safespot.evaluation.rejection.RejectionEvaluation", "name": name, "views": views}
-    config["attacks"] = {a: {} for a in ATTACKS}
+    config["attacks"] = {
+        "pgd": {"_target_": "safespot.attacks.PGD", "steps": 100, "loss": "ce", "eot": 1},
+        "apgd_ce": {"_target_": "safespot.attacks.AutoAttack", "attacks": ["apgd-ce"], "n_iter": 100},
+    }
     names = [f"{name}_{p}_{v}" for v in views for p in ["clean", *ATTACKS]]
     meta = {"evaluation_config": {name: config}, "ckpt_path": f"/elsewhere/checkpoints/{ckpt}", "evaluations": names}
     (folder / "results.json").write_text(json.dumps({"meta": meta}))
@@ -94,15 +98,22 @@ def test_the_report_names_each_evaluated_models_budget_and_puts_sd2_first(tmp_pa
     )
     assert rows["PGD-AT"].endswith("| 2 | – | 53.8 | 2 of 2: 53.8 / 30.0 |")  # rounded, not truncated (53.79...)
     assert "(PGD-AT: 2 epochs; TRADES: 2 epochs; FLSS (run flss_24ep): 3 epochs)" in report
-    assert "No records yet of the evaluations `flss_16ep_sd2`, `flss_16ep_sd1` (run `flss_16ep`, 2 epochs)" in report
-    assert "safespot-reproduce run paper004 --only flss_16ep_sd2 --only flss_16ep_sd1" in report
-    assert "| FLSS (SD=2), run flss_16ep | Maj. Vote | – |" in report
+    missing = "`awp` (run `awp_linf`); `flss_16ep_sd2`, `flss_16ep_sd1` (run `flss_16ep`, 2 epochs)"
+    assert f"No records yet of the evaluations {missing}" in report
+    assert "safespot-reproduce run paper004 --out DIR && safespot-reproduce keep paper004 DIR --replace" in report
+    assert "| FLSS (SD=2), run flss_16ep | Maj. Vote | – |" in report and "| AWP | Confidence | – |" in report
+    # each evaluation's attack set, as its records hold it
+    assert "| `pgd_at` | PGD-AT | `pgd` (PGD-100, ce), `apgd_ce` (APGD-CE, 100 iterations) |" in report
+    assert "| `awp` | AWP | not measured (no records) |" in report
     assert "| PGD-AT | Confidence | 80.0 [" in report  # Acc_nat,NS with its interval
     claims = [line for line in report.splitlines() if line.startswith("| FLSS") and " minus " in line]
     assert claims[0].startswith("| FLSS (SD=2) minus PGD-AT: Acc_adv,10%")  # the primary setting leads
     assert "| FLSS (SD=1) minus PGD-AT: Acc_adv,10%, FLSS higher | +" in report
-    assert report.count("not measured (no records)") == 4  # the equal-budget claims
+    unmeasured = [line for line in claims if "not measured (no records)" in line]
+    assert len(unmeasured) == 12  # the six claims against AWP, the six equal-budget claims
+    assert all("AWP" in line or "16 epochs" in line for line in unmeasured)
     assert "| FLSS (SD=2) | Maj. Vote | 80.51 | 77.68 |" in report  # the published rows
+    assert "| AWP | Confidence | 80.58 | 80.58 | 89.14 |" in report
 
 
 def test_a_budget_is_read_from_the_checkpoint_the_evaluations_scored(tmp_path):
@@ -152,7 +163,8 @@ FLSS = ["method=flss", "model.backbone.width=4", "model.hidden=[8]", "model.n_vo
 
 def _small_evaluation(name: str) -> list[str]:
     dropped = ["apgd_ce", "apgd_dlr"] + (["pgd_eot", "apgd_ce_eot"] if name == "rejection_flss" else [])
-    small = [f"evaluation.{name}.attacks.{a}.steps=1" for a in ("pgd", "pgd_cw")]
+    small = [f"evaluation.{name}.attacks.{a}.steps=1" for a in ("pgd", "pgd_cw", "gama_pgd", "gama_mt", "mt_pgd")]
+    small += [f"evaluation.{name}.attacks.{a}.n_targets=2" for a in ("gama_mt", "mt_pgd")]
     small += [f"~evaluation.{name}.attacks.{a}" for a in dropped]
     small += [f"evaluation.{name}.n_samples=8", "data.test_subset=12", "trainer.enable_progress_bar=false"]
     return small + ([f"evaluation.{name}.attack_ns=[pgd,pgd_cw]"] if name == "rejection_flss" else [])
@@ -164,6 +176,7 @@ def small_spec(tmp_path: Path):
     data["runs"] = {k: v for k, v in data["runs"].items() if not k.startswith("explore_")}
     data["runs"]["adv_linf"]["overrides"] = [*TRAIN, *SMALL_CNN, "method=adversarial"]
     data["runs"]["trades_linf"]["overrides"] = [*TRAIN, *SMALL_CNN, "method=trades"]
+    data["runs"]["awp_linf"]["overrides"] = [*TRAIN, *SMALL_CNN, "method=awp"]
     data["runs"]["flss_24ep"]["overrides"] = [*TRAIN, *FLSS, "trainer.max_epochs=2"]
     data["runs"]["flss_16ep"]["overrides"] = [*TRAIN, *FLSS]
     for evaluation in data["evaluations"].values():
@@ -187,8 +200,9 @@ def test_the_paper004_spec_runs_keeps_and_adds_the_equal_budget_rows_later(tmp_p
     assert "(PGD-AT: 1 epochs; TRADES: 1 epochs; FLSS (run flss_24ep): 2 epochs)" in report
     assert "| FLSS (SD=2) | Maj. Vote | " in report and "| FLSS (SD=2), run flss_16ep | Maj. Vote | – |" in report
 
-    run_spec(spec, out, runner=runner)  # resumed: the equal-budget model and its two evaluations
-    assert [c[1] for c in runner.calls[len(trained) + 4 :]] == ["train.py", "evaluate.py", "evaluate.py"]
+    run_spec(spec, out, runner=runner)  # resumed: AWP, the equal-budget model, their evaluations
+    added = [c[1] for c in runner.calls[len(trained) + 4 :]]
+    assert added == ["train.py", "evaluate.py", "train.py", "evaluate.py", "evaluate.py"]
     kept = keep(spec, out)
     assert all(next((kept / "train" / r / "checkpoints").glob("best-*.ckpt"), None) for r in spec.runs)
     assert "No records yet" not in spec.report.read_text() and check_spec(spec) == []

@@ -114,3 +114,18 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("give ckpt_path (resume a run) or init_from (fine-tune its weights), not both")
     if method_runs_attacks(cfg.method):
         refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "training that runs attacks")
+    check_one_step_per_batch(cfg)
+
+
+#: methods that change the weights around the optimiser step of each batch (AWP's perturbation)
+_ONE_STEP_PER_BATCH = ("safespot.methods.AWPTraining",)
+
+
+def check_one_step_per_batch(cfg: DictConfig) -> None:
+    """Refuse gradient accumulation for a method that perturbs the weights for each batch's step."""
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1) or 1
+    if cfg.method.get("_target_") in _ONE_STEP_PER_BATCH and accumulate != 1:
+        raise ConfigError(
+            f"method {cfg.method.get('_target_')} perturbs the weights for the one optimiser step of each "
+            f"batch: trainer.accumulate_grad_batches must be 1, got {accumulate}"
+        )

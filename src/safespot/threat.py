@@ -225,15 +225,24 @@ class LpBall:
         independent of another one made from the same seeds derives its own seeds for its
         purpose, :func:`safespot.utils.rng.derive`).
         """
-        opts = {"device": center.device, "dtype": center.dtype}
-        if seeds is not None:
-            uniform = lambda count, k: seeded_uniform(seeds, count, stream=k, **opts)  # noqa: E731
-            normal = lambda count, k: seeded_normal(seeds, count, stream=k, **opts)  # noqa: E731
-        else:
-            batch = center.shape[0]
-            uniform = lambda count, k: torch.rand((batch, count), generator=generator, **opts)  # noqa: E731
-            normal = lambda count, k: torch.randn((batch, count), generator=generator, **opts)  # noqa: E731
+        uniform, normal = _draws(center, generator, seeds)
         return (center + self._uniform(center.shape, uniform, normal)).clamp(0.0, 1.0)
+
+    def boundary_init(
+        self,
+        center: torch.Tensor,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A point drawn uniformly from the boundary of the ball around each centre, then clamped
+        to [0, 1] (a vertex of the l_inf box, a point of the l_2 sphere: the start of GAMA,
+        :mod:`safespot.attacks.gama`); ``generator`` and ``seeds`` as in :meth:`random_init`."""
+        uniform, normal = _draws(center, generator, seeds)
+        return (center + self._boundary(center.shape, uniform, normal)).clamp(0.0, 1.0)
+
+    def _boundary(self, shape: torch.Size, uniform: Callable, normal: Callable) -> torch.Tensor:
+        """Offsets uniform on the boundary of the ball (draws as in :meth:`_uniform`)."""
+        raise NotImplementedError
 
     def step(self, x: torch.Tensor, grad: torch.Tensor, step_size: float, center: torch.Tensor) -> torch.Tensor:
         """One projected steepest-ascent step; pass ``-grad`` to descend."""
@@ -272,6 +281,12 @@ class LinfBall(LpBall):
     def _uniform(self, shape: torch.Size, uniform: Callable, normal: Callable) -> torch.Tensor:
         d = math.prod(shape[1:])
         return (2 * uniform(d, 0).view(shape) - 1) * self.eps
+
+    def _boundary(self, shape: torch.Size, uniform: Callable, normal: Callable) -> torch.Tensor:
+        """A vertex of the box: every value ``+eps`` or ``-eps`` with probability 1/2."""
+        d = math.prod(shape[1:])
+        u = uniform(d, 0).view(shape)
+        return (2 * (u >= 0.5).to(u.dtype) - 1) * self.eps
 
     def steepest_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """``sign(g)``."""
@@ -342,6 +357,12 @@ class L2Ball(LpBall):
         radius = self.eps * uniform(1, 1).view(-1).pow(1.0 / d)
         return direction * _per_sample(radius, direction)
 
+    def _boundary(self, shape: torch.Size, uniform: Callable, normal: Callable) -> torch.Tensor:
+        """An isotropic Gaussian direction scaled to the sphere of radius ``eps``."""
+        d = math.prod(shape[1:])
+        direction = normal(d, 0).view(shape)
+        return self.eps * direction / _per_sample(self.size(direction) + _TINY, direction)
+
     def steepest_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """``g / ||g||_2`` (zero where the gradient is zero, never NaN)."""
         norms = _per_sample(self.size(grad), grad)
@@ -367,6 +388,23 @@ class L2Ball(LpBall):
     def search_update(self, x: torch.Tensor, v: SearchVariables, grad: torch.Tensor, beta: float) -> torch.Tensor:
         """A projected gradient-descent step onto the ball and [0, 1]."""
         return self.project(x - beta * grad, v.center)
+
+
+def _draws(
+    center: torch.Tensor, generator: torch.Generator | None, seeds: torch.Tensor | None
+) -> tuple[Callable, Callable]:
+    """``(uniform, normal)``: ``(count, stream) -> (B, count)`` draws for the images of ``center``,
+    from per-image seeded streams (``seeds``) or from ``generator`` (the global RNG when ``None``),
+    created on the centre's device in its dtype."""
+    opts = {"device": center.device, "dtype": center.dtype}
+    if seeds is not None:
+        uniform = lambda count, k: seeded_uniform(seeds, count, stream=k, **opts)  # noqa: E731
+        normal = lambda count, k: seeded_normal(seeds, count, stream=k, **opts)  # noqa: E731
+    else:
+        batch = center.shape[0]
+        uniform = lambda count, k: torch.rand((batch, count), generator=generator, **opts)  # noqa: E731
+        normal = lambda count, k: torch.randn((batch, count), generator=generator, **opts)  # noqa: E731
+    return uniform, normal
 
 
 _BALLS: dict[str, type[LpBall]] = {"linf": LinfBall, "l2": L2Ball}

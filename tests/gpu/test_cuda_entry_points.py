@@ -285,6 +285,8 @@ def test_flss_rejection_evaluation(flss_ckpt, device, tmp_path):
     small = [f"{prefix}.attacks.{a}.steps=2" for a in ("pgd", "pgd_cw", "pgd_eot")]
     small += [f"{prefix}.attacks.{a}.n_iter=2" for a in ("apgd_ce", "apgd_dlr", "apgd_ce_eot")]
     small += [f"{prefix}.attacks.pgd_eot.eot=2", f"{prefix}.attacks.apgd_ce_eot.eot_iter=2", f"{prefix}.n_samples=10"]
+    small += [f"{prefix}.attacks.{a}.steps=2" for a in ("gama_pgd", "gama_mt", "mt_pgd")]
+    small += [f"{prefix}.attacks.{a}.n_targets=2" for a in ("gama_mt", "mt_pgd")]
     results, records = evaluate_on(
         device, flss_ckpt, tmp_path / "rejection", "evaluation=[rejection_flss]", "data.test_subset=16", *small
     )

@@ -12,7 +12,9 @@ from safespot.attacks.base import (
     check_attack,
 )
 from safespot.attacks.context import attack_context
+from safespot.attacks.gama import GAMA
 from safespot.attacks.losses import get_loss
+from safespot.attacks.multitargeted import MultiTargetedPGD
 from safespot.attacks.nattack import NAttack
 from safespot.attacks.noisy_view import NoisyViewAttack, VotingNoisyView
 from safespot.attacks.pgd import PGD, fgsm, fgsm_rs
@@ -20,12 +22,14 @@ from safespot.attacks.safe_spot import SafeSpotStep
 from safespot.attacks.trades import TradesKL, trades_kl
 
 __all__ = [
+    "GAMA",
     "PGD",
     "Attack",
     "AttackFactory",
     "AttackSpec",
     "AutoAttack",
     "CountsQueries",
+    "MultiTargetedPGD",
     "NAttack",
     "NoisyViewAttack",
     "SafeSpotStep",

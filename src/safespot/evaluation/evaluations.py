@@ -125,8 +125,17 @@ class AttackEvaluation(Evaluation):
         self.attack = attack
         self.requires_smoothing = attack.requires_smoothing
 
-    def points(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        x_adv = self.attack(model, x, y, seeds=seeds)
+    def points(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seeds: torch.Tensor,
+        vote_seeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attack's points; ``vote_seeds``: the seeds the caller scores them with, when they
+        are not ``seeds`` (an attack that judges success by a vote judges with them)."""
+        x_adv = self.attack(model, x, y, seeds=seeds, vote_seeds=vote_seeds)
         if not self.ball.contains(x_adv, x, tol=1e-5).all():
             raise RuntimeError(f"evaluation {self.name!r}: the attack left its threat model")
         return x_adv

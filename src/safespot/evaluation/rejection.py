@@ -28,9 +28,18 @@ without rejection.
 Attacks run on the model as it is: on an FLSS model every forward pass draws a fresh latent
 sample (at the test-time scale ``sd_scale``), so gradient attacks are randomised and
 ``PGD(eot=k)`` / AutoAttack's ``rand`` version with ``eot_iter`` average gradients over draws
-(expectation over transformation; paper 004, Section 5.5). The latent draws of the scoring views
-are seeded per image, so scores do not depend on batching; the draws inside the attacks come from
-the global random state.
+(expectation over transformation; paper 004, Section 5.5).
+
+Seeds. Point set ``k`` (0 the clean image, then the attacks, then the attacks on ``C(x, 0)``) is
+attacked with the per-image seeds ``derive(seeds, "rejection_attack", k)`` and scored by the views
+with ``derive(seeds, "rejection_view", k)`` (:mod:`safespot.utils.rng`). The latent draws inside a
+seeded attack (PGD, GAMA, the multi-targeted attacks) come from the images' own streams
+(:func:`safespot.smoothing.seeded_noise`), and so do the views' draws: those records depend neither
+on the batch nor on the number of processes. AutoAttack's members draw from the package's
+generator, seeded per batch (docs/evaluation.md). An attack that judges success by a vote
+(restarts, target runs, AutoAttack's runner) judges it with the vote the points are scored with:
+the vote view's seeds and its ``n_samples`` draws (:meth:`StochasticClassifier.votes`), or
+``C(x, 0)`` for the attacks on the no-sampling classifier.
 """
 
 from __future__ import annotations
@@ -101,8 +110,8 @@ class RejectionEvaluation(Evaluation):
     Args:
         name: prefix of every output (no ``/``).
         attacks: ``{key: attack}``, each an :class:`~safespot.attacks.Attack` (PGD with ce / cw
-            / dlr loss and ``eot``, AutoAttack members such as ``apgd-ce`` and ``apgd-dlr``),
-            called with per-image seeds; ``None`` entries are skipped.
+            / dlr loss and ``eot``, AutoAttack members such as ``apgd-ce`` and ``apgd-dlr``, GAMA-PGD,
+            GAMA-MT, MultiTargeted PGD), called with per-image seeds; ``None`` entries are skipped.
         views: any of ``ns``, ``vote``, ``mean`` (sampling views need an FLSS model).
         n_samples: latent draws of the sampling views (paper 004: N = 100).
         sd_scale: test-time scale of the latent standard deviation for attacks and views (paper
@@ -162,6 +171,20 @@ class RejectionEvaluation(Evaluation):
                     f"(model=flss_*); for a deterministic classifier use views=[ns], attack_ns=false, sd_scale=null"
                 )
 
+    @staticmethod
+    def view_seeds(seeds: torch.Tensor, point: int) -> torch.Tensor:
+        """The seeds of the views that score point set number ``point`` (0: the clean image, then
+        the attacks in :attr:`point_sets` order)."""
+        return derive(seeds, "rejection_view", point)
+
+    def _attack(
+        self, attack: AttackEvaluation, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """Point set ``k``: the attack's outputs, drawn with the seeds ``derive(seeds,
+        "rejection_attack", k)``, its success judged (a vote judges it on an FLSS model: restarts,
+        target runs, AutoAttack's runner) with the seeds of the views that score the set."""
+        return attack.points(model, x, y, derive(seeds, "rejection_attack", k), vote_seeds=self.view_seeds(seeds, k))
+
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -169,20 +192,19 @@ class RejectionEvaluation(Evaluation):
         with ExitStack() as stack:
             if is_stochastic(model):
                 stack.enter_context(model.scaled(self.sd_scale))
+                stack.enter_context(model.votes(self.n_samples))  # the vote that judges is the vote view's
             points: dict[str, torch.Tensor] = {"clean": x}
             for k, (key, attack) in enumerate(self.attacks.items(), start=1):
-                points[key] = attack.points(model, x, y, derive(seeds, "rejection_attack", k))
+                points[key] = self._attack(attack, model, x, y, seeds, k)
             if self.ns_attacks:
                 with model.no_sampling():
                     for k, key in enumerate(self.ns_attacks, start=len(self.attacks) + 1):
-                        points[f"{key}_ns"] = self.attacks[key].points(
-                            model, x, y, derive(seeds, "rejection_attack", k)
-                        )
+                        points[f"{key}_ns"] = self._attack(self.attacks[key], model, x, y, seeds, k)
             fields: dict[str, torch.Tensor] = {}
             for j, (point, x_p) in enumerate(points.items()):
                 if point != "clean":
                     fields[f"{self.name}_{point}/dist"] = geometry(self.norm).size(x_p - x)
-                scored = view_predictions(model, x_p, self.views, self.n_samples, derive(seeds, "rejection_view", j))
+                scored = view_predictions(model, x_p, self.views, self.n_samples, self.view_seeds(seeds, j))
                 for view, (pred, score) in scored.items():
                     prefix = f"{self.name}_{point}_{view}"
                     fields[f"{prefix}/pred"] = pred

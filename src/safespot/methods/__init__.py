@@ -1,6 +1,7 @@
 """Training methods: LightningModules sharing :class:`ClassifierModule`."""
 
 from safespot.methods.adversarial import AdversarialTraining, FastAdversarialTraining
+from safespot.methods.awp import AWPTraining
 from safespot.methods.base import ClassifierModule
 from safespot.methods.flss import FLSSTraining
 from safespot.methods.gaussian import GaussianTraining
@@ -10,6 +11,7 @@ from safespot.methods.preemptive import PreemptiveFastTraining, PreemptiveTraini
 from safespot.methods.trades import TradesTraining
 
 __all__ = [
+    "AWPTraining",
     "AdversarialTraining",
     "ClassifierModule",
     "FLSSTraining",

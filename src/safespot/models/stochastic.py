@@ -13,7 +13,11 @@ paper's "SD = 1, 2", Section 5.3). ``C(x, 0) = M(mu(x))`` is the no-sampling ("N
 Views of the same network:
 
 * ``forward(x)`` draws one ``e`` per image, so a gradient attack sees a stochastic model and
-  expectation over transformation (``PGD(eot=k)``) averages over draws; ``forward(x, eps=e)``
+  expectation over transformation (``PGD(eot=k)``) averages over draws. Inside
+  :func:`safespot.smoothing.seeded_noise` (every seeded attack opens it with its per-image seeds)
+  image ``i``'s draw at the block's ``t``-th forward pass comes from its own stream
+  (``derive(seed_i, "attack_latent", salt, t)``, :mod:`safespot.utils.rng`), so an attacked
+  image does not depend on its batch or the process; outside it, from the global RNG. ``forward(x, eps=e)``
   holds the draw fixed (paper 004, Algorithm 1, line 5: the adversary of a training step is
   crafted with one fixed ``e``); with sampling switched off (:meth:`no_sampling`, or
   ``sample=False``) it is the NS classifier.
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safespot.models.normalize import Normalize
+from safespot.smoothing.soft import NoiseSeeding
 from safespot.utils.prediction import VotingClassifier
 from safespot.utils.rng import derive, image_seeds, seeded_normal
 
@@ -151,6 +156,7 @@ class StochasticClassifier(VotingClassifier):
         self.sample = bool(sample)
         self.n_vote = int(n_vote)
         self.min_sigma = float(min_sigma)
+        self.noise_seeding = NoiseSeeding()  # seeded latent draws inside seeded_noise (attacks)
 
     # --- the two halves ------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,14 +184,22 @@ class StochasticClassifier(VotingClassifier):
     # --- classifier views ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
         """Logits of ``C(x, e)``: with ``eps`` given, that draw (``zeros`` gives ``C(x, 0)``);
-        otherwise a fresh ``e ~ N(0, I)`` per image while :attr:`sample` is on, or ``C(x, 0)``
+        otherwise a fresh ``e ~ N(0, I)`` per image while :attr:`sample` is on (seeded per image
+        inside :func:`safespot.smoothing.seeded_noise`, see the module docstring), or ``C(x, 0)``
         when it is off. ``scale`` overrides :attr:`sd_scale`."""
         mu, sigma = self.encode(x)
         if eps is None:
             if not self.sample:
                 return self.head(mu)
-            eps = torch.randn_like(mu)
+            eps = self.draw_latent(mu)
         return self.head(self.reparameterize(mu, sigma, eps.to(mu.dtype), scale))
+
+    def draw_latent(self, mu: torch.Tensor) -> torch.Tensor:
+        """One ``e ~ N(0, I)`` per row of ``mu``: from the images' streams inside
+        :func:`safespot.smoothing.seeded_noise`, else from the global RNG."""
+        if self.noise_seeding.active:
+            return self.noise_seeding.normal(len(mu), self.latent_dim, "attack_latent", mu.device, mu.dtype)
+        return torch.randn_like(mu)
 
     @contextmanager
     def no_sampling(self) -> Iterator[StochasticClassifier]:
@@ -210,6 +224,20 @@ class StochasticClassifier(VotingClassifier):
             yield self
         finally:
             self.sd_scale = previous
+
+    @contextmanager
+    def votes(self, n: int) -> Iterator[StochasticClassifier]:
+        """Within the block the majority vote (:meth:`vote_logits`) counts ``n`` draws, e.g. the
+        ``n_samples`` of the views that score an evaluation's points, so that an attack judging
+        success by the vote judges it as the points are scored."""
+        previous = self.n_vote
+        if int(n) < 1:
+            raise ValueError(f"n_vote must be >= 1, got {n}")
+        self.n_vote = int(n)
+        try:
+            yield self
+        finally:
+            self.n_vote = previous
 
     @torch.no_grad()
     def sample_logits(

@@ -201,6 +201,8 @@ PURPOSES: dict[str, int] = {
     "noisy_noise": 39,  # the noisy classifier's input noise (counters: salt, forward pass)
     "injected_noise": 40,  # a noise-injected network's own noise (counters: salt, forward pass)
     "monte_carlo_noise": 41,  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
+    "attack_latent": 42,  # FLSS: the latent draws inside seeded attacks (counters: salt, forward pass)
+    "attack_target": 43,  # multi-targeted attacks: the run towards each target class (counter: its rank)
 }
 
 

@@ -14,6 +14,8 @@ vote), and the bootstrap in ``bootstrap: {replicates, seed}``. Sections:
   better, e.g. FW: verdict and size on ``b`` minus ``a``); ``paper`` the paper's ``a`` minus ``b``.
 - ``rejection_points``: each row's accuracy at every point of the attack set, its worst case,
   the median clean score and the images correct when clean that exactly one point breaks.
+- ``rejection_ensemble``: the attack set of each evaluation of the rows, as its records hold it
+  (the attack configs of its ``results.json``), so a row's ensemble is read, never assumed.
 - ``training_table``: training runs (command, epochs, wall time, validation accuracy, the
   checkpoint their evaluations scored and its epoch) with a note when the evaluated models'
   budgets differ or an evaluation of the spec has no records yet.
@@ -40,6 +42,7 @@ from safespot.evaluation.rejection_metrics import (
     bootstrap_metrics,
     metrics_of,
     point_sets,
+    rejection_evaluations,
     row_of,
     table_columns,
     with_clean,
@@ -225,6 +228,59 @@ def rejection_points_section(evidence: Evidence, spec_section: dict[str, Any]) -
     points = with_clean([p for row in rows.values() for p in point_flags(row)])
     table = {"Point": [*points, "worst case", "median clean score", "broken at one point only"]}
     table |= {f"{s.label}, {s.view}": point_cells(row, points) for s, row in rows.items()}
+    return [*_head(evidence, spec_section), markdown_table(pd.DataFrame(table)), ""]
+
+
+# --- the attack sets ---------------------------------------------------------------------------
+def describe_attack(config: dict[str, Any]) -> str:
+    """An attack config of the records in a few words, e.g. ``PGD-100, cw`` or ``GAMA-MT-100, 9 targets``."""
+    kind = str(config.get("_target_", "")).rsplit(".", 1)[-1]
+    steps = config.get("steps")
+    if kind == "PGD":
+        words = [f"PGD-{steps}", str(config.get("loss", "ce"))]
+        words += [f"EOT {config['eot']}"] if int(config.get("eot") or 1) > 1 else []
+        return ", ".join(words + ([f"{config['restarts']} restarts"] if int(config.get("restarts") or 1) > 1 else []))
+    if kind == "AutoAttack":
+        members = "+".join(str(a).upper() for a in config.get("attacks") or [f"AutoAttack {config.get('version')}"])
+        words = [members, f"{config.get('n_iter')} iterations"]
+        rand = config.get("version") == "rand" and int(config.get("eot_iter") or 1) > 1
+        return ", ".join(words + ([f"EOT {config['eot_iter']}"] if rand else []))
+    if kind == "GAMA":
+        targets = config.get("n_targets")
+        return f"GAMA-MT-{steps}, {targets} targets" if targets else f"GAMA-PGD-{steps}"
+    if kind == "MultiTargetedPGD":
+        return f"MT-PGD-{steps}, {config.get('n_targets')} targets"
+    return kind or "?"
+
+
+def attack_set(evidence: Evidence, evaluation: str) -> str:
+    """The attack set of an evaluation's records: each attack key with its description, then the
+    attacks that also ran on the no-sampling classifier ``C(x, 0)``."""
+    found = rejection_evaluations(evidence.meta(evaluation))
+    if len(found) != 1:
+        raise SpecError(
+            f"{evidence.spec.name}: evaluation {evaluation!r} ran {len(found)} rejection evaluations, not one"
+        )
+    (config,) = found.values()
+    attacks = {k: v for k, v in (config.get("attacks") or {}).items() if v is not None}
+    listed = ", ".join(f"`{k}` ({describe_attack(v)})" for k, v in attacks.items())
+    ns = config.get("attack_ns")
+    ns_keys = list(attacks) if ns is True else list(ns or [])
+    return listed + (f"; on C(x, 0): {', '.join(f'`{k}_ns`' for k in ns_keys)}" if ns_keys else "")
+
+
+@section("rejection_ensemble")
+def rejection_ensemble_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    """``rows``: Table 1 rows; one line per evaluation of them (in their order), its attack set as
+    its records hold it (:func:`attack_set`), or not measured."""
+    rows: dict[str, list[str]] = {}
+    for key in spec_section["rows"]:
+        spec = row_spec(evidence, key)
+        rows.setdefault(spec.evaluation, []).append(spec.label)
+    table = []
+    for evaluation, labels in rows.items():
+        found = attack_set(evidence, evaluation) if evidence.has(evaluation) else NOT_MEASURED
+        table.append({"Evaluation": f"`{evaluation}`", "Rows": "; ".join(dict.fromkeys(labels)), "Attack set": found})
     return [*_head(evidence, spec_section), markdown_table(pd.DataFrame(table)), ""]
 
 
