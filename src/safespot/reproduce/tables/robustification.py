@@ -4,6 +4,10 @@
   S-PGD, S-Full) with the accuracies of the robustified images under each attack and their
   Wilson intervals, and the safe-spot rate.
 - ``safe_spot_grid``: paper 000's layout, a row per model, "clean / grey-box PGD" per robustifier.
+
+Both take ``preemptions`` ({evaluation name: label}, default :data:`safespot.report.PREEMPTIONS`):
+the robustifiers shown and their order, e.g. paper 000's S-Full column from the search started
+at x_o (``preempt_sfull_xo``) where paper 002's grid shows the random start (``preempt_sfull``).
 - ``validation_choice``: a robustifier setting chosen on validation images (held-out training
   images, ``data.eval_split=val``): the candidates' validation accuracies, the choice, and a check
   that the test evaluation ran with the chosen value.
@@ -47,6 +51,13 @@ def _title(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     return [str(title).strip().format_map(context(evidence)), ""] if title else []
 
 
+def preemptions(spec_section: dict[str, Any]) -> list[tuple[str, str]]:
+    """The section's robustifiers as ``(evaluation name, label)``: its ``preemptions`` mapping, else
+    :data:`safespot.report.PREEMPTIONS`."""
+    chosen = spec_section.get("preemptions")
+    return list(PREEMPTIONS) if chosen is None else [(str(k), str(v)) for k, v in chosen.items()]
+
+
 def _notes(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     notes = [str(n).strip().format_map(context(evidence)) for n in spec_section.get("notes") or ()]
     return [*notes, ""] if notes else []
@@ -77,7 +88,7 @@ def robustification_grid(evidence: Evidence, spec_section: dict[str, Any]) -> li
     the evaluation's records, the ``columns`` named (headers of :data:`GRID_COLUMNS`, default the
     first five), the safe-spot rate unless ``rate: false``. With ``none_white_is_grey`` the None
     row's white-box cells are its grey-box ones. Rows and columns without a measurement are left
-    out."""
+    out. The rows' robustifiers: :func:`preemptions`."""
     headers = list(spec_section.get("columns") or list(GRID_COLUMNS)[:5])
     unknown = [h for h in headers if h not in GRID_COLUMNS]
     if unknown:
@@ -85,7 +96,7 @@ def robustification_grid(evidence: Evidence, spec_section: dict[str, Any]) -> li
     rows = []
     for label, evaluation in spec_section["models"].items():
         records = evidence.records(evaluation)
-        for key, name in PREEMPTIONS:
+        for key, name in preemptions(spec_section):
             if flags(records, key) is None:
                 continue
             row = {"Model": label, "Preempt.": name}
@@ -107,12 +118,13 @@ def robustification_grid(evidence: Evidence, spec_section: dict[str, Any]) -> li
 @section("safe_spot_grid")
 def safe_spot_grid(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     """Paper 000's layout (Table 1): a row per model of ``models``, per robustifier "clean / grey-box
-    PGD" accuracy (%) of the robustified images (the intervals are in the grid's table)."""
+    PGD" accuracy (%) of the robustified images (the intervals are in the grid's table); the
+    columns' robustifiers: :func:`preemptions`."""
     rows = []
     for label, evaluation in spec_section["models"].items():
         records = evidence.records(evaluation)
         row = {"Model": label}
-        for key, name in PREEMPTIONS:
+        for key, name in preemptions(spec_section):
             clean, grey = flags(records, key), flags(records, f"{key}_pgd")
             if clean is not None and grey is not None:
                 row[name] = f"{100 * clean.mean():.1f} / {100 * grey.mean():.1f}"
