@@ -201,6 +201,7 @@ PURPOSES: dict[str, int] = {
     "noisy_noise": 39,  # the noisy classifier's input noise (counters: salt, forward pass)
     "injected_noise": 40,  # a noise-injected network's own noise (counters: salt, forward pass)
     "monte_carlo_noise": 41,  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
+    "pass_noise": 42,  # a forward pass whose images share a noise-injected network's draw (noise_per=forward)
 }
 
 
