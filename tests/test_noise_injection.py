@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import hydra
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_the_learned_noise_parameters_receive_gradients(noise, seeded):
 @pytest.mark.parametrize("noise", NOISY)
 def test_seeded_draws_are_per_image_and_independent_of_the_batch(noise):
     torch.manual_seed(0)
-    net = ResNet20(noise=noise, blocks=1).eval()
+    net = ResNet20(noise=noise, blocks=1, noise_per="image").eval()
     x, seeds = torch.rand(5, 3, 16, 16), torch.tensor([11, 12, 13, 14, 15])
     with seeded_noise(net, seeds):
         together = net(x)
@@ -66,6 +68,123 @@ def test_seeded_draws_are_per_image_and_independent_of_the_batch(noise):
     with seeded_noise(net, torch.tensor([1, 2])):
         twins = net(x[[0, 0]])
     assert not torch.allclose(twins[0], twins[1])
+
+
+def _noisy_layers(net: torch.nn.Module) -> int:
+    return sum(isinstance(m, NoisyConv2d) for m in net.modules())
+
+
+@pytest.mark.parametrize("noise", ["pni_w", "cni_w"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_noise_per_forward_draws_one_weight_noise_per_layer_and_pass(noise, seeded, monkeypatch):
+    """Paper 003 (and its code) draws one weight noise per forward pass: every noisy layer draws
+    one noise tensor per forward call, so all images of the batch see the same weights (four
+    copies of one image give four equal outputs), and the next pass draws afresh; per image, the
+    same copies with their own seeds see different weights."""
+    torch.manual_seed(0)
+    net = ResNet20(noise=noise, blocks=1, noise_per="forward").eval()
+    x, seeds = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1), torch.tensor([11, 12, 13, 14])
+    drawn = []
+    weight_noise = NoisyConv2d.weight_noise
+
+    def spy(self, rows, passes=None):
+        noise = weight_noise(self, rows, passes)
+        drawn.append(len(noise))
+        return noise
+
+    monkeypatch.setattr(NoisyConv2d, "weight_noise", spy)
+    with seeded_noise(net, seeds if seeded else None):
+        out, again = net(x), net(x)
+    assert drawn == [1] * 2 * _noisy_layers(net)  # one noise tensor per layer per forward pass
+    assert all(torch.equal(out[0], row) for row in out) and not torch.allclose(out, again)
+    per_image = ResNet20(noise=noise, blocks=1, noise_per="image").eval()
+    per_image.load_state_dict(net.state_dict())
+    drawn.clear()
+    with seeded_noise(per_image, seeds if seeded else None):
+        apart = per_image(x)
+    assert drawn == [4] * _noisy_layers(net) and not torch.allclose(apart[0], apart[1])
+
+
+@pytest.mark.parametrize("noise", ["pni_w", "cni_w"])
+def test_noise_per_forward_gives_each_copy_of_a_batch_its_own_pass_seeded(noise):
+    """Inside ``seeded_noise`` a call that holds k copies of the seeded images (a soft smoothed
+    classifier's m noisy copies) is k forward passes: each copy's images share one weight draw,
+    the copies differ, and the same seeds give the same draws."""
+    torch.manual_seed(0)
+    net = ResNet20(noise=noise, blocks=1, noise_per="forward").eval()
+    x, seeds = torch.rand(1, 3, 16, 16).repeat(12, 1, 1, 1), torch.tensor([5, 6, 7, 8])  # 3 copies of 4 images
+    with seeded_noise(net, seeds):
+        out = net(x).view(3, 4, -1)
+    with seeded_noise(net, seeds):
+        again = net(x).view(3, 4, -1)
+    assert torch.equal(out, again)
+    assert all(torch.equal(copy[0], row) for copy in out for row in copy)  # one pass: the same weights
+    assert not torch.allclose(out[0, 0], out[1, 0]) and not torch.allclose(out[1, 0], out[2, 0])
+
+
+def test_the_smoothed_vote_of_a_forward_noise_model_shares_each_draw_across_the_batch():
+    """Paper 003's smoothed inference on a model with one weight noise per forward pass: draw j of
+    the vote is one pass of the batch, so two copies of an image in one batch get the same vote
+    (sigma 0: the model's own noise only), whatever the chunking, and n draws are n passes (12
+    draws are not 1); per image, the copies' votes differ."""
+    from safespot.smoothing import SmoothedClassifier
+
+    torch.manual_seed(0)
+    net = ResNet20(noise="cni_w", blocks=1, noise_per="forward").eval()
+    x, seeds = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1), torch.tensor([5, 6, 7, 8])
+    smoothed = SmoothedClassifier(net, sigma=0.0, n_vote=12, vote="soft", max_batch=48).eval()
+    together = smoothed.vote_logits(x, seed=seeds)
+    assert all(torch.equal(together[0], row) for row in together)
+    smoothed.max_batch = 5  # other chunks: a chunk holds parts of two passes
+    torch.testing.assert_close(smoothed.vote_logits(x, seed=seeds), together, rtol=1e-5, atol=1e-6)
+    one = SmoothedClassifier(net, sigma=0.0, n_vote=1, vote="soft").eval().vote_logits(x, seed=seeds)
+    assert not torch.allclose(one, together)
+    net.apply(lambda m: setattr(m, "noise_per", "image") if isinstance(m, NoisyConv2d) else None)
+    per_image = smoothed.vote_logits(x, seed=seeds)
+    assert not torch.allclose(per_image[0], per_image[1])
+
+
+@pytest.mark.parametrize("preset", ["cifar10_cni_w", "cifar10_pni_w", "cifar10_cni_iw_finetune"])
+def test_paper_003s_presets_draw_one_weight_noise_per_forward_pass(make_cfg, preset):
+    """The paper's protocol (one weight noise per forward pass) is the default of its presets;
+    per-image noise is the option, and an unknown value is refused."""
+    cfg = make_cfg(f"experiment={preset}", "init_from=x", "model.backbone.blocks=1", synthetic=False)
+    assert cfg.model.backbone.noise_per == "forward"
+    layers = [m for m in hydra.utils.instantiate(cfg.model).modules() if isinstance(m, NoisyConv2d)]
+    assert layers and all(m.noise_per == "forward" for m in layers)
+    cfg = make_cfg(f"experiment={preset}", "init_from=x", "model.backbone.noise_per=image", synthetic=False)
+    assert all(
+        m.noise_per == "image" for m in hydra.utils.instantiate(cfg.model).modules() if isinstance(m, NoisyConv2d)
+    )
+    with pytest.raises(ConfigError, match="noise_per must be one of"):
+        ResNet20(noise="cni_w", noise_per="batch")
+
+
+def test_evaluate_draws_a_runs_weight_noise_as_stored_or_as_chosen_and_records_it(make_cfg, tmp_path):
+    """evaluate.py evaluates a noise-injected run with the weight draws it trained with (its
+    model.backbone.noise_per) or with ``noise_per=`` chosen for the evaluation (per image: exact
+    records), and records which in results.json; a model without weight noise refuses it."""
+    from safespot.evaluate import evaluate
+
+    quiet = [o for o in SYNTHETIC if not o.startswith("model")]
+    short = ["model=resnet20", "model.backbone.blocks=1", "method=natural", "trainer.max_epochs=1", "test=false"]
+    runs = {}
+    for noise in ("cni_w", "none"):
+        _, objects = train(
+            make_cfg(*quiet, *short, f"model.backbone.noise={noise}", synthetic=False, out=tmp_path / noise)
+        )
+        runs[noise] = objects["trainer"].checkpoint_callback.last_model_path
+    small = ["evaluation=[clean]", "data.test_subset=4", "trainer.enable_progress_bar=false"]
+    for chosen, expected in ((None, "forward"), ("image", "image")):
+        extra = [] if chosen is None else [f"noise_per={chosen}"]
+        out = tmp_path / f"eval_{chosen}"
+        evaluate(make_cfg(f"ckpt_path={runs['cni_w']}", *small, *extra, name="evaluate", out=out))
+        meta = json.loads((out / "results.json").read_text())["meta"]
+        assert meta["noise_per"] == expected and meta["model_config"]["backbone"]["noise_per"] == expected
+    with pytest.raises(ConfigError, match="noise_per=image: the run's model has no weight noise"):
+        evaluate(make_cfg(f"ckpt_path={runs['none']}", *small, "noise_per=image", name="evaluate", out=tmp_path / "e"))
+    with pytest.raises(ConfigError, match="noise_per must be one of"):
+        evaluate(make_cfg(f"ckpt_path={runs['cni_w']}", *small, "noise_per=batch", name="evaluate", out=tmp_path / "f"))
 
 
 def test_a_noise_injected_resnet20_trains_through_the_normal_command(make_cfg):
@@ -109,7 +228,7 @@ def test_the_smoothed_vote_averages_a_noisy_models_own_noise_per_draw_independen
     from safespot.smoothing import SmoothedClassifier
 
     torch.manual_seed(0)
-    net = ResNet20(noise="cni_w", blocks=1).eval()
+    net = ResNet20(noise="cni_w", blocks=1, noise_per="image").eval()
     x, seeds = torch.rand(4, 3, 16, 16), torch.tensor([5, 6, 7, 8])
     smoothed = SmoothedClassifier(net, sigma=0.0, n_vote=12, vote="soft", max_batch=48).eval()
     together = smoothed.vote_logits(x, seed=seeds)

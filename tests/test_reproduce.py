@@ -34,13 +34,18 @@ def fast(overrides: list[str]) -> list[str]:
     extra = [f"data.test_subset={IMAGES}", "trainer.enable_progress_bar=false"]
     for name in names:
         extra.append(f"evaluation.{name}.attacks.pgd.steps=2")
-        if f"~evaluation.{name}.attacks.autoattack" not in overrides:
+        if name != "preempt_sfull_xo" and f"~evaluation.{name}.attacks.autoattack" not in overrides:
             extra += [
                 f"evaluation.{name}.attacks.autoattack.attacks=[apgd-ce]",
                 f"evaluation.{name}.attacks.autoattack.n_iter=2",
             ]
     if "preempt_spgd" in names:
         extra.append("evaluation.preempt_spgd.robustifier.steps=2")
+    if "preempt_sfull_xo" in names:  # paper 000's S-Full: grey-box PGD only
+        extra += [
+            "evaluation.preempt_sfull_xo.robustifier.max_iter=2",
+            "evaluation.preempt_sfull_xo.robustifier.inner_steps=2",
+        ]
     if "preempt_sfull" in names:
         extra += [
             "evaluation.preempt_sfull.robustifier.max_iter=2",
@@ -147,6 +152,14 @@ def test_linf_evaluates_each_models_grid_at_the_papers_checkpoint_on_the_same_im
         assert "preempt_sfull_white_autoattack/correct" not in records
     assert not any("autoattack" in c for c in evidence.records("natural").columns)
     assert "preempt_sfull_white_pgd/correct" in evidence.records("natural")
+    # S-Full twice: paper 002's search from a random start (its grid), paper 000's from x_o, grey-box PGD only
+    for key in ("natural", "preemptive", "adv"):
+        config = evidence.meta(key)["evaluation_config"]
+        assert config["preempt_sfull"]["robustifier"]["init"] == "random"
+        assert config["preempt_sfull_xo"]["robustifier"]["init"] == "original"
+        xo = [c for c in evidence.records(key).columns if c.startswith("preempt_sfull_xo")]
+        assert {"preempt_sfull_xo/correct", "preempt_sfull_xo_pgd/correct"} <= set(xo)
+        assert not any("autoattack" in c or "white" in c or "8bit" in c for c in xo)
 
 
 def test_linf_report_is_rendered_from_the_records(linf):
@@ -164,6 +177,19 @@ def test_linf_report_is_rendered_from_the_records(linf):
     clean, grey = adv["preempt_spgd/correct"].mean(), adv["preempt_spgd_pgd/correct"].mean()
     paper000 = report.partition("## Paper 000 layout")[2]
     assert row(paper000, "ADV")[3] == f"{100 * clean:.1f} / {100 * grey:.1f}"  # paper 000's layout, S-PGD
+    # its S-Full column is the search from x_o (paper 000, Algorithm 1), paper 002's grid the random start
+    clean, grey = adv["preempt_sfull_xo/correct"].mean(), adv["preempt_sfull_xo_pgd/correct"].mean()
+    assert row(paper000, "ADV")[4] == f"{100 * clean:.1f} / {100 * grey:.1f}"
+    paper002 = report.partition("## Paper 002 layout")[2].partition("Published (paper 002")[0]
+    assert {r.split("|")[2].strip() for r in paper002.splitlines() if r.startswith("| ADV |")} == {
+        "None",
+        "S-FGSM",
+        "S-PGD",
+        "S-Full",
+    }
+    xo_claim = claim_row(report, "ADV: grey PGD accuracy, S-Full (from x_o) minus None")
+    a, b = adv["preempt_sfull_xo_pgd/correct"].astype(bool), adv["preempt_none_pgd/correct"].astype(bool)
+    assert xo_claim[1] == paired_difference(a, b).percent()
     # a comparison of two models on all images, and on the images both classify correctly
     a, b = ours["preempt_sfull_pgd/correct"].astype(bool), adv["preempt_sfull_pgd/correct"].astype(bool)
     both = (ours["clean/correct"] & adv["clean/correct"]).astype(bool).to_numpy()
@@ -171,7 +197,7 @@ def test_linf_report_is_rendered_from_the_records(linf):
     restricted = claim_row(report, "Under S-Full, Ours minus ADV: grey PGD accuracy, images both classify correctly")
     assert everywhere[1] == paired_difference(a, b).percent()
     assert restricted[1] == paired_difference(a[both], b[both]).percent()
-    assert claim_row(report, "ADV: grey PGD accuracy, S-Full minus S-FGSM")[3] == "+7.98"  # paper 000's gap
+    assert claim_row(report, "ADV: grey PGD accuracy, S-Full (from x_o) minus S-FGSM")[3] == "+7.98"  # paper 000's gap
     verdicts = next(line for line in report.splitlines() if line.startswith("Verdicts: "))
     assert "Ours > ADV grey PGD (both correct)" in verdicts and "Natural S-Full > None" in verdicts
     # white-box examples misclassified outside B_eps(x_o): a share of the images whose x_r is correct
@@ -333,9 +359,10 @@ def test_safe_spot_aware_rows_are_compared_with_adv_on_the_same_images(tmp_path,
     claims = next(s for s in spec.sections if s["kind"] == "claims_verdicts")
     among = {**claims, "claims": [c for c in claims["claims"] if "sfgsm_adv/" not in c["a"] + c["b"]]}
     report = render(spec, tmp_path / "out", (among,))
-    a, b = spgd["preempt_sfull_pgd/correct"].astype(bool), adv["preempt_sfull_pgd/correct"].astype(bool)
+    # paper 000's claims: S-Full started at x_o (its Algorithm 1)
+    a, b = spgd["preempt_sfull_xo_pgd/correct"].astype(bool), adv["preempt_sfull_xo_pgd/correct"].astype(bool)
     both = (spgd["clean/correct"] & adv["clean/correct"]).astype(bool).to_numpy()
-    text = "Grey PGD accuracy under S-Full, S-PGD+ADV minus ADV"
+    text = "Grey PGD accuracy under S-Full (from x_o), S-PGD+ADV minus ADV"
     assert claim_row(report, text)[1] == paired_difference(a, b).percent() and claim_row(report, text)[3] == "+4.78"
     restricted = claim_row(report, f"{text}, images both classify correctly")
     assert restricted[1] == paired_difference(a[both], b[both]).percent()

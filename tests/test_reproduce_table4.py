@@ -230,6 +230,35 @@ def test_models_are_reported_at_the_checkpoint_each_detector_used(tmp_path):
     assert _row(report, "1", "0.4")[3:] == ["0.01", "+0.100, -0.200", "60.0"]  # tuned settings
 
 
+def test_the_report_states_the_search_start_and_schedule_each_run_stored(tmp_path):
+    """Paper 000's safe-spot score searches from x_o (its Algorithm 1): the spec leaves the start to
+    the detector's preset, and the report states the start and schedule from each run's stored
+    config, so records made with paper 002's random start say so."""
+    spec = _kept_spec(tmp_path)
+    assert all(not any(".robustifier.init" in o for o in e.overrides) for e in spec.evaluations.values())
+    assert all("detector.safe_spot.robustifier.max_iter=100" in e.overrides for e in spec.evaluations.values())
+    _write_records(spec.records, {})
+    assert "as the runs stored it: seeds 0, 1, 2: not in the records." in render(spec, spec.records)
+    stored = [("original", None), ("original", None), ("random", 5)]
+    for seed, (init, early_exit) in enumerate(stored):
+        path = spec.records / "eval" / f"seed{seed}" / "results.json"
+        results = json.loads(path.read_text())
+        search = {
+            "init": init,
+            "max_iter": 100 if init == "original" else 20,
+            "inner_steps": 20,
+            "early_exit": early_exit,
+        }
+        results["detector_config"] = {"safe_spot": {"robustifier": search}}
+        path.write_text(json.dumps(results))
+    report = render(spec, spec.records)
+    assert (
+        "seeds 0, 1: started at x_o (paper 000, Algorithm 1), MAXITER 100, T 20, N 1, the last iterate, no early "
+        "exit; seed 2: started at a uniform random point of B_delta(x_o) (paper 002's start, not paper 000's), "
+        "MAXITER 20, T 20, N 1, the last iterate, early exit after 5 iterations without a successful inner attack."
+    ) in report
+
+
 @pytest.mark.usefixtures("one_thread")  # many tiny forward passes: one thread is fastest
 def test_the_table4_spec_runs_on_synthetic_data_and_renders_from_its_records(tmp_path):
     """One seed through the engine: the preemptive run first, the fine-tune from its last

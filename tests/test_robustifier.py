@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC, compose_config
 from safespot.attacks import PGD
@@ -215,6 +216,46 @@ def test_defaults_are_the_papers_protocol(tmp_path):
         assert node.init == "random" and node.output == "last", name
     with pytest.raises(ThreatConfigError, match="output"):
         SafeSpotSearch("linf", 0.05, output="worst")
+
+
+def test_each_papers_presets_start_the_search_where_the_paper_does(tmp_path):
+    """Paper 000's Algorithm 1 starts the search at x_o (x_s = x_o): the default of its presets, the
+    S-Full column of its Table 1 (preempt_sfull_xo) and the safe-spot OOD score; paper 002's presets
+    (preempt_sfull, robustify.py's sfull_fast and sfull_paper) keep its random start (Section 3.7)."""
+    evaluate = ["evaluation=[preempt_sfull,preempt_sfull_xo]", "ckpt_path=x"]
+    robustify = ["ckpt_path=x", "input=x", "output=y"]
+    expected = [
+        ("evaluate", evaluate, "evaluation.preempt_sfull_xo.robustifier", "original"),
+        ("ood", ["detector=[safe_spot]", "ckpt_path=x"], "detector.safe_spot.robustifier", "original"),
+        ("robustify", [*robustify, "robustifier=sfull_paper000"], "robustifier", "original"),
+        ("evaluate", evaluate, "evaluation.preempt_sfull.robustifier", "random"),
+        ("robustify", robustify, "robustifier", "random"),
+        ("robustify", [*robustify, "robustifier=sfull_paper"], "robustifier", "random"),
+    ]
+    for name, overrides, key, start in expected:
+        node = OmegaConf.select(compose_config(name, overrides, tmp_path), key)
+        assert node.init == start and node.max_iter == 100 and node.inner_steps == 20, (name, key)
+        assert node._target_ == "safespot.defenses.SafeSpotSearch"
+    xo = OmegaConf.select(compose_config("evaluate", evaluate, tmp_path), "evaluation.preempt_sfull_xo")
+    assert set(xo.attacks) == {"pgd"} and xo.white_box is None  # paper 000's Table 1: grey-box PGD only
+
+
+def test_the_search_from_x_o_starts_at_x_o(tiny_net, images, monkeypatch):
+    """``init=original`` (paper 000, Algorithm 1): the first iterate whose worst-case loss the search
+    measures is x_o itself, bit for bit; ``init=random`` starts elsewhere in B_delta(x_o)."""
+    x, _ = images
+    first = {}
+    original = SafeSpotSearch._first_order
+
+    def spy(self, model, x_r, labels, seeds):
+        first.setdefault(self.init, x_r.detach().clone())
+        return original(self, model, x_r, labels, seeds)
+
+    monkeypatch.setattr(SafeSpotSearch, "_first_order", spy)
+    for init in ("original", "random"):
+        SafeSpotSearch("linf", 0.1, max_iter=2, inner_steps=2, init=init)(tiny_net, x, seeds=torch.arange(16))
+    assert torch.equal(first["original"], x)
+    assert not torch.equal(first["random"], x) and LpBall("linf", 0.1).contains(first["random"], x, tol=1e-6).all()
 
 
 def test_random_start_and_first_inner_attack_draw_different_offsets(tiny_net, images, monkeypatch):

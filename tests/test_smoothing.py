@@ -188,12 +188,12 @@ SEED_7_IMAGES = [-4873906296908388014, -4105697605423906230, -801741725039138801
 
 def _monte_carlo_noise(x: torch.Tensor, seeds: torch.Tensor, n: int, estimate: int, sigma: float) -> torch.Tensor:
     """Draw j of image i: elements ``j d .. (j + 1) d - 1`` of its ``monte_carlo_noise`` stream
-    for ``estimate``, rows in image-major order, shape ``(B * n, *x.shape[1:])``."""
+    for ``estimate``, rows in draw-major order, shape ``(n * B, *x.shape[1:])``."""
     from safespot.utils.rng import derive, seeded_normal_at
 
     d = x[0].numel()
-    keys = derive(seeds, "monte_carlo_noise", estimate).repeat_interleave(n)
-    draws = torch.arange(n).repeat(len(x))
+    keys = derive(seeds, "monte_carlo_noise", estimate).repeat(n)
+    draws = torch.arange(n).repeat_interleave(len(x))
     return sigma * seeded_normal_at(keys, draws * d, d).view(len(x) * n, *x.shape[1:])
 
 
@@ -215,13 +215,13 @@ def test_monte_carlo_noise_is_the_named_stream_of_each_estimate():
     for call, used, n, estimate in calls:
         base.inputs.clear()
         call()
-        noise = torch.cat(base.inputs) - x.repeat_interleave(n, 0)
+        noise = torch.cat(base.inputs) - x.repeat(n, 1, 1, 1)
         assert torch.allclose(noise, _monte_carlo_noise(x, used, n, estimate, 0.25), atol=1e-6)
     base.inputs.clear()
     model.certify(x, n0=3, n=5, alpha=0.01, seed=seeds)
     select, count = torch.cat(base.inputs).split([4 * 3, 4 * 5])
-    assert torch.allclose(select - x.repeat_interleave(3, 0), _monte_carlo_noise(x, seeds, 3, 1, 0.25), atol=1e-6)
-    assert torch.allclose(count - x.repeat_interleave(5, 0), _monte_carlo_noise(x, seeds, 5, 2, 0.25), atol=1e-6)
+    assert torch.allclose(select - x.repeat(3, 1, 1, 1), _monte_carlo_noise(x, seeds, 3, 1, 0.25), atol=1e-6)
+    assert torch.allclose(count - x.repeat(5, 1, 1, 1), _monte_carlo_noise(x, seeds, 5, 2, 0.25), atol=1e-6)
 
 
 # --- attacks on the smoothed classifier ---------------------------------------------------
@@ -489,10 +489,11 @@ def test_vectorised_binomial_test_equals_scipy_binomtest():
 
 
 def test_draw_rows_cover_each_draw_of_each_image_once_in_order():
-    """The noisy samples of a vote: image-then-draw order, chunks of at most max_batch rows."""
+    """The noisy samples of a vote: draw-then-image order (a chunk holds few draws, i.e. few
+    forward passes of a network whose noise a pass shares), chunks of at most max_batch rows."""
     from safespot.smoothing.smoothed import draw_rows
 
     parts = list(draw_rows(3, 7, 5, torch.device("cpu")))
     assert [len(owner) for owner, _ in parts] == [5, 5, 5, 5, 1]
     owner, draw = (torch.cat(t) for t in zip(*parts, strict=True))
-    assert torch.equal(owner, torch.arange(3).repeat_interleave(7)) and torch.equal(draw, torch.arange(7).repeat(3))
+    assert torch.equal(owner, torch.arange(3).repeat(7)) and torch.equal(draw, torch.arange(7).repeat_interleave(3))

@@ -21,7 +21,16 @@ from torch import nn
 from safespot.checks import check_batch_size, check_eval_subsets
 from safespot.errors import ConfigError
 from safespot.evaluation import Evaluation, EvaluationModule
-from safespot.runs import describe_model, load_model, load_run_settings, model_input, run_source, training_preset
+from safespot.models.noise_injection import weight_noise_per
+from safespot.runs import (
+    describe_model,
+    load_model,
+    load_run_settings,
+    model_input,
+    run_source,
+    training_preset,
+    with_noise_per,
+)
 from safespot.threat import parse_budget
 from safespot.utils.callbacks import runtime_callbacks
 from safespot.utils.instantiate import instantiate, instantiate_callbacks, instantiate_loggers
@@ -73,6 +82,7 @@ def evaluated_run(cfg: DictConfig, checkpoint: dict[str, Any]) -> dict[str, Any]
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     refuse_float16(cfg.trainer.get("precision", "32-true"), "trainer.precision", "evaluation")  # before any work
     checkpoint, run_cfg, data_cfg = load_run_settings(cfg)
+    run_cfg = with_noise_per(run_cfg, cfg.get("noise_per"))  # a noise-injected model's draws: as stored, or chosen here
     processes_and_data = OmegaConf.create({"trainer": cfg.trainer, "data": data_cfg})
     check_batch_size(processes_and_data)
     check_eval_subsets(processes_and_data, ("test",))
@@ -104,6 +114,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "evaluation_config": to_plain(cfg.evaluation),
         "smoothing": to_plain(smoothing) if smoothing is not None else None,
         "precision": str(cfg.trainer.get("precision", "32-true")),
+        "model_config": to_plain(run_cfg.model),
+        "noise_per": weight_noise_per(net),  # how a noise-injected model drew its weight noise (None: no weight noise)
     }
     meta["training_run"] = evaluated_run(cfg, checkpoint)
     module = EvaluationModule(net, evaluations, seed=cfg.seed, output_dir=out, meta=meta,

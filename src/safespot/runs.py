@@ -13,6 +13,7 @@ from torch import nn
 
 from safespot.checks import check_threat, input_shape
 from safespot.errors import ConfigError
+from safespot.models.noise_injection import check_noise_per
 from safespot.models.zoo import is_zoo_model, zoo_run_config
 from safespot.paths import CONFIG_DIR
 from safespot.utils.checkpoint import CheckpointError, load_checkpoint, net_state_dict
@@ -116,6 +117,29 @@ def run_threat(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.threat.norm, cfg.threat.eps = threat.norm, threat.eps
     return threat
+
+
+#: the noise kinds whose weight noise ``noise_per`` chooses how to draw (paper 003's PNI-W, CNI-W)
+WEIGHT_NOISE = ("pni_w", "cni_w")
+
+
+def with_noise_per(run_cfg: DictConfig, noise_per: str | None) -> DictConfig:
+    """``run_cfg`` with its noise-injected model drawing its weight noise per ``noise_per``
+    (``forward``: one draw per forward pass, paper 003; ``image``: one per image, exact records;
+    ``None``: as the run stored it, :mod:`safespot.models.noise_injection`). A model without weight
+    noise is refused (checked before any work)."""
+    if noise_per is None:
+        return run_cfg
+    check_noise_per(str(noise_per))
+    backbone = run_cfg.model.get("backbone") if isinstance(run_cfg.get("model"), DictConfig) else None
+    if backbone is None or backbone.get("noise", "none") not in WEIGHT_NOISE:
+        raise ConfigError(
+            f"noise_per={noise_per}: the run's model has no weight noise "
+            f"(model.backbone.noise is one of {list(WEIGHT_NOISE)} for paper 003's noise-injected models)"
+        )
+    with open_dict(run_cfg):
+        run_cfg.model.backbone.noise_per = str(noise_per)
+    return run_cfg
 
 
 def load_model(checkpoint: dict[str, Any], run_cfg: DictConfig, num_classes: int) -> Any:

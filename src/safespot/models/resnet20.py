@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safespot.models.noise_injection import NoiseKind, NoisyConv2d, check_noise_kind
+from safespot.models.noise_injection import NoiseKind, NoisePer, NoisyConv2d, check_noise_kind, check_noise_per
 from safespot.smoothing.soft import NoiseSeeding
 
 
@@ -44,8 +44,8 @@ class _Block(nn.Module):
 
 class ResNet20(nn.Module):
     """ResNet-20 (``blocks`` per stage: 3), optionally noise-injected (``noise``; PNI's initial
-    ``alpha``, CNI-W's ``rank`` and initial ``diag_init`` / ``factor_init``, see
-    :class:`~safespot.models.noise_injection.NoisyConv2d`)."""
+    ``alpha``, CNI-W's ``rank`` and initial ``diag_init`` / ``factor_init``, how the weight noise
+    is drawn, ``noise_per``: see :class:`~safespot.models.noise_injection.NoisyConv2d`)."""
 
     def __init__(
         self,
@@ -57,16 +57,18 @@ class ResNet20(nn.Module):
         rank: int = 5,
         diag_init: float = 0.25**2,
         factor_init: float = 0.01,
+        noise_per: NoisePer = "image",
     ) -> None:
         super().__init__()
         check_noise_kind(noise)
+        check_noise_per(noise_per)
         self.num_classes, self.noise = num_classes, noise
         if noise == "none":
             conv, options = nn.Conv2d, {}
         else:
             self.noise_seeding = NoiseSeeding()  # one source for every layer (seeded_noise finds it)
             options = {"noise": noise, "alpha": alpha, "rank": rank, "noise_seeding": self.noise_seeding}
-            options |= {"diag_init": diag_init, "factor_init": factor_init}
+            options |= {"diag_init": diag_init, "factor_init": factor_init, "noise_per": noise_per}
             conv = NoisyConv2d
         layers: list[nn.Module] = [conv(in_channels, 16, 3, 1, 1, bias=False, **options), nn.BatchNorm2d(16), nn.ReLU()]
         cin = 16

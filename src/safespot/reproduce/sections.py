@@ -15,6 +15,13 @@ renderer ``(evidence, section) -> lines``. The general kinds:
 
 Reproductions with tables of their own kind (OOD detection, rejection, votes, reconstruction)
 add renderers with :func:`section`.
+
+Evaluations a spec names before they have run: a ``table`` or ``claims`` section with a
+``missing_note`` renders the cells and claims of evaluations without records as not measured,
+followed by the evaluations missing and the note (e.g. where the commands that add them are:
+:func:`not_measured`); without one, a missing record is an error. ``not_measured`` lists every
+evaluation of the spec without records and the ``command`` that adds them (nothing once all have
+run).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from safespot.utils.tables import markdown_table
 Renderer = Callable[[Evidence, dict[str, Any]], list[str]]
 SECTIONS: dict[str, Renderer] = {}
 MISSING = "–"
+NOT_MEASURED = "not measured"
 
 
 def section(kind: str) -> Callable[[Renderer], Renderer]:
@@ -78,6 +86,50 @@ def text_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     return [str(spec_section["text"]).strip().format_map(context(evidence)), ""]
 
 
+def unmeasured(evidence: Evidence, keys: Any) -> list[str]:
+    """The evaluations among ``keys`` (names of the spec's evaluations) without records yet, in the
+    spec's order."""
+    wanted = set(keys)
+    unknown = sorted(wanted - set(evidence.spec.evaluations))
+    if unknown:
+        raise SpecError(
+            f"{evidence.spec.name}: no evaluation {unknown[0]!r} (evaluations: {sorted(evidence.spec.evaluations)})"
+        )
+    return [key for key in evidence.spec.evaluations if key in wanted and not evidence.has(key)]
+
+
+def _named(keys: list[str]) -> str:
+    return ", ".join(f"`{key}`" for key in keys)
+
+
+def not_measured(keys: list[str], note: str) -> list[str]:
+    """The line under a section some of whose evaluations have no records yet: which, and the
+    section's ``missing_note``."""
+    if not keys:
+        return []
+    return [f"Not measured yet (no records of {_named(keys)}). {note}".strip(), ""]
+
+
+@section("not_measured")
+def not_measured_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    """Every evaluation of the spec without records yet and the ``command`` that adds them;
+    nothing once every evaluation has run."""
+    missing = [key for key in evidence.spec.evaluations if not evidence.has(key)]
+    if not missing:
+        return []
+    lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
+    lines += [f"The spec's evaluations without records yet: {_named(missing)}. The commands that add them:", ""]
+    return [*lines, "```bash", str(spec_section["command"]).strip(), "```", ""]
+
+
+def cell_evaluation(spec_cell: Any) -> str | None:
+    """The evaluation a table cell reads (``acc:<evaluation>/...`` and the like), or ``None``."""
+    kind, sep, rest = str(spec_cell).partition(":")
+    if spec_cell is None or not sep or kind not in ("acc", "mean", "value", "pct"):
+        return None
+    return rest.partition("/")[0]
+
+
 def cell(evidence: Evidence, spec_cell: Any) -> str:
     """One table cell (see the module docstring)."""
     if spec_cell is None:
@@ -102,16 +154,20 @@ def cell(evidence: Evidence, spec_cell: Any) -> str:
 @section("table")
 def table_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     columns = list(spec_section["columns"])
+    note = spec_section.get("missing_note")
+    referenced = [e for row in spec_section["rows"] for c in row if (e := cell_evaluation(c)) is not None]
+    missing = unmeasured(evidence, referenced) if note else []
     rows = []
     for row in spec_section["rows"]:
         if len(row) != len(columns):
             raise SpecError(f"{evidence.spec.name}: a table row has {len(row)} cells for {len(columns)} columns")
-        rows.append([cell(evidence, c) for c in row])
+        rows.append([NOT_MEASURED if cell_evaluation(c) in missing else cell(evidence, c) for c in row])
     lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
     lines += [str(n).strip().format_map(context(evidence)) for n in spec_section.get("notes") or ()]
     if spec_section.get("notes"):
         lines.append("")
-    return [*lines, markdown_table(pd.DataFrame(rows, columns=columns)), ""]
+    table = [markdown_table(pd.DataFrame(rows, columns=columns)), ""]
+    return [*lines, *table, *not_measured(missing, str(note or "").strip())]
 
 
 @section("published")
@@ -119,14 +175,46 @@ def published_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[
     return [str(spec_section["source"]).strip(), "", str(spec_section["table"]).strip(), ""]
 
 
+def claim_evaluations(claim: dict[str, Any]) -> list[str]:
+    """The evaluations a claim reads (its ``a``, ``b`` and ``restrict`` fields, each
+    ``<evaluation>/<field>`` or a list of them)."""
+    refs: list[str] = []
+    for key in ("a", "b", "restrict"):
+        value = claim.get(key) or []
+        refs += [value] if isinstance(value, str) else [str(v) for v in value]
+    return [ref.partition("/")[0] for ref in refs]
+
+
+def measured_claims(evidence: Evidence, spec_section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The section's claims whose evaluations all have records, and (with a ``missing_note``)
+    the evaluations the others still need; without one, every claim is measured or an error."""
+    claims = list(spec_section["claims"])
+    if not spec_section.get("missing_note"):
+        return claims, []
+    missing = unmeasured(evidence, [e for claim in claims for e in claim_evaluations(claim)])
+    return [c for c in claims if not set(claim_evaluations(c)) & set(missing)], missing
+
+
+def unmeasured_claims(spec_section: dict[str, Any], missing: list[str]) -> list[str]:
+    """The claims that wait for ``missing`` evaluations, listed, and the section's ``missing_note``."""
+    waiting = [str(c["text"]) for c in spec_section["claims"] if set(claim_evaluations(c)) & set(missing)]
+    if not waiting:
+        return []
+    lines = ["Claims not measured yet:", "", *(f"- {text}" for text in waiting), ""]
+    return [*lines, *not_measured(missing, str(spec_section["missing_note"]).strip())]
+
+
 @section("claims")
 def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
-    results = [evaluate_claim(evidence, claim) for claim in spec_section["claims"]]
+    claims, missing = measured_claims(evidence, spec_section)
+    results = [evaluate_claim(evidence, claim) for claim in claims]
     lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
-    table = pd.DataFrame([r.row() for r in results])
-    if all(r.paper is None for r in results):
-        table = table.drop(columns=["Paper", "Size vs paper"])
-    return [*lines, markdown_table(table), ""]
+    if results:
+        table = pd.DataFrame([r.row() for r in results])
+        if all(r.paper is None for r in results):
+            table = table.drop(columns=["Paper", "Size vs paper"])
+        lines += [markdown_table(table), ""]
+    return [*lines, *unmeasured_claims(spec_section, missing)]
 
 
 def command_line(entry: dict[str, Any]) -> str:

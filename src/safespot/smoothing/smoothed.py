@@ -168,13 +168,22 @@ def binomial_pvalue_half(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
 
 def draw_rows(batch: int, n: int, max_batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(owner, draw)`` of the ``n`` noisy samples of each of ``batch`` images, in chunks of at
-    most ``max_batch`` rows, image-then-draw order: row ``r`` of the ``batch * n`` rows is draw
-    ``r % n`` of image ``r // n``. Made on ``device`` by arithmetic: one loop step per chunk,
-    none per image."""
+    most ``max_batch`` rows, draw-then-image order: row ``r`` of the ``batch * n`` rows is draw
+    ``r // batch`` of image ``r % batch`` (so a chunk holds few draws: few forward passes of a
+    network whose noise is shared by a pass, :func:`vote_passes`). Made on ``device`` by
+    arithmetic: one loop step per chunk, none per image."""
     total = batch * n
     for lo in range(0, total, max_batch):
         rows = torch.arange(lo, min(lo + max_batch, total), device=device)
-        yield rows // n, rows % n
+        yield rows % batch, rows // batch
+
+
+def vote_passes(seeds: torch.Tensor, draw: torch.Tensor, purpose: int) -> torch.Tensor:
+    """The forward pass of each row of a smoothed vote (``seeded_noise``'s ``passes``): draw ``j``
+    of every image of the batch is one pass, keyed by the batch's first seed, the estimate
+    (``purpose``) and ``j``, as paper 003 passes a batch through a noise-injected network once per
+    draw (``noise_per=forward``; no effect on other noise)."""
+    return derive(seeds[:1].expand(len(draw)), "smoothing_draw", purpose, draw)
 
 
 @dataclass
@@ -289,8 +298,10 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         for owner, draw in draw_rows(len(x), n, self.max_batch, x.device):
             noise = self._noise(x, seed_words, owner, draw, purpose)
             # a noise-injected base (PNI, CNI) draws its own noise per row: draw j of image i from
-            # (seed_i, purpose, j), whatever the chunk (no-op for a deterministic base)
-            with seeded_noise(self.base, derive(seed_words[owner], "smoothing_draw", purpose, draw)):
+            # (seed_i, purpose, j), whatever the chunk, or per pass, draw j of the batch (no-op for a
+            # deterministic base)
+            row_seeds = derive(seed_words[owner], "smoothing_draw", purpose, draw)
+            with seeded_noise(self.base, row_seeds, passes=vote_passes(seed_words, draw, purpose)):
                 out = score(self.base(x[owner] + noise).float()).double()
                 if totals is None:
                     totals = out.new_zeros((len(x), out.shape[1]))
@@ -358,7 +369,8 @@ class SmoothedClassifier(SoftSmoothed, VotingClassifier):
         logits: torch.Tensor | None = None
         for owner, draw in draw_rows(len(x), n_max, self.max_batch, x.device):
             noise = self._noise(x, seeds, owner, draw, _VOTE)
-            with seeded_noise(self.base, derive(seeds[owner], "smoothing_draw", _VOTE, draw)):
+            row_seeds = derive(seeds[owner], "smoothing_draw", _VOTE, draw)
+            with seeded_noise(self.base, row_seeds, passes=vote_passes(seeds, draw, _VOTE)):
                 out = self.base(x[owner] + noise).float()
             if logits is None:
                 logits = out.new_zeros((len(x), n_max, out.shape[1]))

@@ -17,6 +17,14 @@ that holds a :class:`NoiseSeeding` draws from per-image counter-based streams
 ``salt``), never on the other images of the batch, their order, or the DDP rank. Attacks
 (:class:`safespot.attacks.PGD`) open this context with their per-image seeds; the ``t``
 counter gives every step and every EOT pass its own draws.
+
+Noise shared by a forward pass. A noise-injected network with ``noise_per=forward`` (paper 003:
+one weight draw per forward pass, :mod:`safespot.models.noise_injection`) asks instead for one
+draw per *pass* (:meth:`NoiseSeeding.pass_keys`, :meth:`NoiseSeeding.pass_normal`): the images of
+a call form one pass (a batch repeated ``k`` times, as a smoothed classifier's ``m`` noisy copies,
+is ``k`` passes), seeded by the first image's seed, or by the ``passes`` keys of
+:func:`seeded_noise` (the smoothed vote: draw ``j`` of every image of the batch is one pass).
+Such draws depend on which images share a pass, i.e. on the batching, as in the paper.
 """
 
 from __future__ import annotations
@@ -41,23 +49,40 @@ class NoiseSeeding:
     inside :func:`seeded_noise`, per-image seeded streams with a per-forward counter.
 
     A module takes part by holding one as its ``noise_seeding`` attribute and asking
-    :meth:`normal` for its draws when :attr:`active`.
+    :meth:`normal` (one draw per image) or :meth:`pass_keys` / :meth:`pass_normal` (one draw per
+    forward pass) for its draws when :attr:`active`.
     """
 
     def __init__(self) -> None:
         self.seeds: torch.Tensor | None = None
         self.calls = 0
         self.salt = 0
+        self.passes: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
         return self.seeds is not None
 
-    def state(self) -> tuple[torch.Tensor | None, int, int]:
-        return self.seeds, self.calls, self.salt
+    def state(self) -> tuple[torch.Tensor | None, int, int, torch.Tensor | None]:
+        return self.seeds, self.calls, self.salt, self.passes
 
-    def restore(self, state: tuple[torch.Tensor | None, int, int]) -> None:
-        self.seeds, self.calls, self.salt = state
+    def restore(self, state: tuple[torch.Tensor | None, int, int, torch.Tensor | None]) -> None:
+        self.seeds, self.calls, self.salt, self.passes = state
+
+    def _seeds_on(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The context's seeds on ``device`` (moved once per context), checked against a call of
+        ``rows`` rows: the seeded images, or whole copies of them."""
+        if self.seeds is None:
+            raise RuntimeError("NoiseSeeding draws need seeds: use them inside seeded_noise(...)")
+        if self.seeds.device != torch.device(device):
+            self.seeds = self.seeds.to(device)  # once per context: the seeds then live on the images' device
+        n_seeds = len(self.seeds)
+        if n_seeds == 0 or rows % n_seeds:
+            raise ValueError(
+                f"seeded noise: a batch of {rows} rows for {n_seeds} per-image seeds "
+                "(the batch must be the seeded images, or whole copies of them)"
+            )
+        return self.seeds
 
     def normal(self, rows: int, count: int, purpose: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(rows, count)`` standard normal draws for the next forward pass (counter ``t``).
@@ -69,31 +94,57 @@ class NoiseSeeding:
         (a batch repeated ``k`` times, as a smoothed classifier's ``m * B`` noisy copies, gives
         each copy its own draws). Not valid outside :func:`seeded_noise`.
         """
-        if self.seeds is None:
-            raise RuntimeError("NoiseSeeding.normal needs seeds: use it inside seeded_noise(...)")
-        if self.seeds.device != torch.device(device):
-            self.seeds = self.seeds.to(device)  # once per context: the seeds then live on the images' device
-        n_seeds = len(self.seeds)
-        if n_seeds == 0 or rows % n_seeds:
-            raise ValueError(
-                f"seeded noise: a batch of {rows} rows for {n_seeds} per-image seeds "
-                "(the batch must be the seeded images, or whole copies of them)"
-            )
-        keys = derive(self.seeds, purpose, self.salt, self.calls)
+        seeds = self._seeds_on(rows, device)
+        n_seeds = len(seeds)
+        keys = derive(seeds, purpose, self.salt, self.calls)
         self.calls += 1
         copies = rows // n_seeds
-        seeds = keys if copies == 1 else keys.repeat(copies)
+        keys = keys if copies == 1 else keys.repeat(copies)
         starts = torch.arange(copies, device=device).repeat_interleave(n_seeds) * count
-        # the 64-bit hash needs a few int64 temporaries per number: bound them to ~_MAX_WORDS each
-        step = max(1, _MAX_WORDS // max(count, 1))
-        if rows <= step:
-            return seeded_normal_at(seeds, starts, count, 0, device, dtype)
-        out = torch.empty((rows, count), device=device, dtype=dtype)
-        for lo in range(0, rows, step):
-            out[lo : lo + step] = seeded_normal_at(
-                seeds[lo : lo + step], starts[lo : lo + step], count, 0, device, dtype
-            )
-        return out
+        return _stream_pieces(keys, starts, count, device, dtype)
+
+    def pass_keys(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward passes among a call's ``rows`` rows, for noise every image of a pass shares:
+        ``(keys, which)``, one key per pass and the pass of every row. Row ``r`` (image ``r % S``,
+        copy ``r // S``) belongs to the pass of its image's ``passes`` key (:func:`seeded_noise`)
+        and its copy; without ``passes`` every image of the call shares one key (the first
+        image's seed), so the ``k`` copies are the passes, in order, and ``which`` is ``None``."""
+        seeds = self._seeds_on(rows, device)
+        copies = rows // len(seeds)
+        copy = torch.arange(copies, device=device)
+        if self.passes is None:
+            return derive(seeds[:1].expand(copies), "pass_noise", copy), None
+        if self.passes.device != torch.device(device):
+            self.passes = self.passes.to(device)
+        base = self.passes.repeat(copies)
+        keys, which = torch.unique(derive(base, "pass_noise", copy.repeat_interleave(len(seeds))), return_inverse=True)
+        return keys, which
+
+    def pass_normal(
+        self, keys: torch.Tensor, count: int, purpose: str, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``(len(keys), count)`` standard normal draws for the next forward pass (counter
+        ``t``), one row per pass key of :meth:`pass_keys`: the stream ``derive(key, purpose,
+        salt, t)``."""
+        draws = derive(keys, purpose, self.salt, self.calls)
+        self.calls += 1
+        return _stream_pieces(draws, torch.zeros_like(draws), count, device, dtype)
+
+
+def _stream_pieces(
+    keys: torch.Tensor, starts: torch.Tensor, count: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(len(keys), count)`` elements ``starts[r] ..`` of the streams ``keys``
+    (:func:`safespot.utils.rng.seeded_normal_at`), hashed in pieces of at most ``_MAX_WORDS``
+    numbers (the 64-bit hash needs a few int64 temporaries per number)."""
+    rows = len(keys)
+    step = max(1, _MAX_WORDS // max(count, 1))
+    if rows <= step:
+        return seeded_normal_at(keys, starts, count, 0, device, dtype)
+    out = torch.empty((rows, count), device=device, dtype=dtype)
+    for lo in range(0, rows, step):
+        out[lo : lo + step] = seeded_normal_at(keys[lo : lo + step], starts[lo : lo + step], count, 0, device, dtype)
+    return out
 
 
 def _noise_sources(model: object) -> list[NoiseSeeding]:
@@ -108,7 +159,9 @@ def _noise_sources(model: object) -> list[NoiseSeeding]:
 
 
 @contextmanager
-def seeded_noise(model: nn.Module, seeds: torch.Tensor | None, salt: int = 0) -> Iterator[nn.Module]:
+def seeded_noise(
+    model: nn.Module, seeds: torch.Tensor | None, salt: int = 0, passes: torch.Tensor | None = None
+) -> Iterator[nn.Module]:
     """Within the block, every noise source of ``model`` (:class:`SoftSmoothed`,
     :class:`NoisyClassifier`, any module with a :class:`NoiseSeeding`) draws from per-image
     streams: image ``i``'s noise at the block's ``t``-th forward pass is a function of
@@ -120,6 +173,10 @@ def seeded_noise(model: nn.Module, seeds: torch.Tensor | None, salt: int = 0) ->
     counter, salt) is restored on exit, so use a different ``salt`` when an inner block with
     the same seeds must not reuse the outer draws (e.g. the safe-spot search's outer forward
     pass after its inner PGD).
+
+    ``passes`` (one integer key per seed, optional) names the forward pass each image belongs to
+    for noise shared by a pass (``noise_per=forward``, :meth:`NoiseSeeding.pass_keys`): images
+    with the same key share its draw; by default all images of a call share one.
     """
     if seeds is None:
         yield model
@@ -127,10 +184,14 @@ def seeded_noise(model: nn.Module, seeds: torch.Tensor | None, salt: int = 0) ->
     seeds = torch.as_tensor(seeds).reshape(-1)
     if not isinstance(salt, int) or salt < 0:
         raise ValueError(f"seeded noise: salt must be an integer >= 0, got {salt!r}")
+    if passes is not None:
+        passes = torch.as_tensor(passes).reshape(-1)
+        if len(passes) != len(seeds):
+            raise ValueError(f"seeded noise: {len(passes)} pass keys for {len(seeds)} seeds (one per seed)")
     sources = _noise_sources(model)
     saved = [source.state() for source in sources]
     for source in sources:
-        source.restore((seeds, 0, salt))
+        source.restore((seeds, 0, salt, passes))
     try:
         yield model
     finally:
@@ -146,7 +207,7 @@ def unseeded_noise(model: nn.Module) -> Iterator[nn.Module]:
     sources = _noise_sources(model)
     saved = [source.state() for source in sources]
     for source in sources:
-        source.restore((None, 0, 0))
+        source.restore((None, 0, 0, None))
     try:
         yield model
     finally:

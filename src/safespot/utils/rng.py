@@ -203,6 +203,7 @@ PURPOSES: dict[str, int] = {
     "monte_carlo_noise": 41,  # a smoothed classifier's votes, PREDICT, CERTIFY (counter: the estimate)
     "attack_latent": 42,  # FLSS: the latent draws inside seeded attacks (counters: salt, forward pass)
     "attack_target": 43,  # multi-targeted attacks: the run towards each target class (counter: its rank)
+    "pass_noise": 44,  # a forward pass whose images share a noise-injected network's draw (noise_per=forward)
 }
 
 

@@ -2,6 +2,7 @@
 of a spec (one per training seed: ``results.json``, ``scores.csv``) and its training logs:
 
 - ``ood_setup``: the seeds and the images scored per seed;
+- ``ood_search``: the safe-spot score's search (start, schedule) as each ``ood.py`` run stored it;
 - ``ood_models``: each model's validation accuracy at the epoch of the checkpoint ``ood.py`` used
   (a detector's model, or the run another run was fine-tuned from);
 - ``training_curves``: validation metrics per epoch (table, and a figure drawn next to the records);
@@ -160,6 +161,44 @@ def setup_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]
     else:
         images = "; ".join(f"seed {seed_of(evidence, k)}: {_counts(c)}" for k, c in counts.items())
     return [f"Training seeds {seeds}; {images}.", ""]
+
+
+#: the search's start point, as a report names it (paper 000, Algorithm 1: x_s = x_o; paper 002,
+#: Section 3.7: a uniform point of B_delta(x_o))
+STARTS = {
+    "original": "started at x_o (paper 000, Algorithm 1)",
+    "random": "started at a uniform random point of B_delta(x_o) (paper 002's start, not paper 000's)",
+}
+
+
+def search_description(robustifier: dict[str, Any]) -> str:
+    """The safe-spot search of a stored robustifier config in words: start, MAXITER, T, N, the
+    iterate returned, early exit (the defaults of :class:`safespot.defenses.SafeSpotSearch` where
+    the config leaves a setting out)."""
+    start = str(robustifier.get("init", "random"))
+    early = robustifier.get("early_exit")
+    parts = [
+        STARTS.get(start, f"started by init={start}"),
+        f"MAXITER {robustifier.get('max_iter', 100)}, T {robustifier.get('inner_steps', 20)}, "
+        f"N {robustifier.get('restarts', 1)}",
+        f"the {robustifier.get('output', 'last')} iterate",
+        "no early exit" if early is None else f"early exit after {early} iterations without a successful inner attack",
+    ]
+    return ", ".join(parts)
+
+
+@section("ood_search")
+def search_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    """The safe-spot score's search as each ``ood.py`` run stored it
+    (``detector_config.safe_spot.robustifier`` of its ``results.json``): one sentence for the seeds
+    that share a setting, so the report states the start and schedule its records were made with."""
+    described: dict[str, list[str]] = {}
+    for key in ood_evaluations(evidence):
+        stored = ((evidence.results(key).get("detector_config") or {}).get("safe_spot") or {}).get("robustifier")
+        text = "not in the records" if stored is None else search_description(stored)
+        described.setdefault(text, []).append(str(seed_of(evidence, key)))
+    parts = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {text}" for text, seeds in described.items()]
+    return [f"The safe-spot score's search, as the runs stored it: {'; '.join(parts)}.", ""]
 
 
 def _counts(n_images: dict[str, int]) -> str:

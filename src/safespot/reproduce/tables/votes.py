@@ -15,6 +15,12 @@ the rows of a section.
   interval (:func:`safespot.stats.mean_interval`), verdicts as :mod:`safespot.reproduce.claims`.
 - ``noise_levels``: the learned noise of each run's evaluated checkpoint
   (:func:`safespot.models.noise_injection.noise_levels`), when the records keep it.
+- ``noise_draws``: how each evaluated noise-injected model drew its weight noise (one draw per
+  forward pass, paper 003, or per image), as its records state it.
+
+``gain_claims`` and ``noise_levels`` take a ``missing_note`` as the general ``claims`` does
+(:mod:`safespot.reproduce.sections`): what waits for evaluations without records is named as not
+measured, followed by the note.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import pandas as pd
 from safespot.models.noise_injection import noise_levels
 from safespot.reproduce.claims import ClaimResult, claim_verdict
 from safespot.reproduce.evidence import Evidence
-from safespot.reproduce.sections import section
+from safespot.reproduce.sections import measured_claims, not_measured, section, unmeasured, unmeasured_claims
 from safespot.reproduce.spec import SpecError
 from safespot.stats import accuracy, mean_interval
 from safespot.utils.checkpoint import load_checkpoint
@@ -125,9 +131,12 @@ def gain_claim(evidence: Evidence, claim: dict[str, Any]) -> ClaimResult:
 
 @section("gain_claims")
 def gain_claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
-    table = pd.DataFrame([gain_claim(evidence, c).row() for c in spec_section["claims"]])
-    table = table.drop(columns=["Paper", "Size vs paper"])
-    return [*_title(spec_section), markdown_table(table), ""]
+    measured, missing = measured_claims(evidence, spec_section)
+    lines = _title(spec_section)
+    if measured:
+        table = pd.DataFrame([gain_claim(evidence, c).row() for c in measured])
+        lines += [markdown_table(table.drop(columns=["Paper", "Size vs paper"])), ""]
+    return [*lines, *unmeasured_claims(spec_section, missing)]
 
 
 def scored_checkpoint(evidence: Evidence, evaluation: str) -> Path | None:
@@ -145,7 +154,11 @@ def noise_levels_section(evidence: Evidence, spec_section: dict[str, Any]) -> li
     the noisy layers of the checkpoint each evaluation scored; models whose checkpoint the records
     do not keep are named instead."""
     rows, absent = [], []
+    note = spec_section.get("missing_note")
+    missing = unmeasured(evidence, spec_section["models"]) if note else []
     for evaluation, label in spec_section["models"].items():
+        if evaluation in missing:
+            continue
         ckpt = scored_checkpoint(evidence, evaluation)
         if ckpt is None:
             absent.append(label)
@@ -167,4 +180,38 @@ def noise_levels_section(evidence: Evidence, spec_section: dict[str, Any]) -> li
         lines += [markdown_table(pd.DataFrame(rows)), ""]
     if absent:
         lines += [f"Not in the records (the evaluated checkpoints were not kept): {', '.join(absent)}.", ""]
-    return lines
+    return [*lines, *not_measured(missing, str(note or "").strip())]
+
+
+#: how a noise-injected model drew its weight noise (results.json's ``noise_per``), in words
+NOISE_DRAWS = {
+    "forward": "one weight draw per forward pass, shared by its images (paper 003)",
+    "image": "one weight draw per image",
+    None: (
+        "one weight draw per image (records made before `model.backbone.noise_per` existed, when every "
+        "seeded evaluation drew per image)"
+    ),
+}
+
+
+@section("noise_draws")
+def noise_draws_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
+    """``models: {EVALUATION: label}`` (noise-injected models): how each evaluation's model drew its
+    weight noise, from its records (``noise_per`` of results.json; absent in records made before
+    the setting); evaluations without records are left out."""
+    described: dict[str, list[str]] = {}
+    for evaluation, label in spec_section["models"].items():
+        if not evidence.has(evaluation):
+            continue
+        meta = evidence.meta(evaluation)
+        per = meta.get("noise_per")
+        if "noise_per" in meta and per is None:
+            raise SpecError(f"{evidence.spec.name}: evaluation {evaluation!r} scored a model without weight noise")
+        described.setdefault(NOISE_DRAWS.get(per, f"noise_per={per}"), []).append(f"{label} (`{evaluation}`)")
+    parts = [f"{', '.join(labels)}: {text}" for text, labels in described.items()]
+    if not parts:
+        return []
+    return [
+        f"{str(spec_section.get('lead', 'Weight noise, as the records state it')).strip()}: {'; '.join(parts)}.",
+        "",
+    ]
