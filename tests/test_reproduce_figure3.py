@@ -85,7 +85,7 @@ def test_figure3_adv_uses_the_reduced_adv_model_at_l2(tmp_path):
     from safespot.reproduce.spec import load_spec
 
     spec = load_spec("figure3_adv")
-    assert spec.runs["adv"].overrides == ("experiment=cifar10_adv_linf", "scale=reduced", "seed=0")
+    assert spec.runs["adv"].overrides == load_spec("cifar10_linf").runs["adv"].overrides  # the same run
     for start in ("original", "random"):
         evaluation = spec.evaluations[start]
         assert evaluation.checkpoint == "best" and evaluation.run == "adv"

@@ -43,6 +43,18 @@ def panel(x: torch.Tensor, x_eval: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.cat([x, x_eval, (0.5 + scale * diff).clamp(0, 1)])
 
 
+#: evaluation batches are computed in multiples of this many rows (:meth:`EvaluationModule._batch_rows`)
+ROW_MULTIPLE = 8
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its last row repeated up to ``rows`` rows (a copy; the padding rows' outputs are
+    dropped)."""
+    if len(t) >= rows:
+        return t
+    return torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
+
+
 class EvaluationModule(L.LightningModule):
     """Args:
     net: the classifier (images in [0, 1] -> logits), in eval mode.
@@ -97,14 +109,25 @@ class EvaluationModule(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, index = batch[0], batch[1], batch[2]
-        fields: dict[str, torch.Tensor] = {"index": index.long(), "label": y.long()}
+        n = len(index)
+        x, y, index = (pad_rows(t, self._batch_rows(n)) for t in (x, y, index))
+        fields: dict[str, torch.Tensor] = {"index": index[:n].long(), "label": y[:n].long()}
         for salt, evaluation in enumerate(self.evaluations):
             out, x_eval = evaluation(self.net, x, y, streams(self.seed, index, "evaluation", salt))
-            fields.update(out)
+            fields.update({k: v[:n] for k, v in out.items()})
             if self.panel_images:
-                self._keep_panel_rows(evaluation.name, index, x, x_eval)
+                self._keep_panel_rows(evaluation.name, index[:n], x[:n], x_eval[:n])
             note_progress(self._trainer, (salt + 1) / len(self.evaluations))
         self._parts.append({k: v.detach().cpu() for k, v in fields.items()})
+
+    def _batch_rows(self, n: int) -> int:
+        """The rows a batch of ``n`` images is computed with: ``n`` rounded up to a multiple of
+        :data:`ROW_MULTIPLE` (the last batch of a process, or a share smaller than a batch, padded
+        with copies of its last image whose outputs are dropped). An odd-shaped small batch can make
+        the kernels that shapes select add in another order than the full batches of another
+        process count do, and an attack's sign steps can then part on float noise; the padding
+        costs at most ``ROW_MULTIPLE - 1`` images per process."""
+        return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
     def _keep_panel_rows(self, name: str, index: torch.Tensor, x: torch.Tensor, x_eval: torch.Tensor) -> None:
         """Keep, per evaluation, the ``panel_images`` images with the smallest dataset indices seen
