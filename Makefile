@@ -20,7 +20,7 @@ demo:  ## the headline in one go: fast adversarial training, PGD-20 and S-Full r
 train:  ## quickstart: PGD adversarial training of a small CNN on a CIFAR-10 subset (~5 min on 2 CPU cores)
 	$(PY) train.py experiment=quickstart $(ARGS)
 
-test:  ## the default test suite (under 15 minutes on 2 cores)
+test:  ## the default test suite (about 8 minutes on 2 idle cores; slow and CUDA tests excluded)
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow:  ## only the slow tests
@@ -33,12 +33,12 @@ test-gpu:  ## every entry point end to end on CUDA (tests/gpu, marker cuda; SAFE
 	$(PY) -m pytest -q -m cuda tests/gpu $(ARGS)
 
 lint:
-	$(VENV)/bin/ruff check src tests bench scripts train.py evaluate.py robustify.py ood.py
-	$(VENV)/bin/ruff format --check src tests bench scripts train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff check src tests bench train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff format --check src tests bench train.py evaluate.py robustify.py ood.py
 
 format:
-	$(VENV)/bin/ruff check --fix src tests bench scripts train.py evaluate.py robustify.py ood.py
-	$(VENV)/bin/ruff format src tests bench scripts train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff check --fix src tests bench train.py evaluate.py robustify.py ood.py
+	$(VENV)/bin/ruff format src tests bench train.py evaluate.py robustify.py ood.py
 
 bench:  ## benchmarks (figures go into docs/benchmarks.md)
 	$(PY) bench/bench_adv_step.py --quick

@@ -128,6 +128,7 @@ def test_a_transfer_source_that_does_not_fit_the_target_is_refused_before_any_wo
         _evaluate(runs["target"], tmp_path / "missing.ckpt", tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_the_new_evaluations_write_the_same_files_with_two_processes(runs, tmp_path):
     """Transfer, NAttack (queries included) and the vote sweep on a smoothed model: every output
     file of a ``trainer=ddp_sim`` run equals the one-process run's."""

@@ -20,7 +20,9 @@ def test_console_scripts_point_at_the_cli():
     assert all(callable(getattr(cli, fn)) for fn in COMMANDS.values())
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    "name", [n if n == "train" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(COMMANDS)]
+)
 def test_console_script_reports_a_setting_error_with_status_2(name, tmp_path):
     script = Path(sys.executable).parent / f"safespot-{name}"
     if not script.exists():
@@ -44,7 +46,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize(
+    "name", [n if n in ("evaluate", "train") else pytest.param(n, marks=pytest.mark.slow) for n in sorted(COMMANDS)]
+)
 def test_a_run_directory_holding_an_earlier_run_is_refused_and_left_as_it_was(name, tmp_path):
     """An explicit ``hydra.run.dir`` naming an earlier run's directory (e.g. a report's command
     pasted again) is refused with one line and status 2 before Hydra rewrites anything."""

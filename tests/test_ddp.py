@@ -40,6 +40,7 @@ def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"]))
 
 
+@pytest.mark.slow
 def test_ddp_spawn_training_returns_the_best_monitored_value(make_cfg, tmp_path):
     """Under ddp_spawn the parent's checkpoint callback only learns the best path from the
     workers; train() must still report ``<monitor>/best`` (what sweepers optimise)."""
@@ -77,6 +78,7 @@ class GroupProbe(L.Callback):
         )
 
 
+@pytest.mark.slow
 def test_spawned_workers_leave_the_process_group_together(make_cfg, tmp_path):
     """A spawned worker must not leave its gloo group from an exit handler while a peer still
     works (rank 0 saves the weights for the parent): an intermittent SIGABRT of rank 1 in CI.

@@ -376,6 +376,7 @@ def test_wandb_offline_evaluation_logs_summary_table_and_panel(checkpoints, tmp_
     assert run["config"]["tags"] == ["evaluate", results["meta"]["train_run"]]
 
 
+@pytest.mark.slow
 def test_wandb_offline_evaluation_on_two_processes_logs_one_run_of_every_image(checkpoints, tmp_path, monkeypatch):
     """Under ``trainer=ddp_sim`` rank 0 logs once, after the gather: one offline run whose
     records table holds every image (not rank 0's share) and whose summary is the whole run's."""

@@ -111,6 +111,7 @@ def test_every_command_with_spawned_workers(tmp_path):
     _every_command("ddp_sim", tmp_path)
 
 
+@pytest.mark.slow
 def test_training_on_spawned_workers_logs_fit_and_test_to_one_csv(tmp_path):
     logs = tmp_path / "logs"
     _ok(_command("train.py", "data=synthetic", *SHORT, *TRAINER["ddp_sim"], log_dir=logs, cwd=tmp_path))

@@ -99,7 +99,11 @@ def _scontrol(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, calls
 
 
-@pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["requeue_signal", "sigterm"])
+@pytest.mark.parametrize(
+    "stop",
+    [pytest.param(signal.SIGUSR1, marks=pytest.mark.slow), signal.SIGTERM],
+    ids=["requeue_signal", "sigterm"],
+)
 def test_a_preempted_slurm_job_saves_and_its_requeued_attempt_resumes(stop, uninterrupted, tmp_path):
     bin_dir, calls = _scontrol(tmp_path)
     env = _env(tmp_path, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **SLURM)
