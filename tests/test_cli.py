@@ -63,6 +63,7 @@ def test_a_run_directory_holding_an_earlier_run_is_refused_and_left_as_it_was(na
     assert _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_into_one_directory_stops_at_the_second(tmp_path):
     """The first run fails on its setting after Hydra made its directory; the second call into the
     same directory is refused for the directory, and the first run's files stay as they were."""

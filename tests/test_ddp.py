@@ -12,6 +12,7 @@ from conftest import cpu_trainer
 from safespot.train import train
 
 
+@pytest.mark.slow
 def test_ddp_sim_fit_validates_with_synced_metrics(make_cfg, tmp_path):
     cfg = make_cfg(
         "trainer=ddp_sim",

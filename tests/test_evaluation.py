@@ -188,6 +188,7 @@ def test_two_process_evaluation_equals_one_process(checkpoints, tmp_path):
     assert_same_run_files(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_two_process_preemptive_evaluation_equals_one_process(checkpoints, tmp_path):
     """The test split robustified (S-FGSM, S-Full with its white-box reconstruction attack and the
     8-bit round trip) on two processes: each image once, every file as with one process."""

@@ -131,6 +131,7 @@ def test_a_preempted_slurm_job_saves_and_its_requeued_attempt_resumes(stop, unin
     assert (epoch, step) == (whole_epoch, whole_step) == (2, 180)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_job_named_directory_is_refused_unless_requeued(tmp_path):
     """Two trainings in one batch job would share ``slurm-<job>``: the second is refused (its
     earlier run is not its own), a requeued attempt (``SLURM_RESTART_COUNT`` > 0) is let in."""

@@ -325,6 +325,7 @@ def test_two_processes_write_the_pngs_and_report_rows_of_one(ckpt, tmp_path):
     assert tree(tmp_path / "two")["contact_sheet-1.png"] == written["contact_sheet.png"]
 
 
+@pytest.mark.slow
 def test_two_processes_with_fewer_files_to_do_than_processes(ckpt, tmp_path):
     """One file on two processes, then a rerun with nothing left to do: every process still runs
     the predict loop (placeholders fill its share), so the records are gathered and the report
