@@ -9,6 +9,7 @@ import warnings
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -42,14 +43,18 @@ def test_lines_are_spaced_by_the_interval(capsys):
     assert all("done:" in line or "batch 4.0/4" in line for line in lines) and len(lines) == 4
 
 
-def test_a_long_batch_reports_how_far_it_is(capsys):
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_a_long_batch_reports_how_far_it_is(capsys, stage):
+    """The first batch of an evaluation (or robustification) counts its images while it runs: a
+    long first batch once printed "batch 0.5/1 | 0 images"."""
     bar = PlainProgressBar(interval=0)
     trainer = L.Trainer(accelerator="cpu", callbacks=[bar], logger=False)
     bar._trainer = trainer
-    bar._begin("test", 1)
-    bar._batch_images = 200
+    bar._begin(stage, 1)
+    batch = (torch.zeros(200, 3, 8, 8), torch.zeros(200, dtype=torch.long))
+    getattr(bar, f"on_{stage}_batch_start")(trainer, None, batch, 0)
     note_progress(trainer, 0.5)
-    assert "batch 0.5/1 | 100 images" in capsys.readouterr().out
+    assert f"{stage} | batch 0.5/1 | 100 images" in capsys.readouterr().out
 
 
 def test_the_bar_is_rich_in_a_terminal_and_plain_in_a_file():

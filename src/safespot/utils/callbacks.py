@@ -64,8 +64,8 @@ class LeaveTogether(L.Callback):
     wait until every worker arrives, then leave the process group. Without it a worker that
     finished early (rank 1, while rank 0 still saves the weights it hands to the parent) leaves
     the group from its exit handler while its peers still hold connections to it, and gloo may
-    abort it ("terminate called without an active exception", an intermittent SIGABRT). The
-    Fabric commands do the same with :func:`safespot.runs.leave_together`. Processes launched
+    abort it ("terminate called without an active exception", an intermittent SIGABRT). It
+    serves all four commands, which all run on the Trainer. Processes launched
     as scripts (plain ``ddp``) go on to the next stage in the same group and are left alone."""
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -1,4 +1,4 @@
-"""Collectives shared by the Trainer-run evaluation and the Fabric-run commands."""
+"""Collectives shared by the commands' epoch-end and writer hooks (evaluation, robustification, OOD)."""
 
 from __future__ import annotations
 

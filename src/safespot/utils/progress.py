@@ -62,6 +62,11 @@ class PlainProgressBar(ProgressBar):
         self._batches = self._images = 0
         self._partial = 0.0
 
+    def _start_batch(self, batch: Any) -> None:
+        """The images of the batch now running: what a partial report (:meth:`partial`) counts."""
+        self._batch_images = _batch_size(batch)
+        self._partial = 0.0
+
     def _advance(self, batch: Any, trainer: L.Trainer, force: bool = False) -> None:
         self._batches += 1
         self._batch_images = _batch_size(batch)
@@ -135,6 +140,10 @@ class PlainProgressBar(ProgressBar):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._begin("test", sum(trainer.num_test_batches))
 
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._start_batch(batch)
+
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         self._advance(batch, trainer)
@@ -145,6 +154,10 @@ class PlainProgressBar(ProgressBar):
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._begin("predict", sum(trainer.num_predict_batches))
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+        self._start_batch(batch)
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
