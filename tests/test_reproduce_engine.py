@@ -108,6 +108,13 @@ class FakeCommands:
         part = next((c for c in cmd if c.startswith("data.test_part=")), "data.test_part=[0,1]")
         k, pieces = (int(v) for v in part.split("=", 1)[1].strip("[]").split(","))
         _records(run_dir, k, pieces)
+        ckpt = [c for c in cmd if c.startswith("ckpt_path=")]
+        if ckpt:  # as evaluate.py: the checkpoint in the results and the overrides, as given
+            results = json.loads((run_dir / "results.json").read_text())
+            results["meta"]["ckpt_path"] = ckpt[0].split("=", 1)[1]
+            (run_dir / "results.json").write_text(json.dumps(results))
+            with open(run_dir / ".hydra" / "overrides.yaml", "a") as f:
+                f.write(f"- {ckpt[0]}\n")
 
 
 def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
@@ -131,6 +138,11 @@ def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
 
     kept = keep(spec, out)
     assert (kept / "eval" / "grid" / "part0_of_2" / "records.csv").is_file()
+    # no kept file names a directory of the machine that ran it: the checkpoint is named as it lies in the records
+    results = json.loads((kept / "eval" / "grid" / "part0_of_2" / "results.json").read_text())
+    assert results["meta"]["ckpt_path"] == "train/model/checkpoints/best-epoch003.ckpt"
+    texts = [p.read_text() for p in kept.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")]
+    assert texts and not [t for t in texts if str(tmp_path) in t]
     assert (kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt").is_file()
     assert (kept / "train" / "model" / "metrics.csv").is_file()
     assert spec.report.read_text() == text  # the kept report is rendered from the kept records

@@ -220,6 +220,7 @@ def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
     if stage.exists():
         shutil.rmtree(stage)
     _stage(spec, out, stage)
+    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     for key in carried:
         shutil.copytree(target / key, stage / key)
     earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
@@ -254,6 +255,31 @@ def _stage(spec: Spec, out: Path, target: Path) -> None:
         for folder in piece_dirs(out / "eval" / key):
             if folder.is_dir():
                 _copy(folder, target / folder.relative_to(out), (*KEPT_EVAL, *evaluation.files))
+
+
+#: the kept text files whose contents may name paths of the machine that ran them
+PATH_BEARING = (".json", ".jsonl", ".yaml")
+
+
+def relative_paths(folder: Path, bases: dict[Path, str]) -> None:
+    """Rewrite, in the kept text files under ``folder``, every absolute path under one of
+    ``bases`` as relative to it (prefixed with the base's replacement): a run's ``ckpt_path``
+    under the reproduction directory becomes ``train/<run>/checkpoints/...``, as it lies in the
+    kept records, and no kept file names a directory of the machine that ran it. The most
+    specific base wins."""
+    prefixes = sorted(
+        ((f"{base}/", to) for b, to in bases.items() for base in {str(b), str(Path(b).resolve())}),
+        key=lambda pair: -len(pair[0]),
+    )
+    for path in sorted(folder.rglob("*")):
+        if not (path.is_file() and path.suffix in PATH_BEARING):
+            continue
+        text = path.read_text()
+        new = text
+        for prefix, to in prefixes:
+            new = new.replace(prefix, to)
+        if new != text:
+            path.write_text(new)
 
 
 # --- checking -----------------------------------------------------------------------------------
