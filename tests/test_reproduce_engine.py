@@ -4,6 +4,7 @@ records kept, reports rendered from records alone and checked against the kept o
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
-from safespot.reproduce.engine import check_spec, keep, pending, render, run_spec
+from safespot.reproduce.engine import check_spec, keep, keep_evaluations, pending, render, run_spec
 from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
 from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
@@ -267,3 +268,38 @@ def test_every_spec_of_the_project_loads():
         spec = load_spec(name)
         assert spec.report is not None and spec.records is not None, name
         assert spec.sections and {s["kind"] for s in spec.sections} <= set(SECTIONS), name
+
+
+def test_keep_only_adds_one_evaluation_and_leaves_the_rest_as_kept(tmp_path):
+    """``run --only KEY`` then ``keep --only KEY``: the evaluation joins the kept records; the other
+    kept evaluations, checkpoints and log lines stay; one the spec names that neither holds stays
+    unmeasured."""
+    raw = _spec(tmp_path)
+    raw["evaluations"]["extra"] = {"run": "model", "overrides": ["evaluation=[none,sfull]", "seed=1"]}
+    raw["evaluations"]["later"] = {"run": "model", "overrides": ["evaluation=[none,sfull]", "seed=2"]}
+    spec = parse_spec("toy", raw)
+    first = tmp_path / "first"
+    run_spec(spec, first, only=["grid"], runner=FakeCommands())
+    with pytest.raises(SpecError, match="has not finished"):
+        keep(spec, first)  # a whole keep still wants every evaluation
+    with pytest.raises(SpecError, match="holds no kept records"):
+        keep_evaluations(spec, first, ["grid"])
+    # the kept records of the first sitting, as an earlier keep left them (grid only)
+    spec.records.mkdir(parents=True)
+    for folder in ("train", "eval", "log.jsonl"):
+        source = first / folder
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, spec.records / folder)
+    before = (spec.records / "eval" / "grid" / "part0_of_2" / "records.csv").read_bytes()
+    second = tmp_path / "second"
+    run_spec(spec, second, only=["extra"], runner=FakeCommands())
+    with pytest.raises(SpecError, match="has not finished evaluation 'later'"):
+        keep_evaluations(spec, second, ["later"])
+    kept = keep_evaluations(spec, second, ["extra"])
+    assert (kept / "eval" / "extra" / "records.csv").is_file()
+    assert (kept / "eval" / "grid" / "part0_of_2" / "records.csv").read_bytes() == before
+    assert not (kept / "eval" / "later").exists()
+    keys = [json.loads(line)["key"] for line in (kept / "log.jsonl").read_text().splitlines()]
+    assert "eval/extra" in keys and "eval/grid/part0_of_2" in keys and "train/model" in keys
+    texts = [p.read_text() for p in kept.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")]
+    assert not [t for t in texts if str(second) in t]
+    assert spec.report.read_text() == render(spec, kept) and check_spec(spec) == []

@@ -6,6 +6,7 @@ safespot-reproduce run NAME [--out DIR] [--only KEY[/k]] [--set key=value]
                                                 # $LOG_DIR/reproduce/NAME/ by default; an existing DIR
                                                 # continues a stopped reproduction), render DIR/report.md
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
+safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records
 safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
 safespot-reproduce check [NAME ...]             # every kept report and generated block equals its records' rendering
                                                 # (a stub report marked pending, without records, is listed as pending)
@@ -24,7 +25,7 @@ from pathlib import Path
 from safespot.errors import ConfigError
 from safespot.paths import PROJECT_ROOT, fresh_directory
 from safespot.reproduce.blocks import check_blocks, write_blocks
-from safespot.reproduce.engine import check_spec, keep, pending, render, run_spec, shown_path
+from safespot.reproduce.engine import check_spec, keep, keep_evaluations, pending, render, run_spec, shown_path
 from safespot.reproduce.spec import load_spec, spec_names
 
 
@@ -48,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     kept.add_argument("name")
     kept.add_argument("out", type=Path)
     kept.add_argument("--replace", action="store_true", help="replace existing kept records")
+    kept.add_argument(
+        "--only", action="append", default=[], metavar="KEY", help="add only this evaluation to the kept records"
+    )
     shown = verbs.add_parser("render", help="print the report rendered from records")
     shown.add_argument("name")
     shown.add_argument("--records", type=Path, help="a reproduction's directory (default: the kept records)")
@@ -78,7 +82,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_spec(spec, _out(args.name, args.out), args.only)
         return 0
     if args.verb == "keep":
-        target = keep(load_spec(args.name), args.out, args.replace)
+        spec = load_spec(args.name)
+        target = keep_evaluations(spec, args.out, args.only) if args.only else keep(spec, args.out, args.replace)
         print(f"kept: {target.relative_to(PROJECT_ROOT)}")
         return 0
     if args.verb == "render":

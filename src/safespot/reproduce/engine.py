@@ -232,6 +232,41 @@ def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
     return target
 
 
+def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
+    """Add (or replace) the evaluations ``keys`` of ``out`` in the spec's kept records, leaving
+    every other kept run, evaluation and log line as it is: what ``safespot-reproduce run NAME
+    --only KEY --out DIR`` made, kept with ``keep NAME DIR --only KEY``. The evaluations the spec
+    names that neither holds stay unmeasured (the report says so)."""
+    if spec.records is None or spec.report is None:
+        raise SpecError(f"{spec.name} names no records / report to keep")
+    target = spec.records
+    if not (target.is_dir() and any(target.iterdir())):
+        raise SpecError(f"{target} holds no kept records to add to: keep the whole of {out} (no --only)")
+    evidence = Evidence(spec, out)
+    for key in keys:
+        if key not in spec.evaluations:
+            raise SpecError(f"{spec.name} names no evaluation {key!r}; it has {sorted(spec.evaluations)}")
+        if not evidence.has(key):
+            raise SpecError(f"{out} has not finished evaluation {key!r} of {spec.name}")
+    stage = target.with_name(f"{target.name}.keeping")
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(target, stage)
+    for key in keys:
+        shutil.rmtree(stage / "eval" / key, ignore_errors=True)
+        for folder in piece_dirs(out / "eval" / key):
+            _copy(folder, stage / folder.relative_to(out), (*KEPT_EVAL, *spec.evaluations[key].files))
+    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
+    replaced = {f"eval/{key}" for key in keys}
+    entries = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) not in replaced]
+    entries += [e for e in read_log(out) if "/".join(e["key"].split("/")[:2]) in replaced]
+    (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    shutil.rmtree(target)
+    stage.rename(target)
+    spec.report.write_text(render(spec, target))
+    return target
+
+
 def _stage(spec: Spec, out: Path, target: Path) -> None:
     """What is kept of the runs in ``out``, copied into ``target``."""
     target.mkdir(parents=True)
