@@ -284,6 +284,8 @@ def test_keep_only_adds_one_evaluation_and_leaves_the_rest_as_kept(tmp_path):
         keep(spec, first)  # a whole keep still wants every evaluation
     with pytest.raises(SpecError, match="holds no kept records"):
         keep_evaluations(spec, first, ["grid"])
+    with pytest.raises(SpecError, match="does not exist"):
+        keep_evaluations(spec, tmp_path / "nowhere", ["grid"])
     # the kept records of the first sitting, as an earlier keep left them (grid only)
     spec.records.mkdir(parents=True)
     for folder in ("train", "eval", "log.jsonl"):

@@ -239,6 +239,8 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
     names that neither holds stay unmeasured (the report says so)."""
     if spec.records is None or spec.report is None:
         raise SpecError(f"{spec.name} names no records / report to keep")
+    if not out.is_dir():
+        raise SpecError(f"{out} does not exist (give the --out DIR of a safespot-reproduce run)")
     target = spec.records
     if not (target.is_dir() and any(target.iterdir())):
         raise SpecError(f"{target} holds no kept records to add to: keep the whole of {out} (no --only)")
