@@ -13,7 +13,7 @@ import pytest
 
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
-from safespot.reproduce.engine import check_spec, keep, keep_evaluations, pending, render, run_spec
+from safespot.reproduce.engine import adopt, check_spec, keep, keep_evaluations, pending, render, run_spec
 from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
 from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
@@ -305,3 +305,78 @@ def test_keep_only_adds_one_evaluation_and_leaves_the_rest_as_kept(tmp_path):
     texts = [p.read_text() for p in kept.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")]
     assert not [t for t in texts if str(second) in t]
     assert spec.report.read_text() == render(spec, kept) and check_spec(spec) == []
+
+
+def _earlier_run(folder: Path, overrides: list[str]) -> Path:
+    """A finished train.py run directory as Hydra and the checkpoint callback leave it."""
+    from omegaconf import OmegaConf
+
+    from safespot.utils.compose import compose_config
+
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_config("train", overrides, folder), folder / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
+    (folder / "checkpoints").mkdir()
+    for name in ("best-epoch014.ckpt", "last.ckpt"):
+        (folder / "checkpoints" / name).write_bytes(b"weights")
+    return folder
+
+
+def test_an_earlier_run_with_the_specs_settings_is_adopted_instead_of_trained(tmp_path):
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    spec = parse_spec("toy", _spec(tmp_path, runs={"model": {"overrides": run}}))
+    neutral = ["logger=csv", "data.test_subset=2000", "data.num_workers=0"]  # they leave the weights as they are
+    earlier = _earlier_run(tmp_path / "earlier", [*run, *neutral])
+    before = sorted(p.relative_to(earlier) for p in earlier.rglob("*"))
+    out = tmp_path / "out"
+    adopt(spec, "model", earlier, out)
+    assert sorted(p.relative_to(earlier) for p in earlier.rglob("*")) == before  # copied, not moved
+    calls = FakeCommands()
+    run_spec(spec, out, runner=calls)
+    assert [c[1] for c in calls.calls] == ["evaluate.py", "evaluate.py"]  # nothing trained
+    assert all(f"ckpt_path={out / 'train' / 'model' / 'checkpoints' / 'best-epoch014.ckpt'}" in c for c in calls.calls)
+    report = render(spec, out)
+    assert "python train.py " + " ".join([*run, *neutral]) + "    # an earlier run, adopted" in report
+    with pytest.raises(SpecError, match="already holds its run 'model'"):
+        adopt(spec, "model", earlier, out)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["seed=1"], "seed: 1 there, 0 in the spec"),
+        (["trainer.max_epochs=8"], "trainer.max_epochs: 8 there, 15 in the spec"),
+        (["model.backbone.width=32"], "model.backbone.width: 32 there, 16 in the spec"),
+    ],
+)
+def test_an_earlier_run_with_other_settings_is_refused(tmp_path, change, message):
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    spec = parse_spec("toy", _spec(tmp_path, runs={"model": {"overrides": run}}))
+    earlier = _earlier_run(tmp_path / "earlier", [*run, *change])
+    with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+        adopt(spec, "model", earlier, tmp_path / "out")
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_an_unfinished_or_unknown_run_is_not_adopted(tmp_path):
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    spec = parse_spec("toy", _spec(tmp_path, runs={"model": {"overrides": run}}))
+    earlier = _earlier_run(tmp_path / "earlier", run)
+    with pytest.raises(SpecError, match="no training run 'other'"):
+        adopt(spec, "other", earlier, tmp_path / "out")
+    with pytest.raises(SpecError, match="not a training run directory"):
+        adopt(spec, "model", earlier / "checkpoints", tmp_path / "out")
+    (earlier / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(SpecError, match="has not finished training"):
+        adopt(spec, "model", earlier, tmp_path / "out")
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
+    natural = load_spec("cifar10_linf").runs["natural"].overrides
+    earlier = _earlier_run(tmp_path / "earlier", [*natural, "logger=csv"])
+    out = tmp_path / "out"
+    assert cli.main(["adopt", "cifar10_linf", "natural", str(earlier), "--out", str(out)]) == 0
+    assert (out / "train" / "natural" / "checkpoints" / "last.ckpt").is_file()
+    assert cli.main(["adopt", "cifar10_linf", "adv", str(earlier), "--out", str(out)]) == 2
+    assert "is not cifar10_linf's run 'adv'" in capsys.readouterr().err

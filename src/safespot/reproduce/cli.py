@@ -5,6 +5,9 @@ safespot-reproduce run NAME [--out DIR] [--only KEY[/k]] [--set key=value]
                                                 # run what is missing into DIR (a new directory under
                                                 # $LOG_DIR/reproduce/NAME/ by default; an existing DIR
                                                 # continues a stopped reproduction), render DIR/report.md
+safespot-reproduce adopt NAME KEY RUN_DIR --out DIR
+                                                # take an earlier train.py run with the settings of the
+                                                # spec's run KEY as that run of DIR (copied, not retrained)
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
 safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records
 safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
@@ -25,7 +28,7 @@ from pathlib import Path
 from safespot.errors import ConfigError
 from safespot.paths import PROJECT_ROOT, fresh_directory
 from safespot.reproduce.blocks import check_blocks, write_blocks
-from safespot.reproduce.engine import check_spec, keep, keep_evaluations, pending, render, run_spec, shown_path
+from safespot.reproduce.engine import adopt, check_spec, keep, keep_evaluations, pending, render, run_spec, shown_path
 from safespot.reproduce.spec import load_spec, spec_names
 
 
@@ -45,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="the reproduction's directory (an existing one continues)")
     run.add_argument("--only", action="append", default=[], metavar="KEY[/k]", help="only this evaluation (piece)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the spec")
+    adopted = verbs.add_parser("adopt", help="take an earlier training run as one of a reproduction's runs")
+    adopted.add_argument("name")
+    adopted.add_argument("key", help="the spec's training run")
+    adopted.add_argument("run_dir", type=Path, help="a finished train.py run directory")
+    adopted.add_argument("--out", type=Path, required=True, help="the reproduction's directory")
     kept = verbs.add_parser("keep", help="keep a finished reproduction's records and report")
     kept.add_argument("name")
     kept.add_argument("out", type=Path)
@@ -80,6 +88,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "run":
         spec = load_spec(args.name, args.set)
         run_spec(spec, _out(args.name, args.out), args.only)
+        return 0
+    if args.verb == "adopt":
+        target = adopt(load_spec(args.name), args.key, args.run_dir, args.out)
+        print(f"adopted: {args.run_dir} as {target}")
         return 0
     if args.verb == "keep":
         spec = load_spec(args.name)

@@ -5,6 +5,7 @@
   ``log.jsonl``; a finished run is reused, so a stopped reproduction resumes where it stopped (a
   run that was interrupted is set aside and run again). A training run the spec's kept records
   hold with its checkpoint is evaluated from there instead of being trained again.
+- :func:`adopt` takes an earlier training run, trained with the spec's settings, as one of its runs.
 - :func:`keep` copies the records of a finished reproduction into the spec's ``records``.
 - :func:`render` renders the report from a directory of records alone.
 - :func:`check` re-renders every kept report (and every generated block of the docs,
@@ -24,6 +25,9 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce.evidence import LOG, Evidence, piece_dirs, read_log
@@ -180,6 +184,84 @@ def _selection(spec: Spec, only: list[str] | None) -> dict[str, list[int] | None
         if current is not None:
             current.append(int(piece))
     return selected
+
+
+# --- adopting an earlier training run ---------------------------------------------------------
+#: settings of a training run that leave the weights it trains as they are (what it logs and
+#: prints, what it tests after fitting, how many processes decode the data): an earlier run that
+#: differs from a spec's run only in these is that run (:func:`adopt`)
+WEIGHT_NEUTRAL = (
+    "tags", "wandb_group", "test", "logger", "paths", "extras",
+    "data.test_subset", "data.num_workers", "data.pin_memory",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "callbacks.progress_bar", "callbacks.model_summary", "callbacks.learning_rate_monitor",
+)  # fmt: skip
+
+
+def _weight_settings(cfg: Any) -> dict[str, Any]:
+    """``cfg`` (unresolved) without the :data:`WEIGHT_NEUTRAL` settings, as a flat dict."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix.rstrip(".") in WEIGHT_NEUTRAL:
+            return
+        if isinstance(node, dict) and node:
+            for name, value in node.items():
+                walk(value, f"{prefix}{name}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return flat
+
+
+def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
+    """Take the finished training run ``source`` (a ``train.py`` run directory) as the spec's run
+    ``key`` in the reproduction ``out``, instead of training it again: its composed config must
+    equal the spec's run's in every setting but the :data:`WEIGHT_NEUTRAL` ones (else a
+    :class:`SpecError` lists the differences), and it must hold its ``last`` checkpoint. The run is
+    copied (``source`` is left as it is) and logged with the command that trained it, as
+    ``.hydra/overrides.yaml`` records it, and the date of its last checkpoint."""
+    if key not in spec.runs:
+        raise SpecError(f"{spec.name} has no training run {key!r} ({sorted(spec.runs)})")
+    source, out = Path(source), Path(out)
+    stored = source / ".hydra" / "config.yaml"
+    if not stored.is_file() or not (source / ".hydra" / "overrides.yaml").is_file():
+        raise SpecError(f"{source} is not a training run directory (no .hydra/config.yaml and overrides.yaml)")
+    last = find_checkpoint(source, "last", missing_ok=True)
+    if last is None:
+        raise SpecError(f"{source} holds no last checkpoint: it has not finished training")
+    target = out / "train" / key
+    if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
+        raise SpecError(f"{out} already holds its run {key!r}")
+    from safespot.utils.compose import compose_config  # Hydra's global state only where needed
+
+    run = spec.runs[key]
+    if run.init_from is not None or any(CHECKPOINT_REF.search(o) for o in run.overrides):
+        raise SpecError(f"run {key!r} starts from another run's checkpoint: adopt that run, then train this one")
+    wanted = _weight_settings(compose_config("train", list(run.overrides), out))
+    found = _weight_settings(OmegaConf.load(stored))
+    differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k, "<unset>") != found.get(k, "<unset>"))
+    if differ:
+        shown = "; ".join(
+            f"{k}: {found.get(k, '<unset>')!r} there, {wanted.get(k, '<unset>')!r} in the spec" for k in differ[:6]
+        )
+        shown += f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise SpecError(f"{source} is not {spec.name}'s run {key!r}: {shown}")
+    overrides = [str(o) for o in OmegaConf.load(source / ".hydra" / "overrides.yaml")]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target)
+    entry = {
+        "key": f"train/{key}",
+        "command": _shown(["python", "train.py", *overrides], out),
+        "minutes": None,
+        "date": date.fromtimestamp(last.stat().st_mtime).isoformat(),
+        "adopted": True,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOG).open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+    return target
 
 
 # --- keeping ------------------------------------------------------------------------------------

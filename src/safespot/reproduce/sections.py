@@ -220,6 +220,8 @@ def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str
 def command_line(entry: dict[str, Any]) -> str:
     minutes = entry.get("minutes")
     when = f"{minutes:.1f} min" if isinstance(minutes, int | float) else "time not recorded"
+    if entry.get("adopted"):
+        when = f"an earlier run, adopted (`safespot-reproduce adopt`); {when}"
     return f"{entry['command']}    # {when}"
 
 
