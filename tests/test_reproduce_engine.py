@@ -243,6 +243,9 @@ def test_claims_kinds_sizes_and_restriction(tmp_path):
     assert (
         size_verdict(diff, 20.0) == "larger than the paper's" and size_verdict(diff, 90.0) == "smaller than the paper's"
     )
+    section = {"kind": "claims", "title": "## Gains", "text": "Why these claims.", "claims": [{**claim, "paper": 30.0}]}
+    lines = SECTIONS["claims"](evidence, section)
+    assert lines[:4] == ["## Gains", "", "Why these claims.", ""] and "\n| t |" in lines[4]
 
 
 def test_spec_errors_are_one_line_before_any_run(tmp_path):

@@ -10,7 +10,8 @@ renderer ``(evidence, section) -> lines``. The general kinds:
   ``pct:<eval>/<summary key>`` a summary value (``pct``: times 100), each with an optional
   ``|<format>``; ``null`` an empty cell (–).
 - ``published``: a table as the paper prints it (its numbers are the paper's, quoted).
-- ``claims``: claims (:mod:`safespot.reproduce.claims`) with intervals and verdicts.
+- ``claims``: claims (:mod:`safespot.reproduce.claims`) with intervals and verdicts, after an
+  optional ``text``.
 - ``commands``: every command that made the evidence, with its wall time.
 
 Reproductions with tables of their own kind (OOD detection, rejection, votes, reconstruction)
@@ -209,6 +210,8 @@ def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str
     claims, missing = measured_claims(evidence, spec_section)
     results = [evaluate_claim(evidence, claim) for claim in claims]
     lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
+    if spec_section.get("text"):
+        lines += [str(spec_section["text"]).strip(), ""]
     if results:
         table = pd.DataFrame([r.row() for r in results])
         if all(r.paper is None for r in results):
