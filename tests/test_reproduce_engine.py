@@ -383,3 +383,22 @@ def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
     assert (out / "train" / "natural" / "checkpoints" / "last.ckpt").is_file()
     assert cli.main(["adopt", "cifar10_linf", "adv", str(earlier), "--out", str(out)]) == 2
     assert "is not cifar10_linf's run 'adv'" in capsys.readouterr().err
+
+
+def test_the_models_section_reads_each_runs_training_log(tmp_path):
+    spec = parse_spec("toy", _spec(tmp_path, runs={"model": {"overrides": ["experiment=toy"]}}))
+    out = tmp_path / "out"
+    run_spec(spec, out, runner=FakeCommands())  # evaluated at best-epoch003.ckpt
+    run = out / "train" / "model"
+    rows = ["epoch,val/acc,val/robust_acc,test/acc,test/robust_acc"]
+    rows += [f"{e},{0.5 + e / 100},{0.3 + e / 100},," for e in range(6)] + ["6,,,0.675,0.38"]
+    (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=toy\n- data.test_subset=2000\n")
+    section = {"kind": "training_runs", "models": {"Toy": "grid"}}
+    table = SECTIONS["training_runs"](Evidence(spec, out), section)[0]
+    # 6 epochs (0-5), the 4th evaluated; 1350 of 2000: Wilson [65.41, 69.52], 760 of 2000: [35.90, 40.15]
+    assert "| Toy | 6 | 4 | 53.0 | 33.0 | 2,000 | 67.5 [65.4, 69.5] | 38.0 [35.9, 40.1] |" in table
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=toy\n")  # the whole test split
+    table = SECTIONS["training_runs"](Evidence(spec, out), {**section, "test_images": 10_000})[0]
+    assert "| 10,000 | 67.5 [66.6, 68.4] |" in table
