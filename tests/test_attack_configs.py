@@ -372,6 +372,7 @@ TRAINING_ATTACKS = {
     "safe_spot_oe": "safespot.attacks.pgd.PGD",
     "fast_adversarial": "safespot.attacks.pgd.fgsm_rs",
     "preemptive_fast": "safespot.attacks.pgd.fgsm_rs",
+    "spgd_fast": "safespot.attacks.pgd.fgsm_rs",
     "trades": "safespot.attacks.trades.TradesKL",
 }
 
@@ -424,3 +425,19 @@ def test_methods_built_in_code_train_against_the_threat_models_attack(tiny_net, 
     x, y = images
     loss, _ = trades.training_loss(x, y)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "method, steps, step, start",
+    [("preemptive_fast", 1, 8 / 255, False), ("spgd_fast", 10, 2 / 255, True), ("spgd_adv", 10, 2 / 255, True)],
+)
+def test_safe_spot_steps_of_the_fast_and_k_step_forms(make_cfg, method, steps, step, start):
+    """S-PGD+Fast takes S-PGD+ADV's safe-spot step (10 steps of delta/4 from a random start) and
+    S-FGSM+Fast's FGSM-RS; S-FGSM+Fast one step of delta from x_o."""
+    cfg = make_cfg(f"method={method}", "threat=linf_8")
+    module = build_method(cfg, hydra.utils.instantiate(cfg.model))
+    attack = module.build_train_attack()
+    settings = module.safe_spot_step
+    assert (settings.steps, settings.random_start) == (steps, start)
+    assert settings.step_size == pytest.approx(step)
+    assert attack.steps == (1 if "fast" in method else cfg.threat.steps)

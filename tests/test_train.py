@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "method", ["natural", "adversarial", "fast_adversarial", "preemptive", "preemptive_fast", "trades", "gaussian"]
+    "method",
+    ["natural", "adversarial", "fast_adversarial", "preemptive", "preemptive_fast", "spgd_fast", "trades", "gaussian"],
 )
 @pytest.mark.parametrize("threat", ["linf_8", "l2_0.5"])
 def test_fast_dev_run_each_method(make_cfg, method, threat):
