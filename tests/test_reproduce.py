@@ -101,7 +101,8 @@ def trained(one_thread, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     runs = {}
     for width in (6, 8, 10):
-        train(compose_config("train", [*TRAIN, f"model.backbone.width={width}", "seed=0"], root / str(width)))
+        overrides = [*TRAIN, f"model.backbone.width={width}", "seed=0", "logger=csv"]  # its log, as kept
+        train(compose_config("train", overrides, root / str(width)))
         runs[width] = root / str(width)
     return runs
 
@@ -117,6 +118,7 @@ def with_kept_models(spec, trained) -> dict[str, Path]:
         target.mkdir(parents=True)
         for ckpt in (sources[key] / "checkpoints").glob("*.ckpt"):
             (target / ckpt.name).write_bytes(ckpt.read_bytes())
+        (target.parent / "metrics.csv").write_bytes((sources[key] / "csv" / "metrics.csv").read_bytes())
     return sources
 
 

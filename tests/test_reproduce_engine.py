@@ -402,3 +402,39 @@ def test_the_models_section_reads_each_runs_training_log(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- experiment=toy\n")  # the whole test split
     table = SECTIONS["training_runs"](Evidence(spec, out), {**section, "test_images": 10_000})[0]
     assert "| 10,000 | 67.5 [66.6, 68.4] |" in table
+
+
+def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_path, capsys):
+    """``keep --partial``: the finished trainings (with their checkpoints) and evaluations are kept,
+    an unfinished run is not, the report stays a pending stub; a later sitting evaluates from the
+    kept checkpoint, trains what is missing, and ``keep --only`` completes the records and renders
+    the report."""
+    raw = _spec(tmp_path)
+    raw["runs"]["other"] = {"overrides": ["experiment=toy", "seed=1"], "keep_checkpoint": True}
+    raw["evaluations"]["extra"] = {"run": "other", "overrides": ["evaluation=[none,sfull]"]}
+    spec = parse_spec("toy", raw)
+    spec.report.parent.mkdir(parents=True)
+    stub = "# A toy reproduction\n\nBeing measured.\n\n<!-- safespot-reproduce pending toy -->\n"
+    spec.report.write_text(stub)
+    first = tmp_path / "first"
+    with pytest.raises(SpecError, match="finished no evaluation"):
+        keep(spec, first, partial=True)
+    run_spec(spec, first, only=["grid"], runner=FakeCommands())
+    (first / "train" / "other" / "checkpoints").mkdir(parents=True)  # a training stopped half-way
+    with pytest.raises(SpecError, match="--partial keeps what it has"):
+        keep(spec, first)
+    kept = keep(spec, first, partial=True)
+    assert (kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt").is_file()
+    assert not (kept / "train" / "other").exists() and not (kept / "eval" / "extra").exists()
+    assert spec.report.read_text() == stub and pending(spec) and check_spec(spec) == []
+    # a later sitting: grid's model is not trained again, the missing run is
+    calls = FakeCommands()
+    second = tmp_path / "second"
+    run_spec(spec, second, only=["grid", "extra"], runner=calls)
+    trained = [c for c in calls.calls if c[1] == "train.py"]
+    assert len(trained) == 1 and "seed=1" in trained[0]
+    keep_evaluations(spec, second, ["extra"])
+    assert (kept / "train" / "other" / "checkpoints" / "best-epoch003.ckpt").is_file()
+    keys = [json.loads(line)["key"] for line in (kept / "log.jsonl").read_text().splitlines()]
+    assert sorted(keys) == ["eval/extra", "eval/grid/part0_of_2", "eval/grid/part1_of_2", "train/model", "train/other"]
+    assert not pending(spec) and spec.report.read_text() == render(spec, kept) and check_spec(spec) == []

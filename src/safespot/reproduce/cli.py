@@ -9,6 +9,7 @@ safespot-reproduce adopt NAME KEY RUN_DIR --out DIR
                                                 # take an earlier train.py run with the settings of the
                                                 # spec's run KEY as that run of DIR (copied, not retrained)
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
+safespot-reproduce keep NAME DIR --partial      # what DIR has finished (its report stays a pending stub)
 safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records
 safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
 safespot-reproduce check [NAME ...]             # every kept report and generated block equals its records' rendering
@@ -28,7 +29,17 @@ from pathlib import Path
 from safespot.errors import ConfigError
 from safespot.paths import PROJECT_ROOT, fresh_directory
 from safespot.reproduce.blocks import check_blocks, write_blocks
-from safespot.reproduce.engine import adopt, check_spec, keep, keep_evaluations, pending, render, run_spec, shown_path
+from safespot.reproduce.engine import (
+    adopt,
+    check_spec,
+    keep,
+    keep_evaluations,
+    kept_evaluations,
+    pending,
+    render,
+    run_spec,
+    shown_path,
+)
 from safespot.reproduce.spec import load_spec, spec_names
 
 
@@ -57,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     kept.add_argument("name")
     kept.add_argument("out", type=Path)
     kept.add_argument("--replace", action="store_true", help="replace existing kept records")
+    kept.add_argument("--partial", action="store_true", help="keep what DIR has finished; the report stays a stub")
     kept.add_argument(
         "--only", action="append", default=[], metavar="KEY", help="add only this evaluation to the kept records"
     )
@@ -95,7 +107,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "keep":
         spec = load_spec(args.name)
-        target = keep_evaluations(spec, args.out, args.only) if args.only else keep(spec, args.out, args.replace)
+        target = (
+            keep_evaluations(spec, args.out, args.only)
+            if args.only
+            else keep(spec, args.out, args.replace, args.partial)
+        )
         print(f"kept: {target.relative_to(PROJECT_ROOT)}")
         return 0
     if args.verb == "render":
@@ -115,7 +131,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(problem)
         waiting = [spec for spec in specs if pending(spec)]
         for spec in waiting:
-            print(f"{spec.name}: pending (no kept records yet; {shown_path(spec.report)} is a stub)")
+            kept = kept_evaluations(spec)
+            held = (
+                f"records kept for {', '.join(kept)}; not for {', '.join(k for k in spec.evaluations if k not in kept)}"
+            )
+            print(
+                f"{spec.name}: pending ({held if kept else 'no kept records yet'}; {shown_path(spec.report)} is a stub)"
+            )
         print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else
               f"{len(problems)} differ") + (f" ({len(waiting)} pending)" if waiting else ""))  # fmt: skip
         return 1 if problems else 0

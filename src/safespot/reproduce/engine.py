@@ -282,11 +282,16 @@ def _carried(spec: Spec, out: Path, kept: Path) -> list[str]:
     return [key for key in keys if (kept / key).is_dir() and not (out / key).is_dir()]
 
 
-def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
+def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) -> Path:
     """Copy the records of the finished reproduction in ``out`` into the spec's ``records`` (and
     the report, rendered from them, to the spec's ``report``). Existing kept records are replaced
     only with ``replace``; the runs they hold that ``out`` does not (a training whose kept
-    checkpoint ``out`` evaluated, an evaluation ``out`` did not repeat) stay, with their log lines."""
+    checkpoint ``out`` evaluated, an evaluation ``out`` did not repeat) stay, with their log lines.
+
+    ``partial`` keeps what ``out`` has finished of a reproduction that has not (its finished
+    trainings with the checkpoints the spec keeps, its finished evaluations) and leaves the report
+    a stub: the spec stays :func:`pending` until ``keep NAME DIR --only KEY`` adds the evaluations
+    it lacks, each run where the kept checkpoints are (:meth:`Reproduction.checkpoint_of`)."""
     if spec.records is None or spec.report is None:
         raise SpecError(f"{spec.name} names no records / report to keep")
     target = spec.records
@@ -296,12 +301,15 @@ def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
     carried = _carried(spec, out, target) if occupied else []
     evidence = Evidence(spec, out)
     missing = [key for key in spec.evaluations if not evidence.has(key) and f"eval/{key}" not in carried]
-    if missing:
-        raise SpecError(f"{out} has not finished {spec.name}: no records for {missing}")
+    if missing and not partial:
+        raise SpecError(f"{out} has not finished {spec.name}: no records for {missing} (--partial keeps what it has)")
+    finished = {entry["key"] for entry in read_log(out)}
+    if partial and not any(key.startswith("eval/") for key in finished):
+        raise SpecError(f"{out} has finished no evaluation of {spec.name}: nothing to keep")
     stage = target.with_name(f"{target.name}.keeping")
     if stage.exists():
         shutil.rmtree(stage)
-    _stage(spec, out, stage)
+    _stage(spec, out, stage, finished if partial else None)
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     for key in carried:
         shutil.copytree(target / key, stage / key)
@@ -310,8 +318,24 @@ def keep(spec: Spec, out: Path, replace: bool = False) -> Path:
     if target.exists():
         shutil.rmtree(target)
     stage.rename(target)
-    spec.report.write_text(render(spec, target))
+    _write_report(spec, target)
     return target
+
+
+def kept_evaluations(spec: Spec) -> list[str]:
+    """The evaluations of ``spec`` its kept records hold."""
+    if spec.records is None or not spec.records.is_dir():
+        return []
+    evidence = Evidence(spec, spec.records)
+    return [key for key in spec.evaluations if evidence.has(key)]
+
+
+def _write_report(spec: Spec, target: Path) -> None:
+    """The report rendered from the kept records, unless it is a stub waiting for evaluations the
+    records do not hold yet (:func:`pending`: kept with ``--partial``), which it stays."""
+    assert spec.report is not None
+    if not pending(spec):
+        spec.report.write_text(render(spec, target))
 
 
 def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
@@ -336,44 +360,58 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
     if stage.exists():
         shutil.rmtree(stage)
     shutil.copytree(target, stage)
+    trained = [
+        f"train/{run}"
+        for run in {spec.evaluations[key].run for key in keys} - {None}
+        if f"train/{run}" in {e["key"] for e in read_log(out)} and not (target / "train" / str(run)).is_dir()
+    ]
+    for run in trained:  # trained in out (the kept records held no checkpoint of it)
+        _stage_training(spec, out, stage, run.split("/", 1)[1])
     for key in keys:
         shutil.rmtree(stage / "eval" / key, ignore_errors=True)
         for folder in piece_dirs(out / "eval" / key):
             _copy(folder, stage / folder.relative_to(out), (*KEPT_EVAL, *spec.evaluations[key].files))
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
-    replaced = {f"eval/{key}" for key in keys}
+    replaced = {f"eval/{key}" for key in keys} | set(trained)
     entries = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) not in replaced]
     entries += [e for e in read_log(out) if "/".join(e["key"].split("/")[:2]) in replaced]
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     shutil.rmtree(target)
     stage.rename(target)
-    spec.report.write_text(render(spec, target))
+    _write_report(spec, target)
     return target
 
 
-def _stage(spec: Spec, out: Path, target: Path) -> None:
-    """What is kept of the runs in ``out``, copied into ``target``."""
+def _stage(spec: Spec, out: Path, target: Path, finished: set[str] | None = None) -> None:
+    """What is kept of the runs in ``out`` (those logged as ``finished`` when given), copied into
+    ``target``."""
     target.mkdir(parents=True)
-    starts = {run.init_from for run in spec.runs.values()}
-    for key, run in spec.runs.items():
-        source = out / "train" / key
-        if not source.is_dir():
-            continue
-        _copy(source, target / "train" / key, KEPT_TRAIN)
-        (target / "train" / key).mkdir(parents=True, exist_ok=True)
-        if (source / "csv" / "metrics.csv").is_file():
-            shutil.copy2(source / "csv" / "metrics.csv", target / "train" / key / "metrics.csv")
-        if run.keep_checkpoint:
-            wanted = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
-            if key in starts:  # a run another starts from keeps the checkpoint it starts from
-                wanted.add("best")
-            for which in sorted(wanted):
-                ckpt = find_checkpoint(source, which)
-                _copy(source, target / "train" / key, (str(ckpt.relative_to(source)),))
+    for key in spec.runs:
+        if (out / "train" / key).is_dir() and (finished is None or f"train/{key}" in finished):
+            _stage_training(spec, out, target, key)
     for key, evaluation in spec.evaluations.items():
+        if finished is not None and not any(k.split("/")[:2] == ["eval", key] for k in finished):
+            continue
         for folder in piece_dirs(out / "eval" / key):
-            if folder.is_dir():
+            if folder.is_dir() and (finished is None or str(folder.relative_to(out)) in finished):
                 _copy(folder, target / folder.relative_to(out), (*KEPT_EVAL, *evaluation.files))
+
+
+def _stage_training(spec: Spec, out: Path, target: Path, key: str) -> None:
+    """What is kept of training run ``key`` of ``out``: its overrides and metrics, and the
+    checkpoints its evaluations (and the runs starting from it) use when the spec keeps them."""
+    source, run = out / "train" / key, spec.runs[key]
+    _copy(source, target / "train" / key, KEPT_TRAIN)
+    (target / "train" / key).mkdir(parents=True, exist_ok=True)
+    if (source / "csv" / "metrics.csv").is_file():
+        shutil.copy2(source / "csv" / "metrics.csv", target / "train" / key / "metrics.csv")
+    if run.keep_checkpoint:
+        wanted = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
+        if key in {r.init_from for r in spec.runs.values()}:  # a run another starts from keeps its start
+            wanted.add("best")
+        for which in sorted(wanted):
+            ckpt = find_checkpoint(source, which)
+            _copy(source, target / "train" / key, (str(ckpt.relative_to(source)),))
 
 
 #: the kept text files whose contents may name paths of the machine that ran them
@@ -408,11 +446,11 @@ PENDING = "<!-- safespot-reproduce pending {name} -->"
 
 
 def pending(spec: Spec) -> bool:
-    """Whether ``spec`` keeps no records yet and its report is a stub holding the line
-    :data:`PENDING` with the spec's name."""
+    """Whether ``spec``'s report is a stub holding the line :data:`PENDING` with the spec's name
+    and its kept records (if any: ``keep --partial``) lack some evaluation."""
     if spec.report is None or not spec.report.is_file():
         return False
-    if spec.records is not None and spec.records.is_dir() and any(spec.records.iterdir()):
+    if len(kept_evaluations(spec)) == len(spec.evaluations):
         return False
     marker = PENDING.format(name=spec.name)
     return any(line.strip() == marker for line in spec.report.read_text().splitlines())

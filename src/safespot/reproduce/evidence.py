@@ -81,7 +81,11 @@ class Evidence:
         return self.root / "eval" / key
 
     def train_dir(self, key: str) -> Path:
-        return self.root / "train" / key
+        """Training run ``key`` here, else in the spec's kept records (a reproduction evaluates a
+        run the records keep with its checkpoint from there, without training it again)."""
+        here = self.root / "train" / key
+        kept = self.spec.records / "train" / key if self.spec.records is not None else None
+        return kept if not here.is_dir() and kept is not None and kept.is_dir() else here
 
     def has(self, key: str) -> bool:
         """Whether evaluation ``key`` left records (every piece of it)."""
@@ -146,8 +150,9 @@ class Evidence:
         raise SpecError(f"{self.spec.name}: training run {key!r} kept no metrics.csv in {folder}")
 
     def overrides(self, kind: str, key: str) -> list[str] | None:
-        folder = self.root / kind / key
-        return stored_overrides(piece_dirs(folder)[0] if kind == "eval" else folder)
+        if kind == "train":
+            return stored_overrides(self.train_dir(key))
+        return stored_overrides(piece_dirs(self.root / kind / key)[0])
 
     @cached_property
     def log(self) -> list[dict[str, Any]]:
