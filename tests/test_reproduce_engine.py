@@ -342,6 +342,11 @@ def test_an_earlier_run_with_the_specs_settings_is_adopted_instead_of_trained(tm
     assert "python train.py " + " ".join([*run, *neutral]) + "    # an earlier run, adopted" in report
     with pytest.raises(SpecError, match="already holds its run 'model'"):
         adopt(spec, "model", earlier, out)
+    # a training run of another reproduction brings the minutes that reproduction logged
+    other = _earlier_run(tmp_path / "other" / "train" / "model", run)
+    (tmp_path / "other" / "log.jsonl").write_text(json.dumps({"key": "train/model", "minutes": 34.0}) + "\n")
+    adopt(spec, "model", other, tmp_path / "out2")
+    assert json.loads((tmp_path / "out2" / "log.jsonl").read_text())["minutes"] == 34.0
 
 
 @pytest.mark.parametrize(

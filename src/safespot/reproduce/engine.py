@@ -221,7 +221,8 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     equal the spec's run's in every setting but the :data:`WEIGHT_NEUTRAL` ones (else a
     :class:`SpecError` lists the differences), and it must hold its ``last`` checkpoint. The run is
     copied (``source`` is left as it is) and logged with the command that trained it, as
-    ``.hydra/overrides.yaml`` records it, and the date of its last checkpoint."""
+    ``.hydra/overrides.yaml`` records it, the date of its last checkpoint and, for a run of another
+    reproduction, the minutes that reproduction's log recorded."""
     if key not in spec.runs:
         raise SpecError(f"{spec.name} has no training run {key!r} ({sorted(spec.runs)})")
     source, out = Path(source), Path(out)
@@ -251,10 +252,12 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     overrides = [str(o) for o in OmegaConf.load(source / ".hydra" / "overrides.yaml")]
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target)
+    # a run of another reproduction: the minutes its log recorded
+    logged = [e for e in read_log(source.parent.parent) if e.get("key") == f"train/{source.name}"]
     entry = {
         "key": f"train/{key}",
         "command": _shown(["python", "train.py", *overrides], out),
-        "minutes": None,
+        "minutes": logged[-1].get("minutes") if logged else None,
         "date": date.fromtimestamp(last.stat().st_mtime).isoformat(),
         "adopted": True,
     }
