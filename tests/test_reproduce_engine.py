@@ -422,7 +422,7 @@ def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_
     stub = "# A toy reproduction\n\nBeing measured.\n\n<!-- safespot-reproduce pending toy -->\n"
     spec.report.write_text(stub)
     first = tmp_path / "first"
-    with pytest.raises(SpecError, match="finished no evaluation"):
+    with pytest.raises(SpecError, match="finished no run"):
         keep(spec, first, partial=True)
     run_spec(spec, first, only=["grid"], runner=FakeCommands())
     (first / "train" / "other" / "checkpoints").mkdir(parents=True)  # a training stopped half-way

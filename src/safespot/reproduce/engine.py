@@ -307,8 +307,8 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     if missing and not partial:
         raise SpecError(f"{out} has not finished {spec.name}: no records for {missing} (--partial keeps what it has)")
     finished = {entry["key"] for entry in read_log(out)}
-    if partial and not any(key.startswith("eval/") for key in finished):
-        raise SpecError(f"{out} has finished no evaluation of {spec.name}: nothing to keep")
+    if partial and not finished:
+        raise SpecError(f"{out} has finished no run of {spec.name}: nothing to keep")
     stage = target.with_name(f"{target.name}.keeping")
     if stage.exists():
         shutil.rmtree(stage)
