@@ -56,7 +56,7 @@ def training_runs_section(evidence: Evidence, spec_section: dict[str, Any]) -> l
     """One row per model (``models``: label -> evaluation key): the epochs its run trained, the
     epoch of the checkpoint the evaluation ran on, the validation accuracies logged at that epoch
     (clean and under the validation attack, on the run's validation images), and the test accuracies
-    ``train.py`` logged after training, with their Wilson intervals and number of test images
+    ``train.py`` logged after training (of the run's best checkpoint, which it tests), with their Wilson intervals and number of test images
     (``test_images``: that number when a command names none)."""
     rows = []
     default = spec_section.get("test_images", FULL_TEST_SPLIT)
