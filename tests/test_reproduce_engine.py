@@ -407,6 +407,11 @@ def test_the_models_section_reads_each_runs_training_log(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- experiment=toy\n")  # the whole test split
     table = SECTIONS["training_runs"](Evidence(spec, out), {**section, "test_images": 10_000})[0]
     assert "| 10,000 | 67.5 [66.6, 68.4] |" in table
+    assert "at x_r" not in table  # no preemptive model: no safe-spot columns
+    rows[1:] = [r + ",0.1" if r.count(",") == 4 and not r.startswith("6,") else r for r in rows[1:]]
+    (run / "csv" / "metrics.csv").write_text("\n".join([rows[0] + ",val/safe_robust_acc", *rows[1:]]) + "\n")
+    table = SECTIONS["training_runs"](Evidence(spec, out), section)[0]
+    assert table.splitlines()[0].endswith("| Val robust at x_r | Test robust at x_r |") and "| 10.0 | – |" in table
 
 
 def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_path, capsys):

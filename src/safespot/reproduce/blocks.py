@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from safespot.paths import PROJECT_ROOT
-from safespot.reproduce.engine import render
+from safespot.reproduce.engine import kept_evaluations, pending, render
 from safespot.reproduce.spec import Spec, SpecError, load_spec
 
 BLOCK = re.compile(
@@ -36,10 +36,31 @@ def render_block(spec: Spec, block: str) -> str:
     blocks = spec.settings.get("blocks") or {}
     if block not in blocks:
         raise SpecError(f"{spec.name} has no block {block!r} (blocks: {sorted(blocks)})")
+    waiting = f"Not measured yet: `safespot-reproduce run {spec.name}`, then `safespot-reproduce keep`.\n"
     if spec.records is None or not spec.records.is_dir():  # pending: nothing measured to show yet
-        return f"Not measured yet: `safespot-reproduce run {spec.name}`, then `safespot-reproduce keep`.\n"
+        return waiting
+    if pending(spec):  # kept in part (keep --partial): the block once its evaluations are all kept
+        kept = kept_evaluations(spec)
+        missing = [key for key in spec.evaluations if key not in kept]
+        needed = {ref.split("/")[0] for part in blocks[block] for ref in _references(part)}
+        if needed & set(missing):
+            held = f" Kept so far: {', '.join(kept)}; not yet: {', '.join(missing)}." if kept else ""
+            return waiting.rstrip("\n") + held + "\n"
     text = render(spec, spec.records, tuple(blocks[block]))
     return text.split("\n", 2)[2]  # without the report's title
+
+
+def _references(part: dict) -> list[str]:
+    """The ``<evaluation>/...`` references of a block's section whose records it reads: its
+    claims' fields and restrictions, its models' evaluations (a ``training_runs`` section reads the
+    training runs alone)."""
+    if part.get("kind") == "training_runs":
+        return []
+    refs = [
+        str(v) for claim in part.get("claims", []) for v in (claim.get("a"), claim.get("b"), *claim.get("restrict", []))
+    ]
+    refs += [str(v) for v in dict(part.get("models", {})).values()]
+    return [r for r in refs if r and r != "None"]
 
 
 def _rendered(text: str) -> str:

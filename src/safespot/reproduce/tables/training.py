@@ -43,7 +43,13 @@ def _rate(value: float, n: int | None) -> str:
 
 
 def evaluated_checkpoint(evidence: Evidence, key: str) -> str:
-    """The checkpoint evaluation ``key`` ran on, as its ``results.json`` records it."""
+    """The checkpoint evaluation ``key`` ran on, as its ``results.json`` records it; before it has
+    run, the one it will run on (the spec's ``checkpoint`` of its run, as the records keep it)."""
+    if not evidence.has(key):
+        from safespot.reproduce.engine import find_checkpoint  # the engine imports this module
+
+        evaluation = evidence.spec.evaluations[key]
+        return str(find_checkpoint(evidence.train_dir(str(evaluation.run)), evaluation.checkpoint))
     folder = piece_dirs(evidence.eval_dir(key))[0]
     meta = json.loads((folder / "results.json").read_text()).get("meta", {})
     if not meta.get("ckpt_path"):
@@ -56,7 +62,9 @@ def training_runs_section(evidence: Evidence, spec_section: dict[str, Any]) -> l
     """One row per model (``models``: label -> evaluation key): the epochs its run trained, the
     epoch of the checkpoint the evaluation ran on, the validation accuracies logged at that epoch
     (clean and under the validation attack, on the run's validation images), and the test accuracies
-    ``train.py`` logged after training (of the run's best checkpoint, which it tests), with their Wilson intervals and number of test images
+    ``train.py`` logged after training (of the run's best checkpoint, which it tests), with their
+    Wilson intervals and number of test images; for preemptive models also both robust accuracies
+    at their training safe spots x_r
     (``test_images``: that number when a command names none)."""
     rows = []
     default = spec_section.get("test_images", FULL_TEST_SPLIT)
@@ -79,9 +87,16 @@ def training_runs_section(evidence: Evidence, spec_section: dict[str, Any]) -> l
                 "Test images": f"{n:,}" if n else MISSING,
                 "Test clean": _rate(float(test.get("test/acc", float("nan"))), n),
                 "Test robust": _rate(float(test.get("test/robust_acc", float("nan"))), n),
+                # a preemptive model's robustness where it is meant to be robust: at x_r, the
+                # safe spot its one training step finds (logged by the preemptive methods only)
+                "Val robust at x_r": _rate(metric_at(metrics, "val/safe_robust_acc", epoch), None),
+                "Test robust at x_r": _rate(float(test.get("test/safe_robust_acc", float("nan"))), n),
             }
         )
     lines = [str(spec_section["title"]).strip(), ""] if spec_section.get("title") else []
     if spec_section.get("text"):
         lines += [str(spec_section["text"]).strip(), ""]
-    return [*lines, markdown_table(pd.DataFrame(rows)), ""]
+    table = pd.DataFrame(rows)
+    if (table[["Val robust at x_r", "Test robust at x_r"]] == MISSING).all(axis=None):
+        table = table.drop(columns=["Val robust at x_r", "Test robust at x_r"])
+    return [*lines, markdown_table(table), ""]
