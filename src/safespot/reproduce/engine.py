@@ -30,10 +30,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
-from safespot.reproduce.evidence import LOG, Evidence, piece_dirs, read_log
+from safespot.reproduce.evidence import LOG, Evidence, find_checkpoint, piece_dirs, read_log
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
+from safespot.utils.compose import compose_config
 
 #: what is kept of each run (besides the files an evaluation names in ``files``)
 KEPT_TRAIN = (".hydra/overrides.yaml",)
@@ -135,17 +136,6 @@ class Reproduction:
             self._run(f"eval/{evaluation.key}/{name}", cmd, folder / name)
 
 
-def find_checkpoint(run_dir: Path, which: str, missing_ok: bool = False) -> Path:
-    """The ``last`` checkpoint of a training run, or its newest ``best-*`` one."""
-    folder = run_dir / "checkpoints"
-    found = [folder / "last.ckpt"] if which == "last" else sorted(folder.glob("best-*.ckpt"))
-    if not found or not found[-1].is_file():
-        if missing_ok:
-            return None  # type: ignore[return-value]
-        raise SpecError(f"no {which} checkpoint in {folder}")
-    return found[-1]
-
-
 def run_spec(
     spec: Spec, out: Path, only: list[str] | None = None, runner: Runner | None = None, python: str = sys.executable
 ) -> Path:
@@ -235,8 +225,6 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     target = out / "train" / key
     if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
         raise SpecError(f"{out} already holds its run {key!r}")
-    from safespot.utils.compose import compose_config  # Hydra's global state only where needed
-
     run = spec.runs[key]
     if run.init_from is not None or any(CHECKPOINT_REF.search(o) for o in run.overrides):
         raise SpecError(f"run {key!r} starts from another run's checkpoint: adopt that run, then train this one")

@@ -37,6 +37,17 @@ def piece_dirs(folder: Path) -> list[Path]:
     return sorted(parts, key=lambda p: int(PIECE.fullmatch(p.name)[1])) or [folder]
 
 
+def find_checkpoint(run_dir: Path, which: str, missing_ok: bool = False) -> Path:
+    """The ``last`` checkpoint of a training run, or its newest ``best-*`` one."""
+    folder = run_dir / "checkpoints"
+    found = [folder / "last.ckpt"] if which == "last" else sorted(folder.glob("best-*.ckpt"))
+    if not found or not found[-1].is_file():
+        if missing_ok:
+            return None  # type: ignore[return-value]
+        raise SpecError(f"no {which} checkpoint in {folder}")
+    return found[-1]
+
+
 def stored_overrides(run_dir: Path) -> list[str] | None:
     """The overrides of a Hydra run as its ``.hydra/overrides.yaml`` stores them, or ``None``."""
     stored = Path(run_dir) / ".hydra" / "overrides.yaml"

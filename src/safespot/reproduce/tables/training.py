@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from safespot.reproduce.evidence import Evidence, piece_dirs
+from safespot.reproduce.evidence import Evidence, find_checkpoint, piece_dirs
 from safespot.reproduce.sections import MISSING, section
 from safespot.reproduce.spec import SpecError
 from safespot.reproduce.tables.ood import checkpoint_epoch, last_epoch, metric_at
@@ -46,8 +46,6 @@ def evaluated_checkpoint(evidence: Evidence, key: str) -> str:
     """The checkpoint evaluation ``key`` ran on, as its ``results.json`` records it; before it has
     run, the one it will run on (the spec's ``checkpoint`` of its run, as the records keep it)."""
     if not evidence.has(key):
-        from safespot.reproduce.engine import find_checkpoint  # the engine imports this module
-
         evaluation = evidence.spec.evaluations[key]
         return str(find_checkpoint(evidence.train_dir(str(evaluation.run)), evaluation.checkpoint))
     folder = piece_dirs(evidence.eval_dir(key))[0]
