@@ -135,9 +135,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             held = (
                 f"records kept for {', '.join(kept)}; not for {', '.join(k for k in spec.evaluations if k not in kept)}"
             )
-            print(
-                f"{spec.name}: pending ({held if kept else 'no kept records yet'}; {shown_path(spec.report)} is a stub)"
-            )
+            trained = spec.records is not None and (spec.records / "train").is_dir()
+            if not kept:
+                held = "trainings kept, no evaluation yet" if trained else "no kept records yet"
+            print(f"{spec.name}: pending ({held}; {shown_path(spec.report)} is a stub)")
         print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else
               f"{len(problems)} differ") + (f" ({len(waiting)} pending)" if waiting else ""))  # fmt: skip
         return 1 if problems else 0
