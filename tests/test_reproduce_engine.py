@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
@@ -320,8 +321,9 @@ def _earlier_run(folder: Path, overrides: list[str]) -> Path:
     OmegaConf.save(compose_config("train", overrides, folder), folder / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
     (folder / "checkpoints").mkdir()
-    for name in ("best-epoch014.ckpt", "last.ckpt"):
-        (folder / "checkpoints" / name).write_bytes(b"weights")
+    epochs = OmegaConf.load(folder / ".hydra" / "config.yaml").trainer.max_epochs
+    for name in ("best-epoch014.ckpt", "last.ckpt"):  # as Lightning writes them after the last epoch
+        torch.save({"epoch": epochs - 1, "state_dict": {}}, folder / "checkpoints" / name)
     return folder
 
 
@@ -374,6 +376,9 @@ def test_an_unfinished_or_unknown_run_is_not_adopted(tmp_path):
         adopt(spec, "other", earlier, tmp_path / "out")
     with pytest.raises(SpecError, match="not a training run directory"):
         adopt(spec, "model", earlier / "checkpoints", tmp_path / "out")
+    torch.save({"epoch": 6, "state_dict": {}}, earlier / "checkpoints" / "last.ckpt")  # a run still training
+    with pytest.raises(SpecError, match="its last checkpoint is of epoch 7 of 15"):
+        adopt(spec, "model", earlier, tmp_path / "out")
     (earlier / "checkpoints" / "last.ckpt").unlink()
     with pytest.raises(SpecError, match="has not finished training"):
         adopt(spec, "model", earlier, tmp_path / "out")
@@ -386,6 +391,8 @@ def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["adopt", "cifar10_linf", "natural", str(earlier), "--out", str(out)]) == 0
     assert (out / "train" / "natural" / "checkpoints" / "last.ckpt").is_file()
+    assert cli.main(["keep", "cifar10_linf", str(out), "--only", "natural", "--partial"]) == 2
+    assert "without --partial or --replace" in capsys.readouterr().err
     assert cli.main(["adopt", "cifar10_linf", "adv", str(earlier), "--out", str(out)]) == 2
     assert "is not cifar10_linf's run 'adv'" in capsys.readouterr().err
 

@@ -106,6 +106,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"adopted: {args.run_dir} as {target}")
         return 0
     if args.verb == "keep":
+        if args.only and (args.partial or args.replace):
+            raise ConfigError("keep --only adds evaluations to the kept records: without --partial or --replace")
         spec = load_spec(args.name)
         target = (
             keep_evaluations(spec, args.out, args.only)

@@ -34,6 +34,7 @@ from safespot.reproduce.evidence import LOG, Evidence, find_checkpoint, piece_di
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
+from safespot.utils.checkpoint import read_checkpoint
 from safespot.utils.compose import compose_config
 
 #: what is kept of each run (besides the files an evaluation names in ``files``)
@@ -222,6 +223,10 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     last = find_checkpoint(source, "last", missing_ok=True)
     if last is None:
         raise SpecError(f"{source} holds no last checkpoint: it has not finished training")
+    epochs = OmegaConf.load(stored).trainer.get("max_epochs")
+    reached = int(read_checkpoint(last, "RUN_DIR").get("epoch", -1)) + 1
+    if epochs is not None and reached < int(epochs):  # last.ckpt is written every epoch
+        raise SpecError(f"{source} has not finished training: its last checkpoint is of epoch {reached} of {epochs}")
     target = out / "train" / key
     if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
         raise SpecError(f"{out} already holds its run {key!r}")
