@@ -429,6 +429,9 @@ def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_
     raw = _spec(tmp_path)
     raw["runs"]["other"] = {"overrides": ["experiment=toy", "seed=1"], "keep_checkpoint": True}
     raw["evaluations"]["extra"] = {"run": "other", "overrides": ["evaluation=[none,sfull]"]}
+    raw["blocks"]["extra"] = [
+        {"kind": "claims", "claims": [{"text": "e", "a": "extra/sfull_pgd/correct", "b": "grid/none_pgd/correct"}]}
+    ]
     spec = parse_spec("toy", raw)
     spec.report.parent.mkdir(parents=True)
     stub = "# A toy reproduction\n\nBeing measured.\n\n<!-- safespot-reproduce pending toy -->\n"
@@ -444,6 +447,11 @@ def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_
     assert (kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt").is_file()
     assert not (kept / "train" / "other").exists() and not (kept / "eval" / "extra").exists()
     assert spec.report.read_text() == stub and pending(spec) and check_spec(spec) == []
+    # a doc block renders once the evaluations it reads are kept
+    assert "| gain |" in blocks.render_block(spec, "summary")
+    assert blocks.render_block(spec, "extra").startswith("Not measured yet") and "Kept so far: grid" in (
+        blocks.render_block(spec, "extra")
+    )
     # a later sitting: grid's model is not trained again, the missing run is
     calls = FakeCommands()
     second = tmp_path / "second"

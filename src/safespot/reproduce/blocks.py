@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce.engine import kept_evaluations, pending, render
+from safespot.reproduce.sections import cell_evaluation, claim_evaluations
 from safespot.reproduce.spec import Spec, SpecError, load_spec
 
 BLOCK = re.compile(
@@ -42,7 +43,7 @@ def render_block(spec: Spec, block: str) -> str:
     if pending(spec):  # kept in part (keep --partial): the block once its evaluations are all kept
         kept = kept_evaluations(spec)
         missing = [key for key in spec.evaluations if key not in kept]
-        needed = {ref.split("/")[0] for part in blocks[block] for ref in _references(part)}
+        needed = set().union(*(_evaluations_read(part) for part in blocks[block]))
         if needed & set(missing):
             held = f" Kept so far: {', '.join(kept)}; not yet: {', '.join(missing)}." if kept else ""
             return waiting.rstrip("\n") + held + "\n"
@@ -50,17 +51,15 @@ def render_block(spec: Spec, block: str) -> str:
     return text.split("\n", 2)[2]  # without the report's title
 
 
-def _references(part: dict) -> list[str]:
-    """The ``<evaluation>/...`` references of a block's section whose records it reads: its
-    claims' fields and restrictions, its models' evaluations (a ``training_runs`` section reads the
-    training runs alone)."""
+def _evaluations_read(part: dict) -> set[str]:
+    """The evaluations a block's section reads records of: its claims' (:func:`claim_evaluations`),
+    its table cells' (:func:`cell_evaluation`) and its models' (a ``training_runs`` section reads
+    the training runs alone)."""
     if part.get("kind") == "training_runs":
-        return []
-    refs = [
-        str(v) for claim in part.get("claims", []) for v in (claim.get("a"), claim.get("b"), *claim.get("restrict", []))
-    ]
-    refs += [str(v) for v in dict(part.get("models", {})).values()]
-    return [r for r in refs if r and r != "None"]
+        return set()
+    keys = {key for claim in part.get("claims", []) for key in claim_evaluations(claim)}
+    keys |= {cell_evaluation(c) for row in part.get("rows", []) for c in row} - {None}
+    return keys | {str(v) for v in dict(part.get("models", {})).values()}
 
 
 def _rendered(text: str) -> str:
