@@ -53,9 +53,9 @@ def test_the_report_gives_shares_of_what_they_are_of_and_links_the_figure(figure
     cells = row(l2, "random in B_delta(x_o)")
     assert cells[3] == accuracy(error <= 0.25).percent() and cells[4] == accuracy(error >= 0.4).percent()
     kept = random["preempt_sfull/correct"].astype(bool).to_numpy()
-    invalid = random["preempt_sfull_white_pgd/invalid"].astype(bool).to_numpy()[kept]
-    assert cells[5] == accuracy(invalid).percent()
-    assert "| Outside B_eps(x_o), % of images with x_r correct | Outside B_eps(x_o), % of misclassified" in l2
+    outside = random["preempt_sfull_white_pgd_f1/dist"].to_numpy()[kept] > 0.5 + 1e-6
+    assert cells[5] == accuracy(outside).percent()
+    assert "| White-box outputs outside B_eps(x_o) at eps' = eps, % of images with x_r correct | Misclassified" in l2
     assert sum(word in l2 for word in ("**holds**", "**does not hold**", "**inconclusive at this scale**")) == 1
     assert "l_inf, random start: white PGD accuracy minus grey PGD accuracy" in report
     assert "![reconstruction errors from both starts](figure3_l2.png)" in report
@@ -92,3 +92,27 @@ def test_figure3_adv_uses_the_reduced_adv_model_at_l2(tmp_path):
         overrides = set(evaluation.overrides)
         assert {"threat.norm=l2", "threat.eps=0.5", f"evaluation.preempt_sfull.robustifier.init={start}"} <= overrides
         assert "robustifier@evaluation.preempt_sfull.robustifier=sfull_paper" in overrides
+
+
+def test_outside_shares_read_the_full_budget_and_every_eps_not_the_tied_choice():
+    """The white-box accuracy's eps' is a tie (smallest fraction) when no eps' breaks an image; the
+    outside shares must not read it. Four images, x_r correct on the first three (eps 0.5)."""
+    import pandas as pd
+
+    from safespot.reproduce.tables.reconstruction import outside_shares
+
+    out = "s_white_pgd"
+    records = pd.DataFrame(
+        {
+            "s/correct": [1, 1, 1, 0],
+            f"{out}/correct": [1, 1, 1, 0],  # the tied eps' (0.25): nothing misclassified there
+            f"{out}/invalid": [0, 0, 0, 0],
+            f"{out}_f1/dist": [0.6, 0.4, 0.5 + 5e-7, 0.7],  # the third is inside up to the tolerance
+            f"{out}_union/invalid": [1, 1, 0, 1],  # misclassified outside B_eps(x_o) at some eps'
+            f"{out}_union/correct": [1, 0, 1, 0],  # the second also validly broken at another eps'
+        }
+    )
+    of_kept, only_outside = outside_shares(records, "s", out, "e", (0.5, 1e-6, 1.0))
+    assert of_kept == accuracy(np.array([True, False, False])).percent()
+    assert only_outside == accuracy(np.array([True, False])).percent()
+    assert of_kept.startswith("33.3") and only_outside.startswith("50.0")
