@@ -135,11 +135,21 @@ def linf(trained, tmp_path_factory):
 
 def test_linf_evaluates_each_models_grid_at_the_papers_checkpoint_on_the_same_images(linf):
     spec, out, runner, report = linf
-    assert [c[1] for c in runner.calls] == ["evaluate.py"] * 3
-    checkpoints = {
-        key: next(c for c in cmd if c.startswith("ckpt_path="))
-        for key, cmd in zip(spec.evaluations, runner.calls, strict=True)
-    }
+    # one run for the natural model; the preemptive and ADV grids in their spec's pieces, one run each
+    pieces = {key: evaluation.pieces for key, evaluation in spec.evaluations.items()}
+    assert pieces == {"natural": 1, "preemptive": 8, "adv": 8}
+    assert [c[1] for c in runner.calls] == ["evaluate.py"] * sum(pieces.values())
+    keys = [key for key in spec.evaluations for _ in range(pieces[key])]
+    paths: dict[str, set[str]] = {}
+    parts: dict[str, list[str]] = {}
+    for key, cmd in zip(keys, runner.calls, strict=True):
+        paths.setdefault(key, set()).add(next(c for c in cmd if c.startswith("ckpt_path=")))
+        parts.setdefault(key, []).extend(c for c in cmd if c.startswith("data.test_part="))
+    assert parts["natural"] == []
+    for key in ("preemptive", "adv"):  # every piece once, of 8
+        assert sorted(parts[key]) == [f"data.test_part=[{k},8]" for k in range(8)]
+    assert all(len(p) == 1 for p in paths.values())  # every piece reads the same checkpoint
+    checkpoints = {key: p.pop() for key, p in paths.items()}
     assert checkpoints["preemptive"].endswith("/train/preemptive/checkpoints/last.ckpt")  # paper 002 keeps the last
     assert re.search(r"/train/adv/checkpoints/best-epoch\d+\.ckpt$", checkpoints["adv"])  # the best robust one
     assert re.search(r"/train/natural/checkpoints/best-epoch\d+\.ckpt$", checkpoints["natural"])

@@ -103,7 +103,11 @@ class FakeCommands:
             raise KeyboardInterrupt
         if cmd[1] == "train.py":
             (run_dir / "checkpoints").mkdir(parents=True)
-            (run_dir / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"weights")
+            weights, momentum = {"w": torch.arange(4.0)}, {"state": {0: {"momentum_buffer": torch.ones(4)}}}
+            torch.save(
+                {"epoch": 3, "state_dict": weights, "optimizer_states": [momentum], "lr_schedulers": [{}]},
+                run_dir / "checkpoints" / "best-epoch003.ckpt",
+            )
             (run_dir / "csv").mkdir()
             (run_dir / "csv" / "metrics.csv").write_text("epoch,val/acc\n0,0.5\n")
             return
@@ -145,7 +149,11 @@ def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
     assert results["meta"]["ckpt_path"] == "train/model/checkpoints/best-epoch003.ckpt"
     texts = [p.read_text() for p in kept.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")]
     assert texts and not [t for t in texts if str(tmp_path) in t]
-    assert (kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt").is_file()
+    # the kept checkpoint holds the weights, not the state only resuming the training needs
+    source = torch.load(out / "train" / "model" / "checkpoints" / "best-epoch003.ckpt", weights_only=True)
+    held = torch.load(kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt", weights_only=True)
+    assert set(held) == {"epoch", "state_dict"} and {"optimizer_states", "lr_schedulers"} <= set(source)
+    assert held["epoch"] == 3 and torch.equal(held["state_dict"]["w"], source["state_dict"]["w"])
     assert (kept / "train" / "model" / "metrics.csv").is_file()
     assert spec.report.read_text() == text  # the kept report is rendered from the kept records
     assert check_spec(spec) == []

@@ -27,6 +27,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
@@ -407,7 +408,24 @@ def _stage_training(spec: Spec, out: Path, target: Path, key: str) -> None:
             wanted.add("best")
         for which in sorted(wanted):
             ckpt = find_checkpoint(source, which)
-            _copy(source, target / "train" / key, (str(ckpt.relative_to(source)),))
+            keep_weights(ckpt, target / "train" / key / ckpt.relative_to(source))
+
+
+#: what a kept checkpoint leaves out: the state that only resuming the training needs (the
+#: optimizer's momentum is as large as the weights); the weights, the hyper-parameters, the
+#: epoch and the callbacks' states stay
+TRAINING_STATE = ("optimizer_states", "lr_schedulers")
+
+
+def keep_weights(ckpt: Path, target: Path) -> None:
+    """Keep checkpoint ``ckpt`` as ``target`` without :data:`TRAINING_STATE`: a kept checkpoint is
+    evaluated or fine-tuned from, never resumed."""
+    state = read_checkpoint(ckpt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(state, dict) and any(k in state for k in TRAINING_STATE):
+        torch.save({k: v for k, v in state.items() if k not in TRAINING_STATE}, target)
+    else:
+        shutil.copy2(ckpt, target)
 
 
 #: the kept text files whose contents may name paths of the machine that ran them
