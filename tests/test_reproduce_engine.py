@@ -399,8 +399,8 @@ def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["adopt", "cifar10_linf", "natural", str(earlier), "--out", str(out)]) == 0
     assert (out / "train" / "natural" / "checkpoints" / "last.ckpt").is_file()
-    assert cli.main(["keep", "cifar10_linf", str(out), "--only", "natural", "--partial"]) == 2
-    assert "without --partial or --replace" in capsys.readouterr().err
+    assert cli.main(["keep", "cifar10_linf", str(out), "--only", "natural", "--replace"]) == 2
+    assert "without --replace" in capsys.readouterr().err
     assert cli.main(["adopt", "cifar10_linf", "adv", str(earlier), "--out", str(out)]) == 2
     assert "is not cifar10_linf's run 'adv'" in capsys.readouterr().err
 
@@ -471,3 +471,42 @@ def test_a_partial_keep_holds_what_has_finished_and_the_rest_is_added_later(tmp_
     keys = [json.loads(line)["key"] for line in (kept / "log.jsonl").read_text().splitlines()]
     assert sorted(keys) == ["eval/extra", "eval/grid/part0_of_2", "eval/grid/part1_of_2", "train/model", "train/other"]
     assert not pending(spec) and spec.report.read_text() == render(spec, kept) and check_spec(spec) == []
+
+
+def test_pieces_kept_over_sittings_are_not_run_again_and_join_as_one_run(tmp_path, capsys):
+    """A long evaluation accumulates: each sitting keeps the pieces it finished (``keep --only KEY
+    --partial``), the next runs only the others, and the joined records and report equal one
+    uninterrupted run's."""
+    raw = _spec(tmp_path)
+    raw["evaluations"]["grid"]["pieces"] = 3
+    spec = parse_spec("toy", raw)
+    spec.report.parent.mkdir(parents=True)
+    spec.report.write_text("# A toy reproduction\n\n<!-- safespot-reproduce pending toy -->\n")
+    whole = tmp_path / "whole"
+    run_spec(spec, whole, runner=FakeCommands())
+    # sitting 1: the training and piece 0, kept
+    first = tmp_path / "first"
+    run_spec(spec, first, only=["grid/0"], runner=FakeCommands())
+    keep(spec, first, partial=True)
+    # sitting 2: piece 1; keeping it alone needs --partial (piece 2 is nowhere yet)
+    second, calls = tmp_path / "second", FakeCommands()
+    run_spec(spec, second, only=["grid/1"], runner=calls)
+    assert [c[1] for c in calls.calls] == ["evaluate.py"]  # the kept checkpoint, not a new training
+    with pytest.raises(SpecError, match="lacks part2_of_3"):
+        keep_evaluations(spec, second, ["grid"])
+    keep_evaluations(spec, second, ["grid"], partial=True)
+    assert pending(spec) and check_spec(spec) == []
+    # sitting 3: the whole evaluation asked for, only the piece not kept runs
+    third, calls = tmp_path / "third", FakeCommands()
+    run_spec(spec, third, only=["grid"], runner=calls)
+    assert len(calls.calls) == 1 and "data.test_part=[2,3]" in calls.calls[0]
+    assert "kept: eval/grid/part0_of_3 (not run again)" in capsys.readouterr().out
+    kept = keep_evaluations(spec, third, ["grid"])
+    keys = sorted(json.loads(line)["key"] for line in (kept / "log.jsonl").read_text().splitlines())
+    assert keys == ["eval/grid/part0_of_3", "eval/grid/part1_of_3", "eval/grid/part2_of_3", "train/model"]
+    assert not pending(spec) and check_spec(spec) == []
+    joined, one = Evidence(spec, kept), Evidence(spec, whole)
+    pd.testing.assert_frame_equal(joined.records("grid"), one.records("grid"))
+    assert joined.summary("grid") == one.summary("grid")
+    table = spec.report.read_text().partition("| Preempt.")[2].partition("\n\n")[0]
+    assert table and table == render(spec, whole).partition("| Preempt.")[2].partition("\n\n")[0]

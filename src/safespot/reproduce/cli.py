@@ -11,6 +11,7 @@ safespot-reproduce adopt NAME KEY RUN_DIR --out DIR
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
 safespot-reproduce keep NAME DIR --partial      # what DIR has finished (its report stays a pending stub)
 safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records
+safespot-reproduce keep NAME DIR --only KEY --partial   # the pieces of KEY that DIR finished (run skips kept pieces)
 safespot-reproduce render NAME [--records DIR]  # print the report rendered from records (default: the kept ones)
 safespot-reproduce check [NAME ...]             # every kept report and generated block equals its records' rendering
                                                 # (a stub report marked pending, without records, is listed as pending)
@@ -106,11 +107,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"adopted: {args.run_dir} as {target}")
         return 0
     if args.verb == "keep":
-        if args.only and (args.partial or args.replace):
-            raise ConfigError("keep --only adds evaluations to the kept records: without --partial or --replace")
+        if args.only and args.replace:
+            raise ConfigError("keep --only adds evaluations to the kept records: without --replace")
         spec = load_spec(args.name)
         target = (
-            keep_evaluations(spec, args.out, args.only)
+            keep_evaluations(spec, args.out, args.only, args.partial)
             if args.only
             else keep(spec, args.out, args.replace, args.partial)
         )

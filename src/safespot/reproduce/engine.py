@@ -132,8 +132,14 @@ class Reproduction:
         if evaluation.pieces == 1:
             self._run(f"eval/{evaluation.key}", [*base, *ckpt, *overrides], folder)
             return
+        kept = kept_pieces(self.spec, evaluation.key)
+        if len(kept) == evaluation.pieces:  # kept whole: asked again, it is measured again
+            kept = set()
         for k in range(evaluation.pieces) if pieces is None else pieces:
             name = f"part{k}_of_{evaluation.pieces}"
+            if name in kept:  # kept by an earlier sitting of an evaluation not kept whole yet
+                print(f"kept: eval/{evaluation.key}/{name} (not run again)", flush=True)
+                continue
             cmd = [*base, *ckpt, *overrides, f"data.test_part=[{k},{evaluation.pieces}]"]
             self._run(f"eval/{evaluation.key}/{name}", cmd, folder / name)
 
@@ -335,11 +341,40 @@ def _write_report(spec: Spec, target: Path) -> None:
         spec.report.write_text(render(spec, target))
 
 
-def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
+def kept_pieces(spec: Spec, key: str) -> set[str]:
+    """The pieces (``part<k>_of_<K>``) of evaluation ``key`` whose records the spec's kept
+    records hold, for an evaluation run in pieces (empty otherwise)."""
+    evaluation = spec.evaluations[key]
+    if evaluation.pieces == 1 or spec.records is None:
+        return set()
+    folder = spec.records / "eval" / key
+    wanted = "records.csv" if evaluation.command == "evaluate" else "results.json"
+    return {
+        d.name
+        for d in piece_dirs(folder)
+        if d != folder and d.name.endswith(f"_of_{evaluation.pieces}") and (d / wanted).is_file()
+    }
+
+
+def _finished_pieces(spec: Spec, out: Path, key: str) -> list[Path]:
+    """The run directories of evaluation ``key`` that ``out`` logs as finished."""
+    done = {entry["key"] for entry in read_log(out)}
+    folder = out / "eval" / key
+    if spec.evaluations[key].pieces == 1:
+        return [folder] if f"eval/{key}" in done and folder.is_dir() else []
+    return [d for d in piece_dirs(folder) if d != folder and f"eval/{key}/{d.name}" in done]
+
+
+def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = False) -> Path:
     """Add (or replace) the evaluations ``keys`` of ``out`` in the spec's kept records, leaving
     every other kept run, evaluation and log line as it is: what ``safespot-reproduce run NAME
     --only KEY --out DIR`` made, kept with ``keep NAME DIR --only KEY``. The evaluations the spec
-    names that neither holds stay unmeasured (the report says so)."""
+    names that neither holds stay unmeasured (the report says so).
+
+    An evaluation run in pieces is joined from the pieces ``out`` finished and those the kept
+    records hold already (a piece in both is taken from ``out``); ``partial`` keeps its finished
+    pieces before all are there (``run`` skips them until the evaluation is kept whole, and the
+    report waits for the rest), so a long evaluation accumulates over sittings."""
     if spec.records is None or spec.report is None:
         raise SpecError(f"{spec.name} names no records / report to keep")
     if not out.is_dir():
@@ -347,12 +382,23 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
     target = spec.records
     if not (target.is_dir() and any(target.iterdir())):
         raise SpecError(f"{target} holds no kept records to add to: keep the whole of {out} (no --only)")
-    evidence = Evidence(spec, out)
+    added: dict[str, list[Path]] = {}
     for key in keys:
         if key not in spec.evaluations:
             raise SpecError(f"{spec.name} names no evaluation {key!r}; it has {sorted(spec.evaluations)}")
-        if not evidence.has(key):
-            raise SpecError(f"{out} has not finished evaluation {key!r} of {spec.name}")
+        added[key] = _finished_pieces(spec, out, key)
+        pieces = spec.evaluations[key].pieces
+        if not added[key]:
+            raise SpecError(f"{out} has not finished evaluation {key!r} of {spec.name} (no piece of it)")
+        missing = sorted(
+            {f"part{k}_of_{pieces}" for k in range(pieces)} - {d.name for d in added[key]} - kept_pieces(spec, key),
+            key=lambda name: int(name[4 : name.index("_")]),
+        )
+        if pieces > 1 and missing and not partial:
+            raise SpecError(
+                f"evaluation {key!r} of {spec.name} lacks {', '.join(missing)} in {out} and in the kept records "
+                "(--partial keeps the pieces it has)"
+            )
     stage = target.with_name(f"{target.name}.keeping")
     if stage.exists():
         shutil.rmtree(stage)
@@ -364,14 +410,23 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str]) -> Path:
     ]
     for run in trained:  # trained in out (the kept records held no checkpoint of it)
         _stage_training(spec, out, stage, run.split("/", 1)[1])
+    replaced = set(trained)  # log keys: train/<run>, eval/<key> or eval/<key>/part<k>_of_<K>
     for key in keys:
-        shutil.rmtree(stage / "eval" / key, ignore_errors=True)
-        for folder in piece_dirs(out / "eval" / key):
+        pieces = spec.evaluations[key].pieces
+        if pieces == 1 or not kept_pieces(spec, key):  # replaced whole (no kept piece to join)
+            shutil.rmtree(stage / "eval" / key, ignore_errors=True)
+            replaced.add(f"eval/{key}")
+        for folder in added[key]:
+            shutil.rmtree(stage / folder.relative_to(out), ignore_errors=True)
             _copy(folder, stage / folder.relative_to(out), (*KEPT_EVAL, *spec.evaluations[key].files))
+            replaced.add(str(folder.relative_to(out)))
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
-    replaced = {f"eval/{key}" for key in keys} | set(trained)
-    entries = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) not in replaced]
-    entries += [e for e in read_log(out) if "/".join(e["key"].split("/")[:2]) in replaced]
+
+    def hit(entry: dict[str, Any]) -> bool:
+        parts = entry["key"].split("/")
+        return "/".join(parts[:2]) in replaced or "/".join(parts[:3]) in replaced
+
+    entries = [e for e in read_log(target) if not hit(e)] + [e for e in read_log(out) if hit(e)]
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     shutil.rmtree(target)
     stage.rename(target)
