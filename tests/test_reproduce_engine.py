@@ -496,6 +496,7 @@ def test_pieces_kept_over_sittings_are_not_run_again_and_join_as_one_run(tmp_pat
         keep_evaluations(spec, second, ["grid"])
     keep_evaluations(spec, second, ["grid"], partial=True)
     assert pending(spec) and check_spec(spec) == []
+    assert "not yet: grid (2 of 3 pieces)." in blocks.render_block(spec, "summary")
     # sitting 3: the whole evaluation asked for, only the piece not kept runs
     third, calls = tmp_path / "third", FakeCommands()
     run_spec(spec, third, only=["grid"], runner=calls)
