@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from safespot.paths import PROJECT_ROOT
-from safespot.reproduce.engine import kept_evaluations, kept_pieces, pending, render
+from safespot.reproduce.engine import kept_evaluations, not_kept, pending, render
 from safespot.reproduce.sections import cell_evaluation, claim_evaluations
 from safespot.reproduce.spec import Spec, SpecError, load_spec
 
@@ -45,13 +45,9 @@ def render_block(spec: Spec, block: str) -> str:
         missing = [key for key in spec.evaluations if key not in kept]
         needed = set().union(*(_evaluations_read(part) for part in blocks[block]))
         if needed & set(missing):
-            pieces = {key: len(kept_pieces(spec, key)) for key in missing}
-            missing = [
-                f"{key} ({pieces[key]} of {spec.evaluations[key].pieces} pieces)" if pieces[key] else key
-                for key in missing
-            ]
+            shown = not_kept(spec)
             so_far = ", ".join(kept) or "no whole evaluation"
-            held = f" Kept so far: {so_far}; not yet: {', '.join(missing)}." if kept or any(pieces.values()) else ""
+            held = f" Kept so far: {so_far}; not yet: {', '.join(shown)}." if kept or shown != missing else ""
             return waiting.rstrip("\n") + held + "\n"
     text = render(spec, spec.records, tuple(blocks[block]))
     return text.split("\n", 2)[2]  # without the report's title

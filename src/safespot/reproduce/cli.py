@@ -36,6 +36,7 @@ from safespot.reproduce.engine import (
     keep,
     keep_evaluations,
     kept_evaluations,
+    not_kept,
     pending,
     render,
     run_spec,
@@ -135,11 +136,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         waiting = [spec for spec in specs if pending(spec)]
         for spec in waiting:
             kept = kept_evaluations(spec)
-            held = (
-                f"records kept for {', '.join(kept)}; not for {', '.join(k for k in spec.evaluations if k not in kept)}"
-            )
+            shown = not_kept(spec)
+            held = f"records kept for {', '.join(kept) or 'no whole evaluation'}; not for {', '.join(shown)}"
             trained = spec.records is not None and (spec.records / "train").is_dir()
-            if not kept:
+            if not kept and all(key in spec.evaluations for key in shown):  # not even a piece
                 held = "trainings kept, no evaluation yet" if trained else "no kept records yet"
             print(f"{spec.name}: pending ({held}; {shown_path(spec.report)} is a stub)")
         print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else

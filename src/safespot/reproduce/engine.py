@@ -356,6 +356,17 @@ def kept_pieces(spec: Spec, key: str) -> set[str]:
     }
 
 
+def not_kept(spec: Spec) -> list[str]:
+    """The evaluations of ``spec`` its kept records lack, each with how many of its pieces they
+    hold when some are (``"adv (3 of 8 pieces)"``)."""
+    kept = kept_evaluations(spec)
+    shown = []
+    for key in (k for k in spec.evaluations if k not in kept):
+        held = len(kept_pieces(spec, key))
+        shown.append(f"{key} ({held} of {spec.evaluations[key].pieces} pieces)" if held else key)
+    return shown
+
+
 def _finished_pieces(spec: Spec, out: Path, key: str) -> list[Path]:
     """The run directories of evaluation ``key`` that ``out`` logs as finished."""
     done = {entry["key"] for entry in read_log(out)}
