@@ -57,7 +57,7 @@ gpu-check:  ## the one prepared GPU check (8 min on one H100): test-gpu, bench-g
 bench-gpu:  ## GPU throughput table: WRN-34-10 and small CNN, fp32/bf16, PGD, training step, robustifier (ARGS="--quick --device cpu": dry run)
 	$(PY) bench/bench_gpu.py $(ARGS)
 
-reproduce-cifar10-reduced:  ## paper 002 Table 1 / paper 000 Table 1 left: reduced natural/preemptive/ADV models + robustification grid at l_inf 8/255 (conf/reproduce/cifar10_linf.yaml; about 1 h on 2 CPU cores)
+reproduce-cifar10-reduced:  ## paper 002 Table 1 / paper 000 Table 1 left: reduced natural/preemptive/ADV models + robustification grid at l_inf 8/255 (conf/reproduce/cifar10_linf.yaml; the models kept; their evaluations about 5 h on 2 CPU cores, the grids in pieces that keep over sittings)
 	$(PY) -m safespot.reproduce run cifar10_linf $(ARGS)
 
 reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced natural/preemptive/ADV models at l_2 eps = delta = 0.5, S-Full's beta chosen on validation images (conf/reproduce/cifar10_l2.yaml)
