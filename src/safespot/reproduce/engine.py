@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
-from safespot.reproduce.evidence import LOG, Evidence, find_checkpoint, piece_dirs, read_log
+from safespot.reproduce.evidence import LOG, Evidence, find_checkpoint, finished_file, piece_dirs, read_log
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
@@ -348,7 +348,7 @@ def kept_pieces(spec: Spec, key: str) -> set[str]:
     if evaluation.pieces == 1 or spec.records is None:
         return set()
     folder = spec.records / "eval" / key
-    wanted = "records.csv" if evaluation.command == "evaluate" else "results.json"
+    wanted = finished_file(evaluation)
     return {
         d.name
         for d in piece_dirs(folder)

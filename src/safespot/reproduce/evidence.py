@@ -37,6 +37,12 @@ def piece_dirs(folder: Path) -> list[Path]:
     return sorted(parts, key=lambda p: int(PIECE.fullmatch(p.name)[1])) or [folder]
 
 
+def finished_file(evaluation: EvaluationRun) -> str:
+    """The file a finished run of ``evaluation`` leaves: ``records.csv`` of an ``evaluate.py``
+    run, ``results.json`` of another command's."""
+    return "records.csv" if evaluation.command == "evaluate" else "results.json"
+
+
 def find_checkpoint(run_dir: Path, which: str, missing_ok: bool = False) -> Path:
     """The ``last`` checkpoint of a training run, or its newest ``best-*`` one."""
     folder = run_dir / "checkpoints"
@@ -102,7 +108,7 @@ class Evidence:
         """Whether evaluation ``key`` left records (every piece of it)."""
         evaluation = self.spec.evaluations[key]
         folder = self.eval_dir(key)
-        wanted = "records.csv" if evaluation.command == "evaluate" else "results.json"
+        wanted = finished_file(evaluation)
         dirs = piece_dirs(folder) if evaluation.pieces > 1 else [folder]
         return len(dirs) == evaluation.pieces and all((d / wanted).is_file() for d in dirs)
 
