@@ -103,6 +103,9 @@ class FakeCommands:
             raise KeyboardInterrupt
         if cmd[1] == "train.py":
             (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / ".hydra").mkdir()  # as Hydra: the overrides it was given
+            overrides = [c for c in cmd[2:] if not c.startswith("hydra.run.dir=")]
+            (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
             weights, momentum = {"w": torch.arange(4.0)}, {"state": {0: {"momentum_buffer": torch.ones(4)}}}
             torch.save(
                 {"epoch": 3, "state_dict": weights, "optimizer_states": [momentum], "lr_schedulers": [{}]},
@@ -393,6 +396,43 @@ def test_an_unfinished_or_unknown_run_is_not_adopted(tmp_path):
     assert not (tmp_path / "out" / "train").exists()
 
 
+def test_a_run_kept_by_another_reproduction_is_adopted_with_its_kept_checkpoint(tmp_path):
+    """The reduced family's models are shared: a run kept in one reproduction's records (weights
+    only, no config) is adopted by another whose run has the same settings, not trained again."""
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    first = parse_spec("first", _spec(tmp_path / "a", runs={"model": {"overrides": run, "keep_checkpoint": True}}))
+    run_spec(first, tmp_path / "first", runner=FakeCommands())
+    kept = keep(first, tmp_path / "first") / "train" / "model"
+    assert not (kept / ".hydra" / "config.yaml").exists()
+    before = sorted((p.relative_to(kept), p.read_bytes()) for p in kept.rglob("*") if p.is_file())
+    neutral = ["logger=csv", "data.num_workers=0"]
+    spec = parse_spec("second", _spec(tmp_path / "b", runs={"model": {"overrides": [*run, *neutral]}}))
+    out = tmp_path / "out"
+    adopt(spec, "model", kept, out)
+    assert sorted((p.relative_to(kept), p.read_bytes()) for p in kept.rglob("*") if p.is_file()) == before
+    calls = FakeCommands()
+    run_spec(spec, out, runner=calls)
+    assert [c[1] for c in calls.calls] == ["evaluate.py", "evaluate.py"]  # nothing trained
+    ckpt = out / "train" / "model" / "checkpoints" / "best-epoch003.ckpt"
+    assert all(f"ckpt_path={ckpt}" in c for c in calls.calls)
+    assert torch.equal(torch.load(ckpt, weights_only=True)["state_dict"]["w"], torch.arange(4.0))
+    assert "python train.py " + " ".join(run) + "    # an earlier run, adopted" in render(spec, out)
+    # other settings, a checkpoint the spec evaluates that the records do not keep, or a folder no
+    # reproduction's log names: refused before anything is copied
+    other = parse_spec("third", _spec(tmp_path / "c", runs={"model": {"overrides": [*run[:2], "seed=1"]}}))
+    with pytest.raises(SpecError, match="seed: 0 there, 1 in the spec"):
+        adopt(other, "model", kept, tmp_path / "out2")
+    grid = {"run": "model", "checkpoint": "last", "overrides": ["evaluation=[none,sfull]"]}
+    last = parse_spec("fourth", _spec(tmp_path / "d", runs={"model": {"overrides": run}}, evaluations={"grid": grid}))
+    with pytest.raises(SpecError, match="keeps no last checkpoint, which fourth evaluates"):
+        adopt(last, "model", kept, tmp_path / "out2")
+    stray = tmp_path / "stray" / "train" / "model"
+    shutil.copytree(kept, stray)
+    with pytest.raises(SpecError, match="nor a kept run"):
+        adopt(spec, "model", stray, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
 def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
     natural = load_spec("cifar10_linf").runs["natural"].overrides
     earlier = _earlier_run(tmp_path / "earlier", [*natural, "logger=csv"])
@@ -413,7 +453,7 @@ def test_the_models_section_reads_each_runs_training_log(tmp_path):
     rows = ["epoch,val/acc,val/robust_acc,test/acc,test/robust_acc"]
     rows += [f"{e},{0.5 + e / 100},{0.3 + e / 100},," for e in range(6)] + ["6,,,0.675,0.38"]
     (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
-    (run / ".hydra").mkdir()
+    (run / ".hydra").mkdir(exist_ok=True)
     (run / ".hydra" / "overrides.yaml").write_text("- experiment=toy\n- data.test_subset=2000\n")
     section = {"kind": "training_runs", "models": {"Toy": "grid"}}
     table = SECTIONS["training_runs"](Evidence(spec, out), section)[0]

@@ -6,8 +6,10 @@ safespot-reproduce run NAME [--out DIR] [--only KEY[/k]] [--set key=value]
                                                 # $LOG_DIR/reproduce/NAME/ by default; an existing DIR
                                                 # continues a stopped reproduction), render DIR/report.md
 safespot-reproduce adopt NAME KEY RUN_DIR --out DIR
-                                                # take an earlier train.py run with the settings of the
-                                                # spec's run KEY as that run of DIR (copied, not retrained)
+                                                # take an earlier train.py run (or a run another
+                                                # reproduction keeps, docs/records/<name>/train/<run>)
+                                                # with the settings of the spec's run KEY as that run of
+                                                # DIR (copied, not retrained)
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
 safespot-reproduce keep NAME DIR --partial      # what DIR has finished (its report stays a pending stub)
 safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records

@@ -5,7 +5,8 @@
   ``log.jsonl``; a finished run is reused, so a stopped reproduction resumes where it stopped (a
   run that was interrupted is set aside and run again). A training run the spec's kept records
   hold with its checkpoint is evaluated from there instead of being trained again.
-- :func:`adopt` takes an earlier training run, trained with the spec's settings, as one of its runs.
+- :func:`adopt` takes an earlier training run, trained with the spec's settings, as one of its runs
+  (a ``train.py`` run directory, or a run another reproduction's records keep).
 - :func:`keep` copies the records of a finished reproduction into the spec's ``records``.
 - :func:`render` renders the report from a directory of records alone.
 - :func:`check` re-renders every kept report (and every generated block of the docs,
@@ -214,34 +215,56 @@ def _weight_settings(cfg: Any) -> dict[str, Any]:
 
 
 def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
-    """Take the finished training run ``source`` (a ``train.py`` run directory) as the spec's run
-    ``key`` in the reproduction ``out``, instead of training it again: its composed config must
-    equal the spec's run's in every setting but the :data:`WEIGHT_NEUTRAL` ones (else a
-    :class:`SpecError` lists the differences), and it must hold its ``last`` checkpoint. The run is
-    copied (``source`` is left as it is) and logged with the command that trained it, as
-    ``.hydra/overrides.yaml`` records it, the date of its last checkpoint and, for a run of another
-    reproduction, the minutes that reproduction's log recorded."""
+    """Take the finished training run ``source`` as the spec's run ``key`` in the reproduction
+    ``out``, instead of training it again. ``source`` is either a ``train.py`` run directory, which
+    must hold its ``last`` checkpoint at its last epoch and whose stored config must equal the
+    spec's run's in every setting but the :data:`WEIGHT_NEUTRAL` ones, or a run kept in another
+    reproduction's records (``docs/records/<name>/train/<run>``: e.g. the reduced family's ADV
+    model, which ``cifar10_linf``, ``safe_spot_aware`` and ``figure3_adv`` share), which must keep
+    the checkpoints this spec evaluates and whose stored overrides must compose to the spec's
+    run's settings (a kept run keeps no config). Else a :class:`SpecError` lists the differences.
+    The run is copied (``source`` is left as it is) and logged with the command that trained it,
+    as ``.hydra/overrides.yaml`` records it, the date and, for a run of another reproduction, the
+    minutes that reproduction's log recorded."""
     if key not in spec.runs:
         raise SpecError(f"{spec.name} has no training run {key!r} ({sorted(spec.runs)})")
     source, out = Path(source), Path(out)
-    stored = source / ".hydra" / "config.yaml"
-    if not stored.is_file() or not (source / ".hydra" / "overrides.yaml").is_file():
+    if not (source / ".hydra" / "overrides.yaml").is_file():
         raise SpecError(f"{source} is not a training run directory (no .hydra/config.yaml and overrides.yaml)")
-    last = find_checkpoint(source, "last", missing_ok=True)
-    if last is None:
-        raise SpecError(f"{source} holds no last checkpoint: it has not finished training")
-    epochs = OmegaConf.load(stored).trainer.get("max_epochs")
-    reached = int(read_checkpoint(last, "RUN_DIR").get("epoch", -1)) + 1
-    if epochs is not None and reached < int(epochs):  # last.ckpt is written every epoch
-        raise SpecError(f"{source} has not finished training: its last checkpoint is of epoch {reached} of {epochs}")
-    target = out / "train" / key
-    if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
-        raise SpecError(f"{out} already holds its run {key!r}")
+    stored = source / ".hydra" / "config.yaml"
+    kept = not stored.is_file()  # a run kept in a reproduction's records
+    logged = [e for e in read_log(source.parent.parent) if e.get("key") == f"train/{source.name}"]
+    if kept and not logged:
+        raise SpecError(
+            f"{source} is not a training run directory (no .hydra/config.yaml) nor a kept run "
+            f"(no train/{source.name} in {source.parent.parent / LOG})"
+        )
     run = spec.runs[key]
     if run.init_from is not None or any(CHECKPOINT_REF.search(o) for o in run.overrides):
         raise SpecError(f"run {key!r} starts from another run's checkpoint: adopt that run, then train this one")
+    if kept:
+        wanted_checkpoints = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
+        if key in {r.init_from for r in spec.runs.values()}:
+            wanted_checkpoints.add("best")
+        absent = sorted(w for w in wanted_checkpoints if find_checkpoint(source, w, missing_ok=True) is None)
+        if absent:
+            raise SpecError(f"{source} keeps no {' or '.join(absent)} checkpoint, which {spec.name} evaluates")
+        stamp = logged[-1].get("date") or date.today().isoformat()
+    else:
+        last = find_checkpoint(source, "last", missing_ok=True)
+        if last is None:
+            raise SpecError(f"{source} holds no last checkpoint: it has not finished training")
+        epochs = OmegaConf.load(stored).trainer.get("max_epochs")
+        reached = int(read_checkpoint(last, "RUN_DIR").get("epoch", -1)) + 1
+        if epochs is not None and reached < int(epochs):  # last.ckpt is written every epoch
+            raise SpecError(f"{source} has not finished training: its last checkpoint is of epoch {reached} of {epochs}")
+        stamp = date.fromtimestamp(last.stat().st_mtime).isoformat()
+    target = out / "train" / key
+    if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
+        raise SpecError(f"{out} already holds its run {key!r}")
+    overrides = [str(o) for o in OmegaConf.load(source / ".hydra" / "overrides.yaml")]
     wanted = _weight_settings(compose_config("train", list(run.overrides), out))
-    found = _weight_settings(OmegaConf.load(stored))
+    found = _weight_settings(compose_config("train", overrides, out) if kept else OmegaConf.load(stored))
     differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k, "<unset>") != found.get(k, "<unset>"))
     if differ:
         shown = "; ".join(
@@ -249,16 +272,13 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
         )
         shown += f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
         raise SpecError(f"{source} is not {spec.name}'s run {key!r}: {shown}")
-    overrides = [str(o) for o in OmegaConf.load(source / ".hydra" / "overrides.yaml")]
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target)
-    # a run of another reproduction: the minutes its log recorded
-    logged = [e for e in read_log(source.parent.parent) if e.get("key") == f"train/{source.name}"]
     entry = {
         "key": f"train/{key}",
         "command": _shown(["python", "train.py", *overrides], out),
         "minutes": logged[-1].get("minutes") if logged else None,
-        "date": date.fromtimestamp(last.stat().st_mtime).isoformat(),
+        "date": stamp,
         "adopted": True,
     }
     out.mkdir(parents=True, exist_ok=True)
