@@ -257,7 +257,9 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
         epochs = OmegaConf.load(stored).trainer.get("max_epochs")
         reached = int(read_checkpoint(last, "RUN_DIR").get("epoch", -1)) + 1
         if epochs is not None and reached < int(epochs):  # last.ckpt is written every epoch
-            raise SpecError(f"{source} has not finished training: its last checkpoint is of epoch {reached} of {epochs}")
+            raise SpecError(
+                f"{source} has not finished training: its last checkpoint is of epoch {reached} of {epochs}"
+            )
         stamp = date.fromtimestamp(last.stat().st_mtime).isoformat()
     target = out / "train" / key
     if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
