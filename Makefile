@@ -84,5 +84,5 @@ reproduce-paper003:  ## paper 003: smoothed inference on reduced ResNet-20 ADV /
 reproduce-figure3:  ## paper 002 Figure 3 on the demo model: reconstruction of x_o from x_r, search from x_o vs a random start, l_2 and l_inf (conf/reproduce/figure3.yaml)
 	$(PY) -m safespot.reproduce run figure3 $(ARGS)
 
-reproduce-figure3-adv:  ## paper 002 Figure 3 on the reduced ADV model at l_2 0.5 (conf/reproduce/figure3_adv.yaml)
+reproduce-figure3-adv:  ## paper 002 Figure 3 on the reduced ADV model at l_2 0.5 (conf/reproduce/figure3_adv.yaml; its model is cifar10_linf's: `safespot-reproduce adopt figure3_adv adv docs/records/cifar10_linf/train/adv --out DIR` first, then ARGS='--out DIR')
 	$(PY) -m safespot.reproduce run figure3_adv $(ARGS)
