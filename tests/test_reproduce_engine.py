@@ -258,6 +258,12 @@ def test_claims_kinds_sizes_and_restriction(tmp_path):
     section = {"kind": "claims", "title": "## Gains", "text": "Why these claims.", "claims": [{**claim, "paper": 30.0}]}
     lines = SECTIONS["claims"](evidence, section)
     assert lines[:4] == ["## Gains", "", "Why these claims.", ""] and "\n| t |" in lines[4]
+    # readings: the sentence of the size measured first, else of the verdict; none for other outcomes
+    words = {"larger than the paper's": "Larger.", "of the paper's size": "Same size.", "holds": "Holds."}
+    inconclusive = {**claim, "a": claim["b"], "readings": {"holds": "Never."}}
+    claims = [{**claim, "paper": 30.0, "readings": words}, {**claim, "readings": words}, inconclusive]
+    lines = SECTIONS["claims"](evidence, {"kind": "claims", "claims": claims})
+    assert lines[2:] == ["Larger. Holds.", ""]
 
 
 def test_spec_errors_are_one_line_before_any_run(tmp_path):

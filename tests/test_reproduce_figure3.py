@@ -116,3 +116,16 @@ def test_outside_shares_read_the_full_budget_and_every_eps_not_the_tied_choice()
     assert of_kept == accuracy(np.array([True, False, False])).percent()
     assert only_outside == accuracy(np.array([True, False])).percent()
     assert of_kept.startswith("33.3") and only_outside.startswith("50.0")
+
+
+def test_a_white_box_attack_that_changed_no_outcome_is_named():
+    """Paper 002 at l_inf: the white-box accuracy is x_r's clean accuracy when no output counts;
+    the report says so only when the outcomes agree on every image."""
+    import pandas as pd
+
+    from safespot.reproduce.tables.reconstruction import changes_nothing
+
+    records = pd.DataFrame({"s/correct": [1, 1, 0, 1], "s_white_pgd/correct": [1, 1, 0, 1]})
+    assert changes_nothing(records, "s", "s_white_pgd", "e")
+    records.loc[3, "s_white_pgd/correct"] = 0  # one image broken
+    assert not changes_nothing(records, "s", "s_white_pgd", "e")

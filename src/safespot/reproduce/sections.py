@@ -205,6 +205,19 @@ def unmeasured_claims(spec_section: dict[str, Any], missing: list[str]) -> list[
     return [*lines, *not_measured(missing, str(spec_section["missing_note"]).strip())]
 
 
+def readings(claims: list[dict[str, Any]], results: list[Any]) -> list[str]:
+    """What each claim's outcome means, as its spec words it: a claim's ``readings`` maps a size
+    verdict ("larger than the paper's", ...) or a verdict ("holds", ...) to a sentence; the
+    sentence of the outcome measured (its size first) follows the table."""
+    sentences = []
+    for claim, result in zip(claims, results, strict=True):
+        words = dict(claim.get("readings") or {})
+        chosen = words.get(result.size, words.get(result.verdict))
+        if chosen:
+            sentences.append(str(chosen).strip())
+    return [" ".join(sentences), ""] if sentences else []
+
+
 @section("claims")
 def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     claims, missing = measured_claims(evidence, spec_section)
@@ -217,7 +230,7 @@ def claims_section(evidence: Evidence, spec_section: dict[str, Any]) -> list[str
         if all(r.paper is None for r in results):
             table = table.drop(columns=["Paper", "Size vs paper"])
         lines += [markdown_table(table), ""]
-    return [*lines, *unmeasured_claims(spec_section, missing)]
+    return [*lines, *readings(claims, results), *unmeasured_claims(spec_section, missing)]
 
 
 def command_line(entry: dict[str, Any]) -> str:

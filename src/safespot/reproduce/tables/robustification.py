@@ -114,7 +114,16 @@ def robustification_grid(evidence: Evidence, spec_section: dict[str, Any]) -> li
     measured = [c for c in table.columns if c in ("Model", "Preempt.") or (table[c] != MISSING).any()]
     table = table[measured]
     table = table[(table.drop(columns=["Model", "Preempt."]) != MISSING).any(axis=1)]
-    return [*_title(evidence, spec_section), *_notes(evidence, spec_section), markdown_table(table), ""]
+    rate = [RATE_NOTE, ""] if "Safe-spot rate" in table.columns else []
+    return [*_title(evidence, spec_section), *_notes(evidence, spec_section), markdown_table(table), "", *rate]
+
+
+#: what the grid's safe-spot rate counts (:func:`safespot.evaluation.records.summarize`)
+RATE_NOTE = (
+    "Safe-spot rate: of the images the model classifies correctly before robustification, the % whose "
+    "robustified x_r is classified correctly and stays so under every grey-box attack run on it (PGD-20, and "
+    "AutoAttack where the row has a Grey AA cell: rows with and without AutoAttack are not comparable)."
+)
 
 
 @section("safe_spot_grid")
