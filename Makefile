@@ -63,7 +63,7 @@ reproduce-cifar10-reduced:  ## paper 002 Table 1 / paper 000 Table 1 left: reduc
 reproduce-cifar10-l2:  ## paper 002 Table 2 / paper 000 Table 1 right: reduced natural/preemptive/ADV models at l_2 eps = delta = 0.5, S-Full's beta chosen on validation images (conf/reproduce/cifar10_l2.yaml)
 	$(PY) -m safespot.reproduce run cifar10_l2 $(ARGS)
 
-reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf; conf/reproduce/safe_spot_aware.yaml)
+reproduce-safe-spot-aware:  ## paper 000 Table 1 left, rows S-FGSM+ADV and S-PGD+ADV next to ADV (reduced, l_inf; conf/reproduce/safe_spot_aware.yaml, whose header names the `safespot-reproduce adopt` commands that take ADV and S-FGSM+ADV from cifar10_linf's records; then ARGS='--out DIR')
 	$(PY) -m safespot.reproduce run safe_spot_aware $(ARGS)
 
 reproduce-smoothed:  ## paper 002 Tables 5 and 7: smoothed Gaussian models, None vs S-Full, randomised PGD and CERTIFY (reduced; conf/reproduce/smoothed.yaml)

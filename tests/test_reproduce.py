@@ -369,8 +369,14 @@ def test_safe_spot_aware_rows_are_compared_with_adv_on_the_same_images(tmp_path,
     run_spec(spec, tmp_path / "out", only=["adv", "spgd_adv"], runner=runner)
     evidence = Evidence(spec, tmp_path / "out")
     adv, spgd = evidence.records("adv"), evidence.records("spgd_adv")
-    assert not any("autoattack" in c for key in ("adv", "spgd_adv") for c in evidence.records(key).columns)
-    assert "~evaluation.preempt_sfull.white_box.attacks.autoattack" in spec.evaluations["sfgsm_adv"].overrides
+    # cifar10_linf's grid (grey-box AutoAttack on None and S-Full), so its ADV and S-FGSM+ADV
+    # evaluations are adopted, not run again
+    full, linf = load_spec("safe_spot_aware"), load_spec("cifar10_linf")
+    for key, same in (("adv", "adv"), ("sfgsm_adv", "preemptive"), ("spgd_adv", "adv")):
+        assert full.evaluations[key].overrides == linf.evaluations[same].overrides
+        assert full.evaluations[key].pieces == linf.evaluations[same].pieces
+    assert full.evaluations["sfgsm_adv"].checkpoint == linf.evaluations["preemptive"].checkpoint == "last"
+    assert "preempt_sfull_autoattack/correct" in adv and "preempt_sfgsm_autoattack/correct" not in adv
     claims = next(s for s in spec.sections if s["kind"] == "claims_verdicts")
     among = {**claims, "claims": [c for c in claims["claims"] if "sfgsm_adv/" not in c["a"] + c["b"]]}
     report = render(spec, tmp_path / "out", (among,))

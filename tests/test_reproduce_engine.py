@@ -14,7 +14,17 @@ import torch
 
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
-from safespot.reproduce.engine import adopt, check_spec, keep, keep_evaluations, pending, render, run_spec
+from safespot.reproduce.engine import (
+    adopt,
+    adopt_evaluation,
+    check_spec,
+    keep,
+    keep_evaluations,
+    pending,
+    relative_paths,
+    render,
+    run_spec,
+)
 from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
 from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
@@ -122,8 +132,9 @@ class FakeCommands:
             results = json.loads((run_dir / "results.json").read_text())
             results["meta"]["ckpt_path"] = ckpt[0].split("=", 1)[1]
             (run_dir / "results.json").write_text(json.dumps(results))
-            with open(run_dir / ".hydra" / "overrides.yaml", "a") as f:
-                f.write(f"- {ckpt[0]}\n")
+        # as Hydra: the overrides it was given (the checkpoint first, then the spec's, then the piece)
+        given = [c for c in cmd[2:] if not c.startswith("hydra.run.dir=")]
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in given))
 
 
 def test_a_spec_runs_resumes_keeps_and_checks(tmp_path):
@@ -312,6 +323,7 @@ def test_keep_only_adds_one_evaluation_and_leaves_the_rest_as_kept(tmp_path):
     for folder in ("train", "eval", "log.jsonl"):
         source = first / folder
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, spec.records / folder)
+    relative_paths(spec.records, {first: ""})
     before = (spec.records / "eval" / "grid" / "part0_of_2" / "records.csv").read_bytes()
     second = tmp_path / "second"
     run_spec(spec, second, only=["extra"], runner=FakeCommands())
@@ -439,6 +451,68 @@ def test_a_run_kept_by_another_reproduction_is_adopted_with_its_kept_checkpoint(
     assert not (tmp_path / "out2").exists()
 
 
+def test_an_evaluation_another_reproduction_ran_is_adopted_only_when_it_is_the_same(tmp_path):
+    """Same command and overrides but the checkpoint's path, the same weights, the same pieces:
+    its records are the spec's evaluation, nothing runs again; any difference is refused."""
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    runs = {"model": {"overrides": run, "keep_checkpoint": True}}
+    first = parse_spec("first", _spec(tmp_path / "a", runs=runs))
+    run_spec(first, tmp_path / "first", runner=FakeCommands())
+    kept = keep(first, tmp_path / "first")
+    second = parse_spec("second", _spec(tmp_path / "b", runs=runs))
+    out = tmp_path / "out"
+    with pytest.raises(SpecError, match="adopt or train it first"):
+        adopt_evaluation(second, "grid", kept / "eval" / "grid", out)
+    adopt(second, "model", kept / "train" / "model", out)
+    adopt_evaluation(second, "grid", kept / "eval" / "grid", out)
+    calls = FakeCommands()
+    run_spec(second, out, runner=calls)
+    assert calls.calls == []  # nothing trained, nothing evaluated
+    pd.testing.assert_frame_equal(Evidence(second, out).records("grid"), Evidence(first, kept).records("grid"))
+    assert Evidence(second, out).summary("grid") == Evidence(first, kept).summary("grid")
+    assert "# an earlier run, adopted" in render(second, out).split("evaluate.py")[1]
+    with pytest.raises(SpecError, match="already holds its evaluation 'grid'"):
+        adopt_evaluation(second, "grid", kept / "eval" / "grid", out)
+    # other overrides, other pieces, other weights: refused, nothing copied
+    for changed, message in (
+        ({"overrides": ["evaluation=[none]"], "pieces": 2}, "its overrides differ in"),
+        ({"pieces": 1}, "is not in the 1 piece"),
+    ):
+        other = parse_spec("other", _spec(tmp_path / "c", runs=runs, evaluations={"grid": {"run": "model", **changed}}))
+        elsewhere = tmp_path / f"out-{changed}"
+        adopt(other, "model", kept / "train" / "model", elsewhere)
+        with pytest.raises(SpecError, match=message):
+            adopt_evaluation(other, "grid", kept / "eval" / "grid", elsewhere)
+        assert not (elsewhere / "eval").exists()
+    retrained = tmp_path / "retrained"
+    adopt(second, "model", kept / "train" / "model", retrained)
+    ckpt = retrained / "train" / "model" / "checkpoints" / "best-epoch003.ckpt"
+    torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(4)}}, ckpt)
+    with pytest.raises(SpecError, match="did not evaluate the weights of 'model'"):
+        adopt_evaluation(second, "grid", kept / "eval" / "grid", retrained)
+
+
+def test_safe_spot_awares_adv_and_sfgsm_adv_are_cifar10_linfs(tmp_path, capsys):
+    """The kept records of cifar10_linf hold safe_spot_aware's ADV and S-FGSM+ADV runs and grids:
+    adopted through the CLI, only S-PGD+ADV is left to train and evaluate."""
+    if not (load_spec("cifar10_linf").records / "eval" / "adv" / "part7_of_8").is_dir():
+        pytest.fail("cifar10_linf's kept records are incomplete")
+    out = tmp_path / "out"
+    for key, source in (
+        ("adv", "train/adv"),
+        ("sfgsm_adv", "train/preemptive"),
+        ("adv", "eval/adv"),
+        ("sfgsm_adv", "eval/preemptive"),
+    ):
+        path = str(Path("docs/records/cifar10_linf") / source)
+        assert cli.main(["adopt", "safe_spot_aware", key, path, "--out", str(out)]) == 0, capsys.readouterr().err
+    spec = load_spec("safe_spot_aware")
+    evidence = Evidence(spec, out)
+    assert [k for k in spec.evaluations if not evidence.has(k)] == ["spgd_adv"]
+    linf = Evidence(load_spec("cifar10_linf"), load_spec("cifar10_linf").records)
+    pd.testing.assert_frame_equal(evidence.records("sfgsm_adv"), linf.records("preemptive"))
+
+
 def test_the_cli_adopts_a_run_of_a_project_spec(tmp_path, capsys):
     natural = load_spec("cifar10_linf").runs["natural"].overrides
     earlier = _earlier_run(tmp_path / "earlier", [*natural, "logger=csv"])
@@ -557,3 +631,20 @@ def test_pieces_kept_over_sittings_are_not_run_again_and_join_as_one_run(tmp_pat
     assert joined.summary("grid") == one.summary("grid")
     table = spec.report.read_text().partition("| Preempt.")[2].partition("\n\n")[0]
     assert table and table == render(spec, whole).partition("| Preempt.")[2].partition("\n\n")[0]
+
+
+def test_kept_records_name_no_directory_of_the_machine_that_ran_them(tmp_path):
+    """A kept record naming an absolute path fails the check; a path into another checkout's kept
+    records is kept relative to the checkout (pieces run in another worktree)."""
+    spec = parse_spec("toy", _spec(tmp_path))
+    run_spec(spec, tmp_path / "out", runner=FakeCommands())
+    keep(spec, tmp_path / "out")
+    assert check_spec(spec) == []
+    piece = spec.records / "eval" / "grid" / "part0_of_2" / ".hydra" / "overrides.yaml"
+    elsewhere = "/elsewhere/checkout/docs/records/toy/train/model/checkpoints/best.ckpt"
+    piece.write_text(piece.read_text() + f"- ckpt_path={elsewhere}\n")
+    problems = check_spec(spec)
+    assert len(problems) == 1 and elsewhere in problems[0] and "an absolute path in a kept record" in problems[0]
+    relative_paths(spec.records, {})
+    assert "- ckpt_path=docs/records/toy/train/model/checkpoints/best.ckpt\n" in piece.read_text()
+    assert check_spec(spec) == []

@@ -10,6 +10,9 @@ safespot-reproduce adopt NAME KEY RUN_DIR --out DIR
                                                 # reproduction keeps, docs/records/<name>/train/<run>)
                                                 # with the settings of the spec's run KEY as that run of
                                                 # DIR (copied, not retrained)
+safespot-reproduce adopt NAME KEY docs/records/<name>/eval/<evaluation> --out DIR
+                                                # the same evaluation (same overrides, same weights, same
+                                                # pieces) another reproduction ran, as evaluation KEY
 safespot-reproduce keep NAME DIR [--replace]    # DIR's records into the spec's records, its report into docs/
 safespot-reproduce keep NAME DIR --partial      # what DIR has finished (its report stays a pending stub)
 safespot-reproduce keep NAME DIR --only KEY     # add evaluation KEY of DIR to the kept records
@@ -34,6 +37,7 @@ from safespot.paths import PROJECT_ROOT, fresh_directory
 from safespot.reproduce.blocks import check_blocks, write_blocks
 from safespot.reproduce.engine import (
     adopt,
+    adopt_evaluation,
     check_spec,
     keep,
     keep_evaluations,
@@ -63,10 +67,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="the reproduction's directory (an existing one continues)")
     run.add_argument("--only", action="append", default=[], metavar="KEY[/k]", help="only this evaluation (piece)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the spec")
-    adopted = verbs.add_parser("adopt", help="take an earlier training run as one of a reproduction's runs")
+    adopted = verbs.add_parser("adopt", help="take an earlier training run or evaluation as one of a reproduction's")
     adopted.add_argument("name")
-    adopted.add_argument("key", help="the spec's training run")
-    adopted.add_argument("run_dir", type=Path, help="a finished train.py run directory")
+    adopted.add_argument("key", help="the spec's training run, or its evaluation when RUN_DIR is <root>/eval/<name>")
+    adopted.add_argument(
+        "run_dir", type=Path, help="a finished train.py run directory, or a kept run / evaluation of a reproduction"
+    )
     adopted.add_argument("--out", type=Path, required=True, help="the reproduction's directory")
     kept = verbs.add_parser("keep", help="keep a finished reproduction's records and report")
     kept.add_argument("name")
@@ -106,7 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_spec(spec, _out(args.name, args.out), args.only)
         return 0
     if args.verb == "adopt":
-        target = adopt(load_spec(args.name), args.key, args.run_dir, args.out)
+        taken = adopt_evaluation if args.run_dir.parent.name == "eval" else adopt  # <root>/eval/<name>
+        target = taken(load_spec(args.name), args.key, args.run_dir, args.out)
         print(f"adopted: {args.run_dir} as {target}")
         return 0
     if args.verb == "keep":

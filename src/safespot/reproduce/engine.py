@@ -32,7 +32,15 @@ import torch
 from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
-from safespot.reproduce.evidence import LOG, Evidence, find_checkpoint, finished_file, piece_dirs, read_log
+from safespot.reproduce.evidence import (
+    LOG,
+    Evidence,
+    find_checkpoint,
+    finished_file,
+    piece_dirs,
+    read_log,
+    stored_overrides,
+)
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
@@ -289,6 +297,95 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     return target
 
 
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(ckpt)
+    return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _evaluated_checkpoint(overrides: list[str], roots: tuple[Path, ...]) -> Path | None:
+    """The checkpoint a stored evaluation ran on (its ``ckpt_path`` override), found as given or
+    relative to one of ``roots`` (a kept record names it relative to the checkout or to its
+    reproduction)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("ckpt_path=")]
+    if not given:
+        return None
+    path = Path(given[-1])
+    for candidate in (path, *(root / path for root in roots)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def adopt_evaluation(spec: Spec, key: str, source: Path, out: Path) -> Path:
+    """Take an evaluation another reproduction ran (``<root>/eval/<name>``: kept in its records or
+    in its output directory) as the spec's evaluation ``key`` in ``out``, instead of running it
+    again. It is the same evaluation when it ran the same command with the same overrides, but for
+    the checkpoint's path, on a checkpoint with the same weights as the one ``key`` evaluates (its
+    training run adopted, trained or kept first), in the same pieces (``data.test_part``), each
+    finished and logged; else a :class:`SpecError` says what differs. An evaluation is a function
+    of its model, images, seed and settings (records are batch- and process-independent), so its
+    records are this evaluation's. Copied (``source`` is left as it is) and logged with the
+    commands, minutes and dates that made it, marked adopted."""
+    if key not in spec.evaluations:
+        raise SpecError(f"{spec.name} has no evaluation {key!r} ({sorted(spec.evaluations)})")
+    evaluation, source, out = spec.evaluations[key], Path(source), Path(out)
+    root = source.parent.parent
+    if source.parent.name != "eval" or not source.is_dir():
+        raise SpecError(f"{source} is not an evaluation of a reproduction (<records or DIR>/eval/<name>)")
+    if any(CHECKPOINT_REF.search(o) for o in evaluation.overrides):
+        raise SpecError(f"evaluation {key!r} names another run's checkpoint in its overrides: run it")
+    target = out / "eval" / key
+    if target.exists() or any(e["key"].split("/")[:2] == ["eval", key] for e in read_log(out)):
+        raise SpecError(f"{out} already holds its evaluation {key!r}")
+    dirs = piece_dirs(source)
+    names = [f"part{k}_of_{evaluation.pieces}" for k in range(evaluation.pieces)]
+    if (evaluation.pieces > 1 and [d.name for d in dirs] != names) or (evaluation.pieces == 1 and dirs != [source]):
+        raise SpecError(f"{source} is not in the {evaluation.pieces} piece(s) evaluation {key!r} runs in")
+    logged = {e["key"]: e for e in read_log(root)}
+    wanted = finished_file(evaluation)
+    for folder in dirs:
+        name = str(folder.relative_to(root))
+        if not (folder / wanted).is_file() or name not in logged:
+            raise SpecError(f"{folder} has not finished (no {wanted}, or no {name} in {root / LOG})")
+    if evaluation.run is None:
+        ours = None
+    else:
+        kept = spec.records / "train" / evaluation.run if spec.records is not None else None
+        here = out / "train" / evaluation.run
+        held = [d for d in (kept, here) if d is not None and find_checkpoint(d, evaluation.checkpoint, True)]
+        if not held:
+            raise SpecError(
+                f"{out} holds no {evaluation.checkpoint} checkpoint of run {evaluation.run!r}: adopt or train it first"
+            )
+        ours = find_checkpoint(held[0], evaluation.checkpoint)
+    expected = Reproduction(spec, out).resolved(evaluation.overrides)
+    for k, folder in enumerate(dirs):
+        stored = stored_overrides(folder) or []
+        part = [f"data.test_part=[{k},{evaluation.pieces}]"] if evaluation.pieces > 1 else []
+        settings = [o for o in stored if not o.startswith("ckpt_path=")]
+        if settings != [*expected, *part]:
+            extra = sorted(set(settings) ^ set([*expected, *part]))
+            raise SpecError(f"{folder} is not {spec.name}'s evaluation {key!r}: its overrides differ in {extra}")
+        theirs = _evaluated_checkpoint(stored, (PROJECT_ROOT, root))
+        if (ours is None) != (theirs is None) or (ours is not None and not _same_weights(ours, theirs)):
+            raise SpecError(
+                f"{folder} did not evaluate the weights of {evaluation.run!r}'s {evaluation.checkpoint} checkpoint"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target)
+    with (out / LOG).open("a") as log:
+        for folder in dirs:
+            entry = logged[str(folder.relative_to(root))]
+            renamed = str((target / folder.relative_to(source)).relative_to(out)) if folder != source else f"eval/{key}"
+            log.write(json.dumps({**entry, "key": renamed, "adopted": True}) + "\n")
+    return target
+
+
 # --- keeping ------------------------------------------------------------------------------------
 def _copy(source: Path, target: Path, names: tuple[str, ...]) -> None:
     for name in names:
@@ -335,11 +432,11 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     if stage.exists():
         shutil.rmtree(stage)
     _stage(spec, out, stage, finished if partial else None)
-    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     for key in carried:
         shutil.copytree(target / key, stage / key)
     earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *read_log(out)]))
+    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     if target.exists():
         shutil.rmtree(target)
     stage.rename(target)
@@ -453,7 +550,6 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
             shutil.rmtree(stage / folder.relative_to(out), ignore_errors=True)
             _copy(folder, stage / folder.relative_to(out), (*KEPT_EVAL, *spec.evaluations[key].files))
             replaced.add(str(folder.relative_to(out)))
-    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
 
     def hit(entry: dict[str, Any]) -> bool:
         parts = entry["key"].split("/")
@@ -461,6 +557,7 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
 
     entries = [e for e in read_log(target) if not hit(e)] + [e for e in read_log(out) if hit(e)]
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     shutil.rmtree(target)
     stage.rename(target)
     _write_report(spec, target)
@@ -537,8 +634,26 @@ def relative_paths(folder: Path, bases: dict[Path, str]) -> None:
         new = text
         for prefix, to in prefixes:
             new = new.replace(prefix, to)
+        new = RECORDS_PATH.sub("", new)  # another checkout's kept records: relative to the checkout
         if new != text:
             path.write_text(new)
+
+
+#: an absolute path in a kept text file: a directory of the machine that ran it
+ABSOLUTE_PATH = re.compile(r"""(?:^|[\s"'=\[,(])(/(?:[\w.+-]+/)+[\w.+-]*)""", re.M)
+#: the machine's part of a path into some checkout's kept records (``/x/y/docs/records/...``)
+RECORDS_PATH = re.compile(r"""(?<![\w.+-])/(?:[\w.+-]+/)*?(?=docs/records/)""")
+
+
+def machine_paths(folder: Path) -> list[str]:
+    """``file: path`` for each kept text file under ``folder`` naming an absolute path."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in PATH_BEARING:
+            match = ABSOLUTE_PATH.search(path.read_text())
+            if match:
+                found.append(f"{shown_path(path)}: {match[1]}")
+    return found
 
 
 # --- checking -----------------------------------------------------------------------------------
@@ -560,7 +675,12 @@ def pending(spec: Spec) -> bool:
 
 def check_spec(spec: Spec) -> list[str]:
     """Differences between the kept report of ``spec`` and the one its kept records render (none
-    while the spec is :func:`pending`)."""
+    while the spec is :func:`pending`), and every kept text file that names a directory of the
+    machine that ran it (:func:`machine_paths`)."""
+    if spec.records is not None and spec.records.is_dir():
+        machine = [f"{spec.name}: {found} (an absolute path in a kept record)" for found in machine_paths(spec.records)]
+        if machine:
+            return machine
     if spec.report is None or pending(spec):
         return []
     if spec.records is None or not spec.records.is_dir():
