@@ -648,3 +648,25 @@ def test_kept_records_name_no_directory_of_the_machine_that_ran_them(tmp_path):
     relative_paths(spec.records, {})
     assert "- ckpt_path=docs/records/toy/train/model/checkpoints/best.ckpt\n" in piece.read_text()
     assert check_spec(spec) == []
+
+
+def test_the_old_to_new_rows_read_new_values_from_the_reports_tables(tmp_path):
+    """docs/reproduction.md's "Verdicts re-measured": "old" is history typed in the spec, "new" is
+    read from the table a section renders from the records, "pending" until they are kept."""
+    row = {"claim": "S-Full beats None", "old": "+40.0 pp, holds", "section": 2, "row": ["S-Full minus None"],
+           "changed": "re-run"}  # fmt: skip
+    raw = _spec(tmp_path)
+    raw["blocks"]["remeasured"] = [{"kind": "remeasured", "rows": [row]}]
+    spec = parse_spec("toy", raw)
+    pending_table = blocks.render_block(spec, "remeasured")  # no records kept yet
+    assert "| S-Full beats None | +40.0 pp, holds | pending | re-run |" in pending_table
+    run_spec(spec, tmp_path / "out", runner=FakeCommands())
+    keep(spec, tmp_path / "out")
+    claim = next(r for r in SECTIONS["claims"](Evidence(spec, spec.records), spec.sections[2])[0].splitlines()[2:])
+    difference, verdict, _, size = (c.strip() for c in claim.strip("|").split("|")[1:])
+    new = f"{difference.split(', McNemar')[0]}, {verdict}, {size}"
+    assert f"| S-Full beats None | +40.0 pp, holds | {new} | re-run |" in blocks.render_block(spec, "remeasured")
+    assert new.startswith("+50.0 pp [")
+    raw["blocks"]["remeasured"][0]["rows"][0]["row"] = ["S-Full minus nothing"]
+    with pytest.raises(SpecError, match="found 0 times"):
+        blocks.render_block(parse_spec("toy", raw), "remeasured")

@@ -38,12 +38,14 @@ def render_block(spec: Spec, block: str) -> str:
     if block not in blocks:
         raise SpecError(f"{spec.name} has no block {block!r} (blocks: {sorted(blocks)})")
     waiting = f"Not measured yet: `safespot-reproduce run {spec.name}`, then `safespot-reproduce keep`.\n"
+    if all(part.get("kind") == "remeasured" for part in blocks[block]) and spec.records is not None:
+        return render(spec, spec.records, tuple(blocks[block])).split("\n", 2)[2]  # history: "pending" rows
     if spec.records is None or not spec.records.is_dir():  # pending: nothing measured to show yet
         return waiting
     if pending(spec):  # kept in part (keep --partial): the block once its evaluations are all kept
         kept = kept_evaluations(spec)
         missing = [key for key in spec.evaluations if key not in kept]
-        needed = set().union(*(_evaluations_read(part) for part in blocks[block]))
+        needed = set().union(*(evaluations_read(part) for part in blocks[block]))
         if needed & set(missing):
             shown = not_kept(spec)
             so_far = ", ".join(kept) or "no whole evaluation"
@@ -53,7 +55,7 @@ def render_block(spec: Spec, block: str) -> str:
     return text.split("\n", 2)[2]  # without the report's title
 
 
-def _evaluations_read(part: dict) -> set[str]:
+def evaluations_read(part: dict) -> set[str]:
     """The evaluations a block's section reads records of: its claims' (:func:`claim_evaluations`),
     its table cells' (:func:`cell_evaluation`) and its models' (a ``training_runs`` section reads
     the training runs alone)."""
