@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from safespot.paths import PROJECT_ROOT
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
 from safespot.reproduce.engine import (
@@ -451,7 +452,7 @@ def test_a_run_kept_by_another_reproduction_is_adopted_with_its_kept_checkpoint(
     assert not (tmp_path / "out2").exists()
 
 
-def test_an_evaluation_another_reproduction_ran_is_adopted_only_when_it_is_the_same(tmp_path):
+def test_an_evaluation_another_reproduction_ran_is_adopted_only_when_it_is_the_same(tmp_path, monkeypatch):
     """Same command and overrides but the checkpoint's path, the same weights, the same pieces:
     its records are the spec's evaluation, nothing runs again; any difference is refused."""
     run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
@@ -484,6 +485,27 @@ def test_an_evaluation_another_reproduction_ran_is_adopted_only_when_it_is_the_s
         with pytest.raises(SpecError, match=message):
             adopt_evaluation(other, "grid", kept / "eval" / "grid", elsewhere)
         assert not (elsewhere / "eval").exists()
+    # a kept record names its checkpoint relative to the checkout that keeps it, never to this one
+    # or to the working directory (where a file of that name may hold other weights)
+    piece = kept / "eval" / "grid" / "part0_of_2"
+    stored = (piece / ".hydra" / "overrides.yaml").read_text()
+    assert "- ckpt_path=train/model/checkpoints/best-epoch003.ckpt\n" in stored
+    (piece / ".hydra" / "overrides.yaml").write_text(stored.replace("ckpt_path=", "ckpt_path=docs/records/"))
+    decoy = tmp_path / "decoy" / "docs" / "records" / "train" / "model" / "checkpoints"
+    decoy.mkdir(parents=True)
+    torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(4)}}, decoy / "best-epoch003.ckpt")
+    monkeypatch.chdir(tmp_path / "decoy")
+    moved = tmp_path / "moved"
+    adopt(second, "model", kept / "train" / "model", moved)
+    adopt_evaluation(second, "grid", kept / "eval" / "grid", moved)
+    evaluated = (moved / "eval" / "grid" / "part0_of_2" / ".hydra" / "overrides.yaml").read_text()
+    assert f"ckpt_path={(kept / 'train' / 'model' / 'checkpoints' / 'best-epoch003.ckpt').resolve()}" in evaluated
+    # made by another command: refused
+    log = (kept / "log.jsonl").read_text()
+    (kept / "log.jsonl").write_text(log.replace("python evaluate.py", "python ood.py"))
+    with pytest.raises(SpecError, match=r"was made by ood\.py, not evaluate\.py"):
+        adopt_evaluation(second, "grid", kept / "eval" / "grid", tmp_path / "other-command")
+    (kept / "log.jsonl").write_text(log)
     retrained = tmp_path / "retrained"
     adopt(second, "model", kept / "train" / "model", retrained)
     ckpt = retrained / "train" / "model" / "checkpoints" / "best-epoch003.ckpt"
@@ -504,7 +526,7 @@ def test_safe_spot_awares_adv_and_sfgsm_adv_are_cifar10_linfs(tmp_path, capsys):
         ("adv", "eval/adv"),
         ("sfgsm_adv", "eval/preemptive"),
     ):
-        path = str(Path("docs/records/cifar10_linf") / source)
+        path = str(PROJECT_ROOT / "docs" / "records" / "cifar10_linf" / source)
         assert cli.main(["adopt", "safe_spot_aware", key, path, "--out", str(out)]) == 0, capsys.readouterr().err
     spec = load_spec("safe_spot_aware")
     evidence = Evidence(spec, out)
@@ -667,6 +689,21 @@ def test_the_old_to_new_rows_read_new_values_from_the_reports_tables(tmp_path):
     new = f"{difference.split(', McNemar')[0]}, {verdict}, {size}"
     assert f"| S-Full beats None | +40.0 pp, holds | {new} | re-run |" in blocks.render_block(spec, "remeasured")
     assert new.startswith("+50.0 pp [")
+    # kept in part: a row whose section cannot render yet is pending, not an error
+    partial = _spec(tmp_path / "partial")
+    partial["evaluations"]["extra"] = {"run": "model", "overrides": ["evaluation=[none,sfull]", "seed=1"]}
+    partial["sections"][2]["claims"].append(
+        {"text": "extra", "a": "extra/sfull_pgd/correct", "b": "grid/none_pgd/correct"}
+    )
+    partial["blocks"]["remeasured"] = [{"kind": "remeasured", "rows": [row]}]
+    spec_in_part = parse_spec("toy", partial)
+    spec_in_part.report.parent.mkdir(parents=True)
+    spec_in_part.report.write_text("# A toy reproduction\n\n<!-- safespot-reproduce pending toy -->\n")
+    run_spec(spec_in_part, tmp_path / "in-part", only=["grid"], runner=FakeCommands())
+    keep(spec_in_part, tmp_path / "in-part", partial=True)
+    assert "| S-Full beats None | +40.0 pp, holds | pending | re-run |" in blocks.render_block(
+        spec_in_part, "remeasured"
+    )
     raw["blocks"]["remeasured"][0]["rows"][0]["row"] = ["S-Full minus nothing"]
     with pytest.raises(SpecError, match="found 0 times"):
         blocks.render_block(parse_spec("toy", raw), "remeasured")

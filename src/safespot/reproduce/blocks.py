@@ -38,7 +38,7 @@ def render_block(spec: Spec, block: str) -> str:
     if block not in blocks:
         raise SpecError(f"{spec.name} has no block {block!r} (blocks: {sorted(blocks)})")
     waiting = f"Not measured yet: `safespot-reproduce run {spec.name}`, then `safespot-reproduce keep`.\n"
-    if all(part.get("kind") == "remeasured" for part in blocks[block]) and spec.records is not None:
+    if blocks[block] and all(part.get("kind") == "remeasured" for part in blocks[block]) and spec.records is not None:
         return render(spec, spec.records, tuple(blocks[block])).split("\n", 2)[2]  # history: "pending" rows
     if spec.records is None or not spec.records.is_dir():  # pending: nothing measured to show yet
         return waiting

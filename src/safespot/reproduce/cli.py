@@ -112,7 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_spec(spec, _out(args.name, args.out), args.only)
         return 0
     if args.verb == "adopt":
-        taken = adopt_evaluation if args.run_dir.parent.name == "eval" else adopt  # <root>/eval/<name>
+        evaluation = "eval" in args.run_dir.parts[-3:-1]  # <root>/eval/<name> (or a piece of it: refused)
+        taken = adopt_evaluation if evaluation else adopt
         target = taken(load_spec(args.name), args.key, args.run_dir, args.out)
         print(f"adopted: {args.run_dir} as {target}")
         return 0

@@ -307,15 +307,25 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _evaluated_checkpoint(overrides: list[str], roots: tuple[Path, ...]) -> Path | None:
-    """The checkpoint a stored evaluation ran on (its ``ckpt_path`` override), found as given or
-    relative to one of ``roots`` (a kept record names it relative to the checkout or to its
-    reproduction)."""
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith("ckpt_path=")]
-    if not given:
-        return None
-    path = Path(given[-1])
-    for candidate in (path, *(root / path for root in roots)):
+def _checkout_of(root: Path) -> Path | None:
+    """The checkout whose ``docs/records/<name>`` is ``root``, if it is one."""
+    for folder in (root, *root.parents):
+        if folder.name == "records" and folder.parent.name == "docs":
+            return folder.parent.parent
+    return None
+
+
+def _evaluated_checkpoint(given: str, root: Path) -> Path | None:
+    """The checkpoint a stored evaluation of the reproduction ``root`` ran on (its ``ckpt_path``):
+    absolute as a run leaves it, else as a kept record names it, relative to the checkout that
+    keeps ``root`` (``docs/records/...``) or to ``root`` itself (``train/<run>/...``), never to
+    this checkout or the working directory (another checkout's records name their own files)."""
+    path = Path(given)
+    if path.is_absolute():
+        return path if path.is_file() else None
+    checkout = _checkout_of(root)
+    bases = [checkout] if checkout is not None and path.parts[:2] == ("docs", "records") else []
+    for candidate in (*(base / path for base in bases), root / path):
         if candidate.is_file():
             return candidate
     return None
@@ -333,10 +343,13 @@ def adopt_evaluation(spec: Spec, key: str, source: Path, out: Path) -> Path:
     commands, minutes and dates that made it, marked adopted."""
     if key not in spec.evaluations:
         raise SpecError(f"{spec.name} has no evaluation {key!r} ({sorted(spec.evaluations)})")
-    evaluation, source, out = spec.evaluations[key], Path(source), Path(out)
+    evaluation, source, out = spec.evaluations[key], Path(source).resolve(), Path(out)
     root = source.parent.parent
     if source.parent.name != "eval" or not source.is_dir():
-        raise SpecError(f"{source} is not an evaluation of a reproduction (<records or DIR>/eval/<name>)")
+        raise SpecError(
+            f"{source} is not an evaluation of a reproduction (<records or DIR>/eval/<name>, the whole "
+            "evaluation, not one of its pieces)"
+        )
     if any(CHECKPOINT_REF.search(o) for o in evaluation.overrides):
         raise SpecError(f"evaluation {key!r} names another run's checkpoint in its overrides: run it")
     target = out / "eval" / key
@@ -352,6 +365,14 @@ def adopt_evaluation(spec: Spec, key: str, source: Path, out: Path) -> Path:
         name = str(folder.relative_to(root))
         if not (folder / wanted).is_file() or name not in logged:
             raise SpecError(f"{folder} has not finished (no {wanted}, or no {name} in {root / LOG})")
+        script = str(logged[name].get("command", "")).split()[1:2]
+        if script != [f"{evaluation.command}.py"]:
+            raise SpecError(
+                f"{folder} was made by {' '.join(script) or 'an unlogged command'}, not {evaluation.command}.py"
+            )
+        absent = [f for f in evaluation.files if not (folder / f).is_file()]
+        if absent:
+            raise SpecError(f"{folder} lacks {', '.join(absent)}, which {spec.name}'s evaluation {key!r} keeps")
     if evaluation.run is None:
         ours = None
     else:
@@ -364,20 +385,34 @@ def adopt_evaluation(spec: Spec, key: str, source: Path, out: Path) -> Path:
             )
         ours = find_checkpoint(held[0], evaluation.checkpoint)
     expected = Reproduction(spec, out).resolved(evaluation.overrides)
+    evaluated: dict[Path, tuple[str, str]] = {}
     for k, folder in enumerate(dirs):
         stored = stored_overrides(folder) or []
         part = [f"data.test_part=[{k},{evaluation.pieces}]"] if evaluation.pieces > 1 else []
         settings = [o for o in stored if not o.startswith("ckpt_path=")]
         if settings != [*expected, *part]:
-            extra = sorted(set(settings) ^ set([*expected, *part]))
+            extra = sorted(set(settings) ^ set([*expected, *part])) or "their order"
             raise SpecError(f"{folder} is not {spec.name}'s evaluation {key!r}: its overrides differ in {extra}")
-        theirs = _evaluated_checkpoint(stored, (PROJECT_ROOT, root))
-        if (ours is None) != (theirs is None) or (ours is not None and not _same_weights(ours, theirs)):
+        given = [o.split("=", 1)[1] for o in stored if o.startswith("ckpt_path=")]
+        if (ours is None) != (not given):
+            raise SpecError(f"{folder} and {spec.name}'s evaluation {key!r} do not both evaluate a checkpoint")
+        if ours is None:
+            continue
+        theirs = _evaluated_checkpoint(given[-1], root)
+        if theirs is None:
+            raise SpecError(f"{folder} evaluated {given[-1]}, which is not there to compare")
+        if not _same_weights(ours, theirs):
             raise SpecError(
                 f"{folder} did not evaluate the weights of {evaluation.run!r}'s {evaluation.checkpoint} checkpoint"
             )
+        evaluated[folder] = (given[-1], str(theirs.resolve()))
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target)
+    for folder, (given_path, found) in evaluated.items():  # name the file evaluated, not a path of root's
+        for name in (".hydra/overrides.yaml", "results.json"):
+            copied = target / folder.relative_to(source) / name
+            if copied.is_file():
+                copied.write_text(copied.read_text().replace(given_path, found))
     with (out / LOG).open("a") as log:
         for folder in dirs:
             entry = logged[str(folder.relative_to(root))]
@@ -642,7 +677,7 @@ def relative_paths(folder: Path, bases: dict[Path, str]) -> None:
 #: an absolute path in a kept text file: a directory of the machine that ran it
 ABSOLUTE_PATH = re.compile(r"""(?:^|[\s"'=\[,(])(/(?:[\w.+-]+/)+[\w.+-]*)""", re.M)
 #: the machine's part of a path into some checkout's kept records (``/x/y/docs/records/...``)
-RECORDS_PATH = re.compile(r"""(?<![\w.+-])/(?:[\w.+-]+/)*?(?=docs/records/)""")
+RECORDS_PATH = re.compile(r"""(?<![\w.+:/-])/(?:[\w.+-]+/)*?(?=docs/records/)""")
 
 
 def machine_paths(folder: Path) -> list[str]:

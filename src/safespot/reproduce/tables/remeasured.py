@@ -84,22 +84,30 @@ def read_by(evidence: Evidence, row: dict[str, Any]) -> set[str]:
     part = section_of(evidence, row["section"])
     named = [c for c in part.get("claims", []) if row.get("row") and str(c.get("text")) == str(row["row"][0])]
     keys = set(claim_evaluations(named[0])) if named else evaluations_read(part)
-    return keys & set(evidence.spec.evaluations)
+    return keys & set(evidence.spec.evaluations) or set(evidence.spec.evaluations)  # unknown: every evaluation
 
 
 @section("remeasured")
 def remeasured(evidence: Evidence, spec_section: dict[str, Any]) -> list[str]:
     """One row per ``rows`` entry: ``claim``, ``old`` (as published before), the new value
     (:func:`new_value`: ``section``, ``row`` or ``line``, optional ``columns`` {header prefix: label}) or
-    "pending" while the evaluations it reads (:func:`read_by`) are not all kept, and ``changed``."""
+    "pending" while the evaluations it reads (:func:`read_by`) are not all kept, or while its
+    section cannot render from records kept in part, and ``changed``."""
+    complete = evidence.root.is_dir() and all(evidence.has(key) for key in evidence.spec.evaluations)
     table = []
     for row in spec_section["rows"]:
-        measured = evidence.root.is_dir() and all(evidence.has(key) for key in read_by(evidence, row))
+        new = "pending"
+        if evidence.root.is_dir() and all(evidence.has(key) for key in read_by(evidence, row)):
+            try:
+                new = new_value(evidence, row)
+            except SpecError:
+                if complete:  # every record kept: an error of the spec, not a pending measurement
+                    raise
         table.append(
             {
                 "Claim": str(row["claim"]),
                 "Old": str(row["old"]),
-                "New": new_value(evidence, row) if measured else "pending",
+                "New": new,
                 "What changed": str(row["changed"]).strip(),
             }
         )
