@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce.engine import kept_evaluations, not_kept, pending, render
-from safespot.reproduce.sections import cell_evaluation, claim_evaluations
+from safespot.reproduce.sections import evaluations_read
 from safespot.reproduce.spec import Spec, SpecError, load_spec
 
 BLOCK = re.compile(
@@ -53,17 +53,6 @@ def render_block(spec: Spec, block: str) -> str:
             return waiting.rstrip("\n") + held + "\n"
     text = render(spec, spec.records, tuple(blocks[block]))
     return text.split("\n", 2)[2]  # without the report's title
-
-
-def evaluations_read(part: dict) -> set[str]:
-    """The evaluations a block's section reads records of: its claims' (:func:`claim_evaluations`),
-    its table cells' (:func:`cell_evaluation`) and its models' (a ``training_runs`` section reads
-    the training runs alone)."""
-    if part.get("kind") == "training_runs":
-        return set()
-    keys = {key for claim in part.get("claims", []) for key in claim_evaluations(claim)}
-    keys |= {cell_evaluation(c) for row in part.get("rows", []) for c in row} - {None}
-    return keys | {str(v) for v in dict(part.get("models", {})).values()}
 
 
 def _rendered(text: str) -> str:

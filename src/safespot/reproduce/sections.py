@@ -186,6 +186,17 @@ def claim_evaluations(claim: dict[str, Any]) -> list[str]:
     return [ref.partition("/")[0] for ref in refs]
 
 
+def evaluations_read(part: dict) -> set[str]:
+    """The evaluations a block's section reads records of: its claims' (:func:`claim_evaluations`),
+    its table cells' (:func:`cell_evaluation`) and its models' (a ``training_runs`` section reads
+    the training runs alone)."""
+    if part.get("kind") == "training_runs":
+        return set()
+    keys = {key for claim in part.get("claims", []) for key in claim_evaluations(claim)}
+    keys |= {cell_evaluation(c) for row in part.get("rows", []) for c in row} - {None}
+    return keys | {str(v) for v in dict(part.get("models", {})).values()}
+
+
 def measured_claims(evidence: Evidence, spec_section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """The section's claims whose evaluations all have records, and (with a ``missing_note``)
     the evaluations the others still need; without one, every claim is measured or an error."""

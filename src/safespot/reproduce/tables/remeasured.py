@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from safespot.reproduce.evidence import Evidence
-from safespot.reproduce.sections import claim_evaluations, render_section, section
+from safespot.reproduce.sections import claim_evaluations, evaluations_read, render_section, section
 from safespot.reproduce.spec import SpecError
 from safespot.utils.tables import markdown_table
 
@@ -79,8 +79,6 @@ def new_value(evidence: Evidence, row: dict[str, Any]) -> str:
 def read_by(evidence: Evidence, row: dict[str, Any]) -> set[str]:
     """The evaluations a row's new value reads: its claim's (the section's claim whose text is the
     row's first cell), else those its section reads."""
-    from safespot.reproduce.blocks import evaluations_read  # blocks imports the engine, which imports this
-
     part = section_of(evidence, row["section"])
     named = [c for c in part.get("claims", []) if row.get("row") and str(c.get("text")) == str(row["row"][0])]
     keys = set(claim_evaluations(named[0])) if named else evaluations_read(part)
