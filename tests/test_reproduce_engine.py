@@ -25,6 +25,7 @@ from safespot.reproduce.engine import (
     relative_paths,
     render,
     run_spec,
+    weights_digest,
 )
 from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
@@ -512,6 +513,48 @@ def test_an_evaluation_another_reproduction_ran_is_adopted_only_when_it_is_the_s
     torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(4)}}, ckpt)
     with pytest.raises(SpecError, match="did not evaluate the weights of 'model'"):
         adopt_evaluation(second, "grid", kept / "eval" / "grid", retrained)
+
+
+def test_each_kept_evaluation_names_the_weights_it_measured(tmp_path):
+    """An evaluation's log line holds the digest of the weights it ran on: a kept checkpoint
+    replaced afterwards fails the check, and an evaluation is adopted by the weights it measured,
+    not by the other reproduction's checkpoint file as it is now."""
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.arange(4.0)}, "optimizer_states": [{}]}, ckpt)
+    stripped = tmp_path / "b.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}}, stripped)
+    near = tmp_path / "c.ckpt"
+    torch.save({"state_dict": {"w": torch.tensor([0.0, 1.0, 2.0, 3.0000002])}}, near)
+    cast = tmp_path / "d.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0, dtype=torch.float64)}}, cast)
+    assert weights_digest(ckpt) == weights_digest(stripped)  # the weights, not the file
+    assert len({weights_digest(ckpt), weights_digest(near), weights_digest(cast)}) == 3
+
+    run = ["experiment=cifar10_natural", "scale=reduced_preact", "seed=0"]
+    runs = {"model": {"overrides": run, "keep_checkpoint": True}}
+    first = parse_spec("first", _spec(tmp_path / "a", runs=runs))
+    out = tmp_path / "first"
+    run_spec(first, out, runner=FakeCommands())
+    trained = weights_digest(out / "train" / "model" / "checkpoints" / "best-epoch003.ckpt")
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.get("weights") for e in logged] == [None, trained, trained]  # the training logs none
+    # a log written without them (an earlier engine) gets them when kept
+    unnamed = [{k: v for k, v in e.items() if k != "weights"} for e in logged]
+    (out / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in unnamed))
+    kept = keep(first, out)
+    kept_log = [json.loads(line) for line in (kept / "log.jsonl").read_text().splitlines()]
+    assert [e.get("weights") for e in kept_log] == [None, trained, trained]
+    assert check_spec(first) == []
+    # the kept checkpoint replaced by other weights: its evaluations no longer measure it
+    held = kept / "train" / "model" / "checkpoints" / "best-epoch003.ckpt"
+    torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(4)}}, held)
+    problems = check_spec(first)
+    assert len(problems) == 2 and all("measured the weights" in p for p in problems)
+    # adopted with it, the replaced model is not the one the evaluation measured: refused
+    second = parse_spec("second", _spec(tmp_path / "b", runs=runs))
+    adopt(second, "model", kept / "train" / "model", tmp_path / "out")
+    with pytest.raises(SpecError, match="did not evaluate the weights of 'model'"):
+        adopt_evaluation(second, "grid", kept / "eval" / "grid", tmp_path / "out")
 
 
 def test_safe_spot_awares_adv_and_sfgsm_adv_are_cifar10_linfs(tmp_path, capsys):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 import shlex
@@ -101,10 +102,14 @@ class Reproduction:
             run_dir.rename(aside)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         print(f"$ {_shown(cmd, self.out)}", flush=True)
+        evaluated = _ckpt_path(cmd) if key.startswith("eval/") else None
+        weights = weights_digest(Path(evaluated)) if evaluated else None
         start = time.perf_counter()
         self.runner([*cmd, f"hydra.run.dir={run_dir}"], PROJECT_ROOT)
         entry = {"key": key, "command": _shown(cmd, self.out), "minutes": round((time.perf_counter() - start) / 60, 1)}
         entry["date"] = date.today().isoformat()
+        if weights is not None:
+            entry["weights"] = weights
         with (self.out / LOG).open("a") as log:
             log.write(json.dumps(entry) + "\n")
 
@@ -307,6 +312,27 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def weights_digest(ckpt: Path) -> str:
+    """``sha256:<hex>`` of the weights checkpoint ``ckpt`` holds (its ``state_dict``: every name,
+    dtype, shape and value, in name order), not of its file: a kept checkpoint stripped of its
+    training state (:func:`keep_weights`) has the digest of the one it was kept from. Logged with
+    each evaluation (``weights``), so that its records name the weights they measured."""
+    digest = hashlib.sha256()
+    for name, value in sorted(_weights(ckpt).items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _ckpt_path(cmd: list[str]) -> str | None:
+    """The ``ckpt_path`` a command's overrides name (the last one), if any."""
+    given = [a.split("=", 1)[1] for a in cmd if a.startswith("ckpt_path=")]
+    return given[-1] if given else None
+
+
 def _checkout_of(root: Path) -> Path | None:
     """The checkout whose ``docs/records/<name>`` is ``root``, if it is one."""
     for folder in (root, *root.parents):
@@ -401,7 +427,8 @@ def adopt_evaluation(spec: Spec, key: str, source: Path, out: Path) -> Path:
         theirs = _evaluated_checkpoint(given[-1], root)
         if theirs is None:
             raise SpecError(f"{folder} evaluated {given[-1]}, which is not there to compare")
-        if not _same_weights(ours, theirs):
+        recorded = logged[str(folder.relative_to(root))].get("weights")  # what it measured, as it ran
+        if not (_same_weights(ours, theirs) if recorded is None else recorded == weights_digest(ours)):
             raise SpecError(
                 f"{folder} did not evaluate the weights of {evaluation.run!r}'s {evaluation.checkpoint} checkpoint"
             )
@@ -470,13 +497,29 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     for key in carried:
         shutil.copytree(target / key, stage / key)
     earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
-    (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *read_log(out)]))
+    (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *_with_weights(read_log(out), out)]))
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     if target.exists():
         shutil.rmtree(target)
     stage.rename(target)
     _write_report(spec, target)
     return target
+
+
+def _with_weights(entries: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """``entries`` of ``out``'s log, each evaluation that names a checkpoint with the digest of its
+    weights (:func:`weights_digest`): a run logs it as it starts; one logged without it (by an
+    earlier version of the engine) gets the digest of the checkpoint its command names as it is
+    when kept."""
+    done = []
+    for entry in entries:
+        given = _ckpt_path(shlex.split(str(entry.get("command", ""))))
+        if given is not None and "weights" not in entry and str(entry.get("key")).startswith("eval/"):
+            found = [p for p in (Path(given), out / given, PROJECT_ROOT / given) if p.is_file()]
+            if found:
+                entry = {**entry, "weights": weights_digest(found[0])}
+        done.append(entry)
+    return done
 
 
 def kept_evaluations(spec: Spec) -> list[str]:
@@ -590,7 +633,7 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
         parts = entry["key"].split("/")
         return "/".join(parts[:2]) in replaced or "/".join(parts[:3]) in replaced
 
-    entries = [e for e in read_log(target) if not hit(e)] + [e for e in read_log(out) if hit(e)]
+    entries = [e for e in read_log(target) if not hit(e)] + _with_weights([e for e in read_log(out) if hit(e)], out)
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
     shutil.rmtree(target)
@@ -716,6 +759,9 @@ def check_spec(spec: Spec) -> list[str]:
         machine = [f"{spec.name}: {found} (an absolute path in a kept record)" for found in machine_paths(spec.records)]
         if machine:
             return machine
+        changed = changed_weights(spec)
+        if changed:
+            return changed
     if spec.report is None or pending(spec):
         return []
     if spec.records is None or not spec.records.is_dir():
@@ -725,6 +771,30 @@ def check_spec(spec: Spec) -> list[str]:
     if rendered == kept:
         return []
     return [f"{spec.name}: {shown_path(spec.report)} differs from its records\n{_diff(kept, rendered)}"]
+
+
+def changed_weights(spec: Spec) -> list[str]:
+    """Each kept evaluation whose logged ``weights`` differ from those of the checkpoint its command
+    names as the records keep it now (a kept checkpoint replaced after it was evaluated): its
+    records no longer measure the kept model."""
+    assert spec.records is not None
+    digests: dict[Path, str] = {}
+    found = []
+    for entry in read_log(spec.records):
+        given = _ckpt_path(shlex.split(str(entry.get("command", ""))))
+        if given is None or "weights" not in entry:
+            continue
+        ckpt = _evaluated_checkpoint(given, spec.records)
+        if ckpt is None:  # a checkpoint the records do not keep: nothing to compare with
+            continue
+        if ckpt not in digests:
+            digests[ckpt] = weights_digest(ckpt)
+        if digests[ckpt] != entry["weights"]:
+            found.append(
+                f"{spec.name}: {entry['key']} measured the weights {entry['weights'][:19]}..., "
+                f"{shown_path(ckpt)} now holds {digests[ckpt][:19]}..."
+            )
+    return found
 
 
 def shown_path(path: Path) -> str:
