@@ -515,7 +515,8 @@ def _with_weights(entries: list[dict[str, Any]], out: Path) -> list[dict[str, An
     for entry in entries:
         given = _ckpt_path(shlex.split(str(entry.get("command", ""))))
         if given is not None and "weights" not in entry and str(entry.get("key")).startswith("eval/"):
-            found = [p for p in (Path(given), out / given, PROJECT_ROOT / given) if p.is_file()]
+            path = Path(given)  # absolute, or as _shown wrote it: relative to out or the checkout
+            found = [p for p in ((path,) if path.is_absolute() else (out / path, PROJECT_ROOT / path)) if p.is_file()]
             if found:
                 entry = {**entry, "weights": weights_digest(found[0])}
         done.append(entry)
