@@ -90,6 +90,36 @@ def test_a_run_killed_mid_epoch_resumes_from_last_ckpt_to_the_same_weights(unint
     _same_weights(resumed / "checkpoints" / "last.ckpt", uninterrupted)
 
 
+def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume(tmp_path):
+    """The best checkpoint of a run resumed into a new directory (from a run directory that was moved
+    since, as the reproduction engine sets an interrupted run aside) is the best of all its epochs,
+    not of those after the resume. The monitor is the epoch, minimised, so that the best epoch is
+    the first one, which ends before the kill: Lightning alone made the first epoch after the resume
+    the best (it reloads the best path, not its score)."""
+    best_first = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    run = tmp_path / "killed"
+    process = _start([f"hydra.run.dir={run}", *best_first], _env(tmp_path))
+    _wait_for(run / "checkpoints" / "last.ckpt", process)
+    process.kill()
+    process.wait()
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-epoch000.ckpt"]
+    moved = run.rename(tmp_path / "killed.interrupted")
+    resumed = tmp_path / "resumed"
+    ckpt = moved / "checkpoints" / "last.ckpt"
+    _finish(_start([f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}", *best_first], _env(tmp_path)))
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("best-*")) == ["best-epoch000.ckpt"]
+    best, first = (
+        _weights(resumed / "checkpoints" / "best-epoch000.ckpt"),
+        _weights(moved / "checkpoints" / "best-epoch000.ckpt"),
+    )
+    assert best[1:] == first[1:] == (0, first[2])
+    assert all(torch.equal(best[0][k], first[0][k]) for k in first[0])
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    callback = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert Path(callback["best_model_path"]) == resumed / "checkpoints" / "best-epoch000.ckpt"
+    assert int(callback["best_model_score"]) == 0 and state["epoch"] == 2
+
+
 def _scontrol(tmp_path: Path) -> tuple[Path, Path]:
     """A stand-in for SLURM's ``scontrol`` that records its arguments."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"

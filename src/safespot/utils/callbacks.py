@@ -4,6 +4,8 @@ progress bar is :mod:`safespot.utils.progress`."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 class LearningRateMonitor(_LearningRateMonitor):
@@ -35,9 +38,62 @@ class LearningRateMonitor(_LearningRateMonitor):
 
 class ModelCheckpoint(_ModelCheckpoint):
     """Lightning's checkpoint callback (same arguments) whose ``last.ckpt`` is the latest epoch's, as
-    a run resumed from it expects. Lightning (2.6) writes ``last.ckpt`` only when a top-k checkpoint
-    is written in the same step, so with ``save_top_k=1`` it stays at the best epoch and a run resumed
-    from it repeats the epochs after the best one."""
+    a run resumed from it expects, and whose best checkpoints survive a resume into a new directory.
+
+    Lightning (2.6) writes ``last.ckpt`` only when a top-k checkpoint is written in the same step, so
+    with ``save_top_k=1`` it stays at the best epoch and a run resumed from it repeats the epochs
+    after the best one. And a run resumed into another directory (every resume here: run
+    directories are never reused, :mod:`safespot.utils.run_dirs`) gets back only the path of the
+    best checkpoint, not its score: the first epoch after the resume became the "best" however it
+    scored, so the best robust checkpoint (Rice et al.'s early stopping) was the best of the epochs
+    after the resume. Here the best checkpoints of the run resumed from are copied into the new
+    directory with their scores (:meth:`on_train_start`): found where the checkpoint names them or,
+    when that run directory was moved, beside the checkpoint resumed from."""
+
+    _carried: dict[str, Any] | None = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        self.best_model_path = state_dict["best_model_path"]
+        best = dict(state_dict.get("best_k_models") or {})
+        if not best and self.best_model_path and state_dict.get("best_model_score") is not None:
+            best = {self.best_model_path: state_dict["best_model_score"]}
+        self._carried = {"best": self.best_model_path, "models": best}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        carried, self._carried = self._carried, None
+        if not carried or not carried["models"] or self.dirpath is None:
+            return
+        beside = Path(trainer.ckpt_path).parent if trainer.ckpt_path else None
+        found: dict[str, Path] = {}
+        for path in carried["models"]:
+            for candidate in (Path(path), beside / Path(path).name if beside else None):
+                if candidate is not None and candidate.is_file():
+                    found[path] = candidate
+                    break
+        if carried["best"] not in found:
+            rank_zero_warn(
+                f"the best checkpoint of the run resumed from ({carried['best']}) is not there nor beside "
+                f"{trainer.ckpt_path}: the best checkpoint of this run is the best of the epochs after the resume"
+            )
+            return
+        target = Path(self.dirpath)
+        if trainer.is_global_zero:
+            target.mkdir(parents=True, exist_ok=True)
+            for source in found.values():
+                if not (target / source.name).exists():
+                    shutil.copy2(source, target / source.name)
+        trainer.strategy.barrier("carry the best checkpoints")
+        models = carried["models"].items()
+        self.best_k_models = {str(target / found[p].name): score for p, score in models if p in found}
+        self.best_model_path = str(target / found[carried["best"]].name)
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        kth = max if self.mode == "min" else min
+        self.kth_best_model_path = kth(self.best_k_models, key=self.best_k_models.get)
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
 
     def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
         return (
