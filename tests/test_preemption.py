@@ -90,12 +90,15 @@ def test_a_run_killed_mid_epoch_resumes_from_last_ckpt_to_the_same_weights(unint
     _same_weights(resumed / "checkpoints" / "last.ckpt", uninterrupted)
 
 
-def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume(tmp_path):
-    """The best checkpoint of a run resumed into a new directory (from a run directory that was moved
-    since, as the reproduction engine sets an interrupted run aside) is the best of all its epochs,
-    not of those after the resume. The monitor is the epoch, minimised, so that the best epoch is
-    the first one, which ends before the kill: Lightning alone made the first epoch after the resume
-    the best (it reloads the best path, not its score)."""
+@pytest.mark.parametrize("into", ["another", "the_same"])
+def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume(into, tmp_path):
+    """The best checkpoint of a run resumed into a new directory, from a run directory that was moved
+    since (as the reproduction engine sets an interrupted run aside and runs it again under the same
+    name), is the best of all its epochs, not of those after the resume. The monitor is the epoch,
+    minimised, so that the best epoch is the first one, which ends before the kill. Lightning alone
+    made the first epoch after the resume the best (in another directory it reloads the best path,
+    not its score) or, in a directory of the same name, ended naming a best checkpoint that was not
+    there (the test stage then failed)."""
     best_first = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
     run = tmp_path / "killed"
     process = _start([f"hydra.run.dir={run}", *best_first], _env(tmp_path))
@@ -104,7 +107,7 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume
     process.wait()
     assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-epoch000.ckpt"]
     moved = run.rename(tmp_path / "killed.interrupted")
-    resumed = tmp_path / "resumed"
+    resumed = tmp_path / "resumed" if into == "another" else run
     ckpt = moved / "checkpoints" / "last.ckpt"
     _finish(_start([f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}", *best_first], _env(tmp_path)))
     assert sorted(p.name for p in (resumed / "checkpoints").glob("best-*")) == ["best-epoch000.ckpt"]

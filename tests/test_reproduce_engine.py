@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from safespot.paths import PROJECT_ROOT
 from safespot.reproduce import blocks, cli
 from safespot.reproduce.claims import evaluate_claim, size_verdict
 from safespot.reproduce.engine import (
+    Reproduction,
     adopt,
     adopt_evaluation,
     check_spec,
@@ -750,3 +753,154 @@ def test_the_old_to_new_rows_read_new_values_from_the_reports_tables(tmp_path):
     raw["blocks"]["remeasured"][0]["rows"][0]["row"] = ["S-Full minus nothing"]
     with pytest.raises(SpecError, match="found 0 times"):
         blocks.render_block(parse_spec("toy", raw), "remeasured")
+
+
+class FakeEpochs(FakeCommands):
+    """train.py run epoch by epoch (evaluate.py as :class:`FakeCommands`): ``last.ckpt`` at each
+    epoch's end with weights that are a function of the epoch (as an exact resume leaves them), the
+    best checkpoint at epoch 1, one ``csv/metrics.csv`` row per epoch; a run given ``ckpt_path``
+    starts after that checkpoint's epoch and carries its best checkpoint over (as
+    :class:`safespot.utils.callbacks.ModelCheckpoint` does); killed after ``stop_after`` epochs,
+    in the middle of the next one (its row written, its checkpoint not)."""
+
+    EPOCHS = 4
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        super().__init__()
+        self.stop_after = stop_after
+
+    def __call__(self, cmd: list[str], cwd: Path) -> None:
+        if cmd[1] != "train.py":
+            return super().__call__(cmd, cwd)
+        self.calls.append(cmd)
+        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / ".hydra").mkdir()
+        overrides = [c for c in cmd[2:] if not c.startswith("hydra.run.dir=")]
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run_dir / ".hydra" / "config.yaml").write_text(f"trainer:\n  max_epochs: {self.EPOCHS}\n")
+        given = [Path(c.split("=", 1)[1]) for c in cmd if c.startswith("ckpt_path=")]
+        start = torch.load(given[-1], weights_only=True)["epoch"] + 1 if given else 0
+        for best in given[-1].parent.glob("best-*.ckpt") if given else []:
+            shutil.copy2(best, run_dir / "checkpoints" / best.name)
+        rows = ["epoch,val/acc"]
+        for n, epoch in enumerate(range(start, self.EPOCHS)):
+            rows.append(f"{epoch},{epoch / 10}")
+            (run_dir / "csv").mkdir(exist_ok=True)
+            (run_dir / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+            if n == self.stop_after:
+                raise KeyboardInterrupt
+            state = {"epoch": epoch, "state_dict": {"w": torch.full((4,), float(epoch))}, "optimizer_states": [{}]}
+            torch.save(state, run_dir / "checkpoints" / "last.ckpt")
+            if epoch == 1:
+                torch.save(state, run_dir / "checkpoints" / "best-epoch001.ckpt")
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint_within_and_across_sittings(tmp_path):
+    """A training stopped mid-way resumes after its last finished epoch: in its reproduction's
+    directory (the interrupted run set aside), and in a later sitting from the unfinished training
+    ``keep --partial`` kept; the kept run's metrics hold every epoch once, its best checkpoint is
+    the one before the resumes, and the unfinished training leaves the records once it finishes.
+    A run set aside with other settings is not resumed."""
+    raw = _spec(tmp_path)
+    raw["runs"]["model"]["overrides"] = ["experiment=quickstart", "seed=0"]
+    spec = parse_spec("toy", raw)
+    spec.report.parent.mkdir(parents=True)
+    spec.report.write_text("# A toy reproduction\n\n<!-- safespot-reproduce pending toy -->\n")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, out, runner=FakeEpochs(stop_after=1))  # epoch 0 finished, killed in epoch 1
+    second = FakeEpochs(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, out, runner=second)  # resumes after epoch 0; epoch 1 finished, killed in epoch 2
+    assert f"ckpt_path={out}/train/model.interrupted/checkpoints/last.ckpt" in second.calls[0]
+    other = shutil.copytree(out, tmp_path / "other")
+    changed = parse_spec(
+        "toy", {**raw, "runs": {"model": {**raw["runs"]["model"], "overrides": ["experiment=quickstart", "seed=1"]}}}
+    )
+    calls = FakeEpochs(stop_after=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(changed, other, runner=calls)
+    assert not [c for c in calls.calls[0] if c.startswith("ckpt_path=")]  # trained with seed 0: not resumed
+    # the sitting ends: its unfinished training is kept (resumable: the optimizer's state with it)
+    with pytest.raises(SpecError, match="--partial keeps what it has"):
+        keep(spec, out)
+    records = keep(spec, out, partial=True)
+    unfinished = records / "unfinished" / "train" / "model"
+    last = torch.load(unfinished / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and "optimizer_states" in last
+    assert pd.read_csv(unfinished / "metrics.csv")["epoch"].tolist() == [0, 1]  # the epochs cut short left out
+    assert json.loads((unfinished / "progress.json").read_text())["epochs"] == 2
+    assert pending(spec) and check_spec(spec) == []
+    # the next sitting, in a new directory (a fresh machine), resumes from the kept training and is
+    # stopped too: `keep --only grid --partial` keeps its unfinished training in place of the earlier
+    later = FakeEpochs(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, tmp_path / "later", runner=later)
+    assert f"ckpt_path={unfinished}/checkpoints/last.ckpt" in later.calls[0]
+    keep_evaluations(spec, tmp_path / "later", ["grid"], partial=True)
+    assert pd.read_csv(unfinished / "metrics.csv")["epoch"].tolist() == [0, 1, 2]
+    assert torch.load(unfinished / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert not (spec.records / "eval" / "grid").exists()
+    # the third sitting finishes the training and its evaluations
+    third = FakeEpochs()
+    run_spec(spec, tmp_path / "third", runner=third)
+    trained = [c for c in third.calls if c[1] == "train.py"]
+    assert len(trained) == 1 and f"ckpt_path={unfinished}/checkpoints/last.ckpt" in trained[0]
+    keep(spec, tmp_path / "third", replace=True)
+    final = spec.records / "train" / "model"
+    metrics = pd.read_csv(final / "metrics.csv")
+    assert metrics["epoch"].tolist() == [0, 1, 2, 3] and metrics["val/acc"].tolist() == [0.0, 0.1, 0.2, 0.3]
+    best = torch.load(final / "checkpoints" / "best-epoch001.ckpt", weights_only=True)
+    assert torch.equal(best["state_dict"]["w"], torch.full((4,), 1.0))
+    assert not (spec.records / "unfinished").exists()
+    (entry,) = [
+        e for e in (json.loads(line) for line in (spec.records / "log.jsonl").open()) if e["key"] == "train/model"
+    ]
+    assert entry["resumed_after_epoch"] == 3
+    assert not pending(spec) and check_spec(spec) == []
+
+
+@pytest.mark.slow
+def test_a_real_training_killed_and_resumed_by_the_engine_equals_an_uninterrupted_one(tmp_path):
+    """train.py through the engine, with the default logger: killed after its first epoch, resumed by
+    the next call; the resumed run ends with the uninterrupted run's weights, best checkpoint and
+    ``metrics.csv`` rows (the test stage aside: it runs once, after the last epoch)."""
+    train = ["data=synthetic", "data.n_train=1024", "data.batch_size=16", "model.backbone.width=8"]
+    train += ["method=natural", "trainer=cpu", "trainer.max_epochs=3", "extras.print_config=false"]
+    train += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+    def spec(name: str):
+        raw = _spec(tmp_path / name)
+        raw["runs"]["model"]["overrides"] = train
+        return parse_spec("toy", raw)
+
+    def killed_after_an_epoch(cmd: list[str], cwd: Path) -> None:
+        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():
+            assert process.poll() is None, "the run ended before its first epoch did"
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        raise KeyboardInterrupt
+
+    whole = Reproduction(spec("whole"), tmp_path / "whole" / "out").checkpoint_of("model", "last")
+    out = tmp_path / "parts" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        Reproduction(spec("parts"), out, runner=killed_after_an_epoch).checkpoint_of("model", "last")
+    resumed = Reproduction(spec("parts"), out).checkpoint_of("model", "last")
+    a, b = (torch.load(p, weights_only=True, map_location="cpu") for p in (whole, resumed))
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 180)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    bests = [sorted(p.name for p in c.parent.glob("best-*")) for c in (whole, resumed)]
+    assert bests[0] == bests[1] and len(bests[0]) == 1
+    one = pd.read_csv(whole.parent.parent / "csv" / "metrics.csv")
+    joined = pd.read_csv(out / "train" / "model" / "metrics.csv")
+    columns = sorted(c for c in one.columns if not c.startswith("test/"))
+    rows = [
+        frame.dropna(subset=[c for c in columns if c not in ("epoch", "step")], how="all") for frame in (one, joined)
+    ]
+    pd.testing.assert_frame_equal(*(r[columns].reset_index(drop=True) for r in rows))
+    (entry,) = [json.loads(line) for line in (out / "log.jsonl").open()]
+    assert entry["resumed_after_epoch"] == 1

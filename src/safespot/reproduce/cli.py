@@ -48,6 +48,7 @@ from safespot.reproduce.engine import (
     run_spec,
     shown_path,
 )
+from safespot.reproduce.resume import unfinished
 from safespot.reproduce.spec import load_spec, spec_names
 
 
@@ -151,6 +152,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             trained = spec.records is not None and (spec.records / "train").is_dir()
             if not kept and all(key in spec.evaluations for key in shown):  # not even a piece
                 held = "trainings kept, no evaluation yet" if trained else "no kept records yet"
+            for run, progress in unfinished(spec.records).items():
+                held += f"; training {run} kept unfinished at epoch {progress['epochs']} of {progress['max_epochs']}"
             print(f"{spec.name}: pending ({held}; {shown_path(spec.report)} is a stub)")
         print(f"{len(names)} reproductions checked: " + ("every report equals its records" if not problems else
               f"{len(problems)} differ") + (f" ({len(waiting)} pending)" if waiting else ""))  # fmt: skip

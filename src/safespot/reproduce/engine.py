@@ -2,9 +2,10 @@
 
 - :func:`run_spec` runs every training and evaluation command the spec names that the output
   directory does not hold yet, one after another, logging each (command, minutes, date) in
-  ``log.jsonl``; a finished run is reused, so a stopped reproduction resumes where it stopped (a
-  run that was interrupted is set aside and run again). A training run the spec's kept records
-  hold with its checkpoint is evaluated from there instead of being trained again.
+  ``log.jsonl``; a finished run is reused, so a stopped reproduction resumes where it stopped (an
+  evaluation that was interrupted is set aside and run again, a training resumes from its last
+  checkpoint, :mod:`safespot.reproduce.resume`). A training run the spec's kept records hold with
+  its checkpoint is evaluated from there instead of being trained again.
 - :func:`adopt` takes an earlier training run, trained with the spec's settings, as one of its runs
   (a ``train.py`` run directory, or a run another reproduction's records keep).
 - :func:`keep` copies the records of a finished reproduction into the spec's ``records``.
@@ -41,6 +42,16 @@ from safespot.reproduce.evidence import (
     piece_dirs,
     read_log,
     stored_overrides,
+)
+from safespot.reproduce.resume import (
+    UNFINISHED,
+    history,
+    interrupted_runs,
+    keep_unfinished,
+    last_epoch,
+    resume_point,
+    set_aside,
+    write_rows,
 )
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
@@ -90,26 +101,27 @@ class Reproduction:
     def done(self) -> set[str]:
         return {entry["key"] for entry in read_log(self.out)}
 
-    def _run(self, key: str, cmd: list[str], run_dir: Path) -> None:
+    def _run(self, key: str, cmd: list[str], run_dir: Path, resumed: Path | None = None) -> None:
+        """Run ``cmd`` into ``run_dir`` and log it; ``resumed``: the interrupted training it resumes
+        (its ``ckpt_path``), whose metrics and minutes the finished run's join."""
         if key in self.done():
             return
-        if run_dir.exists():  # interrupted: set aside, never overwritten
-            aside = run_dir.with_name(f"{run_dir.name}.interrupted")
-            n = 1
-            while aside.exists():
-                aside = run_dir.with_name(f"{run_dir.name}.interrupted-{n}")
-                n += 1
-            run_dir.rename(aside)
+        set_aside(run_dir)  # interrupted: set aside, never overwritten
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         print(f"$ {_shown(cmd, self.out)}", flush=True)
         evaluated = _ckpt_path(cmd) if key.startswith("eval/") else None
         weights = weights_digest(Path(evaluated)) if evaluated else None
+        before, epoch = (history(resumed)[1], last_epoch(resumed)) if resumed is not None else (0.0, None)
         start = time.perf_counter()
         self.runner([*cmd, f"hydra.run.dir={run_dir}"], PROJECT_ROOT)
-        entry = {"key": key, "command": _shown(cmd, self.out), "minutes": round((time.perf_counter() - start) / 60, 1)}
+        minutes = (time.perf_counter() - start) / 60 + before
+        entry = {"key": key, "command": _shown(cmd, self.out), "minutes": round(minutes, 1)}
         entry["date"] = date.today().isoformat()
         if weights is not None:
             entry["weights"] = weights
+        if resumed is not None and epoch is not None:  # the training's metrics over every segment
+            write_rows(history(run_dir)[0], run_dir / "metrics.csv")
+            entry["resumed_after_epoch"] = epoch + 1
         with (self.out / LOG).open("a") as log:
             log.write(json.dumps(entry) + "\n")
 
@@ -131,8 +143,23 @@ class Reproduction:
             overrides = self.resolved(run.overrides)
             if run.init_from is not None:  # fine-tuned from another run's best checkpoint
                 overrides.append(f"init_from={self.checkpoint_of(run.init_from, 'best')}")
-            self._run(f"train/{key}", [self.python, "train.py", *overrides], run_dir)
+            set_aside(run_dir)
+            point = self.resume_point(key, overrides)
+            if point is not None:
+                print(f"resuming train/{key} after epoch {last_epoch(point) + 1}: {shown_path(point)}", flush=True)
+                overrides.append(f"ckpt_path={point / 'checkpoints' / 'last.ckpt'}")
+            self._run(f"train/{key}", [self.python, "train.py", *overrides], run_dir, point)
         return find_checkpoint(run_dir, which)
+
+    def resume_point(self, key: str, overrides: list[str]) -> Path | None:
+        """The interrupted training of run ``key`` to resume (:func:`resume_point`): set aside in
+        this directory, or kept unfinished in the records, trained with the settings wanted."""
+        kept = self.spec.records / UNFINISHED / "train" / key if self.spec.records else None
+        candidates = [*interrupted_runs(self.out / "train" / key), *([kept] if kept and kept.is_dir() else [])]
+        if not candidates:
+            return None
+        wanted = _training_settings(overrides, self.out)
+        return resume_point(candidates, lambda f: _training_settings(stored_overrides(f) or [], self.out) == wanted)
 
     def resolved(self, overrides: tuple[str, ...]) -> list[str]:
         """``overrides`` with every ``{checkpoint:<run>/<which>}`` replaced by that checkpoint's path."""
@@ -203,7 +230,7 @@ def _selection(spec: Spec, only: list[str] | None) -> dict[str, list[int] | None
 #: prints, what it tests after fitting, how many processes decode the data): an earlier run that
 #: differs from a spec's run only in these is that run (:func:`adopt`)
 WEIGHT_NEUTRAL = (
-    "tags", "wandb_group", "test", "logger", "paths", "extras",
+    "tags", "wandb_group", "test", "logger", "paths", "extras", "ckpt_path",
     "data.test_subset", "data.num_workers", "data.pin_memory",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "callbacks.progress_bar", "callbacks.model_summary", "callbacks.learning_rate_monitor",
@@ -225,6 +252,14 @@ def _weight_settings(cfg: Any) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
     return flat
+
+
+def _training_settings(overrides: list[str], out: Path) -> dict[str, Any]:
+    """The settings that decide a training's weights, from a run's overrides: those of
+    :func:`_weight_settings`, but for the checkpoint a run resumed from or started from (a resumed
+    run's weights come from its checkpoint)."""
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")]
+    return _weight_settings(compose_config("train", given, out))
 
 
 def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
@@ -488,7 +523,8 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     if missing and not partial:
         raise SpecError(f"{out} has not finished {spec.name}: no records for {missing} (--partial keeps what it has)")
     finished = {entry["key"] for entry in read_log(out)}
-    if partial and not finished:
+    interrupted = [key for key in spec.runs if _interrupted_training(out, key)] if partial else []
+    if partial and not finished and not interrupted:
         raise SpecError(f"{out} has finished no run of {spec.name}: nothing to keep")
     stage = target.with_name(f"{target.name}.keeping")
     if stage.exists():
@@ -496,6 +532,11 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     _stage(spec, out, stage, finished if partial else None)
     for key in carried:
         shutil.copytree(target / key, stage / key)
+    if partial:  # unfinished trainings: out's, else those kept before (unless out finished them)
+        for key in set(spec.runs) - set(_stage_unfinished(spec, out, stage, interrupted)):
+            kept_before = target / UNFINISHED / "train" / key
+            if kept_before.is_dir() and not (stage / "train" / key).is_dir():
+                shutil.copytree(kept_before, stage / UNFINISHED / "train" / key)
     earlier = [e for e in read_log(target) if "/".join(e["key"].split("/")[:2]) in carried] if carried else []
     (stage / LOG).write_text("".join(json.dumps(e) + "\n" for e in [*earlier, *_with_weights(read_log(out), out)]))
     relative_paths(stage, {out: "", target: "", PROJECT_ROOT: ""})
@@ -597,6 +638,9 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
             raise SpecError(f"{spec.name} names no evaluation {key!r}; it has {sorted(spec.evaluations)}")
         added[key] = _finished_pieces(spec, out, key)
         pieces = spec.evaluations[key].pieces
+        run = spec.evaluations[key].run
+        if not added[key] and partial and run is not None and _interrupted_training(out, run) is not None:
+            continue  # nothing measured yet; its training is kept unfinished
         if not added[key]:
             raise SpecError(f"{out} has not finished evaluation {key!r} of {spec.name} (no piece of it)")
         missing = sorted(
@@ -619,9 +663,13 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
     ]
     for run in trained:  # trained in out (the kept records held no checkpoint of it)
         _stage_training(spec, out, stage, run.split("/", 1)[1])
+    if partial:
+        _stage_unfinished(spec, out, stage, sorted({spec.evaluations[key].run for key in keys} - {None}))
     replaced = set(trained)  # log keys: train/<run>, eval/<key> or eval/<key>/part<k>_of_<K>
     for key in keys:
         pieces = spec.evaluations[key].pieces
+        if not added[key]:  # only its training, kept unfinished
+            continue
         if pieces == 1 or not kept_pieces(spec, key):  # replaced whole (no kept piece to join)
             shutil.rmtree(stage / "eval" / key, ignore_errors=True)
             replaced.add(f"eval/{key}")
@@ -664,8 +712,11 @@ def _stage_training(spec: Spec, out: Path, target: Path, key: str) -> None:
     source, run = out / "train" / key, spec.runs[key]
     _copy(source, target / "train" / key, KEPT_TRAIN)
     (target / "train" / key).mkdir(parents=True, exist_ok=True)
-    if (source / "csv" / "metrics.csv").is_file():
-        shutil.copy2(source / "csv" / "metrics.csv", target / "train" / key / "metrics.csv")
+    for metrics in (source / "metrics.csv", source / "csv" / "metrics.csv"):  # joined over resumes, else its own
+        if metrics.is_file():
+            shutil.copy2(metrics, target / "train" / key / "metrics.csv")
+            break
+    _drop_unfinished(target, key)
     if run.keep_checkpoint:
         wanted = {e.checkpoint for e in spec.evaluations.values() if e.run == key}
         if key in {r.init_from for r in spec.runs.values()}:  # a run another starts from keeps its start
@@ -673,6 +724,45 @@ def _stage_training(spec: Spec, out: Path, target: Path, key: str) -> None:
         for which in sorted(wanted):
             ckpt = find_checkpoint(source, which)
             keep_weights(ckpt, target / "train" / key / ckpt.relative_to(source))
+
+
+def _drop_unfinished(target: Path, key: str) -> None:
+    """Remove the unfinished training of run ``key`` from the records being staged in ``target``
+    (its finished run is kept)."""
+    folder = target / UNFINISHED / "train" / key
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    for parent in (folder.parent, folder.parent.parent):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def _interrupted_training(out: Path, key: str) -> Path | None:
+    """The latest interrupted training of run ``key`` in ``out`` (not finished there): its run
+    directory or one set aside, whichever holds the latest last checkpoint."""
+    if f"train/{key}" in {entry["key"] for entry in read_log(out)}:
+        return None
+    run_dir = out / "train" / key
+    return resume_point([run_dir, *interrupted_runs(run_dir)], lambda folder: True)
+
+
+def _stage_unfinished(spec: Spec, out: Path, target: Path, keys: list[str]) -> list[str]:
+    """Keep in ``target`` the interrupted trainings of the runs ``keys`` that ``out`` holds and the
+    staged records do not keep finished (:func:`safespot.reproduce.resume.keep_unfinished`), in
+    place of those kept before; returns the runs kept so."""
+    staged = []
+    for key in keys:
+        folder = _interrupted_training(out, key)
+        if (
+            folder is None
+            or find_checkpoint(target / "train" / key, "last", missing_ok=True)
+            or (find_checkpoint(target / "train" / key, "best", missing_ok=True))
+        ):
+            continue
+        _drop_unfinished(target, key)
+        keep_unfinished(folder, target / UNFINISHED / "train" / key)
+        staged.append(key)
+    return staged
 
 
 #: what a kept checkpoint leaves out: the state that only resuming the training needs (the

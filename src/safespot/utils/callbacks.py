@@ -46,15 +46,18 @@ class ModelCheckpoint(_ModelCheckpoint):
     directories are never reused, :mod:`safespot.utils.run_dirs`) gets back only the path of the
     best checkpoint, not its score: the first epoch after the resume became the "best" however it
     scored, so the best robust checkpoint (Rice et al.'s early stopping) was the best of the epochs
-    after the resume. Here the best checkpoints of the run resumed from are copied into the new
-    directory with their scores (:meth:`on_train_start`): found where the checkpoint names them or,
-    when that run directory was moved, beside the checkpoint resumed from."""
+    after the resume (and a run resumed into a directory of the same name, the interrupted one moved
+    aside, named a best checkpoint that was not there). Here the best checkpoints of the run
+    resumed from are copied into the run's directory with their scores (:meth:`on_train_start`):
+    found where the checkpoint names them or, when that run directory was moved, beside the
+    checkpoint resumed from."""
 
     _carried: dict[str, Any] | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
-            super().load_state_dict(state_dict)
+        held = [state_dict.get("best_model_path"), *(state_dict.get("best_k_models") or {})]
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath and all(not p or Path(p).is_file() for p in held):
+            super().load_state_dict(state_dict)  # the same directory, its files in place (a requeued job)
             return
         self.best_model_path = state_dict["best_model_path"]
         best = dict(state_dict.get("best_k_models") or {})
