@@ -5,6 +5,7 @@ SLURM's requeue signal, or SIGTERM) saves, and the requeued job resumes in the s
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,18 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume
     callback = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert Path(callback["best_model_path"]) == resumed / "checkpoints" / "best-epoch000.ckpt"
     assert int(callback["best_model_score"]) == 0 and state["epoch"] == 2
+
+
+def test_a_run_resumed_after_its_last_epoch_tests_the_carried_best_checkpoint(uninterrupted, tmp_path):
+    """Resumed from the last epoch's checkpoint (killed during its test stage), a run trains no epoch
+    and tests the best checkpoint carried into its directory, not a path that is not there."""
+    moved = shutil.copytree(uninterrupted.parent.parent, tmp_path / "run.interrupted")
+    run = tmp_path / "run"
+    ckpt = moved / "checkpoints" / "last.ckpt"
+    output = _finish(_start([f"hydra.run.dir={run}", f"ckpt_path={ckpt}", "test=true"], _env(tmp_path)))
+    best = sorted(p.name for p in (moved / "checkpoints").glob("best-*"))
+    assert best and sorted(p.name for p in (run / "checkpoints").glob("best-*")) == best
+    assert "test/acc" in output
 
 
 def _scontrol(tmp_path: Path) -> tuple[Path, Path]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce import blocks, cli
@@ -34,6 +35,7 @@ from safespot.reproduce.evidence import Evidence
 from safespot.reproduce.sections import SECTIONS
 from safespot.reproduce.spec import SpecError, load_spec, parse_spec, spec_names
 from safespot.stats import paired_difference
+from safespot.utils.compose import compose_config
 
 N = 40
 
@@ -778,7 +780,9 @@ class FakeEpochs(FakeCommands):
         (run_dir / ".hydra").mkdir()
         overrides = [c for c in cmd[2:] if not c.startswith("hydra.run.dir=")]
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-        (run_dir / ".hydra" / "config.yaml").write_text(f"trainer:\n  max_epochs: {self.EPOCHS}\n")
+        config = compose_config("train", [o for o in overrides if not o.startswith("ckpt_path=")], run_dir)
+        config.ckpt_path = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt_path=")), None)
+        OmegaConf.save(config, run_dir / ".hydra" / "config.yaml")  # as Hydra: the config it ran with
         given = [Path(c.split("=", 1)[1]) for c in cmd if c.startswith("ckpt_path=")]
         start = torch.load(given[-1], weights_only=True)["epoch"] + 1 if given else 0
         for best in given[-1].parent.glob("best-*.ckpt") if given else []:
@@ -842,6 +846,12 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint_within_and_acr
     assert pd.read_csv(unfinished / "metrics.csv")["epoch"].tolist() == [0, 1, 2]
     assert torch.load(unfinished / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
     assert not (spec.records / "eval" / "grid").exists()
+    # a sitting behind the kept training (the first) or trained with other settings keeps nothing
+    with pytest.raises(SpecError, match="nor a training to keep"):
+        keep_evaluations(spec, out, ["grid"], partial=True)
+    with pytest.raises(SpecError, match="has not finished evaluation 'grid'"):
+        keep_evaluations(changed, other, ["grid"], partial=True)
+    assert torch.load(unfinished / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
     # the third sitting finishes the training and its evaluations
     third = FakeEpochs()
     run_spec(spec, tmp_path / "third", runner=third)

@@ -158,8 +158,8 @@ class Reproduction:
         candidates = [*interrupted_runs(self.out / "train" / key), *([kept] if kept and kept.is_dir() else [])]
         if not candidates:
             return None
-        wanted = _training_settings(overrides, self.out)
-        return resume_point(candidates, lambda f: _training_settings(stored_overrides(f) or [], self.out) == wanted)
+        wanted = _training_settings(compose_config("train", _without_start(overrides), self.out))
+        return resume_point(candidates, lambda folder: _ran_settings(folder, self.out) == wanted)
 
     def resolved(self, overrides: tuple[str, ...]) -> list[str]:
         """``overrides`` with every ``{checkpoint:<run>/<which>}`` replaced by that checkpoint's path."""
@@ -230,7 +230,7 @@ def _selection(spec: Spec, only: list[str] | None) -> dict[str, list[int] | None
 #: prints, what it tests after fitting, how many processes decode the data): an earlier run that
 #: differs from a spec's run only in these is that run (:func:`adopt`)
 WEIGHT_NEUTRAL = (
-    "tags", "wandb_group", "test", "logger", "paths", "extras", "ckpt_path",
+    "tags", "wandb_group", "test", "logger", "paths", "extras",
     "data.test_subset", "data.num_workers", "data.pin_memory",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "callbacks.progress_bar", "callbacks.model_summary", "callbacks.learning_rate_monitor",
@@ -254,12 +254,27 @@ def _weight_settings(cfg: Any) -> dict[str, Any]:
     return flat
 
 
-def _training_settings(overrides: list[str], out: Path) -> dict[str, Any]:
-    """The settings that decide a training's weights, from a run's overrides: those of
-    :func:`_weight_settings`, but for the checkpoint a run resumed from or started from (a resumed
-    run's weights come from its checkpoint)."""
-    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "init_from")]
-    return _weight_settings(compose_config("train", given, out))
+#: the settings naming the checkpoint a training resumed from or started from
+START = ("ckpt_path", "init_from")
+
+
+def _without_start(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in START]
+
+
+def _training_settings(cfg: Any) -> dict[str, Any]:
+    """The settings that decide a training's weights (:func:`_weight_settings`) but for the
+    checkpoint it resumed from or started from: a resumed run's weights come from its checkpoint."""
+    return {k: v for k, v in _weight_settings(cfg).items() if k not in START}
+
+
+def _ran_settings(folder: Path, out: Path) -> dict[str, Any]:
+    """:func:`_training_settings` of the training run ``folder`` as it ran: its stored config (as
+    :func:`adopt` reads a run directory), else its overrides composed now."""
+    config = folder / ".hydra" / "config.yaml"
+    if config.is_file():
+        return _training_settings(OmegaConf.load(config))
+    return _training_settings(compose_config("train", _without_start(stored_overrides(folder) or []), out))
 
 
 def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
@@ -313,8 +328,13 @@ def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
     if target.exists() or f"train/{key}" in {e["key"] for e in read_log(out)}:
         raise SpecError(f"{out} already holds its run {key!r}")
     overrides = [str(o) for o in OmegaConf.load(source / ".hydra" / "overrides.yaml")]
+    resumed = kept and logged[-1].get("resumed_after_epoch") is not None  # joined by the engine over its segments
     wanted = _weight_settings(compose_config("train", list(run.overrides), out))
-    found = _weight_settings(compose_config("train", overrides, out) if kept else OmegaConf.load(stored))
+    found = _weight_settings(
+        compose_config("train", _without_start(overrides) if resumed else overrides, out)
+        if kept
+        else OmegaConf.load(stored)
+    )
     differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k, "<unset>") != found.get(k, "<unset>"))
     if differ:
         shown = "; ".join(
@@ -523,7 +543,7 @@ def keep(spec: Spec, out: Path, replace: bool = False, partial: bool = False) ->
     if missing and not partial:
         raise SpecError(f"{out} has not finished {spec.name}: no records for {missing} (--partial keeps what it has)")
     finished = {entry["key"] for entry in read_log(out)}
-    interrupted = [key for key in spec.runs if _interrupted_training(out, key)] if partial else []
+    interrupted = [key for key in spec.runs if _interrupted_training(spec, out, key)] if partial else []
     if partial and not finished and not interrupted:
         raise SpecError(f"{out} has finished no run of {spec.name}: nothing to keep")
     stage = target.with_name(f"{target.name}.keeping")
@@ -639,7 +659,7 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
         added[key] = _finished_pieces(spec, out, key)
         pieces = spec.evaluations[key].pieces
         run = spec.evaluations[key].run
-        if not added[key] and partial and run is not None and _interrupted_training(out, run) is not None:
+        if not added[key] and partial and run is not None and _interrupted_training(spec, out, run) is not None:
             continue  # nothing measured yet; its training is kept unfinished
         if not added[key]:
             raise SpecError(f"{out} has not finished evaluation {key!r} of {spec.name} (no piece of it)")
@@ -664,7 +684,11 @@ def keep_evaluations(spec: Spec, out: Path, keys: list[str], partial: bool = Fal
     for run in trained:  # trained in out (the kept records held no checkpoint of it)
         _stage_training(spec, out, stage, run.split("/", 1)[1])
     if partial:
-        _stage_unfinished(spec, out, stage, sorted({spec.evaluations[key].run for key in keys} - {None}))
+        staged = _stage_unfinished(spec, out, stage, sorted({spec.evaluations[key].run for key in keys} - {None}))
+        idle = [key for key in keys if not added[key] and spec.evaluations[key].run not in staged]
+        if idle:
+            shutil.rmtree(stage)
+            raise SpecError(f"{out} has not finished evaluation {idle[0]!r} of {spec.name}, nor a training to keep")
     replaced = set(trained)  # log keys: train/<run>, eval/<key> or eval/<key>/part<k>_of_<K>
     for key in keys:
         pieces = spec.evaluations[key].pieces
@@ -737,13 +761,20 @@ def _drop_unfinished(target: Path, key: str) -> None:
             parent.rmdir()
 
 
-def _interrupted_training(out: Path, key: str) -> Path | None:
-    """The latest interrupted training of run ``key`` in ``out`` (not finished there): its run
-    directory or one set aside, whichever holds the latest last checkpoint."""
+def _interrupted_training(spec: Spec, out: Path, key: str) -> Path | None:
+    """The latest interrupted training of run ``key`` in ``out`` (not finished there) trained with
+    the spec's settings: its run directory or one set aside, whichever holds the latest last
+    checkpoint."""
     if f"train/{key}" in {entry["key"] for entry in read_log(out)}:
         return None
     run_dir = out / "train" / key
-    return resume_point([run_dir, *interrupted_runs(run_dir)], lambda folder: True)
+    candidates = [run_dir, *interrupted_runs(run_dir)]
+    if not any((folder / "checkpoints" / "last.ckpt").is_file() for folder in candidates):
+        return None
+    if spec.runs[key].init_from is not None or any(CHECKPOINT_REF.search(o) for o in spec.runs[key].overrides):
+        return resume_point(candidates, lambda folder: True)  # its start is another run's: not composed here
+    wanted = _training_settings(compose_config("train", _without_start(list(spec.runs[key].overrides)), out))
+    return resume_point(candidates, lambda folder: _ran_settings(folder, out) == wanted)
 
 
 def _stage_unfinished(spec: Spec, out: Path, target: Path, keys: list[str]) -> list[str]:
@@ -752,12 +783,15 @@ def _stage_unfinished(spec: Spec, out: Path, target: Path, keys: list[str]) -> l
     place of those kept before; returns the runs kept so."""
     staged = []
     for key in keys:
-        folder = _interrupted_training(out, key)
+        folder = _interrupted_training(spec, out, key)
         if (
             folder is None
             or find_checkpoint(target / "train" / key, "last", missing_ok=True)
             or (find_checkpoint(target / "train" / key, "best", missing_ok=True))
         ):
+            continue
+        earlier = last_epoch(target / UNFINISHED / "train" / key)
+        if earlier is not None and earlier >= (last_epoch(folder) or 0):  # kept further along already
             continue
         _drop_unfinished(target, key)
         keep_unfinished(folder, target / UNFINISHED / "train" / key)

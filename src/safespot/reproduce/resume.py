@@ -153,8 +153,8 @@ def write_rows(rows: Rows, path: Path) -> None:
 def keep_unfinished(folder: Path, target: Path) -> None:
     """Keep the interrupted training ``folder`` as ``target`` (a folder under
     ``<records>/unfinished/train/``): its last checkpoint whole (the optimizer's state included: it
-    is resumed from), its best checkpoints, its overrides, its joined metrics up to the last
-    checkpoint's epoch and its :data:`PROGRESS`."""
+    is resumed from), its best checkpoints, its overrides and config, its joined metrics up to the
+    last checkpoint's epoch and its :data:`PROGRESS`."""
     position = last_position(folder)
     assert position is not None, f"{folder} holds no last checkpoint"
     epoch = position[0]
@@ -162,9 +162,10 @@ def keep_unfinished(folder: Path, target: Path) -> None:
     (target / "checkpoints").mkdir(parents=True)
     for ckpt in [folder / "checkpoints" / "last.ckpt", *sorted((folder / "checkpoints").glob("best-*.ckpt"))]:
         shutil.copy2(ckpt, target / "checkpoints" / ckpt.name)
-    if (folder / ".hydra" / "overrides.yaml").is_file():
-        (target / ".hydra").mkdir()
-        shutil.copy2(folder / ".hydra" / "overrides.yaml", target / ".hydra" / "overrides.yaml")
+    (target / ".hydra").mkdir()
+    for name in ("overrides.yaml", "config.yaml"):  # the config: the settings it ran with, compared on resuming
+        if (folder / ".hydra" / name).is_file():
+            shutil.copy2(folder / ".hydra" / name, target / ".hydra" / name)
     write_rows(up_to(rows, position), target / "metrics.csv")
     config = folder / ".hydra" / "config.yaml"
     epochs = OmegaConf.load(config).trainer.get("max_epochs") if config.is_file() else None

@@ -67,6 +67,15 @@ class ModelCheckpoint(_ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._carry(trainer, together=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed from the last epoch's checkpoint trains no epoch (no ``on_train_start``):
+        the best checkpoint is carried over here, for the test stage that follows."""
+        super().on_fit_end(trainer, pl_module)
+        self._carry(trainer, together=False)  # the processes may have left their group: rank 0 copies
+
+    def _carry(self, trainer: L.Trainer, together: bool) -> None:
         carried, self._carried = self._carried, None
         if not carried or not carried["models"] or self.dirpath is None:
             return
@@ -82,6 +91,7 @@ class ModelCheckpoint(_ModelCheckpoint):
                 f"the best checkpoint of the run resumed from ({carried['best']}) is not there nor beside "
                 f"{trainer.ckpt_path}: the best checkpoint of this run is the best of the epochs after the resume"
             )
+            self.best_model_path = ""
             return
         target = Path(self.dirpath)
         if trainer.is_global_zero:
@@ -89,7 +99,8 @@ class ModelCheckpoint(_ModelCheckpoint):
             for source in found.values():
                 if not (target / source.name).exists():
                     shutil.copy2(source, target / source.name)
-        trainer.strategy.barrier("carry the best checkpoints")
+        if together:
+            trainer.strategy.barrier("carry the best checkpoints")
         models = carried["models"].items()
         self.best_k_models = {str(target / found[p].name): score for p, score in models if p in found}
         self.best_model_path = str(target / found[carried["best"]].name)
@@ -97,6 +108,8 @@ class ModelCheckpoint(_ModelCheckpoint):
         kth = max if self.mode == "min" else min
         self.kth_best_model_path = kth(self.best_k_models, key=self.best_k_models.get)
         self.kth_value = self.best_k_models[self.kth_best_model_path]
+        if (target / "last.ckpt").is_file():  # written next to it from now on, not beside it as last-v1
+            self.last_model_path = str(target / "last.ckpt")
 
     def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
         return (
