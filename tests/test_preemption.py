@@ -91,7 +91,7 @@ def test_a_run_killed_mid_epoch_resumes_from_last_ckpt_to_the_same_weights(unint
     _same_weights(resumed / "checkpoints" / "last.ckpt", uninterrupted)
 
 
-@pytest.mark.parametrize("into", ["another", "the_same"])
+@pytest.mark.parametrize("into", ["another", "the_same", "the_same_ddp_sim"])
 def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume(into, tmp_path):
     """The best checkpoint of a run resumed into a new directory, from a run directory that was moved
     since (as the reproduction engine sets an interrupted run aside and runs it again under the same
@@ -110,7 +110,8 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_the_epochs_before_the_resume
     moved = run.rename(tmp_path / "killed.interrupted")
     resumed = tmp_path / "resumed" if into == "another" else run
     ckpt = moved / "checkpoints" / "last.ckpt"
-    _finish(_start([f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}", *best_first], _env(tmp_path)))
+    processes = ["trainer=ddp_sim"] if into.endswith("ddp_sim") else []  # resumed by two processes: rank 0 copies
+    _finish(_start([f"hydra.run.dir={resumed}", f"ckpt_path={ckpt}", *best_first, *processes], _env(tmp_path)))
     assert sorted(p.name for p in (resumed / "checkpoints").glob("best-*")) == ["best-epoch000.ckpt"]
     best, first = (
         _weights(resumed / "checkpoints" / "best-epoch000.ckpt"),
