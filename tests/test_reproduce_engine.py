@@ -113,7 +113,7 @@ class FakeCommands:
 
     def __call__(self, cmd: list[str], cwd: Path) -> None:
         self.calls.append(cmd)
-        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir = cwd / next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]  # as Hydra
         if self.fail_at and self.fail_at in " ".join(cmd):
             run_dir.mkdir(parents=True)  # a run killed half-way
             (run_dir / "records.csv").write_text("index\n0\n")
@@ -211,6 +211,24 @@ def test_a_stub_marked_pending_without_records_is_pending_not_a_failure(tmp_path
     spec.report.write_text(stub)
     assert not pending(spec) and "differs from its records" in check_spec(spec)[0]
     assert cli.main(["check", "toy"]) == 1
+
+
+def test_a_relative_out_from_another_directory_is_the_callers(tmp_path, monkeypatch, capsys):
+    """``run --out runs/x`` typed outside the checkout runs into the caller's ``runs/x``, not the
+    checkout's (the commands run in the checkout), and ``keep`` finds it there."""
+    spec = parse_spec("toy", _spec(tmp_path))
+    spec.report.parent.mkdir(parents=True)
+    monkeypatch.setattr(cli, "load_spec", lambda name, overrides=None: spec)
+    monkeypatch.setattr("safespot.reproduce.engine._subprocess", FakeCommands())
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    assert cli.main(["run", "toy", "--out", f"runs/{tmp_path.name}"]) == 0
+    assert (caller / "runs" / tmp_path.name / "report.md").is_file()
+    assert not (PROJECT_ROOT / "runs" / tmp_path.name).exists()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["keep", "toy", f"elsewhere/runs/{tmp_path.name}"]) == 0
+    assert spec.report.read_text() == (caller / "runs" / tmp_path.name / "report.md").read_text()
 
 
 def test_pieces_render_as_one_run(tmp_path):
@@ -775,7 +793,7 @@ class FakeEpochs(FakeCommands):
         if cmd[1] != "train.py":
             return super().__call__(cmd, cwd)
         self.calls.append(cmd)
-        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir = cwd / next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]  # as Hydra
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / ".hydra").mkdir()
         overrides = [c for c in cmd[2:] if not c.startswith("hydra.run.dir=")]
@@ -886,7 +904,7 @@ def test_a_real_training_killed_and_resumed_by_the_engine_equals_an_uninterrupte
         return parse_spec("toy", raw)
 
     def killed_after_an_epoch(cmd: list[str], cwd: Path) -> None:
-        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir = cwd / next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]  # as Hydra
         process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not (run_dir / "checkpoints" / "last.ckpt").exists():
             assert process.poll() is None, "the run ended before its first epoch did"

@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    for name in ("out", "run_dir", "records"):  # the caller's directory: the commands run in the checkout
+        if getattr(args, name, None) is not None:
+            setattr(args, name, getattr(args, name).absolute())
     if args.verb == "list":
         for name in spec_names():
             spec = load_spec(name)
@@ -127,7 +130,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             if args.only
             else keep(spec, args.out, args.replace, args.partial)
         )
-        print(f"kept: {target.relative_to(PROJECT_ROOT)}")
+        print(f"kept: {shown_path(target)}")
         return 0
     if args.verb == "render":
         spec = load_spec(args.name)

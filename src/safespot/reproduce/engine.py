@@ -94,7 +94,8 @@ class Reproduction:
     """One reproduction being run into ``out``."""
 
     def __init__(self, spec: Spec, out: Path, runner: Runner | None = None, python: str = sys.executable) -> None:
-        self.spec, self.out, self.python = spec, Path(out), python
+        # absolute: the commands run in the checkout, where a relative ``out`` names another folder
+        self.spec, self.out, self.python = spec, Path(out).absolute(), python
         self.runner = runner or _subprocess
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -158,8 +159,7 @@ class Reproduction:
         candidates = [*interrupted_runs(self.out / "train" / key), *([kept] if kept and kept.is_dir() else [])]
         if not candidates:
             return None
-        wanted = _training_settings(compose_config("train", _without_start(overrides), self.out))
-        return resume_point(candidates, lambda folder: _ran_settings(folder, self.out) == wanted)
+        return _latest_trained_as(candidates, overrides, self.out)
 
     def resolved(self, overrides: tuple[str, ...]) -> list[str]:
         """``overrides`` with every ``{checkpoint:<run>/<which>}`` replaced by that checkpoint's path."""
@@ -193,6 +193,7 @@ def run_spec(
     render ``out/report.md`` from what is there. Returns the report's path."""
     selected = _selection(spec, only)
     reproduction = Reproduction(spec, out, runner, python)
+    out = reproduction.out
     for key, pieces in selected.items():
         reproduction.evaluate(spec.evaluations[key], pieces)
     report = out / "report.md"
@@ -275,6 +276,13 @@ def _ran_settings(folder: Path, out: Path) -> dict[str, Any]:
     if config.is_file():
         return _training_settings(OmegaConf.load(config))
     return _training_settings(compose_config("train", _without_start(stored_overrides(folder) or []), out))
+
+
+def _latest_trained_as(candidates: list[Path], overrides: list[str], out: Path) -> Path | None:
+    """:func:`resume_point` among ``candidates`` whose run trained with the settings ``overrides``
+    compose (:func:`_training_settings`: where it started from aside)."""
+    wanted = _training_settings(compose_config("train", _without_start(overrides), out))
+    return resume_point(candidates, lambda folder: _ran_settings(folder, out) == wanted)
 
 
 def adopt(spec: Spec, key: str, source: Path, out: Path) -> Path:
@@ -773,8 +781,7 @@ def _interrupted_training(spec: Spec, out: Path, key: str) -> Path | None:
         return None
     if spec.runs[key].init_from is not None or any(CHECKPOINT_REF.search(o) for o in spec.runs[key].overrides):
         return resume_point(candidates, lambda folder: True)  # its start is another run's: not composed here
-    wanted = _training_settings(compose_config("train", _without_start(list(spec.runs[key].overrides)), out))
-    return resume_point(candidates, lambda folder: _ran_settings(folder, out) == wanted)
+    return _latest_trained_as(candidates, list(spec.runs[key].overrides), out)
 
 
 def _stage_unfinished(spec: Spec, out: Path, target: Path, keys: list[str]) -> list[str]:
