@@ -851,6 +851,8 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint_within_and_acr
     unfinished = records / "unfinished" / "train" / "model"
     last = torch.load(unfinished / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1 and "optimizer_states" in last
+    best = torch.load(unfinished / "checkpoints" / "best-epoch001.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and torch.equal(best["state_dict"]["w"], torch.ones(4))  # never resumed
     assert pd.read_csv(unfinished / "metrics.csv")["epoch"].tolist() == [0, 1]  # the epochs cut short left out
     assert json.loads((unfinished / "progress.json").read_text())["epochs"] == 2
     assert pending(spec) and check_spec(spec) == []

@@ -56,7 +56,7 @@ from safespot.reproduce.resume import (
 from safespot.reproduce.sections import render_section
 from safespot.reproduce.spec import CHECKPOINT_REF, EvaluationRun, Spec, SpecError
 from safespot.reproduce.tables import SECTION_MODULES  # noqa: F401  (registers their section kinds)
-from safespot.utils.checkpoint import read_checkpoint
+from safespot.utils.checkpoint import keep_weights, read_checkpoint
 from safespot.utils.compose import compose_config
 
 #: what is kept of each run (besides the files an evaluation names in ``files``)
@@ -804,23 +804,6 @@ def _stage_unfinished(spec: Spec, out: Path, target: Path, keys: list[str]) -> l
         keep_unfinished(folder, target / UNFINISHED / "train" / key)
         staged.append(key)
     return staged
-
-
-#: what a kept checkpoint leaves out: the state that only resuming the training needs (the
-#: optimizer's momentum is as large as the weights); the weights, the hyper-parameters, the
-#: epoch and the callbacks' states stay
-TRAINING_STATE = ("optimizer_states", "lr_schedulers")
-
-
-def keep_weights(ckpt: Path, target: Path) -> None:
-    """Keep checkpoint ``ckpt`` as ``target`` without :data:`TRAINING_STATE`: a kept checkpoint is
-    evaluated or fine-tuned from, never resumed."""
-    state = read_checkpoint(ckpt)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(state, dict) and any(k in state for k in TRAINING_STATE):
-        torch.save({k: v for k, v in state.items() if k not in TRAINING_STATE}, target)
-    else:
-        shutil.copy2(ckpt, target)
 
 
 #: the kept text files whose contents may name paths of the machine that ran them

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from safespot.paths import PROJECT_ROOT
 from safespot.reproduce.evidence import stored_overrides
-from safespot.utils.checkpoint import read_checkpoint
+from safespot.utils.checkpoint import keep_weights, read_checkpoint
 
 #: where kept records hold unfinished trainings: ``<records>/unfinished/train/<run>/``
 UNFINISHED = "unfinished"
@@ -153,15 +153,16 @@ def write_rows(rows: Rows, path: Path) -> None:
 def keep_unfinished(folder: Path, target: Path) -> None:
     """Keep the interrupted training ``folder`` as ``target`` (a folder under
     ``<records>/unfinished/train/``): its last checkpoint whole (the optimizer's state included: it
-    is resumed from), its best checkpoints, its overrides and config, its joined metrics up to the
-    last checkpoint's epoch and its :data:`PROGRESS`."""
+    is resumed from), its best checkpoints without it (:func:`keep_weights`), its overrides and
+    config, its joined metrics up to the last checkpoint's epoch and its :data:`PROGRESS`."""
     position = last_position(folder)
     assert position is not None, f"{folder} holds no last checkpoint"
     epoch = position[0]
     rows, minutes = history(folder)
     (target / "checkpoints").mkdir(parents=True)
-    for ckpt in [folder / "checkpoints" / "last.ckpt", *sorted((folder / "checkpoints").glob("best-*.ckpt"))]:
-        shutil.copy2(ckpt, target / "checkpoints" / ckpt.name)
+    shutil.copy2(folder / "checkpoints" / "last.ckpt", target / "checkpoints" / "last.ckpt")
+    for ckpt in sorted((folder / "checkpoints").glob("best-*.ckpt")):  # evaluated, never resumed from
+        keep_weights(ckpt, target / "checkpoints" / ckpt.name)
     (target / ".hydra").mkdir()
     for name in ("overrides.yaml", "config.yaml"):  # the config: the settings it ran with, compared on resuming
         if (folder / ".hydra" / name).is_file():

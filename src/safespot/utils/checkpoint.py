@@ -18,6 +18,7 @@ from __future__ import annotations
 import pickle
 import pickletools
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -216,3 +217,20 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return read_checkpoint(path)
+
+
+#: what a kept checkpoint leaves out: the state that only resuming the training needs (the
+#: optimizer's momentum is as large as the weights); the weights, the hyper-parameters, the
+#: epoch and the callbacks' states stay
+TRAINING_STATE = ("optimizer_states", "lr_schedulers")
+
+
+def keep_weights(ckpt: Path, target: Path) -> None:
+    """Keep checkpoint ``ckpt`` as ``target`` without :data:`TRAINING_STATE`: a kept checkpoint is
+    evaluated or fine-tuned from, never resumed."""
+    state = read_checkpoint(ckpt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(state, dict) and any(k in state for k in TRAINING_STATE):
+        torch.save({k: v for k, v in state.items() if k not in TRAINING_STATE}, target)
+    else:
+        shutil.copy2(ckpt, target)
